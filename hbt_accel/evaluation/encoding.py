@@ -1,0 +1,42 @@
+"""Encode a list of texts once, optionally split over the processes of an `accelerate` launch.
+
+Any object with `.encode(texts, kind=..., batch_size=..., bf16=...) -> np.ndarray (N, d)` works (DualEncoder, or a
+fake encoder in tests). Under `num_processes > 1` rank r encodes texts r, r+W, r+2W, ... (interleaved, so every rank
+gets a similar length mix), the padded shards are gathered, and every rank gets back the full (N, d) array in the
+original order.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+
+def encode_texts(
+    encoder, texts: list[str], kind: str, batch_size: int = 64, bf16: bool = False, accelerator=None
+) -> np.ndarray:
+    """(N, d) float32 embeddings of `texts` in their order; each text is encoded by exactly one process."""
+    world = accelerator.num_processes if accelerator is not None else 1
+    if world == 1:
+        return _encode(encoder, texts, kind, batch_size, bf16)
+    rank = accelerator.process_index
+    shard = texts[rank::world]
+    local = _encode(encoder, shard, kind, batch_size, bf16)  # (ceil-or-floor(N / W), d)
+    per_rank = -(-len(texts) // world)  # the largest shard; smaller ones are padded to it for the gather
+    padded = torch.zeros(per_rank, local.shape[1], dtype=torch.float32)
+    padded[: len(local)] = torch.from_numpy(local)
+    padded = padded.to(accelerator.device)
+    gathered = accelerator.gather(padded).cpu().numpy().reshape(world, per_rank, -1)  # (W, per_rank, d)
+    out = np.empty((len(texts), gathered.shape[2]), dtype=np.float32)
+    for r in range(world):
+        count = len(range(r, len(texts), world))
+        out[r::world] = gathered[r, :count]
+    return out
+
+
+def _encode(encoder, texts: list[str], kind: str, batch_size: int, bf16: bool) -> np.ndarray:
+    if not texts:
+        # the embedding size is unknown without encoding something; one probe text is cheap
+        dim = np.asarray(encoder.encode(["."], kind=kind, batch_size=1, bf16=bf16)).shape[1]
+        return np.zeros((0, dim), dtype=np.float32)
+    return np.asarray(encoder.encode(texts, kind=kind, batch_size=batch_size, bf16=bf16), dtype=np.float32)

@@ -1,0 +1,234 @@
+"""The LAReQA grid: mono-, cross- and multilingual mAP, R@1/R@10 and rank distance from ONE encoding pass.
+
+Protocol (`../shared/notes/method.md`, Evaluation):
+- every question and every candidate sentence of the chosen languages is encoded exactly once per model
+  (questions with kind="query", sentences with kind="passage");
+- single-pair setting (X, Y): questions in X against the candidate pool of Y; the one relevant sentence is the gold
+  sentence of the same question id in Y. Pairs where Y lacks the id (MLQA-R) have no relevant item: such queries
+  are skipped, and a pair with no such query at all is not in the grid (42 cross pairs on MLQA-R, 110 on XQuAD-R);
+- multilingual setting (X): questions in X against the union of every chosen language's pool; every parallel
+  answer (the gold sentence of the same id in each language that has it) is relevant;
+- ranks are exact over the whole pool (no cutoff), pessimistic on ties (see `metrics.py`);
+- scores are computed a block of queries at a time against all candidates, so memory is O(block x pool).
+
+Summary numbers:
+- `mono_map`: mean of the grid diagonal; `cross_map`: mean of the off-diagonal cells (each cell = mAP over its
+  queries, so every language pair weighs the same); `multi_map`: mean over query languages of the multilingual mAP;
+- `recall_at_1` / `recall_at_10`: over the single-pair settings (all grid cells, mono and cross), the fraction of
+  queries whose gold sentence is ranked in the top k, averaged over cells (macro, like the mAPs); per cell in
+  `grid_recall_at_1` / `grid_recall_at_10`;
+- `rank_distance`: in the multilingual pool, per query the rank of the worst-ranked relevant sentence minus the
+  best-ranked one, averaged over the queries of a language (`rank_distance_per_language`), then over languages.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from hbt_accel.data import DataError, RetrievalBenchmark
+from hbt_accel.evaluation.encoding import encode_texts
+from hbt_accel.evaluation.metrics import average_precision, rank_distance, recall_at_k, relevant_ranks
+
+
+@dataclass
+class EncodedBenchmark:
+    """Everything the scorer needs, with the texts already turned into vectors.
+
+    query_embeddings: (Q, d), the chosen questions of all languages, language after language.
+    candidate_embeddings: (N, d), every candidate of every chosen language; language j owns columns
+        candidate_offsets[j]:candidate_offsets[j + 1].
+    query_language: (Q,) index into `languages` of each question's language.
+    gold_columns: (Q, L) column in the candidate union of the question's gold sentence in pool language j, or -1
+        when that language does not hold the question id.
+    """
+
+    benchmark: str
+    languages: list[str]
+    query_ids: list[str]
+    query_language: np.ndarray
+    gold_columns: np.ndarray
+    candidate_offsets: np.ndarray
+    query_embeddings: np.ndarray
+    candidate_embeddings: np.ndarray
+    precision: str
+    encode_seconds: float
+
+
+def select_languages(benchmark: RetrievalBenchmark, languages: Iterable[str] | str | None) -> list[str]:
+    """The requested languages (comma string or list) in the given order; all of the benchmark's if None/empty."""
+    if isinstance(languages, str):
+        languages = [lang.strip() for lang in languages.split(",") if lang.strip()]
+    chosen = list(languages) if languages else benchmark.languages
+    missing = [lang for lang in chosen if lang not in benchmark.pools]
+    if missing:
+        raise DataError(
+            f"benchmark {benchmark.name}: no language {', '.join(missing)} (has {', '.join(benchmark.languages)})"
+        )
+    if len(set(chosen)) != len(chosen):
+        raise DataError(f"benchmark {benchmark.name}: a language is listed twice in {', '.join(chosen)}")
+    return chosen
+
+
+def select_question_ids(benchmark: RetrievalBenchmark, languages: list[str], max_queries: int | None) -> set[str]:
+    """The first `max_queries` question ids (the same ids in every language); all ids if None or 0.
+
+    Ids are taken in file order of the language holding the most of them (XQuAD-R: every language has the same ids
+    in the same order; MLQA-R: English holds every id), then of the others, so the cut never favours one language.
+    """
+    by_size = sorted(languages, key=lambda lang: (-len(benchmark.pools[lang].question_ids), lang))
+    ordered = list(dict.fromkeys(qid for lang in by_size for qid in benchmark.pools[lang].question_ids))
+    return set(ordered[:max_queries] if max_queries else ordered)
+
+
+def encode_benchmark(
+    encoder,
+    benchmark: RetrievalBenchmark,
+    languages: Iterable[str] | str | None = None,
+    max_queries: int | None = None,
+    batch_size: int = 64,
+    bf16: bool = False,
+    accelerator=None,
+) -> EncodedBenchmark:
+    """Encode each chosen question and each candidate sentence exactly once (split over processes if launched)."""
+    languages = select_languages(benchmark, languages)
+    wanted = select_question_ids(benchmark, languages, max_queries)
+
+    # ---- the texts, language after language
+    query_texts, query_ids, query_language, candidate_texts, offsets = [], [], [], [], [0]
+    for j, lang in enumerate(languages):
+        pool = benchmark.pools[lang]
+        for qid, question in zip(pool.question_ids, pool.questions):
+            if qid in wanted:
+                query_texts.append(question)
+                query_ids.append(qid)
+                query_language.append(j)
+        candidate_texts.extend(pool.candidates)
+        offsets.append(len(candidate_texts))
+
+    # ---- where each question's gold sentence sits in every pool language (-1: the language lacks the id)
+    gold_columns = np.full((len(query_ids), len(languages)), -1, dtype=np.int64)  # (Q, L)
+    for j, lang in enumerate(languages):
+        pool = benchmark.pools[lang]
+        column_of = {qid: offsets[j] + gold for qid, gold in zip(pool.question_ids, pool.gold)}
+        for q, qid in enumerate(query_ids):
+            gold_columns[q, j] = column_of.get(qid, -1)
+
+    # ---- encode once
+    start = time.perf_counter()
+    query_embeddings = encode_texts(encoder, query_texts, "query", batch_size, bf16, accelerator)  # (Q, d)
+    candidate_embeddings = encode_texts(encoder, candidate_texts, "passage", batch_size, bf16, accelerator)  # (N, d)
+    return EncodedBenchmark(
+        benchmark=benchmark.name,
+        languages=languages,
+        query_ids=query_ids,
+        query_language=np.asarray(query_language, dtype=np.int64),
+        gold_columns=gold_columns,
+        candidate_offsets=np.asarray(offsets, dtype=np.int64),
+        query_embeddings=query_embeddings,
+        candidate_embeddings=candidate_embeddings,
+        precision="bf16" if bf16 else "fp32",
+        encode_seconds=time.perf_counter() - start,
+    )
+
+
+def score_encoded(encoded: EncodedBenchmark, block_size: int = 256) -> dict:
+    """Exact ranks for every query in every setting, then the summary dict (keys: see module docstring)."""
+    start = time.perf_counter()
+    languages, offsets = encoded.languages, encoded.candidate_offsets
+    num_queries, num_languages = encoded.gold_columns.shape
+    candidates = torch.from_numpy(encoded.candidate_embeddings)  # (N, d)
+    pair_ranks = np.full((num_queries, num_languages), np.nan)  # (Q, L) rank of the gold in pool language j
+    multi_ap = np.zeros(num_queries)  # (Q,)
+    multi_distance = np.zeros(num_queries)  # (Q,)
+    for begin in range(0, num_queries, block_size):
+        end = min(begin + block_size, num_queries)
+        queries = torch.from_numpy(encoded.query_embeddings[begin:end])  # (B, d)
+        scores = (queries @ candidates.T).numpy()  # (B, N)
+        gold = encoded.gold_columns[begin:end]  # (B, L)
+        rows = np.arange(end - begin)[:, None]
+        relevant = np.where(gold >= 0, scores[rows, np.maximum(gold, 0)], np.nan)  # (B, L) gold score per pool
+        for j in range(num_languages):
+            pool_scores = scores[:, offsets[j] : offsets[j + 1]]  # (B, N_j)
+            pair_ranks[begin:end, j] = relevant_ranks(pool_scores, relevant[:, j : j + 1])[:, 0]
+        ranks = relevant_ranks(scores, relevant)  # (B, L) ranks in the union of all pools
+        multi_ap[begin:end] = average_precision(ranks)
+        multi_distance[begin:end] = rank_distance(ranks)
+
+    grid, grid_r1, grid_r10, grid_n = {}, {}, {}, {}
+    multi_per_language, distance_per_language, queries_per_language = {}, {}, {}
+    for i, query_lang in enumerate(languages):
+        mine = encoded.query_language == i
+        queries_per_language[query_lang] = int(mine.sum())
+        if not mine.any():
+            continue
+        multi_per_language[query_lang] = float(multi_ap[mine].mean())
+        distance_per_language[query_lang] = float(multi_distance[mine].mean())
+        for j, pool_lang in enumerate(languages):
+            ranks = pair_ranks[mine, j]
+            ranks = ranks[~np.isnan(ranks)][:, None]  # (n, 1) only queries whose id the pool holds
+            if len(ranks) == 0:
+                continue
+            key = f"{query_lang}-{pool_lang}"
+            grid[key] = float(average_precision(ranks).mean())
+            grid_r1[key] = float(recall_at_k(ranks, 1).mean())
+            grid_r10[key] = float(recall_at_k(ranks, 10).mean())
+            grid_n[key] = len(ranks)
+
+    mono = [v for k, v in grid.items() if k.split("-")[0] == k.split("-")[1]]
+    cross = [v for k, v in grid.items() if k.split("-")[0] != k.split("-")[1]]
+    return {
+        "benchmark": encoded.benchmark,
+        "precision": encoded.precision,
+        "languages": list(languages),
+        "mono_map": _mean(mono),
+        "cross_map": _mean(cross),
+        "multi_map": _mean(multi_per_language.values()),
+        "rank_distance": _mean(distance_per_language.values()),
+        "recall_at_1": _mean(grid_r1.values()),
+        "recall_at_10": _mean(grid_r10.values()),
+        "grid": grid,
+        "grid_recall_at_1": grid_r1,
+        "grid_recall_at_10": grid_r10,
+        "grid_n_queries": grid_n,
+        "multi_map_per_language": multi_per_language,
+        "rank_distance_per_language": distance_per_language,
+        "n_queries": int(num_queries),
+        "n_queries_per_language": queries_per_language,
+        "n_candidates": int(offsets[-1]),
+        "n_candidates_per_language": {lang: int(offsets[j + 1] - offsets[j]) for j, lang in enumerate(languages)},
+        "encode_seconds": encoded.encode_seconds,
+        "score_seconds": time.perf_counter() - start,
+    }
+
+
+def evaluate_grid(
+    encoder,
+    benchmark: RetrievalBenchmark,
+    languages: Iterable[str] | str | None = None,
+    max_queries: int | None = None,
+    batch_size: int = 64,
+    bf16: bool = False,
+    accelerator=None,
+    block_size: int = 256,
+) -> dict:
+    """Score `encoder` on the full LAReQA grid of `benchmark` (optionally a language subset / first N ids).
+
+    `encoder` is anything with `.encode(texts, kind, batch_size, bf16) -> (N, d)` L2-normalised float32.
+    Under an `accelerator` with several processes each rank encodes a shard; every rank returns the same dict.
+    `seconds` is the wall time of the whole call (encoding + scoring).
+    """
+    start = time.perf_counter()
+    encoded = encode_benchmark(encoder, benchmark, languages, max_queries, batch_size, bf16, accelerator)
+    results = score_encoded(encoded, block_size)
+    results["seconds"] = time.perf_counter() - start
+    return results
+
+
+def _mean(values: Iterable[float]) -> float:
+    values = list(values)
+    return float(np.mean(values)) if values else float("nan")

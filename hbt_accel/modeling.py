@@ -1,0 +1,301 @@
+"""The dual encoder: one Hugging Face backbone shared by queries and passages, pooling, LoRA, save/load.
+
+This is the one encoder path for training (`forward`) AND evaluation (`encode`). Settings that change
+what an embedding means (pooling, prefixes, max lengths) are stored next to the weights as
+`hbt_encoder.json`, so a saved folder encodes the same way it was trained.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+SETTINGS_FILE = "hbt_encoder.json"
+ADAPTER_DIR = "adapter"
+POOLINGS = ("mean", "cls", "last")
+KINDS = ("query", "passage")
+# Weight files of an older save that would shadow or contradict the new one (e.g. a sharded index).
+_WEIGHT_PATTERNS = ("model*.safetensors", "model.safetensors.index.json", "pytorch_model*.bin", "pytorch_model*.json")
+
+
+@dataclass
+class EncoderSettings:
+    """How texts become vectors: pooling over the last hidden states, L2 normalisation, prefixes, lengths."""
+
+    pooling: str = "mean"  # mean | cls | last (last non-padding token; decoder LLMs)
+    normalize: bool = True
+    query_prefix: str = "query: "
+    passage_prefix: str = "passage: "
+    query_max_length: int = 64  # tokens, prefix and special tokens included
+    passage_max_length: int = 128
+
+    def __post_init__(self):
+        if self.pooling not in POOLINGS:
+            raise ValueError(f"pooling must be one of {POOLINGS}, got {self.pooling!r}")
+        for name in ("query_max_length", "passage_max_length"):
+            if getattr(self, name) < 2:
+                raise ValueError(f"{name} must be >= 2, got {getattr(self, name)}")
+
+    @classmethod
+    def from_json(cls, path: str | os.PathLike) -> EncoderSettings:
+        data = json.loads(Path(path).read_text())
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"{path}: unknown encoder settings {unknown}")
+        return cls(**data)
+
+
+@dataclass
+class LoraSettings:
+    """LoRA adapters through peft. `target_modules=None`: peft's default for the architecture, else all-linear."""
+
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.05
+    target_modules: list[str] | str | None = None
+
+
+def pool(hidden: torch.Tensor, attention_mask: torch.Tensor, pooling: str) -> torch.Tensor:
+    """Pool `hidden` (N, L, H) with `attention_mask` (N, L) -> (N, H).
+
+    mean: average of non-padding positions; cls: position 0; last: the last non-padding position of each
+    row, which is right for left AND right padding.
+    """
+    if pooling == "mean":
+        mask = attention_mask.unsqueeze(-1).to(hidden.dtype)  # (N, L, 1)
+        return (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1e-9)  # (N, H)
+    if pooling == "cls":
+        return hidden[:, 0]  # (N, H)
+    if pooling == "last":
+        positions = torch.arange(attention_mask.size(1), device=attention_mask.device)  # (L,)
+        last = (attention_mask.bool() * positions).argmax(dim=1)  # (N,) highest position with mask 1
+        return hidden[torch.arange(hidden.size(0), device=hidden.device), last]  # (N, H)
+    raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
+
+
+def _default_lora_targets(model_type: str) -> list[str] | str:
+    from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
+
+    return TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING.get(model_type, "all-linear")
+
+
+def _adds_eos(tokenizer) -> bool:
+    ids = tokenizer("a", add_special_tokens=True)["input_ids"]
+    return bool(ids) and ids[-1] == tokenizer.eos_token_id
+
+
+class DualEncoder(nn.Module):
+    """Shared-weight encoder: `forward(input_ids, attention_mask) -> (N, d)` pooled (+ L2 normalised)."""
+
+    def __init__(self, backbone: nn.Module, tokenizer, settings: EncoderSettings | None = None):
+        super().__init__()
+        self.backbone = backbone
+        self.tokenizer = tokenizer
+        self.settings = settings or EncoderSettings()
+        if tokenizer.pad_token is None:
+            # Decoder LLMs (Qwen, Mistral) ship without a pad token; padding is masked out anyway.
+            tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+        # Last-token pooling needs the EOS token as the summary position; add it if the tokenizer does not.
+        self.append_eos = (
+            self.settings.pooling == "last" and tokenizer.eos_token_id is not None and not _adds_eos(tokenizer)
+        )
+
+    # ------------------------------------------------------------------ loading
+    @classmethod
+    def from_pretrained(
+        cls,
+        name_or_path: str | os.PathLike,
+        settings: EncoderSettings | None = None,
+        lora: LoraSettings | None = None,
+        gradient_checkpointing: bool = False,
+        torch_dtype: torch.dtype | None = None,
+    ) -> DualEncoder:
+        """Load backbone + tokenizer from a hub id, a folder, or "embedded" (the bundled multilingual-e5-small).
+
+        Settings: `settings` if given, else the folder's `hbt_encoder.json` if present, else the defaults.
+        """
+        from transformers import AutoModel, AutoTokenizer
+
+        from hbt_accel.embedded import resolve_model_path
+
+        path = resolve_model_path(str(name_or_path))
+        saved = Path(path) / SETTINGS_FILE
+        if settings is None:
+            settings = EncoderSettings.from_json(saved) if saved.is_file() else EncoderSettings()
+        load_kwargs = {"dtype": torch_dtype} if torch_dtype is not None else {}
+        backbone = AutoModel.from_pretrained(path, **load_kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        if getattr(backbone, "pooler", None) is not None:
+            # BERT-style pooler head: never used by our pooling, and its parameters would receive no
+            # gradient (DDP raises on unused parameters). Dropped; saved folders lack it.
+            backbone.pooler = None
+        if getattr(backbone.config, "use_cache", None):
+            backbone.config.use_cache = False  # no KV cache for encoding; required with checkpointing
+        if gradient_checkpointing:
+            backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if lora is not None:
+            from peft import LoraConfig, TaskType, get_peft_model
+
+            targets = lora.target_modules
+            if targets is None:
+                targets = _default_lora_targets(backbone.config.model_type)
+            config = LoraConfig(
+                r=lora.r,
+                lora_alpha=lora.alpha,
+                lora_dropout=lora.dropout,
+                target_modules=targets,
+                task_type=TaskType.FEATURE_EXTRACTION,
+            )
+            backbone = get_peft_model(backbone, config)
+        return cls(backbone, tokenizer, settings)
+
+    @property
+    def is_peft(self) -> bool:
+        from peft import PeftModel
+
+        return isinstance(self.backbone, PeftModel)
+
+    # ------------------------------------------------------------------ encoding
+    def tokenize(self, texts: list[str], kind: str):
+        """Prefix by `kind` ("query" | "passage"), truncate to that kind's max length, pad to the longest.
+
+        Returns a BatchEncoding with `input_ids` and `attention_mask` (N, L) tensors only, so `model(**batch)`
+        works for every architecture.
+        """
+        if kind not in KINDS:
+            raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+        if isinstance(texts, str):
+            raise TypeError("tokenize() takes a list of texts, not one string")
+        prefix = self.settings.query_prefix if kind == "query" else self.settings.passage_prefix
+        max_length = self.settings.query_max_length if kind == "query" else self.settings.passage_max_length
+        texts = [prefix + text for text in texts]
+        common = {"return_token_type_ids": False, "return_attention_mask": True}
+        if not self.append_eos:
+            return self.tokenizer(
+                texts, truncation=True, max_length=max_length, padding=True, return_tensors="pt", **common
+            )
+        encoded = self.tokenizer(texts, truncation=True, max_length=max_length - 1, padding=False, **common)
+        encoded["input_ids"] = [ids + [self.tokenizer.eos_token_id] for ids in encoded["input_ids"]]
+        encoded["attention_mask"] = [mask + [1] for mask in encoded["attention_mask"]]
+        return self.tokenizer.pad(encoded, padding=True, return_tensors="pt")
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """`input_ids`, `attention_mask` (N, L) -> embeddings (N, d), L2-normalised if settings.normalize."""
+        hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (N, L, H)
+        embeddings = pool(hidden, attention_mask, self.settings.pooling)  # (N, H)
+        if self.settings.normalize:
+            embeddings = F.normalize(embeddings, p=2, dim=-1)  # (N, H)
+        return embeddings
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    def encode(self, texts: list[str], kind: str, batch_size: int = 64, bf16: bool = False) -> np.ndarray:
+        """Embed `texts` -> float32 array (N, d) in input order; eval mode, no grad, length-sorted batches."""
+        if isinstance(texts, str):
+            raise TypeError("encode() takes a list of texts, not one string")
+        texts = list(texts)
+        order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))  # longest first: tight padding
+        was_training = self.training
+        self.eval()
+        chunks = []
+        try:
+            with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                for start in range(0, len(order), batch_size):
+                    batch = self.tokenize([texts[i] for i in order[start : start + batch_size]], kind)
+                    batch = {name: t.to(self.device) for name, t in batch.items()}
+                    chunks.append(self(**batch).float().cpu())
+        finally:
+            self.train(was_training)
+        if not chunks:
+            return np.zeros((0, self.embedding_dim), dtype=np.float32)
+        sorted_embeddings = torch.cat(chunks).numpy()  # (N, d), in `order`
+        embeddings = np.empty_like(sorted_embeddings)
+        embeddings[order] = sorted_embeddings
+        return embeddings.astype(np.float32, copy=False)
+
+    @property
+    def embedding_dim(self) -> int:
+        return self.backbone.config.hidden_size
+
+    # ------------------------------------------------------------------ saving
+    def save_pretrained(self, output_dir: str | os.PathLike, state_dict: dict[str, torch.Tensor] | None = None) -> None:
+        """Save the backbone, tokenizer and `hbt_encoder.json` into `output_dir`.
+
+        With LoRA: the adapter goes to `output_dir/adapter` and a merged full model to `output_dir`
+        (loadable by `AutoModel.from_pretrained`); the merge runs on a copy, training can go on.
+        `state_dict`: this module's full state dict when the live parameters are partitioned (ZeRO-3:
+        `accelerator.get_state_dict(model)` on all ranks, then call this on the main process only).
+        Files are written to a temporary folder next to `output_dir` and moved in one by one with
+        `os.replace`; other files already in `output_dir` stay.
+        """
+        output_dir = Path(output_dir)
+        output_dir.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.tmp-", dir=output_dir.parent))
+        try:
+            self._write(staging, state_dict)
+            _move_into(staging, output_dir)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+
+    def _write(self, folder: Path, state_dict: dict[str, torch.Tensor] | None) -> None:
+        backbone_state = None
+        if state_dict is not None:
+            prefix = "backbone."
+            backbone_state = {k[len(prefix) :]: v for k, v in state_dict.items() if k.startswith(prefix)}
+        if self.is_peft:
+            self.backbone.save_pretrained(folder / ADAPTER_DIR, state_dict=backbone_state)
+            self._merged_copy(backbone_state).save_pretrained(folder)
+        else:
+            self.backbone.save_pretrained(folder, state_dict=backbone_state)
+        self.tokenizer.save_pretrained(folder)
+        (folder / SETTINGS_FILE).write_text(json.dumps(asdict(self.settings), indent=2) + "\n")
+
+    def _merged_copy(self, backbone_state: dict[str, torch.Tensor] | None) -> nn.Module:
+        if backbone_state is None:
+            return copy.deepcopy(self.backbone).merge_and_unload()
+        # Partitioned live parameters (ZeRO-3) cannot be copied: rebuild from config and load the gathered state.
+        from peft import get_peft_model
+        from transformers import AutoModel
+
+        base_config = self.backbone.get_base_model().config
+        dtype = next(iter(backbone_state.values())).dtype
+        fresh = get_peft_model(AutoModel.from_config(base_config, dtype=dtype), self.backbone.peft_config["default"])
+        if getattr(fresh.get_base_model(), "pooler", None) is not None:
+            fresh.get_base_model().pooler = None
+        fresh.load_state_dict(backbone_state, strict=True)
+        return fresh.merge_and_unload()
+
+
+def _move_into(staging: Path, output_dir: Path) -> None:
+    """Move every entry of `staging` into `output_dir`, replacing same-named entries only."""
+    if not output_dir.exists():
+        os.replace(staging, output_dir)  # one atomic rename
+        staging.mkdir()  # the caller's cleanup expects it
+        return
+    new_names = {entry.name for entry in staging.iterdir()}
+    for pattern in _WEIGHT_PATTERNS:
+        for stale in output_dir.glob(pattern):
+            if stale.name not in new_names:
+                stale.unlink()
+    for entry in staging.iterdir():
+        target = output_dir / entry.name
+        if target.is_dir() and entry.is_dir():
+            retired = Path(tempfile.mkdtemp(prefix=f".{entry.name}.old-", dir=output_dir))
+            os.replace(target, retired / entry.name)
+            os.replace(entry, target)
+            shutil.rmtree(retired, ignore_errors=True)
+        else:
+            os.replace(entry, target)

@@ -1,0 +1,276 @@
+"""Global-batch samplers for X-X, X-Y and hybrid batch training (method.md, "Batch sampling").
+
+The sampler builds the whole GLOBAL batch (per_device_batch * world_size rows) from the seed alone, so every rank
+computes the same decision (X-X or X-Y, which language) without communication and takes its own slice. A global
+batch never holds the same example id twice: two rows with one id are translations of each other, i.e. false
+negatives for each other's queries.
+
+Strategies:
+- ``xx``: the whole batch in ONE language (query and passage), the language drawn per batch;
+- ``xy``: every row has query language != passage language, rows drawn independently;
+- ``hybrid``: X-X with probability ``alpha``, else X-Y;
+- ``xx_mixed``: LAReQA's X-X baseline, each row monolingual, languages mixed within a batch;
+- ``en_en``: one fixed language (English by default).
+
+An epoch walks a fresh permutation of the ids; each batch takes the next ids that fit its decision (the X-X
+language, or 2+ languages for X-Y). When too few unused ids fit, the batch is topped up with ids already used this
+epoch. An epoch is ``total_ids // global_batch_size`` batches.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from hbt_accel.data import ParallelCorpus
+
+STRATEGIES = ("xx", "xy", "hybrid", "xx_mixed", "en_en")
+
+
+class SamplingError(ValueError):
+    """A sampling request the data cannot satisfy; the message says which field and why."""
+
+
+@dataclass(frozen=True)
+class BatchRow:
+    example_id: str
+    query_language: str
+    passage_language: str
+    corpus_index: int = 0
+    draw: int = 0  # a per-row random number, so row-level choices (which hard negatives) are seeded and resumable
+
+
+def is_monolingual_batch(rows: Sequence[BatchRow]) -> bool:
+    """True for an X-X batch: one language on both sides of every row."""
+    languages = {row.query_language for row in rows} | {row.passage_language for row in rows}
+    return len(languages) == 1
+
+
+class _EpochCursor:
+    """Ids of one corpus in this epoch's order, with one read pointer per eligibility list (lazy deletion)."""
+
+    def __init__(self, order: list[str], lists: Mapping[str, list[str]]):
+        self.order = order
+        self.lists = lists  # key ("*", "multi", or a language) -> ids in epoch order
+        self.pointer = dict.fromkeys(lists, 0)
+        self.used: set[str] = set()
+
+    def take(self, key: str, count: int, rng: np.random.Generator) -> list[str]:
+        candidates, taken = self.lists[key], []
+        position = self.pointer[key]
+        while len(taken) < count and position < len(candidates):
+            example_id = candidates[position]
+            position += 1
+            if example_id not in self.used:
+                taken.append(example_id)
+        self.pointer[key] = position
+        self.used.update(taken)
+        if len(taken) < count:  # this list is spent for the epoch: top up with already-seen ids, still distinct
+            chosen = set(taken)
+            pool = [i for i in candidates if i not in chosen]
+            taken += [pool[k] for k in rng.choice(len(pool), size=count - len(taken), replace=False)]
+        return taken
+
+
+class HybridBatchSampler:
+    """Yields, for one rank, lists of `BatchRow` forming its slice of each global batch.
+
+    Args:
+        corpora: one or more parallel corpora; a batch is drawn from one corpus, chosen per batch.
+        strategy: one of STRATEGIES.
+        per_device_batch_size: rows per rank; the global batch is this times `world_size`.
+        alpha: hybrid only, the probability of an X-X batch.
+        language_weights: target share of each language (unnormalised); default uniform over languages.
+        language_temperature: if > 0 and no weights, target share proportional to n_ids(lang) ** tau.
+        corpus_weights: per-corpus batch probability; default proportional to the number of ids.
+        languages: restrict training to these languages.
+    """
+
+    def __init__(
+        self,
+        corpora: ParallelCorpus | Sequence[ParallelCorpus],
+        strategy: str,
+        per_device_batch_size: int,
+        *,
+        alpha: float = 0.5,
+        seed: int = 42,
+        rank: int = 0,
+        world_size: int = 1,
+        language_weights: Mapping[str, float] | None = None,
+        language_temperature: float = 0.0,
+        corpus_weights: Sequence[float] | None = None,
+        languages: Sequence[str] | None = None,
+        en_en_language: str = "en",
+    ):
+        if strategy not in STRATEGIES:
+            raise SamplingError(f"sampling: got {strategy!r}, expected one of {', '.join(STRATEGIES)}")
+        if not 0.0 <= alpha <= 1.0:
+            raise SamplingError(f"alpha: got {alpha!r}, expected a probability in [0, 1]")
+        self.corpora = [corpora] if isinstance(corpora, ParallelCorpus) else list(corpora)
+        self.strategy, self.alpha, self.seed = strategy, alpha, seed
+        self.rank, self.world_size = rank, world_size
+        self.per_device_batch_size = per_device_batch_size
+        self.global_batch_size = per_device_batch_size * world_size
+        self.epoch, self.skip_batches = 0, 0
+
+        restrict = set(languages) if languages else None
+        if strategy == "en_en":
+            restrict = {en_en_language}
+        # per corpus: language -> ids in that language (restricted), and ids usable for X-Y rows
+        self._ids_by_language = []
+        self._languages_of = []
+        for corpus in self.corpora:
+            languages_of = {
+                i: sorted(lang for lang in by_lang if restrict is None or lang in restrict)
+                for i, by_lang in corpus.examples.items()
+            }
+            languages_of = {i: langs for i, langs in languages_of.items() if langs}
+            by_language: dict[str, list[str]] = {}
+            for example_id, langs in languages_of.items():
+                for lang in langs:
+                    by_language.setdefault(lang, []).append(example_id)
+            self._languages_of.append(languages_of)
+            self._ids_by_language.append(by_language)
+        if restrict:
+            present = {lang for by_language in self._ids_by_language for lang in by_language}
+            missing = sorted(restrict - present)
+            if missing:
+                raise SamplingError(f"train_languages/en_en_language: no training data in {', '.join(missing)}")
+        self._check_feasible()
+        self.target_share = self._target_share(language_weights, language_temperature)
+        sizes = np.array([len(languages_of) for languages_of in self._languages_of], dtype=float)
+        weights = np.asarray(corpus_weights, dtype=float) if corpus_weights else sizes
+        if len(weights) != len(self.corpora) or (weights < 0).any() or weights.sum() <= 0:
+            raise SamplingError(f"train_data_weights: expected {len(self.corpora)} non-negative weights, got {weights}")
+        self.corpus_probability = weights / weights.sum()
+        self.batches_per_epoch = max(1, int(sizes.sum()) // self.global_batch_size)
+
+    # ---- set-up -----------------------------------------------------------------------------------------------
+    def _xx_languages(self, corpus_index: int) -> list[str]:
+        """Languages with enough ids for a whole monolingual global batch."""
+        by_language = self._ids_by_language[corpus_index]
+        return sorted(lang for lang, ids in by_language.items() if len(ids) >= self.global_batch_size)
+
+    def _xy_ids(self, corpus_index: int) -> list[str]:
+        return [i for i, langs in self._languages_of[corpus_index].items() if len(langs) >= 2]
+
+    def _check_feasible(self) -> None:
+        size = self.global_batch_size
+        for index, corpus in enumerate(self.corpora):
+            n_ids = len(self._languages_of[index])
+            if n_ids < size:
+                raise SamplingError(
+                    f"per_device_train_batch_size: global batch {size} exceeds the {n_ids} distinct ids of "
+                    f"{corpus.name} (a global batch may not repeat an id)"
+                )
+            needs_xx = self.strategy in ("xx", "en_en") or (self.strategy == "hybrid" and self.alpha > 0)
+            needs_xy = self.strategy == "xy" or (self.strategy == "hybrid" and self.alpha < 1)
+            if needs_xx and not self._xx_languages(index):
+                raise SamplingError(
+                    f"sampling: X-X batches of {size} need one language with {size}+ ids in {corpus.name}; none has"
+                )
+            if needs_xy and len(self._xy_ids(index)) < size:
+                raise SamplingError(
+                    f"sampling: X-Y batches of {size} need {size}+ ids present in 2+ languages; {corpus.name} has "
+                    f"{len(self._xy_ids(index))} (use sampling xx or a parallel corpus)"
+                )
+
+    def _target_share(self, weights: Mapping[str, float] | None, tau: float) -> dict[str, float]:
+        counts: dict[str, int] = {}
+        for by_language in self._ids_by_language:
+            for lang, ids in by_language.items():
+                counts[lang] = counts.get(lang, 0) + len(ids)
+        if weights:
+            unknown = sorted(set(weights) - set(counts))
+            if unknown:
+                raise SamplingError(f"language_weights: no training data in {', '.join(unknown)}")
+            share = {lang: float(weights.get(lang, 0.0)) for lang in counts}
+        elif tau > 0:
+            share = {lang: n**tau for lang, n in counts.items()}
+        else:
+            share = dict.fromkeys(counts, 1.0)
+        total = sum(share.values())
+        return {lang: value / total for lang, value in share.items()}
+
+    # ---- epochs and resume -------------------------------------------------------------------------------------
+    def __len__(self) -> int:
+        return self.batches_per_epoch - self.skip_batches
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "skip_batches": self.skip_batches}
+
+    def load_state_dict(self, state: Mapping) -> None:
+        self.epoch, self.skip_batches = int(state["epoch"]), int(state["skip_batches"])
+
+    def set_position(self, global_step: int) -> None:
+        """Resume at a global batch count: the epoch and the batches to skip within it."""
+        self.epoch, self.skip_batches = divmod(global_step, self.batches_per_epoch)
+
+    def __iter__(self) -> Iterator[list[BatchRow]]:
+        start = self.rank * self.per_device_batch_size
+        for index, rows in enumerate(self.global_batches(self.epoch)):
+            if index >= self.skip_batches:
+                yield rows[start : start + self.per_device_batch_size]
+        self.skip_batches = 0  # the next epoch starts from its first batch
+
+    # ---- the sequence ------------------------------------------------------------------------------------------
+    def global_batches(self, epoch: int) -> Iterator[list[BatchRow]]:
+        """Every global batch of `epoch`, identical on every rank (a function of seed and epoch only)."""
+        epoch_rng = np.random.default_rng([self.seed, epoch])
+        cursors = []
+        for index in range(len(self.corpora)):
+            order = list(self._languages_of[index])
+            order = [order[k] for k in epoch_rng.permutation(len(order))]
+            position = {example_id: k for k, example_id in enumerate(order)}
+            lists = {"*": order, "multi": sorted(self._xy_ids(index), key=position.__getitem__)}
+            for lang, ids in self._ids_by_language[index].items():
+                lists[lang] = sorted(ids, key=position.__getitem__)
+            cursors.append(_EpochCursor(order, lists))
+        for batch_index in range(self.batches_per_epoch):
+            rng = np.random.default_rng([self.seed, epoch, batch_index])
+            corpus_index = int(rng.choice(len(self.corpora), p=self.corpus_probability))
+            yield self._draw_batch(rng, corpus_index, cursors[corpus_index])
+
+    def _draw_batch(self, rng: np.random.Generator, corpus_index: int, cursor: _EpochCursor) -> list[BatchRow]:
+        size = self.global_batch_size
+        monolingual = self.strategy in ("xx", "en_en") or (self.strategy == "hybrid" and rng.random() < self.alpha)
+        if monolingual:
+            languages = self._xx_languages(corpus_index)
+            share = np.array([self.target_share[lang] for lang in languages])
+            language = languages[int(rng.choice(len(languages), p=share / share.sum()))]
+            ids = cursor.take(language, size, rng)
+            return [BatchRow(i, language, language, corpus_index, self._row_draw(rng)) for i in ids]
+        if self.strategy == "xx_mixed":
+            ids = cursor.take("*", size, rng)
+            rows = []
+            for example_id in ids:
+                language = self._draw_languages(rng, corpus_index, example_id, 1)[0]
+                rows.append(BatchRow(example_id, language, language, corpus_index, self._row_draw(rng)))
+            return rows
+        ids = cursor.take("multi", size, rng)
+        rows = []
+        for example_id in ids:
+            query_language, passage_language = self._draw_languages(rng, corpus_index, example_id, 2)
+            rows.append(BatchRow(example_id, query_language, passage_language, corpus_index, self._row_draw(rng)))
+        return rows
+
+    @staticmethod
+    def _row_draw(rng: np.random.Generator) -> int:
+        return int(rng.integers(2**31))
+
+    def _draw_languages(self, rng: np.random.Generator, corpus_index: int, example_id: str, count: int) -> list[str]:
+        """Distinct languages of one id, each weighted by target share / how many ids have it.
+
+        Dividing by the count keeps a language present in every id (English in MLQA-R) from dominating X-Y rows.
+        """
+        languages = self._languages_of[corpus_index][example_id]
+        by_language = self._ids_by_language[corpus_index]
+        weights = np.array([self.target_share[lang] / len(by_language[lang]) for lang in languages])
+        weights = weights + 1e-12  # a zero-weight language may still be needed to make a pair
+        picked = rng.choice(len(languages), size=count, replace=False, p=weights / weights.sum())
+        return [languages[k] for k in picked]

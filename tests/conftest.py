@@ -1,0 +1,59 @@
+"""Shared fixtures: the real XLM-R tokenizer and a tiny random BERT dual encoder built on it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+XLMR_TOKENIZER_FILE = Path(
+    "/root/.pyenv/versions/3.11.7/lib/python3.11/site-packages/semantra_multilingual/assets/"
+    "multilingual-e5-small/tokenizer.json"
+)
+
+
+def tiny_bert_config(vocab_size: int, dropout: float = 0.0):
+    """A 2-layer, 32-wide BERT; dropout off by default so outputs are deterministic."""
+    from transformers import BertConfig
+
+    return BertConfig(
+        vocab_size=vocab_size,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=256,
+        hidden_dropout_prob=dropout,
+        attention_probs_dropout_prob=dropout,
+    )
+
+
+@pytest.fixture(scope="session")
+def xlmr_tokenizer():
+    """The multilingual-e5-small (XLM-R sentencepiece) tokenizer, 250,002 ids, pads on the right."""
+    from transformers import XLMRobertaTokenizerFast
+
+    if not XLMR_TOKENIZER_FILE.is_file():
+        pytest.skip(f"tokenizer file missing: {XLMR_TOKENIZER_FILE}")
+    return XLMRobertaTokenizerFast(tokenizer_file=str(XLMR_TOKENIZER_FILE))
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, xlmr_tokenizer) -> Path:
+    """A saved Hugging Face folder (random tiny BERT, seed 0, dropout 0 + the XLM-R tokenizer)."""
+    from transformers import BertModel
+
+    folder = tmp_path_factory.mktemp("tiny_bert")
+    torch.manual_seed(0)
+    BertModel(tiny_bert_config(len(xlmr_tokenizer))).save_pretrained(folder)
+    xlmr_tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture
+def tiny_encoder(tiny_model_dir):
+    """A fresh `DualEncoder` (mean pooling, e5 prefixes) on the tiny BERT; same weights every time."""
+    from hbt_accel.modeling import DualEncoder
+
+    return DualEncoder.from_pretrained(tiny_model_dir)

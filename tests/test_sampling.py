@@ -1,0 +1,141 @@
+from __future__ import annotations
+
+import collections
+
+import pytest
+
+from hbt_accel.data import PairExample, ParallelCorpus, lareqa_training_corpus, load_lareqa_benchmark
+from hbt_accel.sampling import HybridBatchSampler, SamplingError, is_monolingual_batch
+
+
+@pytest.fixture(scope="module")
+def mlqa() -> ParallelCorpus:
+    return lareqa_training_corpus(load_lareqa_benchmark("mlqa-r"), hard_negatives=False)
+
+
+def global_batches(corpus, strategy, batch=16, world=1, epochs=1, **kw):
+    sampler = HybridBatchSampler(corpus, strategy, batch, world_size=world, **kw)
+    return [rows for epoch in range(epochs) for rows in sampler.global_batches(epoch)]
+
+
+def test_xx_batches_are_one_language_and_cover_languages(mlqa):
+    batches = global_batches(mlqa, "xx", epochs=3)
+    assert all(is_monolingual_batch(rows) for rows in batches)
+    assert {rows[0].query_language for rows in batches} == set(mlqa.languages)
+
+
+def test_xy_rows_cross_languages(mlqa):
+    for rows in global_batches(mlqa, "xy", epochs=2):
+        assert all(row.query_language != row.passage_language for row in rows)
+        for row in rows:  # both sides exist for that id
+            assert {row.query_language, row.passage_language} <= set(mlqa.examples[row.example_id])
+
+
+def test_hybrid_share_is_alpha_and_ids_never_repeat(mlqa):
+    sampler = HybridBatchSampler(mlqa, "hybrid", 8, alpha=0.5, world_size=4, seed=3)
+    batches = []
+    epoch = 0
+    while len(batches) < 2000:
+        batches += list(sampler.global_batches(epoch))
+        epoch += 1
+    batches = batches[:2000]
+    share = sum(is_monolingual_batch(rows) for rows in batches) / len(batches)
+    assert abs(share - 0.5) < 0.03
+    for rows in batches:
+        assert len(rows) == 32 and len({row.example_id for row in rows}) == 32
+        if not is_monolingual_batch(rows):
+            assert all(row.query_language != row.passage_language for row in rows)
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.25, 1.0])
+def test_alpha_extremes(mlqa, alpha):
+    batches = global_batches(mlqa, "hybrid", epochs=8, alpha=alpha)
+    share = sum(is_monolingual_batch(rows) for rows in batches) / len(batches)
+    assert abs(share - alpha) < 0.08 if 0 < alpha < 1 else share == alpha
+
+
+def test_xx_mixed_and_en_en(mlqa):
+    for rows in global_batches(mlqa, "xx_mixed"):
+        assert all(row.query_language == row.passage_language for row in rows)
+    mixed = [rows for rows in global_batches(mlqa, "xx_mixed") if not is_monolingual_batch(rows)]
+    assert mixed, "xx_mixed should mix languages within a batch"
+    for rows in global_batches(mlqa, "en_en"):
+        assert {row.query_language for row in rows} == {"en"} == {row.passage_language for row in rows}
+
+
+def test_ranks_take_disjoint_slices_of_the_same_global_batch(mlqa):
+    per_rank = [list(HybridBatchSampler(mlqa, "hybrid", 8, rank=r, world_size=2, seed=5)) for r in (0, 1)]
+    reference = global_batches(mlqa, "hybrid", batch=8, world=2, seed=5)
+    assert len(per_rank[0]) == len(per_rank[1]) == len(reference)
+    for rank0, rank1, whole in zip(*per_rank, reference):
+        assert rank0 + rank1 == whole
+
+
+def test_epoch_covers_ids_and_changes_with_set_epoch(mlqa):
+    sampler = HybridBatchSampler(mlqa, "xx_mixed", 16)
+    first = list(sampler)
+    seen = {row.example_id for rows in first for row in rows}
+    assert len(seen) >= 0.95 * (len(first) * 16)  # an epoch walks a permutation: almost no repeats
+    sampler.set_epoch(1)
+    assert list(sampler) != first
+
+
+def test_resume_mid_epoch_continues_the_same_sequence(mlqa):
+    straight = HybridBatchSampler(mlqa, "hybrid", 16, seed=11)
+    full = list(straight) + (straight.set_epoch(1) or list(straight))
+    resumed = HybridBatchSampler(mlqa, "hybrid", 16, seed=11)
+    resumed.set_position(30)
+    tail = list(resumed)
+    resumed.set_epoch(resumed.epoch + 1)
+    tail += list(resumed)
+    assert tail == full[30:]
+    state = HybridBatchSampler(mlqa, "hybrid", 16, seed=11)
+    state.load_state_dict({"epoch": 1, "skip_batches": 4})
+    assert list(state) == full[straight.batches_per_epoch + 4 :]
+
+
+def test_language_rebalancing_reduces_english_in_xy(mlqa):
+    counts = collections.Counter()
+    for rows in global_batches(mlqa, "xy", epochs=10):
+        for row in rows:
+            counts[row.query_language] += 1
+            counts[row.passage_language] += 1
+    # English is in every MLQA-R id; uniform per-id draws would put it in ~60% of rows, rebalanced far less.
+    rows = sum(counts.values()) / 2
+    assert counts["en"] / rows < 0.45
+
+
+def test_temperature_and_weights_shift_xx_languages(mlqa):
+    weighted = global_batches(mlqa, "xx", epochs=6, language_weights={"de": 10.0, "en": 1.0})
+    languages = collections.Counter(rows[0].query_language for rows in weighted)
+    assert set(languages) <= {"de", "en"} and languages["de"] > 4 * languages["en"]
+
+
+def _tiny_corpus(multilingual: bool) -> ParallelCorpus:
+    corpus = ParallelCorpus(name="tiny")
+    for i in range(8):
+        corpus.add(str(i), "en", PairExample(f"q{i}", f"p{i}"))
+        if multilingual:
+            corpus.add(str(i), "de", PairExample(f"f{i}", f"d{i}"))
+    return corpus
+
+
+def test_clear_errors():
+    with pytest.raises(SamplingError, match="per_device_train_batch_size: global batch 16 exceeds the 8 distinct"):
+        HybridBatchSampler(_tiny_corpus(True), "hybrid", 8, world_size=2)
+    with pytest.raises(SamplingError, match="X-Y batches of 4 need 4\\+ ids present in 2\\+ languages"):
+        HybridBatchSampler(_tiny_corpus(False), "xy", 4)
+    HybridBatchSampler(_tiny_corpus(False), "xx", 4)  # monolingual data is fine for X-X
+    with pytest.raises(SamplingError, match="alpha"):
+        HybridBatchSampler(_tiny_corpus(True), "hybrid", 4, alpha=-0.1)
+    with pytest.raises(SamplingError, match="sampling: got 'mixed'"):
+        HybridBatchSampler(_tiny_corpus(True), "mixed", 4)
+
+
+def test_several_corpora_mix_by_weight(mlqa):
+    other = _tiny_corpus(True)
+    other.name = "tiny"
+    sampler = HybridBatchSampler([mlqa, other], "xx", 4, corpus_weights=[1.0, 1.0], seed=1)
+    batches = [rows for epoch in range(2) for rows in sampler.global_batches(epoch)]
+    share = sum(rows[0].corpus_index == 1 for rows in batches) / len(batches)
+    assert 0.4 < share < 0.6
