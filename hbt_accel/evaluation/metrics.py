@@ -36,9 +36,9 @@ def relevant_ranks(scores: np.ndarray, relevant_scores: np.ndarray) -> np.ndarra
     # position k of s_k among the relevant items sorted descending, ties among relevant broken by column order
     greater = (relevant_scores[:, None, :] > filled[:, :, None]).sum(axis=2)  # (B, R) NaN compares False
     cols = np.arange(relevant_scores.shape[1])
-    tied_before = ((relevant_scores[:, None, :] == filled[:, :, None]) & (cols[None, None, :] < cols[None, :, None])).sum(
-        axis=2
-    )  # (B, R) equal relevant scores in earlier columns
+    tied_before = (
+        (relevant_scores[:, None, :] == filled[:, :, None]) & (cols[None, None, :] < cols[None, :, None])
+    ).sum(axis=2)  # (B, R) equal relevant scores in earlier columns
     k = greater + tied_before + 1
     return np.where(valid, k + nonrel_ge, np.nan)
 

@@ -1,0 +1,130 @@
+"""How close the grid evaluation comes to the encoding floor, and what a naive evaluator would cost.
+
+    python benchmarks/eval_speed.py                                         # full XQuAD-R (~an hour on 2 cores)
+    python benchmarks/eval_speed.py --languages en,de --max_queries 100 --naive_pairs 2
+
+One run with the embedded multilingual-e5-small on XQuAD-R measures
+  (a) the floor: every question and every candidate of the chosen languages encoded once, nothing else;
+  (b) the full grid evaluation (`evaluate_grid`: the same encoding plus exact ranks for all settings);
+  (c) a naive evaluator that re-encodes the questions and the pool for every (query, pool) language pair. It is
+      timed on the first --naive_pairs pairs and extrapolated linearly to all L x L single-pair settings (the
+      multilingual settings, which would re-encode the whole union per query language, are left out: a lower bound);
+  (d) (b) again under bf16 autocast: time and the largest |fp32 - bf16| of mono / cross / multi mAP;
+and prints (b)/(a) (goal <= 1.15), (c)/(b), and peak memory: the process's max RSS (getrusage) and the tracemalloc
+peak of the scoring step (numpy arrays of the block-wise ranking).
+"""
+
+from __future__ import annotations
+
+import argparse
+import resource
+import time
+import tracemalloc
+
+import numpy as np
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="embedded", help="model folder or 'embedded'")
+    parser.add_argument("--benchmark", default="xquad-r", help="LAReQA benchmark name or folder")
+    parser.add_argument("--languages", default="", help="comma-separated languages; empty = all")
+    parser.add_argument("--max_queries", type=int, default=0, help="first N question ids; 0 = all")
+    parser.add_argument("--naive_pairs", type=int, default=2, help="language pairs the naive evaluator is timed on")
+    parser.add_argument("--batch_size", type=int, default=64)
+    parser.add_argument("--skip_bf16", action="store_true", help="leave out the bf16 run")
+    return parser.parse_args(argv)
+
+
+def naive_pair(encoder, benchmark, query_lang: str, pool_lang: str, wanted: set[str], batch_size: int) -> float:
+    """What a per-pair evaluator does: encode X's questions and Y's whole pool, rank, mAP. Returns the mAP."""
+    from hbt_accel.evaluation.metrics import average_precision, relevant_ranks
+
+    queries, pool = benchmark.pools[query_lang], benchmark.pools[pool_lang]
+    gold_of = dict(zip(pool.question_ids, pool.gold))
+    chosen = [
+        (q, gold_of[qid])
+        for qid, q in zip(queries.question_ids, queries.questions)
+        if qid in wanted and qid in gold_of
+    ]
+    q_emb = encoder.encode([q for q, _ in chosen], kind="query", batch_size=batch_size)  # (n, d)
+    c_emb = encoder.encode(pool.candidates, kind="passage", batch_size=batch_size)  # (N_y, d)
+    scores = q_emb @ c_emb.T  # (n, N_y)
+    gold = np.array([g for _, g in chosen])
+    ranks = relevant_ranks(scores, scores[np.arange(len(chosen)), gold][:, None])  # (n, 1)
+    return float(average_precision(ranks).mean())
+
+
+def main(argv=None) -> None:
+    from hbt_accel.data import load_lareqa_benchmark
+    from hbt_accel.evaluation import encode_benchmark, score_encoded
+    from hbt_accel.evaluation.grid import select_languages, select_question_ids
+    from hbt_accel.modeling import DualEncoder
+
+    args = parse_args(argv)
+    encoder = DualEncoder.from_pretrained(args.model)
+    benchmark = load_lareqa_benchmark(args.benchmark)
+    languages = select_languages(benchmark, args.languages or None)
+    wanted = select_question_ids(benchmark, languages, args.max_queries or None)
+    questions = [
+        q
+        for lang in languages
+        for qid, q in zip(benchmark.pools[lang].question_ids, benchmark.pools[lang].questions)
+        if qid in wanted
+    ]
+    candidates = [c for lang in languages for c in benchmark.pools[lang].candidates]
+    print(f"{len(languages)} languages, {len(questions):,} questions, {len(candidates):,} candidates")
+    encoder.encode(questions[:8], kind="query")  # warm-up: first-call allocations are not part of any timing
+
+    # ---- (a) the floor: encode every text once
+    start = time.perf_counter()
+    encoder.encode(questions, kind="query", batch_size=args.batch_size)
+    encoder.encode(candidates, kind="passage", batch_size=args.batch_size)
+    floor = time.perf_counter() - start
+    print(f"(a) encode every text once:       {floor:8.1f} s")
+
+    # ---- (b) the grid evaluation (encode once + exact ranks for every setting)
+    start = time.perf_counter()
+    encoded = encode_benchmark(encoder, benchmark, languages, args.max_queries or None, args.batch_size)
+    tracemalloc.start()
+    fp32 = score_encoded(encoded)
+    _, score_peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    grid_seconds = time.perf_counter() - start
+    print(f"(b) grid evaluation:               {grid_seconds:8.1f} s  (encode {fp32['encode_seconds']:.1f}, "
+          f"score {fp32['score_seconds']:.1f})  (b)/(a) = {grid_seconds / floor:.3f}  (goal <= 1.15)")  # fmt: skip
+
+    # ---- (c) naive: re-encode per language pair, timed on a few pairs, extrapolated linearly
+    pairs = [(x, y) for x in languages for y in languages][: max(1, args.naive_pairs)]
+    start = time.perf_counter()
+    for query_lang, pool_lang in pairs:
+        value = naive_pair(encoder, benchmark, query_lang, pool_lang, wanted, args.batch_size)
+        assert abs(value - fp32["grid"][f"{query_lang}-{pool_lang}"]) < 1e-3, (query_lang, pool_lang, value)
+    per_pair = (time.perf_counter() - start) / len(pairs)
+    naive = per_pair * len(languages) ** 2
+    print(f"(c) naive per-pair evaluator:      {naive:8.1f} s  EXTRAPOLATED: {per_pair:.1f} s/pair measured on "
+          f"{len(pairs)} pair(s) x {len(languages) ** 2} pairs, multilingual settings not counted; "
+          f"(c)/(b) = {naive / grid_seconds:.2f}")  # fmt: skip
+
+    # ---- (d) bf16
+    if not args.skip_bf16:
+        start = time.perf_counter()
+        bf16 = score_encoded(
+            encode_benchmark(encoder, benchmark, languages, args.max_queries or None, args.batch_size, bf16=True)
+        )
+        bf16_seconds = time.perf_counter() - start
+        diff = max(abs(fp32[k] - bf16[k]) for k in ("mono_map", "cross_map", "multi_map"))
+        speedup = grid_seconds / bf16_seconds
+        print(f"(d) bf16 grid evaluation:          {bf16_seconds:8.1f} s  fp32/bf16 time = {speedup:.2f}; "
+              f"max |fp32 - bf16| of mono/cross/multi mAP = {diff:.4f}")  # fmt: skip
+        for key in ("mono_map", "cross_map", "multi_map", "rank_distance"):
+            print(f"    {key:14s} fp32 {fp32[key]:.4f}  bf16 {bf16[key]:.4f}")
+
+    # ---- memory
+    max_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    print(f"peak memory: max RSS {max_rss_mb:,.0f} MB (whole process, model included); "
+          f"scoring step tracemalloc peak {score_peak / 2**20:,.1f} MB")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,193 @@
+"""Reports of a grid evaluation: a rich table in the terminal, and eval_results.json / grid.csv / grid_heatmap.png.
+
+Files are written to a temporary name in the same folder, then renamed, so a reader never sees half a file.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+from pathlib import Path
+
+SUMMARY_KEYS = ("mono_map", "cross_map", "multi_map", "recall_at_1", "recall_at_10", "rank_distance")
+
+
+def grid_matrix(results: dict) -> tuple[list[str], list[list[float]]]:
+    """(languages, rows): rows[i][j] = mAP of queries in languages[i] against the pool of languages[j] (NaN = none)."""
+    languages = results["languages"]
+    rows = [[results["grid"].get(f"{q}-{p}", math.nan) for p in languages] for q in languages]
+    return languages, rows
+
+
+def _cell_style(value: float) -> str:
+    if math.isnan(value):
+        return "dim"
+    for threshold, style in ((0.8, "bold green"), (0.6, "green"), (0.4, "yellow"), (0.2, "dark_orange")):
+        if value >= threshold:
+            return style
+    return "red"
+
+
+def print_report(results: dict, console=None) -> None:
+    """The grid (rows: query language, columns: pool language, plus the multilingual column) and the summary."""
+    from rich.console import Console
+    from rich.table import Table
+
+    console = console or Console()
+    languages, rows = grid_matrix(results)
+    title = f"{results.get('benchmark', '')} mAP ({results.get('precision', 'fp32')}), rows = query language"
+    table = Table(title=title)
+    table.add_column("query \\ pool")
+    for lang in languages:
+        table.add_column(lang, justify="right")
+    table.add_column("multi", justify="right")
+    table.add_column("rank dist.", justify="right")
+    for lang, row in zip(languages, rows):
+        multi = results["multi_map_per_language"].get(lang, math.nan)
+        distance = results["rank_distance_per_language"].get(lang, math.nan)
+        cells = [f"[{_cell_style(v)}]{v:.3f}[/]" if not math.isnan(v) else "[dim]-[/]" for v in row]
+        table.add_row(lang, *cells, f"[{_cell_style(multi)}]{multi:.3f}[/]", f"{distance:.1f}")
+    console.print(table)
+
+    summary = Table(title="summary")
+    summary.add_column("metric")
+    summary.add_column("value", justify="right")
+    for key in SUMMARY_KEYS:
+        value = results.get(key, math.nan)
+        summary.add_row(key, f"{value:.1f}" if key == "rank_distance" else f"{value:.4f}")
+    summary.add_row("queries / candidates", f"{results.get('n_queries', 0):,} / {results.get('n_candidates', 0):,}")
+    summary.add_row("seconds (encode + score)", f"{results.get('seconds', math.nan):.1f}")
+    console.print(summary)
+
+
+def write_reports(results: dict, output_dir: str | os.PathLike) -> dict[str, Path]:
+    """Write eval_results.json, grid.csv (query_lang,pool_lang,map,recall_at_1,recall_at_10,n_queries) and
+    grid_heatmap.png into `output_dir`; returns name -> path. Results without a grid (BEIR) get the JSON only."""
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    paths = {}
+    paths["json"] = _write_atomically(
+        output_dir / "eval_results.json", json.dumps(results, indent=2, sort_keys=True).encode("utf-8")
+    )
+    if "grid" not in results:
+        return paths
+
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    writer.writerow(["query_lang", "pool_lang", "map", "recall_at_1", "recall_at_10", "n_queries"])
+    for key, value in results["grid"].items():
+        query_lang, pool_lang = key.split("-")
+        writer.writerow(
+            [
+                query_lang,
+                pool_lang,
+                f"{value:.6f}",
+                f"{results.get('grid_recall_at_1', {}).get(key, math.nan):.6f}",
+                f"{results.get('grid_recall_at_10', {}).get(key, math.nan):.6f}",
+                results.get("grid_n_queries", {}).get(key, ""),
+            ]
+        )
+    paths["csv"] = _write_atomically(output_dir / "grid.csv", buffer.getvalue().encode("utf-8"))
+    paths["heatmap"] = _write_atomically(output_dir / "grid_heatmap.png", _heatmap_png(results))
+    return paths
+
+
+def _heatmap_png(results: dict) -> bytes:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    languages, rows = grid_matrix(results)
+    multi = [results["multi_map_per_language"].get(lang, math.nan) for lang in languages]
+    matrix = np.array([row + [m] for row, m in zip(rows, multi)])  # (L, L + 1): the grid, then "multi"
+    size = 1.0 + 0.55 * len(languages)
+    figure, axes = plt.subplots(figsize=(size + 1.5, size))
+    image = axes.imshow(np.ma.masked_invalid(matrix), cmap="viridis", vmin=0.0, vmax=1.0)
+    axes.set_xticks(range(len(languages) + 1), [*languages, "multi"])
+    axes.set_yticks(range(len(languages)), languages)
+    axes.set_xlabel("candidate pool language")
+    axes.set_ylabel("query language")
+    axes.axvline(len(languages) - 0.5, color="white", linewidth=2)
+    for i in range(matrix.shape[0]):
+        for j in range(matrix.shape[1]):
+            if not math.isnan(matrix[i, j]):
+                color = "black" if matrix[i, j] > 0.6 else "white"
+                axes.text(j, i, f"{matrix[i, j]:.2f}", ha="center", va="center", fontsize=7, color=color)
+    axes.set_title(
+        f"{results.get('benchmark', '')} mAP ({results.get('precision', 'fp32')}): mono {results['mono_map']:.3f}, "
+        f"cross {results['cross_map']:.3f}, multi {results['multi_map']:.3f}",
+        fontsize=9,
+    )
+    figure.colorbar(image, ax=axes, fraction=0.046, pad=0.04)
+    figure.tight_layout()
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=120)
+    plt.close(figure)
+    return buffer.getvalue()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# A run: one row per checkpoint
+# ---------------------------------------------------------------------------------------------------------------
+def print_metrics_by_step(rows: list[tuple[int, dict]], console=None) -> None:
+    """rows: (step, results) sorted by step -> a table of the summary metrics, best value per column in bold."""
+    from rich.console import Console
+    from rich.table import Table
+
+    console = console or Console()
+    table = Table(title="metrics by step")
+    table.add_column("step", justify="right")
+    for key in SUMMARY_KEYS:
+        table.add_column(key, justify="right")
+    best = {}
+    for key in SUMMARY_KEYS:
+        values = [r.get(key, math.nan) for _, r in rows]
+        finite = [v for v in values if not math.isnan(v)]
+        if finite:
+            best[key] = min(finite) if key == "rank_distance" else max(finite)
+    for step, results in rows:
+        cells = []
+        for key in SUMMARY_KEYS:
+            value = results.get(key, math.nan)
+            text = f"{value:.1f}" if key == "rank_distance" else f"{value:.4f}"
+            cells.append(f"[bold]{text}[/]" if value == best.get(key) else text)
+        table.add_row(str(step), *cells)
+    console.print(table)
+
+
+def plot_metrics_by_step(rows: list[tuple[int, dict]], path: str | os.PathLike) -> Path:
+    """mono/cross/multi mAP and R@1 against the step (left), rank distance (right); written atomically."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = [step for step, _ in rows]
+    figure, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    for key in ("mono_map", "cross_map", "multi_map", "recall_at_1"):
+        left.plot(steps, [r.get(key, math.nan) for _, r in rows], marker="o", label=key)
+    left.set_xlabel("step")
+    left.set_ylabel("score")
+    left.legend()
+    left.grid(alpha=0.3)
+    right.plot(steps, [r.get("rank_distance", math.nan) for _, r in rows], marker="o", color="tab:red")
+    right.set_xlabel("step")
+    right.set_ylabel("rank distance (lower is better)")
+    right.grid(alpha=0.3)
+    figure.tight_layout()
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=120)
+    plt.close(figure)
+    return _write_atomically(Path(path), buffer.getvalue())
+
+
+def _write_atomically(path: Path, data: bytes) -> Path:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+    return path

@@ -1,0 +1,1 @@
+"""The LAReQA grid as an `evaluate` metric; see lareqa_grid.py."""

@@ -1,0 +1,154 @@
+"""Score a retriever on the LAReQA grid (XQuAD-R / MLQA-R) or a BEIR-style folder; or every checkpoint of a run.
+
+    python recipes/evaluate.py --model embedded --benchmark xquad-r --output_dir /tmp/ev
+    python recipes/evaluate.py --model embedded --benchmark xquad-r --bf16 --output_dir /tmp/ev_bf16
+    python recipes/evaluate.py --model runs/default/final --benchmark mlqa-r --languages en,de,zh --max_queries 200
+    python recipes/evaluate.py --model embedded --benchmark /data/miracl-sw   # corpus.jsonl, queries.jsonl, qrels/
+    python recipes/evaluate.py --run_dir runs/default          # every checkpoint-* without eval_results.json yet
+    ACCELERATE_USE_CPU=1 OMP_NUM_THREADS=1 accelerate launch --multi_gpu --num_processes 2 --num_machines 1 \
+        --mixed_precision no --dynamo_backend no recipes/evaluate.py --model embedded --benchmark xquad-r
+
+One model: the grid table and summary are printed; with --output_dir, eval_results.json, grid.csv and
+grid_heatmap.png are written there. A run: each new checkpoint gets those files in its own folder, then a
+metric-by-step table is printed and RUN/metrics_by_step.png written. Under `accelerate launch` every process
+encodes a shard of the texts; the numbers equal a single process. Errors in the data or arguments end as one line.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from hbt_accel.config import ConfigError, run_cli
+from hbt_accel.data import DataError, load_lareqa_benchmark
+
+
+@dataclass
+class EvaluateArguments:
+    model: str = field(default="", metadata={"help": "model folder or Hub id; 'embedded' = multilingual-e5-small"})
+    run_dir: str = field(default="", metadata={"help": "score every RUN/checkpoint-* without eval_results.json"})
+    benchmark: str = field(
+        default="xquad-r", metadata={"help": "xquad-r, mlqa-r, a folder of LAReQA <lang>.json, or a BEIR folder"}
+    )
+    languages: list = field(default_factory=list, metadata={"help": "comma-separated languages; empty = all"})
+    max_queries: int = field(default=0, metadata={"help": "first N question ids (same in every language); 0 = all"})
+    output_dir: str = field(default="", metadata={"help": "where to write the reports of --model; empty = none"})
+    bf16: bool = field(default=False, metadata={"help": "encode under bf16 autocast (scores stay fp32)"})
+    batch_size: int = field(default=64, metadata={"help": "texts per encoder forward"})
+    block_size: int = field(default=256, metadata={"help": "queries scored at once against the whole pool"})
+    data_dir: str = field(default="", metadata={"help": "folder with xquad-r/ and mlqa-r/; empty = default lookup"})
+    save_embeddings: bool = field(
+        default=False, metadata={"help": "also write embeddings.npz to --output_dir (for independent re-scoring)"}
+    )
+    beir_split: str = field(default="test", metadata={"help": "BEIR folders: which qrels/<split>.tsv"})
+    beir_index: str = field(
+        default="flat", metadata={"help": "BEIR folders: faiss index", "choices": ("flat", "ivf", "hnsw")}
+    )
+
+    def validate(self) -> EvaluateArguments:
+        if bool(self.model) == bool(self.run_dir):
+            raise ConfigError("give exactly one of --model PATH_OR_ID or --run_dir RUN")
+        if self.max_queries < 0:
+            raise ConfigError(f"--max_queries: got {self.max_queries}, expected 0 (all) or a positive integer")
+        if self.save_embeddings and not self.output_dir:
+            raise ConfigError("--save_embeddings needs --output_dir")
+        return self
+
+
+def main(args: EvaluateArguments) -> None:
+    from hbt_accel.evaluation import find_checkpoints, model_folder, plot_metrics_by_step, print_metrics_by_step
+
+    # ---------------------------------------------------------------- processes (a launch splits the encoding)
+    accelerator = None
+    if "LOCAL_RANK" in os.environ:
+        from hbt_accel.distributed import make_accelerator
+
+        accelerator = make_accelerator()
+    is_main = accelerator is None or accelerator.is_main_process
+
+    # ---------------------------------------------------------------- one model
+    if args.model:
+        evaluate_model(args, args.model, Path(args.output_dir) if args.output_dir else None, accelerator, is_main)
+        return
+
+    # ---------------------------------------------------------------- every new checkpoint of a run
+    run_dir = Path(args.run_dir)
+    checkpoints = find_checkpoints(run_dir)
+    if not checkpoints:
+        raise DataError(f"{run_dir}: no checkpoint-<step> folders")
+    for checkpoint in checkpoints:
+        if (checkpoint / "eval_results.json").is_file():
+            continue
+        folder = model_folder(checkpoint)
+        if folder is None:
+            if is_main:
+                print(f"skipping {checkpoint}: no saved model (config.json) in it or in its model/ folder")
+            continue
+        evaluate_model(args, str(folder), checkpoint, accelerator, is_main)
+
+    # ---------------------------------------------------------------- metric-by-step table and plot
+    if is_main:
+        rows = [
+            (int(c.name.split("-")[1]), json.loads((c / "eval_results.json").read_text(encoding="utf-8")))
+            for c in checkpoints
+            if (c / "eval_results.json").is_file()
+        ]
+        print_metrics_by_step(rows)
+        print(f"wrote {plot_metrics_by_step(rows, run_dir / 'metrics_by_step.png')}")
+
+
+def evaluate_model(args: EvaluateArguments, model: str, output_dir: Path | None, accelerator, is_main: bool) -> dict:
+    """Load one model, score it on args.benchmark, print the report and write it to output_dir (main process)."""
+    from hbt_accel.evaluation import encode_benchmark, print_report, save_encoded, score_encoded, write_reports
+    from hbt_accel.evaluation.beir import evaluate_beir, is_beir_folder
+    from hbt_accel.modeling import DualEncoder
+
+    # ---- data first: a bad language or file fails before the model is loaded
+    beir = is_beir_folder(args.benchmark)
+    if not beir:
+        benchmark = load_lareqa_benchmark(
+            args.benchmark, languages=args.languages or None, data_dir=args.data_dir or None
+        )
+
+    # ---- model
+    if ("/" in model or model.startswith(".")) and not Path(model).expanduser().exists() and Path(model).is_absolute():
+        raise DataError(f"{model}: model folder not found")
+    try:
+        encoder = DualEncoder.from_pretrained(model)
+    except (OSError, ValueError) as error:
+        raise DataError(f"{model}: cannot load the model ({str(error).strip().splitlines()[0]})") from None
+    if accelerator is not None:
+        encoder.to(accelerator.device)
+
+    # ---- BEIR-style folder
+    if beir:
+        results = evaluate_beir(
+            encoder, args.benchmark, args.beir_split, args.batch_size, args.bf16, accelerator, args.beir_index
+        )
+        if is_main:
+            print(json.dumps(results, indent=2))
+            if output_dir is not None:
+                print(f"wrote {write_reports(results, output_dir)['json']}")
+        return results
+
+    # ---- LAReQA grid: encode once, score
+    encoded = encode_benchmark(
+        encoder, benchmark, None, args.max_queries or None, args.batch_size, args.bf16, accelerator
+    )
+    results = score_encoded(encoded, args.block_size)
+    results["seconds"] = results["encode_seconds"] + results["score_seconds"]
+    results["model"] = model
+    if is_main:
+        print_report(results)
+        if output_dir is not None:
+            paths = write_reports(results, output_dir)
+            if args.save_embeddings:
+                paths["embeddings"] = save_encoded(encoded, output_dir / "embeddings.npz")
+            print("wrote " + ", ".join(str(p) for p in paths.values()))
+    return results
+
+
+if __name__ == "__main__":
+    run_cli(main, EvaluateArguments)

@@ -1,0 +1,143 @@
+"""The training loop end to end on a tiny random BERT with the real tokenizer and real MLQA-R data."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+REPO = Path(__file__).resolve().parents[1]
+FAST = ["--query_max_length", "32", "--passage_max_length", "48", "--final_eval", "false", "--logging_steps", "1"]
+
+
+def train(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+    command = [sys.executable, str(REPO / "recipes" / "train_hybrid.py"), *FAST, *args]
+    result = subprocess.run(command, capture_output=True, text=True, cwd=REPO, env=_env())
+    if check and result.returncode != 0:
+        raise AssertionError(result.stdout[-3000:] + result.stderr[-3000:])
+    return result
+
+
+def _env() -> dict:
+    import os
+
+    return {**os.environ, "OMP_NUM_THREADS": "2", "TOKENIZERS_PARALLELISM": "false"}
+
+
+@pytest.fixture(scope="module")
+def dropout_model_dir(tmp_path_factory, xlmr_tokenizer) -> Path:
+    """A tiny BERT WITH dropout, so a resume must also restore the RNG to match."""
+    from transformers import BertModel
+
+    from tests.conftest import tiny_bert_config
+
+    folder = tmp_path_factory.mktemp("tiny_dropout")
+    torch.manual_seed(1)
+    BertModel(tiny_bert_config(len(xlmr_tokenizer), dropout=0.1)).save_pretrained(folder)
+    xlmr_tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def mlqa_slice(tmp_path_factory) -> Path:
+    """64 MLQA-R ids in en, de and es as JSONL (real text, read from ../shared at test time)."""
+    from hbt_accel.data import lareqa_training_corpus, load_lareqa_benchmark
+
+    corpus = lareqa_training_corpus(load_lareqa_benchmark("mlqa-r", languages=["en", "de", "es"]))
+    ids = [i for i, by_lang in corpus.examples.items() if len(by_lang) == 3][:64]
+    path = tmp_path_factory.mktemp("data") / "mlqa_slice.jsonl"
+    with path.open("w") as handle:
+        for example_id in ids:
+            for lang, example in corpus.examples[example_id].items():
+                row = {"id": example_id, "lang": lang, "query": example.query, "positive": example.positive,
+                       "negatives": list(example.negatives)}  # fmt: skip
+                handle.write(json.dumps(row, ensure_ascii=False) + "\n")
+    return path
+
+
+def test_short_run_lowers_the_loss_and_saves_a_loadable_model(tiny_model_dir, mlqa_slice, tmp_path):
+    out = tmp_path / "run"
+    # 64 ids / 16 per batch = 4 batches per epoch: 40 steps are 10 epochs, enough for a tiny model to fit them
+    train("--model_name_or_path", str(tiny_model_dir), "--output_dir", str(out), "--max_steps", "40",
+          "--train_data", str(mlqa_slice), "--learning_rate", "2e-3", "--per_device_train_batch_size", "16",
+          "--warmup_ratio", "0")  # fmt: skip
+    summary = json.loads((out / "train_summary.json").read_text())
+    losses = [record["loss"] for record in summary["history"]]
+    assert len(losses) == 40
+    first, last = sum(losses[:4]) / 4, sum(losses[-4:]) / 4
+    assert last < 0.5 * first, (first, last)
+    counts = summary["batch_counts"]
+    assert counts["X-X"] + counts["X-Y"] == 40 and counts["X-X"] > 5 and counts["X-Y"] > 5
+    from transformers import AutoModel
+
+    model = AutoModel.from_pretrained(out)
+    assert model.config.hidden_size == 32
+    from hbt_accel.modeling import DualEncoder
+
+    vectors = DualEncoder.from_pretrained(out).encode(["Wer war Kant?", "Who was Kant?"], "query")
+    assert vectors.shape == (2, 32)
+
+
+def test_resume_gives_the_weights_of_an_uninterrupted_run(dropout_model_dir, tmp_path):
+    common = ["--model_name_or_path", str(dropout_model_dir), "--max_steps", "6", "--save_steps", "3",
+              "--per_device_train_batch_size", "8", "--mixed_precision", "no", "--learning_rate", "1e-3",
+              "--num_hard_negatives", "1", "--save_total_limit", "5"]  # fmt: skip
+    straight = tmp_path / "straight"
+    train(*common, "--output_dir", str(straight))
+    assert (straight / "checkpoint-3" / "training_progress.json").is_file()
+    resumed = tmp_path / "resumed"
+    log = train(*common, "--output_dir", str(resumed), "--resume_from_checkpoint", str(straight / "checkpoint-3"))
+    assert "resumed from" in log.stdout and "at step 3" in log.stdout
+    a, b = load_file(straight / "model.safetensors"), load_file(resumed / "model.safetensors")
+    assert a.keys() == b.keys()
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], atol=1e-6, rtol=0, msg=name)
+    # the training moved the weights: equality is not trivial
+    initial = load_file(dropout_model_dir / "model.safetensors")
+    moved = [n for n in a if n in initial and not torch.allclose(a[n], initial[n])]
+    assert len(moved) > 10
+    # and the steps after the resume logged the same losses
+    straight_losses = [r["loss"] for r in json.loads((straight / "train_summary.json").read_text())["history"]]
+    resumed_losses = [r["loss"] for r in json.loads((resumed / "train_summary.json").read_text())["history"]]
+    assert resumed_losses == pytest.approx(straight_losses[3:], abs=1e-6)
+
+
+def test_resume_latest_requires_a_checkpoint(tiny_model_dir, tmp_path):
+    result = train("--model_name_or_path", str(tiny_model_dir), "--output_dir", str(tmp_path / "empty"),
+                   "--max_steps", "2", "--resume_from_checkpoint", "latest", check=False)  # fmt: skip
+    assert result.returncode == 2
+    assert "resume_from_checkpoint: 'latest'" in result.stderr
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--alpha", "1.2"], "alpha: got 1.2, expected a probability in [0, 1]"),
+        (["--sampling", "zz"], "sampling"),
+        (["--per_device_train_batch_size", "5000"], "exceeds the 1148 distinct ids"),
+    ],
+)
+def test_bad_input_fails_before_training_in_one_line(tiny_model_dir, tmp_path, args, message):
+    result = train("--model_name_or_path", str(tiny_model_dir), "--output_dir", str(tmp_path / "o"), *args,
+                   check=False)  # fmt: skip
+    assert result.returncode == 2
+    assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert "global batch" not in result.stdout  # failed before the training banner
+
+
+def test_data_file_with_a_missing_field(tiny_model_dir, tmp_path):
+    data = tmp_path / "pairs.jsonl"
+    data.write_text(
+        json.dumps({"id": "1", "lang": "en", "query": "q", "positive": "p"}) + "\n"
+        + json.dumps({"id": "2", "lang": "de", "query": "q"}) + "\n"
+    )  # fmt: skip
+    result = train("--model_name_or_path", str(tiny_model_dir), "--output_dir", str(tmp_path / "o"),
+                   "--train_data", str(data), check=False)  # fmt: skip
+    assert result.returncode == 2
+    assert f"{data}:2: missing field 'positive'" in result.stderr
+    assert not (tmp_path / "o" / "model.safetensors").exists()
