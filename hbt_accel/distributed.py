@@ -12,7 +12,6 @@ import warnings
 import torch
 import torch.distributed as dist
 
-
 # torch 2.13 marks the autograd-aware all_gather deprecated but it is the one that works over gloo here
 # (cpu-distributed notes); the warning would fire on every training step.
 warnings.filterwarnings("ignore", message=r"torch\.distributed\.nn\.functional\.all_gather is deprecated")
@@ -78,8 +77,8 @@ def make_accelerator(**kwargs):
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if accelerator.num_processes != world_size:
         raise RuntimeError(
-            f"WORLD_SIZE={world_size} but accelerator.num_processes={accelerator.num_processes}: on CPU launch DDP "
-            "with ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu (see docs / cpu-distributed notes)"
+            f"WORLD_SIZE={world_size} but accelerator.num_processes={accelerator.num_processes}: on CPU launch DDP as "
+            "`ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes N ...` (--cpu starts one process)"
         )
     if wants_deepspeed and accelerator.distributed_type != DistributedType.DEEPSPEED:
         raise RuntimeError(

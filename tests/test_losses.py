@@ -5,6 +5,8 @@ from __future__ import annotations
 import math
 import os
 import socket
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -190,8 +192,8 @@ def _worker(rank: int, port: int, model_dir: str, out_dir: str) -> None:
     torch.set_num_threads(1)
     from transformers import XLMRobertaTokenizerFast
 
-    from tests.conftest import XLMR_TOKENIZER_FILE, load_tiny_encoder
     from hbt_accel.distributed import make_accelerator
+    from tests.conftest import XLMR_TOKENIZER_FILE, load_tiny_encoder
 
     accelerator = make_accelerator()
     results = {"num_processes": accelerator.num_processes, "rank": accelerator.process_index}
@@ -276,3 +278,12 @@ def test_two_process_cached_equals_plain(two_process_results):
         _assert_same_grads(cached_grads, plain_grads, atol=1e-5)
     # DDP synchronised the cached gradients: both ranks hold the same values
     _assert_same_grads(two_process_results[0]["cached"][1], two_process_results[1]["cached"][1], atol=1e-7)
+
+
+def test_world_size_guard_fails_loudly():
+    # A process told WORLD_SIZE=2 that ends up alone (e.g. --multi_gpu on CPU without ACCELERATE_USE_CPU).
+    env = {k: v for k, v in os.environ.items() if k not in ("LOCAL_RANK", "RANK", "ACCELERATE_USE_CPU")}
+    code = "from hbt_accel.distributed import make_accelerator; make_accelerator()"
+    run = subprocess.run([sys.executable, "-c", code], env={**env, "WORLD_SIZE": "2"}, capture_output=True, text=True)
+    assert run.returncode != 0
+    assert "RuntimeError: WORLD_SIZE=2 but accelerator.num_processes=1" in run.stderr

@@ -245,3 +245,48 @@ def test_mlqa_r_counts_and_grid_pairs():
 class _ConstantEncoder:
     def encode(self, texts, kind="query", batch_size=64, bf16=False):
         return np.ones((len(texts), 4), dtype=np.float32) / 2
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Reports
+# ---------------------------------------------------------------------------------------------------------------
+def test_reports_hold_the_grid_numbers(tmp_path):
+    import csv
+    import io
+
+    from rich.console import Console
+
+    from hbt_accel.evaluation import print_report, write_reports
+
+    benchmark, encoder = toy_benchmark()
+    results = evaluate_grid(encoder, benchmark, languages=["en", "de"])
+    paths = write_reports(results, tmp_path / "out")
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
+        "eval_results.json",
+        "grid.csv",
+        "grid_heatmap.png",
+    ]
+    saved = json.loads(paths["json"].read_text())
+    assert saved["grid"] == pytest.approx(results["grid"]) and saved["mono_map"] == pytest.approx(results["mono_map"])
+    rows = list(csv.DictReader(io.StringIO(paths["csv"].read_text())))
+    assert {(r["query_lang"], r["pool_lang"]): float(r["map"]) for r in rows} == pytest.approx(
+        {("en", "en"): 2 / 3, ("en", "de"): 1.0, ("de", "de"): 5 / 12, ("de", "en"): 2 / 3}, abs=1e-6
+    )
+    assert paths["heatmap"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    console = Console(record=True, width=120)
+    print_report(results, console=console)
+    text = console.export_text()
+    assert "0.417" in text and "0.5417" in text  # the de-de cell (5/12) and mono_map (13/24)
+
+
+def test_checkpoints_of_a_run_sorted_by_step_with_the_model_in_either_place(tmp_path):
+    from hbt_accel.evaluation import find_checkpoints, model_folder
+
+    for name in ("checkpoint-2/model", "checkpoint-10", "checkpoint-3", ".tmp-checkpoint-4/model"):
+        (tmp_path / name).mkdir(parents=True)
+    (tmp_path / "checkpoint-2" / "model" / "config.json").write_text("{}")
+    (tmp_path / "checkpoint-10" / "config.json").write_text("{}")
+    (tmp_path / ".tmp-checkpoint-4" / "model" / "config.json").write_text("{}")  # a save in progress
+    found = find_checkpoints(tmp_path)
+    assert [p.name for p in found] == ["checkpoint-2", "checkpoint-3", "checkpoint-10"]  # by step, not by name
+    assert [model_folder(p) for p in found] == [tmp_path / "checkpoint-2" / "model", None, tmp_path / "checkpoint-10"]

@@ -106,7 +106,7 @@ def _heatmap_png(results: dict) -> bytes:
     multi = [results["multi_map_per_language"].get(lang, math.nan) for lang in languages]
     matrix = np.array([row + [m] for row, m in zip(rows, multi)])  # (L, L + 1): the grid, then "multi"
     size = 1.0 + 0.55 * len(languages)
-    figure, axes = plt.subplots(figsize=(size + 1.5, size))
+    figure, axes = plt.subplots(figsize=(max(5.5, size + 1.5), max(4.0, size)))
     image = axes.imshow(np.ma.masked_invalid(matrix), cmap="viridis", vmin=0.0, vmax=1.0)
     axes.set_xticks(range(len(languages) + 1), [*languages, "multi"])
     axes.set_yticks(range(len(languages)), languages)
@@ -119,7 +119,7 @@ def _heatmap_png(results: dict) -> bytes:
                 color = "black" if matrix[i, j] > 0.6 else "white"
                 axes.text(j, i, f"{matrix[i, j]:.2f}", ha="center", va="center", fontsize=7, color=color)
     axes.set_title(
-        f"{results.get('benchmark', '')} mAP ({results.get('precision', 'fp32')}): mono {results['mono_map']:.3f}, "
+        f"{results.get('benchmark', '')} mAP ({results.get('precision', 'fp32')})\nmono {results['mono_map']:.3f}, "
         f"cross {results['cross_map']:.3f}, multi {results['multi_map']:.3f}",
         fontsize=9,
     )

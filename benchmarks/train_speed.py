@@ -1,0 +1,163 @@
+"""Training throughput: hbt_accel against sentence-transformers, measured side by side in ONE run.
+
+    python benchmarks/train_speed.py                       # fp32 + bf16, both tools, then hbt_accel's CPU settings
+    python benchmarks/train_speed.py --steps 10 --skip_distributed
+
+Same model (the embedded multilingual-e5-small), same data (MLQA-R query/positive pairs, prefixed), same batch
+(32 pairs, no hard negatives), same max length (128 tokens both sides), one process, full fine-tuning (equal
+trainable parameters). The peer is sentence-transformers' current release: MultipleNegativesRankingLoss through
+SentenceTransformerTrainer. Per-step wall times are taken after `--warmup` steps; samples/s = batch / median step.
+Then hbt_accel with the settings recommended for CPUs, and hbt_accel under 2-process DDP and DeepSpeed ZeRO-2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+BATCH = 32
+MAX_LENGTH = 128
+
+
+def mlqa_pairs(n: int) -> list[tuple[str, str]]:
+    """The first n (query, positive) pairs of hbt_accel's own hybrid sampler over MLQA-R, e5 prefixes applied."""
+    from hbt_accel.data import lareqa_training_corpus, load_lareqa_benchmark
+    from hbt_accel.sampling import HybridBatchSampler
+
+    corpus = lareqa_training_corpus(load_lareqa_benchmark("mlqa-r"), hard_negatives=False)
+    sampler = HybridBatchSampler(corpus, "hybrid", BATCH, seed=0)
+    pairs = []
+    for rows in sampler:
+        for row in rows:
+            by_language = corpus.examples[row.example_id]
+            pairs.append(("query: " + by_language[row.query_language].query,
+                          "passage: " + by_language[row.passage_language].positive))  # fmt: skip
+        if len(pairs) >= n:
+            break
+    return pairs[:n]
+
+
+def time_sentence_transformers(pairs, steps: int, bf16: bool) -> list[float]:
+    """Per-step seconds of SentenceTransformerTrainer + MultipleNegativesRankingLoss."""
+    import datasets
+    from sentence_transformers import SentenceTransformer, SentenceTransformerTrainer, SentenceTransformerTrainingArguments
+    from sentence_transformers.losses import MultipleNegativesRankingLoss
+    from transformers import TrainerCallback
+
+    from hbt_accel.embedded import embedded_model_path
+
+    model = SentenceTransformer(str(embedded_model_path()), device="cpu")
+    model.max_seq_length = MAX_LENGTH
+    dataset = datasets.Dataset.from_dict({"anchor": [q for q, _ in pairs], "positive": [p for _, p in pairs]})
+    stamps: list[float] = []
+
+    class StepTimer(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            stamps.append(time.perf_counter())
+
+    with tempfile.TemporaryDirectory() as output_dir:
+        args = SentenceTransformerTrainingArguments(
+            output_dir=output_dir, per_device_train_batch_size=BATCH, max_steps=steps, learning_rate=2e-5,
+            warmup_steps=0, bf16=bf16, use_cpu=True, save_strategy="no", report_to="none", logging_steps=10_000,
+            dataloader_drop_last=True, seed=0,
+        )  # fmt: skip
+        trainer = SentenceTransformerTrainer(
+            model=model, args=args, train_dataset=dataset, loss=MultipleNegativesRankingLoss(model),
+            callbacks=[StepTimer()],
+        )  # fmt: skip
+        stamps.append(time.perf_counter())
+        trainer.train()
+    return [b - a for a, b in zip(stamps, stamps[1:])]
+
+
+def time_hbt_accel(pairs_path: Path, steps: int, extra: list[str], launcher: list[str] | None = None) -> dict:
+    """Per-step seconds of hbt_accel's training loop (its own per-step log), run as users run it."""
+    with tempfile.TemporaryDirectory() as output_dir:
+        command = (launcher or [sys.executable]) + [
+            str(REPO / "recipes" / "train_hybrid.py"), "--train_data", str(pairs_path), "--max_steps", str(steps),
+            "--output_dir", output_dir, "--per_device_train_batch_size", str(BATCH), "--num_hard_negatives", "0",
+            "--query_prefix", "", "--passage_prefix", "", "--query_max_length", str(MAX_LENGTH),
+            "--passage_max_length", str(MAX_LENGTH), "--logging_steps", "1", "--final_eval", "false",
+            "--eval_benchmark", "", "--sampling", "xx", "--learning_rate", "2e-5", "--warmup_ratio", "0", "--max_grad_norm", "0",
+            *extra,
+        ]  # fmt: skip
+        result = subprocess.run(command, capture_output=True, text=True, cwd=REPO, env=_env(launcher))
+        if result.returncode != 0:
+            raise RuntimeError(f"hbt_accel run failed ({' '.join(extra)}):\n{result.stderr[-2000:]}")
+        summary = json.loads((Path(output_dir) / "train_summary.json").read_text())
+    return summary
+
+
+def _env(launcher) -> dict:
+    env = dict(os.environ, TOKENIZERS_PARALLELISM="false")
+    if launcher:
+        env["OMP_NUM_THREADS"] = "1"  # two processes share two cores
+    return env
+
+
+def write_pairs(pairs, path: Path) -> None:
+    """The same pairs as JSONL for hbt_accel; one language per id keeps the sampler's order = the file's pairs."""
+    with path.open("w") as handle:
+        for index, (query, positive) in enumerate(pairs):
+            handle.write(json.dumps({"id": str(index), "lang": "en", "query": query, "positive": positive}) + "\n")
+
+
+def steady(seconds: list[float], warmup: int) -> float:
+    return statistics.median(seconds[warmup:])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=12)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--skip_distributed", action="store_true")
+    args = parser.parse_args()
+
+    import torch
+
+    threads = torch.get_num_threads()
+    pairs = mlqa_pairs(BATCH * args.steps)
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        pairs_path = Path(tmp) / "pairs.jsonl"
+        write_pairs(pairs, pairs_path)
+        for precision in ("fp32", "bf16"):
+            peer = steady(time_sentence_transformers(pairs, args.steps, precision == "bf16"), args.warmup)
+            ours_summary = time_hbt_accel(pairs_path, args.steps, ["--mixed_precision", "no" if precision == "fp32" else "bf16"])
+            ours = steady(_step_seconds(ours_summary), args.warmup)
+            rows.append((f"sentence-transformers, {precision}", peer, None))
+            rows.append((f"hbt_accel, {precision}", ours, peer))
+        peer_bf16 = rows[2][1]
+        recommended = ["--mixed_precision", "bf16", "--freeze_word_embeddings", "true"]
+        rows.append(("hbt_accel, bf16 + frozen word embeddings", steady(_step_seconds(time_hbt_accel(pairs_path, args.steps, recommended)), args.warmup), peer_bf16))
+        if not args.skip_distributed:
+            ddp = ["accelerate", "launch", "--config_file", str(REPO / "accelerate_configs" / "cpu_ddp.yaml")]
+            zero2 = ["accelerate", "launch", "--config_file", str(REPO / "accelerate_configs" / "deepspeed_zero2.yaml")]
+            for name, launcher in (("DDP 2 processes", ddp), ("ZeRO-2 2 processes", zero2)):
+                # global batch 32 = 16 per process, so the work per step equals the single-process runs
+                summary = time_hbt_accel(pairs_path, args.steps, ["--mixed_precision", "no",
+                                         "--per_device_train_batch_size", str(BATCH // 2)], launcher)  # fmt: skip
+                rows.append((f"hbt_accel, fp32, {name}", steady(_step_seconds(summary, BATCH), args.warmup), rows[0][1]))
+
+    print(f"\ntorch {torch.__version__}, {threads} threads, batch {BATCH} pairs, max length {MAX_LENGTH}, {args.steps} "
+          f"steps (median after {args.warmup})")  # fmt: skip
+    print(f"{'setup':48s} {'s/step':>8s} {'samples/s':>10s} {'vs peer':>8s}")
+    for name, seconds, peer in rows:
+        ratio = f"{peer / seconds:.2f}x" if peer else ""
+        print(f"{name:48s} {seconds:8.3f} {BATCH / seconds:10.1f} {ratio:>8s}")
+
+
+def _step_seconds(summary: dict, batch: int = BATCH) -> list[float]:
+    return [batch / record["samples_per_second"] for record in summary["history"]]
+
+
+if __name__ == "__main__":
+    main()
