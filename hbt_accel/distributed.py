@@ -68,6 +68,10 @@ def make_accelerator(**kwargs):
     launched = "LOCAL_RANK" in os.environ
     wants_deepspeed = _flag("ACCELERATE_USE_DEEPSPEED") or kwargs.get("deepspeed_plugin") is not None
     cpu_ddp = _flag("ACCELERATE_USE_CPU") or not torch.cuda.is_available()
+    if launched and cpu_ddp and not wants_deepspeed and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        # `--multi_gpu` on a machine without CUDA: without this the processes see each other (gloo) but the model
+        # is never wrapped in DDP (distributed_type NO), so gradients are silently not averaged.
+        os.environ["ACCELERATE_USE_CPU"] = "1"
     handlers = list(kwargs.pop("kwargs_handlers", None) or [])
     has_pg_kwargs = any(isinstance(h, InitProcessGroupKwargs) for h in handlers)
     if launched and (wants_deepspeed or cpu_ddp) and not has_pg_kwargs:
@@ -79,6 +83,11 @@ def make_accelerator(**kwargs):
         raise RuntimeError(
             f"WORLD_SIZE={world_size} but accelerator.num_processes={accelerator.num_processes}: on CPU launch DDP as "
             "`ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes N ...` (--cpu starts one process)"
+        )
+    if world_size > 1 and accelerator.distributed_type == DistributedType.NO:
+        raise RuntimeError(
+            f"WORLD_SIZE={world_size} but accelerator.distributed_type=NO: gradients would not be averaged; on CPU "
+            "launch with ACCELERATE_USE_CPU=1 and --multi_gpu"
         )
     if wants_deepspeed and accelerator.distributed_type != DistributedType.DEEPSPEED:
         raise RuntimeError(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -66,3 +67,20 @@ def tiny_encoder(tiny_model_dir, xlmr_tokenizer):
     """A fresh `DualEncoder` (default settings: mean pooling, e5 prefixes) on the tiny BERT; same weights every
     time. The tokenizer object is the shared session one: do not mutate it."""
     return load_tiny_encoder(tiny_model_dir, xlmr_tokenizer)
+
+
+@pytest.fixture(scope="session")
+def mlqa_slice(tmp_path_factory) -> Path:
+    """64 MLQA-R ids in en, de and es as JSONL (real text, read from ../shared at test time)."""
+    from hbt_accel.data import lareqa_training_corpus, load_lareqa_benchmark
+
+    corpus = lareqa_training_corpus(load_lareqa_benchmark("mlqa-r", languages=["en", "de", "es"]))
+    ids = [i for i, by_lang in corpus.examples.items() if len(by_lang) == 3][:64]
+    path = tmp_path_factory.mktemp("data") / "mlqa_slice.jsonl"
+    with path.open("w") as handle:
+        for example_id in ids:
+            for lang, example in corpus.examples[example_id].items():
+                row = {"id": example_id, "lang": lang, "query": example.query, "positive": example.positive,
+                       "negatives": list(example.negatives)}  # fmt: skip
+                handle.write(json.dumps(row, ensure_ascii=False) + "\n")
+    return path

@@ -43,23 +43,6 @@ def dropout_model_dir(tmp_path_factory, xlmr_tokenizer) -> Path:
     return folder
 
 
-@pytest.fixture(scope="module")
-def mlqa_slice(tmp_path_factory) -> Path:
-    """64 MLQA-R ids in en, de and es as JSONL (real text, read from ../shared at test time)."""
-    from hbt_accel.data import lareqa_training_corpus, load_lareqa_benchmark
-
-    corpus = lareqa_training_corpus(load_lareqa_benchmark("mlqa-r", languages=["en", "de", "es"]))
-    ids = [i for i, by_lang in corpus.examples.items() if len(by_lang) == 3][:64]
-    path = tmp_path_factory.mktemp("data") / "mlqa_slice.jsonl"
-    with path.open("w") as handle:
-        for example_id in ids:
-            for lang, example in corpus.examples[example_id].items():
-                row = {"id": example_id, "lang": lang, "query": example.query, "positive": example.positive,
-                       "negatives": list(example.negatives)}  # fmt: skip
-                handle.write(json.dumps(row, ensure_ascii=False) + "\n")
-    return path
-
-
 def test_short_run_lowers_the_loss_and_saves_a_loadable_model(tiny_model_dir, mlqa_slice, tmp_path):
     out = tmp_path / "run"
     # 64 ids / 16 per batch = 4 batches per epoch: 40 steps are 10 epochs, enough for a tiny model to fit them
