@@ -311,20 +311,24 @@ def main(cfg: HbtConfig) -> dict:
         generator=torch.Generator().manual_seed(cfg.seed),
     )
 
-    # ---- 3. optimizer, scheduler, prepare ---------------------------------------------------------------------------
+    # ---- 3. optimizer, prepare, scheduler ---------------------------------------------------------------------------
     optimizer = build_optimizer(model, cfg, accelerator)
-    scheduler = get_scheduler(
-        cfg.lr_scheduler_type if cfg.lr_scheduler_type != "constant" else "constant_with_warmup",
-        optimizer,
-        num_warmup_steps=int(cfg.warmup_ratio * max_steps),
-        num_training_steps=max_steps,
-    )
     if accelerator.state.deepspeed_plugin is not None:
         # DeepSpeed wants its micro-batch size; without a prepared DataLoader we must tell it.
         accelerator.state.deepspeed_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = (
             cfg.per_device_train_batch_size
         )
-    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    # The scheduler is built on the PREPARED optimizer: ZeRO-3 regroups parameters, and a scheduler made for the
+    # original groups fails on its first step.
+    scheduler = accelerator.prepare_scheduler(
+        get_scheduler(
+            cfg.lr_scheduler_type if cfg.lr_scheduler_type != "constant" else "constant_with_warmup",
+            optimizer,
+            num_warmup_steps=int(cfg.warmup_ratio * max_steps),
+            num_training_steps=max_steps,
+        )
+    )
     loss_fn = (
         CachedInfoNCELoss(cfg.temperature, cfg.symmetric_loss, mini_batch_size=cfg.cache_mini_batch_size)
         if cfg.cached_loss
