@@ -50,8 +50,16 @@ def train(name: str, runs: Path, overrides: list[str]) -> dict:
 
 def evaluate_untrained(runs: Path, bf16: bool) -> dict:
     output_dir = runs / "untrained"
-    command = [sys.executable, str(REPO / "recipes" / "evaluate.py"), "--model", "embedded", "--benchmark", "xquad-r",
-               "--output_dir", str(output_dir)] + (["--bf16"] if bf16 else [])  # fmt: skip
+    command = [
+        sys.executable,
+        str(REPO / "recipes" / "evaluate.py"),
+        "--model",
+        "embedded",
+        "--benchmark",
+        "xquad-r",
+        "--output_dir",
+        str(output_dir),
+    ] + (["--bf16"] if bf16 else [])
     wall = run(command, runs / "untrained.log")
     results = json.loads((output_dir / "eval_results.json").read_text())
     return {"results": results, "train_seconds": 0.0, "wall_seconds": wall, "dir": output_dir}
@@ -72,8 +80,10 @@ def unseen_view(results: dict) -> dict:
 
 
 def row(name: str, metrics: dict, extra: str = "") -> str:
-    return (f"| {name} | {metrics['mono_map']:.3f} | {metrics['cross_map']:.3f} | {metrics['multi_map']:.3f} | "
-            f"{metrics['rank_distance']:.1f} |{extra}")  # fmt: skip
+    return (
+        f"| {name} | {metrics['mono_map']:.3f} | {metrics['cross_map']:.3f} | {metrics['multi_map']:.3f} | "
+        f"{metrics['rank_distance']:.1f} |{extra}"
+    )
 
 
 def write_results(entries: dict, docs: Path, command: str, wall: float, budget: str, sweep: dict) -> None:
@@ -83,9 +93,14 @@ def write_results(entries: dict, docs: Path, command: str, wall: float, budget: 
     for name, entry in {**entries, **sweep}.items():
         r = entry["results"]
         payload[name] = {key: r[key] for key in ("mono_map", "cross_map", "multi_map", "rank_distance", "n_queries")}
-        payload[name].update(train_seconds=entry["train_seconds"], recall_at_1=r["recall_at_1"],
-                             recall_at_10=r["recall_at_10"], unseen_languages=unseen_view(r),
-                             precision=r.get("precision", ""), grid=r["grid"])  # fmt: skip
+        payload[name].update(
+            train_seconds=entry["train_seconds"],
+            recall_at_1=r["recall_at_1"],
+            recall_at_10=r["recall_at_10"],
+            unseen_languages=unseen_view(r),
+            precision=r.get("precision", ""),
+            grid=r["grid"],
+        )
         heatmap = Path(entry["dir"]) / "grid_heatmap.png"
         if heatmap.is_file():
             shutil.copyfile(heatmap, figures / f"heatmap_{name}.png")
@@ -93,7 +108,11 @@ def write_results(entries: dict, docs: Path, command: str, wall: float, budget: 
     tmp.write_text(json.dumps(payload, indent=2))
     tmp.replace(docs / "results.json")
 
-    header = "| model / sampling | mono mAP | cross mAP | multi mAP | rank distance (lower is better) |\n|---|---|---|---|---|"
+    header = (
+        "| model / sampling | mono mAP | cross mAP | multi mAP | rank distance (lower is better) |\n"
+        + "|---" * 5
+        + "|"
+    )
     lines = [
         "# Results: hybrid batch training of multilingual-e5-small on MLQA-R, zero-shot on XQuAD-R",
         "",
@@ -105,7 +124,10 @@ def write_results(entries: dict, docs: Path, command: str, wall: float, budget: 
         "",
         header,
         *[row(name, entries[name]["results"]) for name in entries],
-        *[row(name, {"mono_map": m, "cross_map": c, "multi_map": u, "rank_distance": d}) for name, (m, c, u, d) in PAPER.items()],
+        *[
+            row(name, {"mono_map": m, "cross_map": c, "multi_map": u, "rank_distance": d})
+            for name, (m, c, u, d) in PAPER.items()
+        ],
         "",
         "## XQuAD-R, queries in the languages never trained on (el, ru, th, tr)",
         "",
@@ -116,8 +138,11 @@ def write_results(entries: dict, docs: Path, command: str, wall: float, budget: 
         "",
         "| run | train seconds | R@1 | R@10 |",
         "|---|---|---|---|",
-        *[f"| {n} | {e['train_seconds']:.0f} | {e['results']['recall_at_1']:.3f} | {e['results']['recall_at_10']:.3f} |"
-          for n, e in entries.items()],  # fmt: skip
+        *[
+            f"| {n} | {e['train_seconds']:.0f} | {e['results']['recall_at_1']:.3f} | "
+            f"{e['results']['recall_at_10']:.3f} |"
+            for n, e in entries.items()
+        ],
     ]
     if sweep:
         lines += ["", "## Alpha sweep (hybrid, same budget)", "", header]
@@ -149,24 +174,51 @@ def tune(runs: Path, trials: list[list[str]], max_steps: int) -> None:
             if is_validation_id(example_id):
                 continue
             for lang, example in by_language.items():
-                handle.write(json.dumps({"id": example_id, "lang": lang, "query": example.query,
-                                         "positive": example.positive, "negatives": list(example.negatives)},
-                                        ensure_ascii=False) + "\n")  # fmt: skip
+                handle.write(
+                    json.dumps(
+                        {
+                            "id": example_id,
+                            "lang": lang,
+                            "query": example.query,
+                            "positive": example.positive,
+                            "negatives": list(example.negatives),
+                        },
+                        ensure_ascii=False,
+                    )
+                    + "\n"
+                )
     validation = RetrievalBenchmark("mlqa-r-validation", {})
     for lang, pool in mlqa.pools.items():
         keep = [k for k, i in enumerate(pool.question_ids) if is_validation_id(i)]
         validation.pools[lang] = type(pool)(
-            lang, pool.candidates, [pool.question_ids[k] for k in keep], [pool.questions[k] for k in keep],
-            [pool.gold[k] for k in keep], pool.context_of,
-        )  # fmt: skip
+            lang,
+            pool.candidates,
+            [pool.question_ids[k] for k in keep],
+            [pool.questions[k] for k in keep],
+            [pool.gold[k] for k in keep],
+            pool.context_of,
+        )
     for index, overrides in enumerate(trials):
         name = f"tune{index}"
-        command = [sys.executable, str(REPO / "recipes" / "train_hybrid.py"), "--output_dir", str(runs / name),
-                   "--train_data", str(train_file), "--eval_benchmark", "", "--max_steps", str(max_steps), *overrides]  # fmt: skip
+        command = [
+            sys.executable,
+            str(REPO / "recipes" / "train_hybrid.py"),
+            "--output_dir",
+            str(runs / name),
+            "--train_data",
+            str(train_file),
+            "--eval_benchmark",
+            "",
+            "--max_steps",
+            str(max_steps),
+            *overrides,
+        ]
         seconds = run(command, runs / f"{name}.log")
         results = evaluate_grid(DualEncoder.from_pretrained(runs / name), validation, bf16=True)
-        line = (f"{' '.join(overrides) or '(default)'}: mono {results['mono_map']:.3f} cross {results['cross_map']:.3f} "
-                f"multi {results['multi_map']:.3f} rank distance {results['rank_distance']:.1f} ({seconds:.0f} s)")  # fmt: skip
+        line = (
+            f"{' '.join(overrides) or '(default)'}: mono {results['mono_map']:.3f} cross {results['cross_map']:.3f} "
+            f"multi {results['multi_map']:.3f} rank distance {results['rank_distance']:.1f} ({seconds:.0f} s)"
+        )
         print(line, flush=True)
         with (runs / "tuning.txt").open("a") as handle:
             handle.write(line + "\n")
@@ -178,8 +230,11 @@ def main() -> None:
     parser.add_argument("--docs_dir", default=str(REPO / "docs"))
     parser.add_argument("--strategies", default="xx,xy,hybrid")
     parser.add_argument("--alphas", default="", help="extra hybrid alphas for the sweep, e.g. 0,0.25,0.75,1")
-    parser.add_argument("--fp32_eval", action="store_true", help="score in fp32 (default bf16: measured difference "
-                        "below .002 mAP, see README)")  # fmt: skip
+    parser.add_argument(
+        "--fp32_eval",
+        action="store_true",
+        help="score in fp32 (default bf16: measured difference below .002 mAP, see README)",
+    )
     parser.add_argument("--tune", action="store_true")
     parser.add_argument("--tune_steps", type=int, default=120)
     parser.add_argument("--trial", action="append", default=[], help="with --tune: one set of overrides, quoted")
@@ -199,14 +254,17 @@ def main() -> None:
         entries[strategy] = train(strategy, runs, ["--sampling", strategy, *eval_flags, *extra])
     sweep = {}
     for alpha in filter(None, args.alphas.split(",")):
-        sweep[f"hybrid_alpha{alpha}"] = train(f"hybrid_alpha{alpha}", runs, ["--sampling", "hybrid", "--alpha", alpha,
-                                                                               *eval_flags, *extra])  # fmt: skip
+        sweep[f"hybrid_alpha{alpha}"] = train(
+            f"hybrid_alpha{alpha}", runs, ["--sampling", "hybrid", "--alpha", alpha, *eval_flags, *extra]
+        )
     from hbt_accel.config import parse_config
 
     cfg = parse_config(extra)
-    budget = (f"Budget per run: {cfg.max_steps} steps x {cfg.per_device_train_batch_size} queries "
-              f"(+{cfg.num_hard_negatives} hard negative each), lr {cfg.learning_rate}, temperature {cfg.temperature}, "
-              f"max lengths {cfg.query_max_length}/{cfg.passage_max_length}, {cfg.mixed_precision}, seed {cfg.seed}.")  # fmt: skip
+    budget = (
+        f"Budget per run: {cfg.max_steps} steps x {cfg.per_device_train_batch_size} queries "
+        f"(+{cfg.num_hard_negatives} hard negative each), lr {cfg.learning_rate}, temperature {cfg.temperature}, "
+        f"max lengths {cfg.query_max_length}/{cfg.passage_max_length}, {cfg.mixed_precision}, seed {cfg.seed}."
+    )
     command = "python benchmarks/reproduce_hbt.py " + " ".join(sys.argv[1:])
     write_results(entries, Path(args.docs_dir), command.strip(), time.perf_counter() - started, budget, sweep)
     print((Path(args.docs_dir) / "results.md").read_text())

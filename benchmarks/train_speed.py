@@ -38,8 +38,12 @@ def mlqa_pairs(n: int) -> list[tuple[str, str]]:
     for rows in sampler:
         for row in rows:
             by_language = corpus.examples[row.example_id]
-            pairs.append(("query: " + by_language[row.query_language].query,
-                          "passage: " + by_language[row.passage_language].positive))  # fmt: skip
+            pairs.append(
+                (
+                    "query: " + by_language[row.query_language].query,
+                    "passage: " + by_language[row.passage_language].positive,
+                )
+            )
         if len(pairs) >= n:
             break
     return pairs[:n]
@@ -48,7 +52,11 @@ def mlqa_pairs(n: int) -> list[tuple[str, str]]:
 def time_sentence_transformers(pairs, steps: int, bf16: bool) -> list[float]:
     """Per-step seconds of SentenceTransformerTrainer + MultipleNegativesRankingLoss."""
     import datasets
-    from sentence_transformers import SentenceTransformer, SentenceTransformerTrainer, SentenceTransformerTrainingArguments
+    from sentence_transformers import (
+        SentenceTransformer,
+        SentenceTransformerTrainer,
+        SentenceTransformerTrainingArguments,
+    )
     from sentence_transformers.losses import MultipleNegativesRankingLoss
     from transformers import TrainerCallback
 
@@ -65,14 +73,26 @@ def time_sentence_transformers(pairs, steps: int, bf16: bool) -> list[float]:
 
     with tempfile.TemporaryDirectory() as output_dir:
         args = SentenceTransformerTrainingArguments(
-            output_dir=output_dir, per_device_train_batch_size=BATCH, max_steps=steps, learning_rate=2e-5,
-            warmup_steps=0, bf16=bf16, use_cpu=True, save_strategy="no", report_to="none", logging_steps=10_000,
-            dataloader_drop_last=True, seed=0,
-        )  # fmt: skip
+            output_dir=output_dir,
+            per_device_train_batch_size=BATCH,
+            max_steps=steps,
+            learning_rate=2e-5,
+            warmup_steps=0,
+            bf16=bf16,
+            use_cpu=True,
+            save_strategy="no",
+            report_to="none",
+            logging_steps=10_000,
+            dataloader_drop_last=True,
+            seed=0,
+        )
         trainer = SentenceTransformerTrainer(
-            model=model, args=args, train_dataset=dataset, loss=MultipleNegativesRankingLoss(model),
+            model=model,
+            args=args,
+            train_dataset=dataset,
+            loss=MultipleNegativesRankingLoss(model),
             callbacks=[StepTimer()],
-        )  # fmt: skip
+        )
         stamps.append(time.perf_counter())
         trainer.train()
     return [b - a for a, b in zip(stamps, stamps[1:])]
@@ -82,13 +102,41 @@ def time_hbt_accel(pairs_path: Path, steps: int, extra: list[str], launcher: lis
     """Per-step seconds of hbt_accel's training loop (its own per-step log), run as users run it."""
     with tempfile.TemporaryDirectory() as output_dir:
         command = (launcher or [sys.executable]) + [
-            str(REPO / "recipes" / "train_hybrid.py"), "--train_data", str(pairs_path), "--max_steps", str(steps),
-            "--output_dir", output_dir, "--per_device_train_batch_size", str(BATCH), "--num_hard_negatives", "0",
-            "--query_prefix", "", "--passage_prefix", "", "--query_max_length", str(MAX_LENGTH),
-            "--passage_max_length", str(MAX_LENGTH), "--logging_steps", "1", "--final_eval", "false",
-            "--eval_benchmark", "", "--sampling", "xx", "--learning_rate", "2e-5", "--warmup_ratio", "0", "--max_grad_norm", "0",
+            str(REPO / "recipes" / "train_hybrid.py"),
+            "--train_data",
+            str(pairs_path),
+            "--max_steps",
+            str(steps),
+            "--output_dir",
+            output_dir,
+            "--per_device_train_batch_size",
+            str(BATCH),
+            "--num_hard_negatives",
+            "0",
+            "--query_prefix",
+            "",
+            "--passage_prefix",
+            "",
+            "--query_max_length",
+            str(MAX_LENGTH),
+            "--passage_max_length",
+            str(MAX_LENGTH),
+            "--logging_steps",
+            "1",
+            "--final_eval",
+            "false",
+            "--eval_benchmark",
+            "",
+            "--sampling",
+            "xx",
+            "--learning_rate",
+            "2e-5",
+            "--warmup_ratio",
+            "0",
+            "--max_grad_norm",
+            "0",
             *extra,
-        ]  # fmt: skip
+        ]
         result = subprocess.run(command, capture_output=True, text=True, cwd=REPO, env=_env(launcher))
         if result.returncode != 0:
             raise RuntimeError(f"hbt_accel run failed ({' '.join(extra)}):\n{result.stderr[-2000:]}")
@@ -131,24 +179,45 @@ def main() -> None:
         write_pairs(pairs, pairs_path)
         for precision in ("fp32", "bf16"):
             peer = steady(time_sentence_transformers(pairs, args.steps, precision == "bf16"), args.warmup)
-            ours_summary = time_hbt_accel(pairs_path, args.steps, ["--mixed_precision", "no" if precision == "fp32" else "bf16"])
+            ours_summary = time_hbt_accel(
+                pairs_path, args.steps, ["--mixed_precision", "no" if precision == "fp32" else "bf16"]
+            )
             ours = steady(_step_seconds(ours_summary), args.warmup)
             rows.append((f"sentence-transformers, {precision}", peer, None))
             rows.append((f"hbt_accel, {precision}", ours, peer))
         peer_bf16 = rows[2][1]
         recommended = ["--mixed_precision", "bf16", "--freeze_word_embeddings", "true"]
-        rows.append(("hbt_accel, bf16 + frozen word embeddings", steady(_step_seconds(time_hbt_accel(pairs_path, args.steps, recommended)), args.warmup), peer_bf16))
+        rows.append(
+            (
+                "hbt_accel, bf16 + frozen word embeddings",
+                steady(_step_seconds(time_hbt_accel(pairs_path, args.steps, recommended)), args.warmup),
+                peer_bf16,
+            )
+        )
         if not args.skip_distributed:
             ddp = ["accelerate", "launch", "--config_file", str(REPO / "accelerate_configs" / "cpu_ddp.yaml")]
-            zero2 = ["accelerate", "launch", "--config_file", str(REPO / "accelerate_configs" / "deepspeed_zero2.yaml")]
+            zero2 = [
+                "accelerate",
+                "launch",
+                "--config_file",
+                str(REPO / "accelerate_configs" / "deepspeed_zero2.yaml"),
+            ]
             for name, launcher in (("DDP 2 processes", ddp), ("ZeRO-2 2 processes", zero2)):
                 # global batch 32 = 16 per process, so the work per step equals the single-process runs
-                summary = time_hbt_accel(pairs_path, args.steps, ["--mixed_precision", "no",
-                                         "--per_device_train_batch_size", str(BATCH // 2)], launcher)  # fmt: skip
-                rows.append((f"hbt_accel, fp32, {name}", steady(_step_seconds(summary, BATCH), args.warmup), rows[0][1]))
+                summary = time_hbt_accel(
+                    pairs_path,
+                    args.steps,
+                    ["--mixed_precision", "no", "--per_device_train_batch_size", str(BATCH // 2)],
+                    launcher,
+                )
+                rows.append(
+                    (f"hbt_accel, fp32, {name}", steady(_step_seconds(summary, BATCH), args.warmup), rows[0][1])
+                )
 
-    print(f"\ntorch {torch.__version__}, {threads} threads, batch {BATCH} pairs, max length {MAX_LENGTH}, {args.steps} "
-          f"steps (median after {args.warmup})")  # fmt: skip
+    print(
+        f"\ntorch {torch.__version__}, {threads} threads, batch {BATCH} pairs, max length {MAX_LENGTH}, {args.steps} "
+        f"steps (median after {args.warmup})"
+    )
     print(f"{'setup':48s} {'s/step':>8s} {'samples/s':>10s} {'vs peer':>8s}")
     for name, seconds, peer in rows:
         ratio = f"{peer / seconds:.2f}x" if peer else ""

@@ -67,7 +67,9 @@ class HbtConfig:
         ["mlqa-r"], "training corpora: 'mlqa-r', 'xquad-r', a LAReQA folder, a .jsonl file or a datasets id/path"
     )
     train_data_weights: list = _field([], "per-corpus mixing weights (same order as train_data); empty = by size")
-    train_data_columns: dict = _field({}, "column mapping for datasets corpora, e.g. {query: question, lang: language}")
+    train_data_columns: dict = _field(
+        {}, "column mapping for datasets corpora, e.g. {query: question, lang: language}"
+    )
     train_languages: list = _field([], "only train on these languages; empty = every language in the data")
     num_hard_negatives: int = _field(0, "hard negatives per query (LAReQA: other sentences of the same paragraph)")
 

@@ -95,6 +95,9 @@ def _adds_eos(tokenizer) -> bool:
     return bool(ids) and ids[-1] == tokenizer.eos_token_id
 
 
+_HAS_POOLER = {"bert", "xlm-roberta", "roberta", "camembert", "xlm-roberta-xl", "electra", "mpnet"}
+
+
 class DualEncoder(nn.Module):
     """Shared-weight encoder: `forward(input_ids, attention_mask) -> (N, d)` pooled (+ L2 normalised)."""
 
@@ -134,6 +137,10 @@ class DualEncoder(nn.Module):
         if settings is None:
             settings = EncoderSettings.from_json(saved) if saved.is_file() else EncoderSettings()
         load_kwargs = {"dtype": torch_dtype} if torch_dtype is not None else {}
+        from transformers import AutoConfig
+
+        if AutoConfig.from_pretrained(path).model_type in _HAS_POOLER:
+            load_kwargs["add_pooling_layer"] = False  # unused by our pooling; avoids a "newly initialised" warning
         backbone = AutoModel.from_pretrained(path, **load_kwargs)
         tokenizer = AutoTokenizer.from_pretrained(path)
         if getattr(backbone, "pooler", None) is not None:
@@ -182,7 +189,9 @@ class DualEncoder(nn.Module):
             raise TypeError("tokenize() takes a list of texts, not one string")
         prefix = self.settings.query_prefix if kind == "query" else self.settings.passage_prefix
         max_length = self.settings.query_max_length if kind == "query" else self.settings.passage_max_length
-        texts = [prefix + text for text in texts]
+        # Stripped: transformers' XLM-R tokenizer drops a trailing-space piece that the reference tokenizer.json keeps
+        # (375 XQuAD-R questions end in a space); stripping makes both agree and costs nothing.
+        texts = [prefix + text.strip() for text in texts]
         common = {"return_token_type_ids": False, "return_attention_mask": True}
         if not self.append_eos:
             return self.tokenizer(

@@ -144,7 +144,9 @@ class HybridBatchSampler:
         sizes = np.array([len(languages_of) for languages_of in self._languages_of], dtype=float)
         weights = np.asarray(corpus_weights, dtype=float) if corpus_weights else sizes
         if len(weights) != len(self.corpora) or (weights < 0).any() or weights.sum() <= 0:
-            raise SamplingError(f"train_data_weights: expected {len(self.corpora)} non-negative weights, got {weights}")
+            raise SamplingError(
+                f"train_data_weights: expected {len(self.corpora)} non-negative weights, got {weights}"
+            )
         self.corpus_probability = weights / weights.sum()
         self.batches_per_epoch = max(1, int(sizes.sum()) // self.global_batch_size)
 

@@ -13,6 +13,7 @@ import dataclasses
 import hashlib
 import json
 import math
+import platform
 import shutil
 import time
 from pathlib import Path
@@ -41,9 +42,9 @@ from hbt_accel.sampling import BatchRow, HybridBatchSampler, is_monolingual_batc
 CHECKPOINT_PREFIX = "checkpoint-"
 
 
-# ======================================================================================================================
+# ==================================================================================================================
 # Data
-# ======================================================================================================================
+# ==================================================================================================================
 def load_training_corpus(source: str, cfg: HbtConfig) -> ParallelCorpus:
     """One `train_data` entry -> ParallelCorpus: a LAReQA name/folder, a .jsonl file, or a datasets id/path."""
     path = Path(source).expanduser()
@@ -97,7 +98,9 @@ class PairCollator:
         rng = np.random.default_rng(row.draw)
         if not available:  # e.g. a one-sentence LAReQA paragraph
             available = tuple(self._language_passages(row.corpus_index, row.passage_language))
-        picks = rng.choice(len(available), size=self.num_hard_negatives, replace=len(available) < self.num_hard_negatives)
+        picks = rng.choice(
+            len(available), size=self.num_hard_negatives, replace=len(available) < self.num_hard_negatives
+        )
         return [available[k] for k in picks]
 
     def _language_passages(self, corpus_index: int, language: str) -> list[str]:
@@ -110,9 +113,9 @@ class PairCollator:
         return self._passages_by_language[key]
 
 
-# ======================================================================================================================
+# ==================================================================================================================
 # Checkpoints
-# ======================================================================================================================
+# ==================================================================================================================
 @dataclasses.dataclass
 class TrainingProgress:
     """What save_state must carry besides model/optimizer/scheduler/RNG: where the run is and its best checkpoint."""
@@ -131,7 +134,11 @@ class TrainingProgress:
 
 def list_checkpoints(output_dir: Path) -> list[Path]:
     """Finished checkpoints (temp folders excluded), oldest first."""
-    found = [p for p in output_dir.glob(f"{CHECKPOINT_PREFIX}*") if p.is_dir() and p.name[len(CHECKPOINT_PREFIX) :].isdigit()]
+    found = [
+        p
+        for p in output_dir.glob(f"{CHECKPOINT_PREFIX}*")
+        if p.is_dir() and p.name[len(CHECKPOINT_PREFIX) :].isdigit()
+    ]
     return sorted(found, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX) :]))
 
 
@@ -185,9 +192,9 @@ def rotate_checkpoints(output_dir: Path, limit: int, keep: str = "") -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-# ======================================================================================================================
+# ==================================================================================================================
 # Evaluation during training
-# ======================================================================================================================
+# ==================================================================================================================
 def primary_metric(results: dict, name: str) -> float:
     if name == "mean_map":
         return (results["mono_map"] + results["cross_map"] + results["multi_map"]) / 3
@@ -221,15 +228,17 @@ def run_evaluation(accelerator, model, cfg: HbtConfig, full: bool, output_dir: P
     return results
 
 
-# ======================================================================================================================
+# ==================================================================================================================
 # The loop
-# ======================================================================================================================
+# ==================================================================================================================
 def build_optimizer(model: torch.nn.Module, cfg: HbtConfig, accelerator) -> torch.optim.Optimizer:
     """AdamW without weight decay on biases and LayerNorms; DeepSpeedCPUAdam when ZeRO offloads the optimizer."""
     decay, no_decay = [], []
     for name, parameter in model.named_parameters():
         if parameter.requires_grad:
-            (no_decay if parameter.ndim < 2 or "LayerNorm" in name or "norm" in name.lower() else decay).append(parameter)
+            (no_decay if parameter.ndim < 2 or "LayerNorm" in name or "norm" in name.lower() else decay).append(
+                parameter
+            )
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     plugin = accelerator.state.deepspeed_plugin
     offload = plugin is not None and plugin.deepspeed_config.get("zero_optimization", {}).get("offload_optimizer", {})
@@ -291,7 +300,12 @@ def main(cfg: HbtConfig) -> dict:
         passage_max_length=cfg.passage_max_length,
     )
     lora = (
-        LoraSettings(r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout, target_modules=cfg.lora_target_modules or None)
+        LoraSettings(
+            r=cfg.lora_r,
+            alpha=cfg.lora_alpha,
+            dropout=cfg.lora_dropout,
+            target_modules=cfg.lora_target_modules or None,
+        )
         if cfg.lora
         else None
     )
@@ -397,7 +411,9 @@ def main(cfg: HbtConfig) -> dict:
             if step % cfg.logging_steps == 0 or step == max_steps:
                 record = {"step": step, "loss": mean_loss, "lr": lr, "samples_per_second": throughput, **batch_counts}
                 history.append(record)
-                accelerator.log({"train/loss": mean_loss, "train/lr": lr, "train/samples_per_second": throughput}, step=step)
+                accelerator.log(
+                    {"train/loss": mean_loss, "train/lr": lr, "train/samples_per_second": throughput}, step=step
+                )
                 window_start, window_samples = time.perf_counter(), 0
             periodic_save = cfg.save_steps and step % cfg.save_steps == 0 and step < max_steps
             periodic_eval = cfg.eval_benchmark and cfg.eval_steps and step % cfg.eval_steps == 0 and step < max_steps
@@ -406,7 +422,9 @@ def main(cfg: HbtConfig) -> dict:
                 if periodic_eval:
                     results = run_evaluation(accelerator, model, cfg, full=False, output_dir=checkpoint)
                     _track_best(accelerator, progress, cfg, results, checkpoint, console)
-                    accelerator.log({f"eval/{k}": results[k] for k in ("mono_map", "cross_map", "multi_map")}, step=step)
+                    accelerator.log(
+                        {f"eval/{k}": results[k] for k in ("mono_map", "cross_map", "multi_map")}, step=step
+                    )
                 if cfg.hub_push_checkpoints and cfg.push_to_hub:
                     from hbt_accel.hub import push_folder
 
@@ -428,7 +446,15 @@ def main(cfg: HbtConfig) -> dict:
             "steps": progress.global_step,
             "global_batch_size": global_batch,
             "world_size": accelerator.num_processes,
+            "negatives_per_query": negatives,
             "batch_counts": batch_counts,
+            "corpora": [
+                {"name": source, "ids": len(c.examples), "pairs": c.num_pairs, "languages": c.languages}
+                for source, c in zip(cfg.train_data, corpora)
+            ],
+            "train_languages": sorted(sampler.target_share),
+            "device": f"{accelerator.device.type} ({platform.processor() or platform.machine()}, "
+            f"{torch.get_num_threads()} threads per process)",
             "history": history,
         }
         _write_json(output_dir / "train_summary.json", summary)
@@ -452,7 +478,8 @@ def _track_best(accelerator, progress: TrainingProgress, cfg: HbtConfig, results
             (checkpoint / "training_progress.json").write_text(json.dumps(progress.state_dict(), indent=2))
     console.print(
         f"step {progress.global_step}: mono {results['mono_map']:.3f} cross {results['cross_map']:.3f} "
-        f"multi {results['multi_map']:.3f} rank distance {results['rank_distance']:.1f} | best {progress.best_checkpoint}"
+        f"multi {results['multi_map']:.3f} rank distance {results['rank_distance']:.1f} "
+        f"| best {progress.best_checkpoint}"
     )
 
 
@@ -475,9 +502,13 @@ class TrainingProgressBar:
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
         self.progress = Progress(
-            TextColumn("train"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(), TextColumn("{task.fields[info]}"),
+            TextColumn("train"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeRemainingColumn(),
+            TextColumn("{task.fields[info]}"),
             disable=not accelerator.is_main_process,
-        )  # fmt: skip
+        )
         self.task = self.progress.add_task("train", total=total, completed=completed, info="")
         self.progress.start()
 

@@ -80,7 +80,12 @@ def mlqa_slice(tmp_path_factory) -> Path:
     with path.open("w") as handle:
         for example_id in ids:
             for lang, example in corpus.examples[example_id].items():
-                row = {"id": example_id, "lang": lang, "query": example.query, "positive": example.positive,
-                       "negatives": list(example.negatives)}  # fmt: skip
+                row = {
+                    "id": example_id,
+                    "lang": lang,
+                    "query": example.query,
+                    "positive": example.positive,
+                    "negatives": list(example.negatives),
+                }
                 handle.write(json.dumps(row, ensure_ascii=False) + "\n")
     return path

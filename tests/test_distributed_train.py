@@ -26,10 +26,33 @@ def free_port() -> int:
 
 def training_args(model_dir: Path, data: Path, output_dir: Path, steps: int = 24) -> list[str]:
     # 64 ids, global batch 16: 4 batches an epoch, so 24 steps fit the slice well enough to see the loss fall
-    return [str(REPO / "recipes" / "train_hybrid.py"), "--model_name_or_path", str(model_dir), "--train_data",
-            str(data), "--output_dir", str(output_dir), "--max_steps", str(steps), "--per_device_train_batch_size",
-            "8", "--learning_rate", "2e-3", "--warmup_ratio", "0", "--logging_steps", "1", "--final_eval", "false",
-            "--mixed_precision", "no", "--query_max_length", "32", "--passage_max_length", "48"]  # fmt: skip
+    return [
+        str(REPO / "recipes" / "train_hybrid.py"),
+        "--model_name_or_path",
+        str(model_dir),
+        "--train_data",
+        str(data),
+        "--output_dir",
+        str(output_dir),
+        "--max_steps",
+        str(steps),
+        "--per_device_train_batch_size",
+        "8",
+        "--learning_rate",
+        "2e-3",
+        "--warmup_ratio",
+        "0",
+        "--logging_steps",
+        "1",
+        "--final_eval",
+        "false",
+        "--mixed_precision",
+        "no",
+        "--query_max_length",
+        "32",
+        "--passage_max_length",
+        "48",
+    ]
 
 
 def launch(launcher_args: list[str], args: list[str], timeout: int = 600) -> subprocess.CompletedProcess:
@@ -74,8 +97,10 @@ def check_run(result_stdout: str, output_dir: Path, reference: list[float] | Non
 )
 def test_two_process_training(config, tiny_model_dir, mlqa_slice, single_process_losses, tmp_path):
     out = tmp_path / "run"
-    result = launch(["--config_file", str(CONFIGS / config), "--main_process_port", str(free_port())],
-                    training_args(tiny_model_dir, mlqa_slice, out))  # fmt: skip
+    result = launch(
+        ["--config_file", str(CONFIGS / config), "--main_process_port", str(free_port())],
+        training_args(tiny_model_dir, mlqa_slice, out),
+    )
     check_run(result.stdout, out, single_process_losses)
 
 
@@ -117,12 +142,29 @@ def test_two_nodes_on_localhost(tiny_model_dir, mlqa_slice, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     nodes = []
     for rank in (0, 1):
-        command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CONFIGS / "multi_node.yaml"),
-                   "--num_machines", "2", "--num_processes", "2", "--machine_rank", str(rank), "--main_process_ip",
-                   "127.0.0.1", "--main_process_port", str(port), "--mixed_precision", "no",
-                   *training_args(tiny_model_dir, mlqa_slice, out)]  # fmt: skip
-        nodes.append(subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
-                                      env=env))  # fmt: skip
+        command = [
+            sys.executable,
+            "-m",
+            "accelerate.commands.launch",
+            "--config_file",
+            str(CONFIGS / "multi_node.yaml"),
+            "--num_machines",
+            "2",
+            "--num_processes",
+            "2",
+            "--machine_rank",
+            str(rank),
+            "--main_process_ip",
+            "127.0.0.1",
+            "--main_process_port",
+            str(port),
+            "--mixed_precision",
+            "no",
+            *training_args(tiny_model_dir, mlqa_slice, out),
+        ]
+        nodes.append(
+            subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO, env=env)
+        )
     outputs = [node.communicate(timeout=600) for node in nodes]
     for node, (stdout, stderr) in zip(nodes, outputs):
         assert node.returncode == 0, stdout[-2000:] + stderr[-3000:]

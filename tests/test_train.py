@@ -46,9 +46,22 @@ def dropout_model_dir(tmp_path_factory, xlmr_tokenizer) -> Path:
 def test_short_run_lowers_the_loss_and_saves_a_loadable_model(tiny_model_dir, mlqa_slice, tmp_path):
     out = tmp_path / "run"
     # 64 ids / 16 per batch = 4 batches per epoch: 40 steps are 10 epochs, enough for a tiny model to fit them
-    train("--model_name_or_path", str(tiny_model_dir), "--output_dir", str(out), "--max_steps", "40",
-          "--train_data", str(mlqa_slice), "--learning_rate", "2e-3", "--per_device_train_batch_size", "16",
-          "--warmup_ratio", "0")  # fmt: skip
+    train(
+        "--model_name_or_path",
+        str(tiny_model_dir),
+        "--output_dir",
+        str(out),
+        "--max_steps",
+        "40",
+        "--train_data",
+        str(mlqa_slice),
+        "--learning_rate",
+        "2e-3",
+        "--per_device_train_batch_size",
+        "16",
+        "--warmup_ratio",
+        "0",
+    )
     summary = json.loads((out / "train_summary.json").read_text())
     losses = [record["loss"] for record in summary["history"]]
     assert len(losses) == 40
@@ -67,9 +80,24 @@ def test_short_run_lowers_the_loss_and_saves_a_loadable_model(tiny_model_dir, ml
 
 
 def test_resume_gives_the_weights_of_an_uninterrupted_run(dropout_model_dir, tmp_path):
-    common = ["--model_name_or_path", str(dropout_model_dir), "--max_steps", "6", "--save_steps", "3",
-              "--per_device_train_batch_size", "8", "--mixed_precision", "no", "--learning_rate", "1e-3",
-              "--num_hard_negatives", "1", "--save_total_limit", "5"]  # fmt: skip
+    common = [
+        "--model_name_or_path",
+        str(dropout_model_dir),
+        "--max_steps",
+        "6",
+        "--save_steps",
+        "3",
+        "--per_device_train_batch_size",
+        "8",
+        "--mixed_precision",
+        "no",
+        "--learning_rate",
+        "1e-3",
+        "--num_hard_negatives",
+        "1",
+        "--save_total_limit",
+        "5",
+    ]
     straight = tmp_path / "straight"
     train(*common, "--output_dir", str(straight))
     assert (straight / "checkpoint-3" / "training_progress.json").is_file()
@@ -91,8 +119,17 @@ def test_resume_gives_the_weights_of_an_uninterrupted_run(dropout_model_dir, tmp
 
 
 def test_resume_latest_requires_a_checkpoint(tiny_model_dir, tmp_path):
-    result = train("--model_name_or_path", str(tiny_model_dir), "--output_dir", str(tmp_path / "empty"),
-                   "--max_steps", "2", "--resume_from_checkpoint", "latest", check=False)  # fmt: skip
+    result = train(
+        "--model_name_or_path",
+        str(tiny_model_dir),
+        "--output_dir",
+        str(tmp_path / "empty"),
+        "--max_steps",
+        "2",
+        "--resume_from_checkpoint",
+        "latest",
+        check=False,
+    )
     assert result.returncode == 2
     assert "resume_from_checkpoint: 'latest'" in result.stderr
 
@@ -106,8 +143,9 @@ def test_resume_latest_requires_a_checkpoint(tiny_model_dir, tmp_path):
     ],
 )
 def test_bad_input_fails_before_training_in_one_line(tiny_model_dir, tmp_path, args, message):
-    result = train("--model_name_or_path", str(tiny_model_dir), "--output_dir", str(tmp_path / "o"), *args,
-                   check=False)  # fmt: skip
+    result = train(
+        "--model_name_or_path", str(tiny_model_dir), "--output_dir", str(tmp_path / "o"), *args, check=False
+    )
     assert result.returncode == 2
     assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr
     assert "global batch" not in result.stdout  # failed before the training banner
@@ -116,11 +154,20 @@ def test_bad_input_fails_before_training_in_one_line(tiny_model_dir, tmp_path, a
 def test_data_file_with_a_missing_field(tiny_model_dir, tmp_path):
     data = tmp_path / "pairs.jsonl"
     data.write_text(
-        json.dumps({"id": "1", "lang": "en", "query": "q", "positive": "p"}) + "\n"
-        + json.dumps({"id": "2", "lang": "de", "query": "q"}) + "\n"
-    )  # fmt: skip
-    result = train("--model_name_or_path", str(tiny_model_dir), "--output_dir", str(tmp_path / "o"),
-                   "--train_data", str(data), check=False)  # fmt: skip
+        json.dumps({"id": "1", "lang": "en", "query": "q", "positive": "p"})
+        + "\n"
+        + json.dumps({"id": "2", "lang": "de", "query": "q"})
+        + "\n"
+    )
+    result = train(
+        "--model_name_or_path",
+        str(tiny_model_dir),
+        "--output_dir",
+        str(tmp_path / "o"),
+        "--train_data",
+        str(data),
+        check=False,
+    )
     assert result.returncode == 2
     assert f"{data}:2: missing field 'positive'" in result.stderr
     assert not (tmp_path / "o" / "model.safetensors").exists()
