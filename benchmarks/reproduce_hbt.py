@@ -187,16 +187,21 @@ def tune(runs: Path, trials: list[list[str]], max_steps: int) -> None:
                     )
                     + "\n"
                 )
+    # Validation pools: the paragraphs of the held-out questions (a smaller pool than the full file, so the scores
+    # run higher than XQuAD-R's, but every trial is compared on the same pools).
     validation = RetrievalBenchmark("mlqa-r-validation", {})
     for lang, pool in mlqa.pools.items():
         keep = [k for k, i in enumerate(pool.question_ids) if is_validation_id(i)]
+        paragraphs = {pool.context_of[pool.gold[k]] for k in keep}
+        columns = [c for c, paragraph in enumerate(pool.context_of) if paragraph in paragraphs]
+        new_index = {c: n for n, c in enumerate(columns)}
         validation.pools[lang] = type(pool)(
             lang,
-            pool.candidates,
+            [pool.candidates[c] for c in columns],
             [pool.question_ids[k] for k in keep],
             [pool.questions[k] for k in keep],
-            [pool.gold[k] for k in keep],
-            pool.context_of,
+            [new_index[pool.gold[k]] for k in keep],
+            [pool.context_of[c] for c in columns],
         )
     for index, overrides in enumerate(trials):
         name = f"tune{index}"

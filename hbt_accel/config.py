@@ -57,6 +57,9 @@ class HbtConfig:
     lora_dropout: float = _field(0.05, "dropout on the LoRA path")
     lora_target_modules: list = _field([], "module names to adapt; empty = peft's default for the architecture")
     gradient_checkpointing: bool = _field(False, "recompute activations in backward to save memory")
+    length_buckets: int = _field(
+        4, "run each training batch in this many length-sorted groups: same embeddings, less padding compute"
+    )
     freeze_word_embeddings: bool = _field(
         False, "keep the word-embedding matrix fixed (96M of e5-small's 118M parameters): faster optimizer steps"
     )
@@ -134,6 +137,7 @@ class HbtConfig:
             (self.learning_rate > 0, "learning_rate", "a positive number"),
             (0.0 <= self.warmup_ratio < 1.0, "warmup_ratio", "a fraction in [0, 1)"),
             (self.num_hard_negatives >= 0, "num_hard_negatives", "0 or more"),
+            (self.length_buckets >= 1, "length_buckets", "1 (off) or more"),
             (self.language_temperature >= 0, "language_temperature", "0 (off) or a positive exponent"),
             (not self.push_to_hub or bool(self.hub_model_id), "hub_model_id", "a repo id when push_to_hub is true"),
             (

@@ -7,6 +7,7 @@ what an embedding means (pooling, prefixes, max lengths) are stored next to the 
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import os
@@ -106,6 +107,7 @@ class DualEncoder(nn.Module):
         self.backbone = backbone
         self.tokenizer = tokenizer
         self.settings = settings or EncoderSettings()
+        self.length_buckets = 1  # training-time speed knob (see forward); not part of the saved settings
         if tokenizer.pad_token is None:
             # Decoder LLMs (Qwen, Mistral) ship without a pad token; padding is masked out anyway.
             tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
@@ -203,7 +205,24 @@ class DualEncoder(nn.Module):
         return self.tokenizer.pad(encoded, padding=True, return_tensors="pt")
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """`input_ids`, `attention_mask` (N, L) -> embeddings (N, d), L2-normalised if settings.normalize."""
+        """`input_ids`, `attention_mask` (N, L) -> embeddings (N, d), L2-normalised if settings.normalize.
+
+        With `length_buckets` > 1 (right padding only) the rows are run in that many length-sorted groups, each cut
+        to its own longest row: the same embeddings with far fewer padded positions to compute (a training batch's
+        rows are fixed by the sampler, so they cannot be length-sorted across batches as `encode` does).
+        """
+        if self.length_buckets <= 1 or self.tokenizer.padding_side != "right" or len(input_ids) < 2:
+            return self._embed(input_ids, attention_mask)
+        lengths = attention_mask.sum(dim=1)  # (N,)
+        order = torch.argsort(lengths, descending=True)  # (N,)
+        parts = []
+        for group in torch.tensor_split(order, min(self.length_buckets, len(order))):
+            longest = int(lengths[group].max())
+            parts.append(self._embed(input_ids[group, :longest], attention_mask[group, :longest]))  # (n_g, d)
+        embeddings = torch.cat(parts)  # (N, d) in `order`
+        return embeddings[torch.argsort(order)]  # (N, d) in input order
+
+    def _embed(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (N, L, H)
         embeddings = pool(hidden, attention_mask, self.settings.pooling)  # (N, H)
         if self.settings.normalize:
@@ -289,11 +308,30 @@ class DualEncoder(nn.Module):
 
         base_config = self.backbone.get_base_model().config
         dtype = next(iter(backbone_state.values())).dtype
-        fresh = get_peft_model(AutoModel.from_config(base_config, dtype=dtype), self.backbone.peft_config["default"])
+        with _without_zero3_init():  # only the main process builds this copy: a partitioned init would deadlock
+            base = AutoModel.from_config(base_config, dtype=dtype)
+        fresh = get_peft_model(base, self.backbone.peft_config["default"])
         if getattr(fresh.get_base_model(), "pooler", None) is not None:
             fresh.get_base_model().pooler = None
         fresh.load_state_dict(backbone_state, strict=True)
         return fresh.merge_and_unload()
+
+
+@contextlib.contextmanager
+def _without_zero3_init():
+    """Build a plain (unpartitioned) module even while a ZeRO-3 run is active.
+
+    transformers partitions every model it creates while accelerate's DeepSpeed config is registered; that is a
+    collective, so a model built on one rank alone would wait forever for the others.
+    """
+    from transformers.integrations import deepspeed as hf_deepspeed
+
+    saved = hf_deepspeed._hf_deepspeed_config_weak_ref
+    hf_deepspeed._hf_deepspeed_config_weak_ref = None
+    try:
+        yield
+    finally:
+        hf_deepspeed._hf_deepspeed_config_weak_ref = saved
 
 
 def _move_into(staging: Path, output_dir: Path) -> None:

@@ -229,3 +229,21 @@ def test_settings_validation(tmp_path):
     (tmp_path / SETTINGS_FILE).write_text(json.dumps({"pooling": "mean", "typo_field": 1}))
     with pytest.raises(ValueError, match="typo_field"):
         EncoderSettings.from_json(tmp_path / SETTINGS_FILE)
+
+
+def test_length_buckets_give_the_same_embeddings_and_gradients(tiny_encoder):
+    """Running a batch in length-sorted groups (less padding) must not change embeddings or gradients."""
+    texts = ["a", "a much longer sentence with many more tokens in it than the first one", "medium length", "x y z"]
+    batch = tiny_encoder.tokenize(texts, "passage")
+    results = []
+    for buckets in (1, 3):
+        tiny_encoder.length_buckets = buckets
+        tiny_encoder.zero_grad()
+        embeddings = tiny_encoder(**batch)
+        (embeddings * torch.arange(embeddings.numel()).reshape(embeddings.shape)).sum().backward()
+        grads = {n: p.grad.clone() for n, p in tiny_encoder.named_parameters() if p.grad is not None}
+        results.append((embeddings.detach(), grads))
+    torch.testing.assert_close(results[0][0], results[1][0], atol=1e-6, rtol=0)
+    assert results[0][1].keys() == results[1][1].keys()
+    for name, grad in results[0][1].items():
+        torch.testing.assert_close(grad, results[1][1][name], atol=1e-5, rtol=1e-4, msg=name)
