@@ -203,6 +203,8 @@ def tune(runs: Path, trials: list[list[str]], max_steps: int) -> None:
             [new_index[pool.gold[k]] for k in keep],
             [pool.context_of[c] for c in columns],
         )
+    base = evaluate_grid(DualEncoder.from_pretrained("embedded"), validation, bf16=True)
+    _log_trial(runs, "untrained", base, 0.0)
     for index, overrides in enumerate(trials):
         name = f"tune{index}"
         command = [
@@ -220,13 +222,17 @@ def tune(runs: Path, trials: list[list[str]], max_steps: int) -> None:
         ]
         seconds = run(command, runs / f"{name}.log")
         results = evaluate_grid(DualEncoder.from_pretrained(runs / name), validation, bf16=True)
-        line = (
-            f"{' '.join(overrides) or '(default)'}: mono {results['mono_map']:.3f} cross {results['cross_map']:.3f} "
-            f"multi {results['multi_map']:.3f} rank distance {results['rank_distance']:.1f} ({seconds:.0f} s)"
-        )
-        print(line, flush=True)
-        with (runs / "tuning.txt").open("a") as handle:
-            handle.write(line + "\n")
+        _log_trial(runs, " ".join(overrides) or "(recipe defaults)", results, seconds)
+
+
+def _log_trial(runs: Path, name: str, results: dict, seconds: float) -> None:
+    line = (
+        f"{name}: mono {results['mono_map']:.3f} cross {results['cross_map']:.3f} multi {results['multi_map']:.3f} "
+        f"rank distance {results['rank_distance']:.1f} (train {seconds:.0f} s)"
+    )
+    print(line, flush=True)
+    with (runs / "tuning.txt").open("a") as handle:
+        handle.write(line + "\n")
 
 
 def main() -> None:
