@@ -411,8 +411,9 @@ def main(cfg: HbtConfig) -> dict:
             running_loss.clear()
             lr = scheduler.get_last_lr()[0]
             throughput = window_samples / max(time.perf_counter() - window_start, 1e-9)
-            bar.update(step, loss=mean_loss, lr=lr, throughput=throughput, counts=batch_counts)
-            if step % cfg.logging_steps == 0 or step == max_steps:
+            log_now = step % cfg.logging_steps == 0 or step == max_steps
+            bar.update(step, loss=mean_loss, lr=lr, throughput=throughput, counts=batch_counts, log_line=log_now)
+            if log_now:
                 record = {"step": step, "loss": mean_loss, "lr": lr, "samples_per_second": throughput, **batch_counts}
                 history.append(record)
                 accelerator.log(
@@ -516,9 +517,11 @@ class TrainingProgressBar:
         self.task = self.progress.add_task("train", total=total, completed=completed, info="")
         self.progress.start()
 
-    def update(self, step: int, loss: float, lr: float, throughput: float, counts: dict) -> None:
+    def update(self, step: int, loss: float, lr: float, throughput: float, counts: dict, log_line: bool) -> None:
         info = f"loss {loss:.4f} lr {lr:.2e} {throughput:.1f} samples/s X-X {counts['X-X']} X-Y {counts['X-Y']}"
         self.progress.update(self.task, completed=step, info=info)
+        if log_line and not self.progress.console.is_terminal and not self.progress.disable:
+            self.progress.console.print(f"step {step}: {info}")  # a bar is invisible in a log file
 
     def close(self) -> None:
         self.progress.stop()

@@ -36,8 +36,9 @@ def print_report(results: dict, console=None) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    console = console or Console()
     languages, rows = grid_matrix(results)
+    # a pipe or log file gets rich's 80 columns by default, which would cut an 11-language grid to "0.…"
+    console = console or Console(width=max(Console().width, 30 + 8 * len(languages)))
     title = f"{results.get('benchmark', '')} mAP ({results.get('precision', 'fp32')}), rows = query language"
     table = Table(title=title)
     table.add_column("query \\ pool")
@@ -139,7 +140,7 @@ def print_metrics_by_step(rows: list[tuple[int, dict]], console=None) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    console = console or Console()
+    console = console or Console(width=max(Console().width, 110))
     table = Table(title="metrics by step")
     table.add_column("step", justify="right")
     for key in SUMMARY_KEYS:
