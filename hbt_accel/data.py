@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -110,10 +110,11 @@ class ParallelCorpus:
         return table
 
 
-def read_jsonl_corpus(path: str | Path, name: str | None = None) -> ParallelCorpus:
-    """Rows `{"id", "lang", "query", "positive", "negatives"?}`, one JSON object per line."""
+def iter_jsonl(path: str | Path) -> Iterator[tuple[dict, str]]:
+    """(row, "file:line") for each non-blank line of a JSON-lines file; bad JSON names the file and line."""
     path = Path(path)
-    corpus = ParallelCorpus(name=name or path.stem)
+    if not path.is_file():
+        raise DataError(f"{path}: file not found")
     with path.open(encoding="utf-8") as handle:
         for line_no, line in enumerate(handle, 1):
             if not line.strip():
@@ -123,7 +124,17 @@ def read_jsonl_corpus(path: str | Path, name: str | None = None) -> ParallelCorp
                 row = json.loads(line)
             except json.JSONDecodeError as error:
                 raise DataError(f"{where}: not valid JSON ({error.msg})") from None
-            corpus.add(*_row_to_example(row, where))
+            if not isinstance(row, dict):
+                raise DataError(f"{where}: expected a JSON object per line")
+            yield row, where
+
+
+def read_jsonl_corpus(path: str | Path, name: str | None = None) -> ParallelCorpus:
+    """Rows `{"id", "lang", "query", "positive", "negatives"?}`, one JSON object per line."""
+    path = Path(path)
+    corpus = ParallelCorpus(name=name or path.stem)
+    for row, where in iter_jsonl(path):
+        corpus.add(*_row_to_example(row, where))
     _require_nonempty(corpus, str(path))
     return corpus
 
@@ -257,6 +268,9 @@ def read_lareqa_pool(path: str | Path, language: str) -> LanguagePool:
             pool.candidates.extend(context[start:end] for start, end in breaks)
             pool.context_of.extend([paragraph_index] * len(breaks))
             for qa in paragraph["qas"]:
+                for key in ("id", "question", "answers"):
+                    if key not in qa or (key == "answers" and not qa[key]):
+                        raise DataError(f"{where}: a question lacks field {key!r} (expected SQuAD-format qas)")
                 answer_start = qa["answers"][0]["answer_start"]
                 sentence = next((k for k, (s, e) in enumerate(breaks) if s <= answer_start < e), None)
                 if sentence is None:  # an answer in the gap between two breaks belongs to the sentence before it

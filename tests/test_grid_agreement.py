@@ -165,8 +165,11 @@ def test_two_process_encoding_equals_single_process(tmp_path):
     single = evaluate_grid(HashEncoder(), benchmark, max_queries=101, block_size=100)
     texts = 3 * 101 + sum(len(pool.candidates) for pool in benchmark.pools.values())
     assert distributed["num_processes"] == 2
-    assert sum(distributed["encoded_per_rank"]) == texts  # each text encoded once, by one rank
-    assert abs(distributed["encoded_per_rank"][0] - distributed["encoded_per_rank"][1]) <= 2
+    # each text is encoded by one rank; ranks encode EQUAL counts (ZeRO-3 needs the same number of forwards), so a
+    # shorter shard repeats one text: at most one extra per encoding pass (questions, candidates)
+    rank0, rank1 = distributed["encoded_per_rank"]
+    assert rank0 == rank1
+    assert texts <= rank0 + rank1 <= texts + 2
     for key in ("mono_map", "cross_map", "multi_map", "rank_distance", "recall_at_1", "recall_at_10"):
         assert distributed[key] == single[key], key
     assert distributed["grid"] == single["grid"]

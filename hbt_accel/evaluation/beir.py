@@ -10,14 +10,13 @@ approximate options for millions of passages. nDCG@10, Recall@100 and MRR@10 com
 from __future__ import annotations
 
 import csv
-import json
 import os
 import time
 from pathlib import Path
 
 import numpy as np
 
-from hbt_accel.data import DataError
+from hbt_accel.data import DataError, iter_jsonl
 from hbt_accel.evaluation.encoding import encode_texts
 
 BEIR_MEASURES = {"ndcg_at_10": "nDCG@10", "recall_at_100": "R@100", "mrr_at_10": "RR@10"}
@@ -63,19 +62,11 @@ def read_beir(folder: str | os.PathLike, split: str = "test"):
 def _jsonl(path: Path, required: tuple[str, ...]):
     if not path.is_file():
         raise DataError(f"{path}: file not found (BEIR layout: corpus.jsonl, queries.jsonl, qrels/<split>.tsv)")
-    with path.open(encoding="utf-8") as handle:
-        for line_no, line in enumerate(handle, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{line_no}"
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise DataError(f"{where}: not valid JSON ({error.msg})") from None
-            for key in required:
-                if key not in row:
-                    raise DataError(f"{where}: missing field {key!r}")
-            yield row, where
+    for row, where in iter_jsonl(path):
+        for key in required:
+            if key not in row:
+                raise DataError(f"{where}: missing field {key!r}")
+        yield row, where
 
 
 def build_index(embeddings: np.ndarray, index: str = "flat", nlist: int | None = None, nprobe: int = 32):

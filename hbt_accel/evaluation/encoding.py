@@ -21,11 +21,12 @@ def encode_texts(
         return _encode(encoder, texts, kind, batch_size, bf16)
     rank = accelerator.process_index
     shard = texts[rank::world]
-    local = _encode(encoder, shard, kind, batch_size, bf16)  # (ceil-or-floor(N / W), d)
-    per_rank = -(-len(texts) // world)  # the largest shard; smaller ones are padded to it for the gather
-    padded = torch.zeros(per_rank, local.shape[1], dtype=torch.float32)
-    padded[: len(local)] = torch.from_numpy(local)
-    padded = padded.to(accelerator.device)
+    per_rank = -(-len(texts) // world)  # the largest shard; smaller ones are padded to it
+    # Every rank encodes exactly `per_rank` texts (the padding repeats a text): under ZeRO-3 each forward gathers
+    # parameters collectively, so ranks running different numbers of batches would wait on each other forever.
+    filler = shard[:1] or texts[:1]
+    local = _encode(encoder, shard + filler * (per_rank - len(shard)), kind, batch_size, bf16)  # (per_rank, d)
+    padded = torch.from_numpy(local).to(accelerator.device)
     gathered = accelerator.gather(padded).cpu().numpy().reshape(world, per_rank, -1)  # (W, per_rank, d)
     out = np.empty((len(texts), gathered.shape[2]), dtype=np.float32)
     for r in range(world):
