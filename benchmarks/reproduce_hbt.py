@@ -39,13 +39,28 @@ def run(command: list[str], log: Path) -> float:
     return time.perf_counter() - started
 
 
+def finished(output_dir: Path, *files: str) -> bool:
+    """A run whose outputs exist is reused (delete its folder to redo it)."""
+    done = all((output_dir / name).is_file() for name in files)
+    if done:
+        print(f"reusing {output_dir} (delete it to run again)", flush=True)
+    return done
+
+
 def train(name: str, runs: Path, overrides: list[str]) -> dict:
     output_dir = runs / name
     command = [sys.executable, str(REPO / "recipes" / "train_hybrid.py"), "--output_dir", str(output_dir), *overrides]
-    wall = run(command, runs / f"{name}.log")
+    reused = finished(output_dir, "train_summary.json", "eval_results.json")
+    wall = 0.0 if reused else run(command, runs / f"{name}.log")
     summary = json.loads((output_dir / "train_summary.json").read_text())
     results = json.loads((output_dir / "eval_results.json").read_text())
-    return {"results": results, "train_seconds": summary["train_seconds"], "wall_seconds": wall, "dir": output_dir}
+    return {
+        "results": results,
+        "train_seconds": summary["train_seconds"],
+        "wall_seconds": wall,
+        "dir": output_dir,
+        "history": summary["history"],
+    }
 
 
 def evaluate_untrained(runs: Path, bf16: bool) -> dict:
@@ -60,7 +75,7 @@ def evaluate_untrained(runs: Path, bf16: bool) -> dict:
         "--output_dir",
         str(output_dir),
     ] + (["--bf16"] if bf16 else [])
-    wall = run(command, runs / "untrained.log")
+    wall = 0.0 if finished(output_dir, "eval_results.json") else run(command, runs / "untrained.log")
     results = json.loads((output_dir / "eval_results.json").read_text())
     return {"results": results, "train_seconds": 0.0, "wall_seconds": wall, "dir": output_dir}
 
@@ -108,6 +123,10 @@ def write_results(entries: dict, docs: Path, command: str, wall: float, budget: 
     tmp.write_text(json.dumps(payload, indent=2))
     tmp.replace(docs / "results.json")
 
+    curves = {name: entry["history"] for name, entry in {**entries, **sweep}.items() if entry.get("history")}
+    if curves:
+        plot_loss_by_step(curves, figures / "loss_by_step.png")
+    reused = [name for name, entry in {**entries, **sweep}.items() if entry["wall_seconds"] == 0.0]
     header = (
         "| model / sampling | mono mAP | cross mAP | multi mAP | rank distance (lower is better) |\n"
         + "|---" * 5
@@ -117,6 +136,9 @@ def write_results(entries: dict, docs: Path, command: str, wall: float, budget: 
         "# Results: hybrid batch training of multilingual-e5-small on MLQA-R, zero-shot on XQuAD-R",
         "",
         f"Produced by `{command}` in {wall / 60:.0f} min wall time on this 2-core CPU machine. {budget}",
+        f"Reused from an earlier invocation of the same command (outputs already on disk): {', '.join(reused)}."
+        if reused
+        else "",
         "Every number below is from a full-grid evaluation: 11 languages x 1,190 questions, 121 language pairs, "
         "exact ranks over the whole pool (LAReQA protocol, `hbt_accel/evaluation`).",
         "",
@@ -147,11 +169,30 @@ def write_results(entries: dict, docs: Path, command: str, wall: float, budget: 
     if sweep:
         lines += ["", "## Alpha sweep (hybrid, same budget)", "", header]
         lines += [row(name, entry["results"]) for name, entry in sweep.items()]
+    if curves:
+        lines += ["", "## Training loss by step", "", "![training loss by step](figures/loss_by_step.png)"]
     lines += ["", "## Heatmaps (mAP, rows = query language, columns = pool language)", ""]
     lines += [f"![{name}](figures/heatmap_{name}.png)" for name in {**entries, **sweep}]
     tmp = docs / "results.md.tmp"
     tmp.write_text("\n".join(lines) + "\n")
     tmp.replace(docs / "results.md")
+
+
+def plot_loss_by_step(curves: dict[str, list[dict]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(7, 4))
+    for name, history in curves.items():
+        axis.plot([r["step"] for r in history], [r["loss"] for r in history], label=name)
+    axis.set_xlabel("step")
+    axis.set_ylabel("InfoNCE loss (mean over the logging window)")
+    axis.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
 
 
 # ------------------------------------------------------------------------------------------------------------------
