@@ -154,6 +154,27 @@ def write_sentence_transformers_files(output_dir: str | os.PathLike, settings: E
 # =====================================================================================================================
 # The model card
 # =====================================================================================================================
+# BibTeX of the method and of the benchmark; the card and the evaluate metric module both cite from here.
+HBT_BIBTEX = """\
+@article{hbt2024,
+  title   = {A Synergistic Approach for Simultaneous Optimization of Monolingual, Cross-lingual, and Multilingual
+             Information Retrieval},
+  journal = {arXiv preprint arXiv:2408.10536},
+  year    = {2024},
+  url     = {https://arxiv.org/abs/2408.10536}
+}
+"""
+LAREQA_BIBTEX = """\
+@inproceedings{roy2020lareqa,
+  title     = {LAReQA: Language-Agnostic Answer Retrieval from a Multilingual Pool},
+  author    = {Roy, Uma and Constant, Noah and Al-Rfou, Rami and Barua, Aditya and Phillips, Aaron and Yang, Yinfei},
+  booktitle = {Proceedings of EMNLP},
+  year      = {2020},
+  url       = {https://arxiv.org/abs/2004.05484}
+}
+"""
+
+
 CARD_TEMPLATE = string.Template(
     """$marker
 
@@ -236,21 +257,7 @@ $licence
 ## Citation
 
 ```bibtex
-@article{hbt2024,
-  title   = {A Synergistic Approach for Simultaneous Optimization of Monolingual, Cross-lingual, and Multilingual
-             Information Retrieval},
-  journal = {arXiv preprint arXiv:2408.10536},
-  year    = {2024},
-  url     = {https://arxiv.org/abs/2408.10536}
-}
-
-@inproceedings{roy2020lareqa,
-  title     = {LAReQA: Language-Agnostic Answer Retrieval from a Multilingual Pool},
-  author    = {Roy, Uma and Constant, Noah and Al-Rfou, Rami and Barua, Aditya and Phillips, Aaron and Yang, Yinfei},
-  booktitle = {Proceedings of EMNLP},
-  year      = {2020},
-  url       = {https://arxiv.org/abs/2004.05484}
-}
+$citations
 ```
 """
 )
@@ -488,6 +495,7 @@ def render_model_card(output_dir: str | os.PathLike, cfg: HbtConfig, summary: di
         )
     body = CARD_TEMPLATE.substitute(
         marker=CARD_MARKER,
+        citations=HBT_BIBTEX + "\n" + LAREQA_BIBTEX.rstrip("\n"),
         title=name,
         base_model=base_model,
         base_model_link=base_link,

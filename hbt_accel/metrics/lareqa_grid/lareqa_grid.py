@@ -22,16 +22,7 @@ import evaluate
 import numpy as np
 
 from hbt_accel.evaluation import EncodedBenchmark, score_encoded
-
-_CITATION = """\
-@inproceedings{roy2020lareqa,
-  title = {LAReQA: Language-Agnostic Answer Retrieval from a Multilingual Pool},
-  author = {Roy, Uma and Constant, Noah and Al-Rfou, Rami and Barua, Aditya and Phillips, Aaron and Yang, Yinfei},
-  booktitle = {Proceedings of EMNLP},
-  year = {2020},
-  url = {https://arxiv.org/abs/2004.05484}
-}
-"""
+from hbt_accel.export import LAREQA_BIBTEX
 
 _DESCRIPTION = """\
 Language-agnostic answer retrieval (LAReQA) scored on the full language grid. Questions in language X are ranked
@@ -74,7 +65,7 @@ class LareqaGrid(evaluate.Metric):
     def _info(self):
         return evaluate.MetricInfo(
             description=_DESCRIPTION,
-            citation=_CITATION,
+            citation=LAREQA_BIBTEX,
             inputs_description=_KWARGS_DESCRIPTION,
             features=datasets.Features(
                 {
