@@ -23,6 +23,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from report import write_section
+
 REPO = Path(__file__).resolve().parents[1]
 BATCH = 32
 MAX_LENGTH = 128
@@ -166,6 +168,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--skip_distributed", action="store_true")
+    parser.add_argument("--docs_dir", default=str(REPO / "docs"), help="write the table here ('' = print only)")
     args = parser.parse_args()
 
     import torch
@@ -205,14 +208,40 @@ def main() -> None:
                 summary = time_hbt_accel(pairs_path, args.steps, flags, launcher)
                 rows.append((f"hbt_accel, fp32, {name}", steady(_step_seconds(summary), args.warmup), rows[0][1]))
 
-    print(
-        f"\ntorch {torch.__version__}, {threads} threads, batch {BATCH} pairs, max length {MAX_LENGTH}, {args.steps} "
+    setup = (
+        f"torch {torch.__version__}, {threads} threads, batch {BATCH} pairs, max length {MAX_LENGTH}, {args.steps} "
         f"steps (median after {args.warmup})"
     )
-    print(f"{'setup':58s} {'s/step':>8s} {'samples/s':>10s} {'vs peer':>8s}")
+    table = ["| setup | s/step | samples/s | vs peer |", "|---|---|---|---|"]
+    print(f"\n{setup}\n{'setup':58s} {'s/step':>8s} {'samples/s':>10s} {'vs peer':>8s}")
     for name, seconds, peer in rows:
         ratio = f"{peer / seconds:.2f}x" if peer else ""
         print(f"{name:58s} {seconds:8.3f} {BATCH / seconds:10.1f} {ratio:>8s}")
+        table.append(f"| {name} | {seconds:.3f} | {BATCH / seconds:.1f} | {ratio} |")
+    if args.docs_dir:
+        docs = Path(args.docs_dir)
+        records = [{"setup": n, "seconds_per_step": s, "samples_per_second": BATCH / s} for n, s, _ in rows]
+        tmp = docs / "train_speed.json.tmp"
+        tmp.write_text(json.dumps({"setup": setup, "rows": records}, indent=2) + "\n")
+        tmp.replace(docs / "train_speed.json")
+        command = "python benchmarks/train_speed.py " + " ".join(sys.argv[1:])
+        body = [
+            "## Training speed against sentence-transformers",
+            "",
+            f"`{command.strip()}` on {time.strftime('%Y-%m-%d')}, {setup}. The peer is sentence-transformers "
+            f"{_version('sentence-transformers')} (MultipleNegativesRankingLoss through SentenceTransformerTrainer). "
+            "Ratios are the peer's seconds per step over ours at the same precision (the DDP and ZeRO-2 rows: "
+            "against the peer's fp32).",
+            "",
+            *table,
+        ]
+        write_section(docs / "results.md", "train_speed", "\n".join(body))
+
+
+def _version(package: str) -> str:
+    from importlib.metadata import version
+
+    return version(package)
 
 
 def _step_seconds(summary: dict, batch: int = BATCH) -> list[float]:

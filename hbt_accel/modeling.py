@@ -212,18 +212,29 @@ class DualEncoder(nn.Module):
         rows are fixed by the sampler, so they cannot be length-sorted across batches as `encode` does).
         """
         if self.length_buckets <= 1 or self.tokenizer.padding_side != "right" or len(input_ids) < 2:
-            return self._embed(input_ids, attention_mask)
+            return self._embed(attention_mask, input_ids=input_ids)
         lengths = attention_mask.sum(dim=1)  # (N,)
         order = torch.argsort(lengths, descending=True)  # (N,)
+        # ONE word-embedding lookup for all groups: each lookup's backward builds a dense gradient the size of the
+        # whole (vocabulary, H) matrix (96M floats for e5-small), so a lookup per group would multiply that cost.
+        token_vectors = self.backbone.get_input_embeddings()(input_ids)  # (N, L, H)
         parts = []
         for group in torch.tensor_split(order, min(self.length_buckets, len(order))):
             longest = int(lengths[group].max())
-            parts.append(self._embed(input_ids[group, :longest], attention_mask[group, :longest]))  # (n_g, d)
+            group_mask = attention_mask[group, :longest]  # (n_g, l)
+            parts.append(self._embed(group_mask, inputs_embeds=token_vectors[group, :longest]))  # (n_g, d)
         embeddings = torch.cat(parts)  # (N, d) in `order`
         return embeddings[torch.argsort(order)]  # (N, d) in input order
 
-    def _embed(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (N, L, H)
+    def _embed(
+        self,
+        attention_mask: torch.Tensor,
+        input_ids: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        hidden = self.backbone(
+            input_ids=input_ids, inputs_embeds=inputs_embeds, attention_mask=attention_mask
+        ).last_hidden_state  # (N, L, H)
         embeddings = pool(hidden, attention_mask, self.settings.pooling)  # (N, H)
         if self.settings.normalize:
             embeddings = F.normalize(embeddings, p=2, dim=-1)  # (N, H)

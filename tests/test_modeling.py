@@ -231,8 +231,19 @@ def test_settings_validation(tmp_path):
         EncoderSettings.from_json(tmp_path / SETTINGS_FILE)
 
 
-def test_length_buckets_give_the_same_embeddings_and_gradients(tiny_encoder):
-    """Running a batch in length-sorted groups (less padding) must not change embeddings or gradients."""
+@pytest.mark.parametrize("architecture", ["bert", "xlm-roberta"])
+def test_length_buckets_give_the_same_embeddings_and_gradients(architecture, tiny_encoder, xlmr_tokenizer):
+    """Running a batch in length-sorted groups (less padding, one shared word-embedding lookup) must not change
+    embeddings or gradients. XLM-R is checked too: it derives position ids from input_ids, BERT from positions."""
+    if architecture == "xlm-roberta":
+        from transformers import XLMRobertaConfig, XLMRobertaModel
+
+        from tests.conftest import tiny_bert_config
+
+        config = XLMRobertaConfig(**tiny_bert_config(len(xlmr_tokenizer)).to_dict())
+        config.pad_token_id, config.max_position_embeddings = xlmr_tokenizer.pad_token_id, 258
+        torch.manual_seed(0)
+        tiny_encoder = DualEncoder(XLMRobertaModel(config, add_pooling_layer=False), xlmr_tokenizer)
     texts = ["a", "a much longer sentence with many more tokens in it than the first one", "medium length", "x y z"]
     batch = tiny_encoder.tokenize(texts, "passage")
     results = []

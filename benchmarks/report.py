@@ -1,0 +1,30 @@
+"""docs/results.md is shared by several benchmark scripts: each owns one marked section and rewrites only that one."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+TITLE = "# Results: hybrid batch training of multilingual-e5-small on MLQA-R, zero-shot on XQuAD-R"
+ORDER = ("reproduction", "tuning", "train_speed")  # where a section goes when the file does not have it yet
+
+
+def write_section(path: Path, name: str, body: str) -> None:
+    """Replace section `name` of the markdown file at `path` (created if missing) with `body`; atomic."""
+    start, end = (
+        f"<!-- section:{name} (written by benchmarks/; edits are overwritten) -->",
+        f"<!-- /section:{name} -->",
+    )
+    text = path.read_text() if path.is_file() else TITLE + "\n"
+    block = f"{start}\n{body.strip()}\n{end}"
+    pattern = re.compile(re.escape(start) + r".*?" + re.escape(end), re.DOTALL)
+    if pattern.search(text):
+        text = pattern.sub(lambda _: block, text)
+    else:
+        later = [f"<!-- section:{other} " for other in ORDER[ORDER.index(name) + 1 :]]
+        positions = [text.index(marker) for marker in later if marker in text]
+        at = min(positions, default=len(text))
+        text = text[:at].rstrip("\n") + "\n\n" + block + "\n\n" + text[at:].lstrip("\n")
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text.rstrip("\n") + "\n")
+    tmp.replace(path)
