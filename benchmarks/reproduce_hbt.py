@@ -25,6 +25,9 @@ from report import write_section
 
 REPO = Path(__file__).resolve().parents[1]
 UNSEEN = ("el", "ru", "th", "tr")  # XQuAD-R languages absent from MLQA-R
+# The metric-by-step curves: a subset (two trained languages, two never trained on), so that each point costs ~30 s.
+PERIODIC_EVAL = ["--eval_steps", "50", "--eval_languages", "en,de,ru,th", "--eval_max_queries", "300"]
+PERIODIC_EVAL_NOTE = "every 50 steps on en, de, ru, th with 300 questions each; full pools of those languages"
 PAPER = {  # arXiv 2408.10536, XQuAD-R: mono / cross / multi mAP, rank distance
     "XLM-R hybrid (paper)": (0.798, 0.705, 0.593, 286.6),
     "LaBSE hybrid (paper)": (0.817, 0.767, 0.682, 221.1),
@@ -62,6 +65,7 @@ def train(name: str, runs: Path, overrides: list[str]) -> dict:
         "wall_seconds": wall,
         "dir": output_dir,
         "history": summary["history"],
+        "evaluations": summary.get("evaluations", []),
     }
 
 
@@ -125,9 +129,14 @@ def write_results(entries: dict, docs: Path, command: str, wall: float, budget: 
     tmp.write_text(json.dumps(payload, indent=2))
     tmp.replace(docs / "results.json")
 
-    curves = {name: entry["history"] for name, entry in {**entries, **sweep}.items() if entry.get("history")}
+    runs = {**entries, **sweep}
+    curves = {name: entry["history"] for name, entry in runs.items() if entry.get("history")}
     if curves:
-        plot_loss_by_step(curves, figures / "loss_by_step.png")
+        plot_by_step(curves, {"loss": "InfoNCE loss (mean over the logging window)"}, figures / "loss_by_step.png")
+    scores = {name: entry["evaluations"] for name, entry in runs.items() if entry.get("evaluations")}
+    if scores:
+        panels = {"mono_map": "mono mAP", "cross_map": "cross mAP", "multi_map": "multi mAP"}
+        plot_by_step(scores, {**panels, "rank_distance": "rank distance"}, figures / "metric_by_step.png")
     reused = [name for name, entry in {**entries, **sweep}.items() if entry["wall_seconds"] == 0.0]
     header = (
         "| model / sampling | mono mAP | cross mAP | multi mAP | rank distance (lower is better) |\n"
@@ -169,6 +178,16 @@ def write_results(entries: dict, docs: Path, command: str, wall: float, budget: 
     if sweep:
         lines += ["", "## Alpha sweep (hybrid, same budget)", "", header]
         lines += [row(name, entry["results"]) for name, entry in sweep.items()]
+    if scores:
+        lines += [
+            "",
+            "## Scores by step",
+            "",
+            f"Periodic evaluation during training ({PERIODIC_EVAL_NOTE}); step 0 is the untrained model on the same "
+            "subset.",
+            "",
+            "![metric by step](figures/metric_by_step.png)",
+        ]
     if curves:
         lines += ["", "## Training loss by step", "", "![training loss by step](figures/loss_by_step.png)"]
     lines += ["", "## Heatmaps (mAP, rows = query language, columns = pool language)", ""]
@@ -176,18 +195,25 @@ def write_results(entries: dict, docs: Path, command: str, wall: float, budget: 
     write_section(docs / "results.md", "reproduction", "\n".join(lines))
 
 
-def plot_loss_by_step(curves: dict[str, list[dict]], path: Path) -> None:
+def plot_by_step(curves: dict[str, list[dict]], panels: dict[str, str], path: Path) -> None:
+    """One panel per key of `panels` (key -> axis label), one line per run; `curves` maps run -> records by step."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, axis = plt.subplots(figsize=(7, 4))
-    for name, history in curves.items():
-        axis.plot([r["step"] for r in history], [r["loss"] for r in history], label=name)
-    axis.set_xlabel("step")
-    axis.set_ylabel("InfoNCE loss (mean over the logging window)")
-    axis.legend()
+    figure, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels) + 1, 4), squeeze=False)
+    for axis, (key, label) in zip(axes[0], panels.items()):
+        for name, records in curves.items():
+            axis.plot(
+                [r["step"] for r in records],
+                [r[key] for r in records],
+                marker="o" if len(records) < 20 else "",
+                label=name,
+            )
+        axis.set_xlabel("step")
+        axis.set_ylabel(label)
+    axes[0][0].legend()
     figure.tight_layout()
     figure.savefig(path, dpi=100)
     plt.close(figure)
@@ -337,7 +363,7 @@ def main() -> None:
         return
 
     started = time.perf_counter()
-    eval_flags = [] if args.fp32_eval else ["--eval_bf16", "true"]
+    eval_flags = PERIODIC_EVAL + ([] if args.fp32_eval else ["--eval_bf16", "true"])
     entries = {"untrained": evaluate_untrained(runs, bf16=not args.fp32_eval)}
     for strategy in args.strategies.split(","):
         entries[strategy] = train(strategy, runs, ["--sampling", strategy, *eval_flags, *extra])

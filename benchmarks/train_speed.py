@@ -145,6 +145,47 @@ def time_hbt_accel(pairs_path: Path, steps: int, extra: list[str], launcher: lis
     return summary
 
 
+def profile_step(pairs, steps: int = 3, top: int = 12) -> tuple[float, list[tuple[str, float]]]:
+    """Where one bf16 step of hbt_accel's work goes: the top ops by self CPU time (torch.profiler), averaged over
+    `steps` steps after one warm-up step. The same pieces as the training loop: tokenise, bucketed forwards under
+    autocast, InfoNCE, backward, clip, fused AdamW."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    from hbt_accel.losses import InfoNCELoss
+    from hbt_accel.modeling import DualEncoder, EncoderSettings
+
+    torch.manual_seed(0)
+    lengths = {"query_max_length": MAX_LENGTH, "passage_max_length": MAX_LENGTH}
+    settings = EncoderSettings(query_prefix="", passage_prefix="", **lengths)
+    encoder = DualEncoder.from_pretrained("embedded", settings=settings)
+    encoder.length_buckets = 4
+    encoder.train()
+    optimizer = torch.optim.AdamW(encoder.parameters(), lr=2e-5, fused=True)
+    loss_fn = InfoNCELoss(0.05)
+
+    def step(batch):
+        with torch.profiler.record_function("tokenize"):
+            queries = encoder.tokenize([q for q, _ in batch], "query")
+            passages = encoder.tokenize([p for _, p in batch], "passage")
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = loss_fn(encoder(**queries).float(), encoder(**passages).float())
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(encoder.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad()
+
+    steps = min(steps, len(pairs) // BATCH - 1)
+    batches = [pairs[k * BATCH : (k + 1) * BATCH] for k in range(steps + 1)]
+    step(batches[0])
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for batch in batches[1:]:
+            step(batch)
+    events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
+    total = sum(e.self_cpu_time_total for e in events) / 1e6 / steps
+    return total, [(e.key, e.self_cpu_time_total / 1e6 / steps) for e in events[:top]]
+
+
 def _env(launcher) -> dict:
     env = dict(os.environ, TOKENIZERS_PARALLELISM="false")
     if launcher:
@@ -168,6 +209,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--skip_distributed", action="store_true")
+    parser.add_argument("--profile", action="store_true", help="also break a bf16 step down by op (torch.profiler)")
     parser.add_argument("--docs_dir", default=str(REPO / "docs"), help="write the table here ('' = print only)")
     args = parser.parse_args()
 
@@ -208,6 +250,9 @@ def main() -> None:
                 summary = time_hbt_accel(pairs_path, args.steps, flags, launcher)
                 rows.append((f"hbt_accel, fp32, {name}", steady(_step_seconds(summary), args.warmup), rows[0][1]))
 
+    profile_total, profile = profile_step(pairs) if args.profile else (0.0, [])
+    for name, seconds in profile:
+        print(f"profile: {name:50s} {seconds:.3f} s/step")
     setup = (
         f"torch {torch.__version__}, {threads} threads, batch {BATCH} pairs, max length {MAX_LENGTH}, {args.steps} "
         f"steps (median after {args.warmup})"
@@ -235,6 +280,16 @@ def main() -> None:
             "",
             *table,
         ]
+        if profile:
+            body += [
+                "",
+                "Where a bf16 step of hbt_accel goes (`--profile`: torch.profiler, top ops by self CPU time, in "
+                f"seconds per step, of {profile_total:.2f} s of op time per step under the profiler):",
+                "",
+                "| op | s/step |",
+                "|---|---|",
+                *[f"| `{name}` | {seconds:.3f} |" for name, seconds in profile],
+            ]
         write_section(docs / "results.md", "train_speed", "\n".join(body))
 
 

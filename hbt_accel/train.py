@@ -116,6 +116,9 @@ class PairCollator:
 # ==================================================================================================================
 # Checkpoints
 # ==================================================================================================================
+EVALUATION_KEYS = ("mono_map", "cross_map", "multi_map", "rank_distance", "recall_at_1", "n_queries")
+
+
 @dataclasses.dataclass
 class TrainingProgress:
     """What save_state must carry besides model/optimizer/scheduler/RNG: where the run is and its best checkpoint."""
@@ -123,6 +126,7 @@ class TrainingProgress:
     global_step: int = 0
     best_metric: float = -math.inf
     best_checkpoint: str = ""
+    evaluations: list = dataclasses.field(default_factory=list)  # periodic scores by step: the metric-by-step plot
 
     def state_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -382,6 +386,13 @@ def main(cfg: HbtConfig) -> dict:
     model.train()
     batch_counts = {"X-X": 0, "X-Y": 0}
     history: list[dict] = []
+    eval_seconds = 0.0
+    if cfg.eval_benchmark and cfg.eval_steps and progress.global_step == 0:
+        # The step-0 point of the metric-by-step curve: the model before any update, on the same subset.
+        eval_started = time.perf_counter()
+        results = run_evaluation(accelerator, model, cfg, full=False, output_dir=None)
+        progress.evaluations.append({"step": 0, **{k: results[k] for k in EVALUATION_KEYS}})
+        eval_seconds += time.perf_counter() - eval_started
     started, window_start, window_samples = time.perf_counter(), time.perf_counter(), 0
     bar = TrainingProgressBar(accelerator, max_steps, progress.global_step)
     running_loss = []
@@ -425,11 +436,13 @@ def main(cfg: HbtConfig) -> dict:
             if periodic_save or periodic_eval:
                 checkpoint = save_checkpoint(accelerator, model, progress, cfg, output_dir)
                 if periodic_eval:
+                    eval_started = time.perf_counter()
                     results = run_evaluation(accelerator, model, cfg, full=False, output_dir=checkpoint)
-                    _track_best(accelerator, progress, cfg, results, checkpoint, console)
+                    _record_evaluation(accelerator, progress, cfg, results, checkpoint, console)
                     accelerator.log(
                         {f"eval/{k}": results[k] for k in ("mono_map", "cross_map", "multi_map")}, step=step
                     )
+                    eval_seconds += time.perf_counter() - eval_started
                 if cfg.hub_push_checkpoints and cfg.push_to_hub:
                     from hbt_accel.hub import push_folder
 
@@ -438,7 +451,7 @@ def main(cfg: HbtConfig) -> dict:
                 break
         sampler.set_epoch(sampler.epoch + 1)
     bar.close()
-    train_seconds = time.perf_counter() - started
+    train_seconds = time.perf_counter() - started - eval_seconds  # periodic evaluation is not training time
 
     # ---- 5. save, evaluate, card, push ------------------------------------------------------------------------------
     save_model(accelerator, model, output_dir)
@@ -461,6 +474,8 @@ def main(cfg: HbtConfig) -> dict:
             "device": f"{accelerator.device.type} ({platform.processor() or platform.machine()}, "
             f"{torch.get_num_threads()} threads per process)",
             "history": history,
+            "evaluations": progress.evaluations,
+            "eval_seconds": eval_seconds,
         }
         _write_json(output_dir / "train_summary.json", summary)
         from hbt_accel.export import write_model_card
@@ -475,12 +490,16 @@ def main(cfg: HbtConfig) -> dict:
     return results
 
 
-def _track_best(accelerator, progress: TrainingProgress, cfg: HbtConfig, results: dict, checkpoint: Path, console):
+def _record_evaluation(
+    accelerator, progress: TrainingProgress, cfg: HbtConfig, results: dict, checkpoint: Path, console
+) -> None:
+    """Add a periodic score to the progress (and the checkpoint's copy of it); track the best checkpoint."""
+    progress.evaluations.append({"step": progress.global_step, **{k: results[k] for k in EVALUATION_KEYS}})
     value = primary_metric(results, cfg.metric_for_best_model)
     if value > progress.best_metric:
         progress.best_metric, progress.best_checkpoint = value, checkpoint.name
-        if accelerator.is_main_process:  # the saved progress must name the new best too
-            (checkpoint / "training_progress.json").write_text(json.dumps(progress.state_dict(), indent=2))
+    if accelerator.is_main_process:  # the checkpoint was saved before this evaluation: its progress must include it
+        (checkpoint / "training_progress.json").write_text(json.dumps(progress.state_dict(), indent=2))
     console.print(
         f"step {progress.global_step}: mono {results['mono_map']:.3f} cross {results['cross_map']:.3f} "
         f"multi {results['multi_map']:.3f} rank distance {results['rank_distance']:.1f} "

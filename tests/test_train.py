@@ -90,6 +90,32 @@ def test_short_run_lowers_the_loss_and_saves_a_loadable_model(tiny_model_dir, ml
     assert vectors.shape == (2, 32)
 
 
+def test_periodic_evaluation_records_scores_by_step_and_keeps_the_best_checkpoint(
+    tiny_model_dir, mlqa_slice, tmp_path
+):
+    out = tmp_path / "run"
+    train(
+        *("--model_name_or_path", str(tiny_model_dir), "--output_dir", str(out), "--train_data", str(mlqa_slice)),
+        *("--max_steps", "15", "--learning_rate", "2e-3", "--per_device_train_batch_size", "16"),
+        *("--eval_benchmark", "xquad-r", "--eval_steps", "5", "--eval_languages", "en,de", "--eval_max_queries", "20"),
+        *("--save_total_limit", "1", "--metric_for_best_model", "multi_map"),
+    )
+    summary = json.loads((out / "train_summary.json").read_text())
+    evaluations = summary["evaluations"]
+    assert [e["step"] for e in evaluations] == [0, 5, 10]  # step 0 = before any update; 15 is the final, full eval
+    assert all(e["n_queries"] == 2 * 20 for e in evaluations)
+    assert summary["eval_seconds"] > 0
+    best = max(evaluations[1:], key=lambda e: e["multi_map"])
+    progress = json.loads((out / f"checkpoint-{best['step']}" / "training_progress.json").read_text())
+    assert progress["best_checkpoint"] == f"checkpoint-{best['step']}"
+    saved = json.loads((out / f"checkpoint-{best['step']}" / "eval_results.json").read_text())
+    assert saved["multi_map"] == pytest.approx(best["multi_map"])
+    # The kept checkpoint's progress lists every evaluation up to its own step (a resume continues the curve).
+    assert [e["step"] for e in progress["evaluations"]] == [
+        e["step"] for e in evaluations if e["step"] <= best["step"]
+    ]
+
+
 def test_resume_gives_the_weights_of_an_uninterrupted_run(dropout_model_dir, tmp_path):
     common = [
         "--model_name_or_path",
