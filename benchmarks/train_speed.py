@@ -152,6 +152,7 @@ def profile_step(pairs, steps: int = 3, top: int = 12) -> tuple[float, list[tupl
     import torch
     from torch.profiler import ProfilerActivity, profile
 
+    from hbt_accel.config import HbtConfig
     from hbt_accel.losses import InfoNCELoss
     from hbt_accel.modeling import DualEncoder, EncoderSettings
 
@@ -159,7 +160,7 @@ def profile_step(pairs, steps: int = 3, top: int = 12) -> tuple[float, list[tupl
     lengths = {"query_max_length": MAX_LENGTH, "passage_max_length": MAX_LENGTH}
     settings = EncoderSettings(query_prefix="", passage_prefix="", **lengths)
     encoder = DualEncoder.from_pretrained("embedded", settings=settings)
-    encoder.length_buckets = 4
+    encoder.length_buckets = HbtConfig().length_buckets
     encoder.train()
     optimizer = torch.optim.AdamW(encoder.parameters(), lr=2e-5, fused=True)
     loss_fn = InfoNCELoss(0.05)

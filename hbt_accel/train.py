@@ -342,13 +342,16 @@ def main(cfg: HbtConfig) -> dict:
         )
     model, optimizer = accelerator.prepare(model, optimizer)
     # The scheduler is built on the PREPARED optimizer: ZeRO-3 regroups parameters, and a scheduler made for the
-    # original groups fails on its first step.
+    # original groups fails on its first step. accelerate's prepared scheduler advances num_processes times per
+    # optimizer step (it assumes per-process dataloader lengths); max_steps counts global optimizer steps, so the
+    # schedule is laid out in those ticks, giving every world size the same learning rate at the same step.
+    ticks = 1 if accelerator.split_batches else accelerator.num_processes
     scheduler = accelerator.prepare_scheduler(
         get_scheduler(
             cfg.lr_scheduler_type if cfg.lr_scheduler_type != "constant" else "constant_with_warmup",
             optimizer,
-            num_warmup_steps=int(cfg.warmup_ratio * max_steps),
-            num_training_steps=max_steps,
+            num_warmup_steps=int(cfg.warmup_ratio * max_steps) * ticks,
+            num_training_steps=max_steps * ticks,
         )
     )
     loss_fn = (
