@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -114,6 +115,24 @@ def test_periodic_evaluation_records_scores_by_step_and_keeps_the_best_checkpoin
     assert [e["step"] for e in progress["evaluations"]] == [
         e["step"] for e in evaluations if e["step"] <= best["step"]
     ]
+
+
+def test_gradient_accumulation_steps_once_per_window_of_micro_batches(tiny_model_dir, mlqa_slice, tmp_path):
+    """Accumulating 2 micro-batches of 8 = one optimizer step over the sampler's next two batches of 8: its logged
+    loss is their mean, the schedule runs in optimizer steps, and the sampler is consumed twice as fast."""
+    common = ["--model_name_or_path", str(tiny_model_dir), "--train_data", str(mlqa_slice), "--warmup_ratio", "0"]
+    common += ["--per_device_train_batch_size", "8", "--learning_rate", "1e-12"]  # weights ~fixed: losses comparable
+    train(*common, "--output_dir", str(tmp_path / "plain"), "--max_steps", "4")
+    train(*common, "--output_dir", str(tmp_path / "accum"), "--max_steps", "2", "--gradient_accumulation_steps", "2")
+    plain = json.loads((tmp_path / "plain" / "train_summary.json").read_text())
+    accum = json.loads((tmp_path / "accum" / "train_summary.json").read_text())
+    assert accum["steps"] == 2 and sum(accum["batch_counts"].values()) == 4
+    plain_losses = [record["loss"] for record in plain["history"]]
+    accum_losses = [record["loss"] for record in accum["history"]]
+    expected = [(plain_losses[0] + plain_losses[1]) / 2, (plain_losses[2] + plain_losses[3]) / 2]
+    np.testing.assert_allclose(accum_losses, expected, rtol=1e-5)
+    # linear decay over 2 optimizer steps, logged after each step's tick: half the peak, then 0 (not per micro-batch)
+    np.testing.assert_allclose([record["lr"] for record in accum["history"]], [5e-13, 0.0], atol=1e-20)
 
 
 def test_resume_gives_the_weights_of_an_uninterrupted_run(dropout_model_dir, tmp_path):
