@@ -314,6 +314,10 @@ def _log_trial(runs: Path, docs: Path, trial: str, run_dir: Path | None, results
     print(json.dumps(record), flush=True)
     with (runs / "tuning.jsonl").open("a") as handle:
         handle.write(json.dumps(record) + "\n")
+    write_tuning_section(runs, docs)
+
+
+def write_tuning_section(runs: Path, docs: Path) -> None:
     trials = [json.loads(line) for line in (runs / "tuning.jsonl").read_text().splitlines()]
     lines = [
         "## Tuning on MLQA-R validation data (never XQuAD-R)",
