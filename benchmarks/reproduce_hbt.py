@@ -110,8 +110,9 @@ def row(name: str, metrics: dict, extra: str = "") -> str:
 def write_results(entries: dict, docs: Path, command: str, wall: float, budget: str, sweep: dict) -> None:
     figures = docs / "figures"
     figures.mkdir(parents=True, exist_ok=True)
+    every_run = {**entries, **sweep}
     payload = {}
-    for name, entry in {**entries, **sweep}.items():
+    for name, entry in every_run.items():
         r = entry["results"]
         payload[name] = {key: r[key] for key in ("mono_map", "cross_map", "multi_map", "rank_distance", "n_queries")}
         payload[name].update(
@@ -129,15 +130,14 @@ def write_results(entries: dict, docs: Path, command: str, wall: float, budget: 
     tmp.write_text(json.dumps(payload, indent=2))
     tmp.replace(docs / "results.json")
 
-    runs = {**entries, **sweep}
-    curves = {name: entry["history"] for name, entry in runs.items() if entry.get("history")}
+    curves = {name: entry["history"] for name, entry in every_run.items() if entry.get("history")}
     if curves:
         plot_by_step(curves, {"loss": "InfoNCE loss (mean over the logging window)"}, figures / "loss_by_step.png")
-    scores = {name: entry["evaluations"] for name, entry in runs.items() if entry.get("evaluations")}
+    scores = {name: entry["evaluations"] for name, entry in every_run.items() if entry.get("evaluations")}
     if scores:
         panels = {"mono_map": "mono mAP", "cross_map": "cross mAP", "multi_map": "multi mAP"}
         plot_by_step(scores, {**panels, "rank_distance": "rank distance"}, figures / "metric_by_step.png")
-    reused = [name for name, entry in {**entries, **sweep}.items() if entry["wall_seconds"] == 0.0]
+    reused = [name for name, entry in every_run.items() if entry["wall_seconds"] == 0.0]
     header = (
         "| model / sampling | mono mAP | cross mAP | multi mAP | rank distance (lower is better) |\n"
         + "|---" * 5
@@ -191,7 +191,7 @@ def write_results(entries: dict, docs: Path, command: str, wall: float, budget: 
     if curves:
         lines += ["", "## Training loss by step", "", "![training loss by step](figures/loss_by_step.png)"]
     lines += ["", "## Heatmaps (mAP, rows = query language, columns = pool language)", ""]
-    lines += [f"![{name}](figures/heatmap_{name}.png)" for name in {**entries, **sweep}]
+    lines += [f"![{name}](figures/heatmap_{name}.png)" for name in every_run]
     write_section(docs / "results.md", "reproduction", "\n".join(lines))
 
 
