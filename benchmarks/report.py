@@ -25,6 +25,11 @@ def write_section(path: Path, name: str, body: str) -> None:
         positions = [text.index(marker) for marker in later if marker in text]
         at = min(positions, default=len(text))
         text = text[:at].rstrip("\n") + "\n\n" + block + "\n\n" + text[at:].lstrip("\n")
+    write_atomic(path, text.rstrip("\n") + "\n")
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write via a temp file and a rename: readers never see a half-written file."""
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text.rstrip("\n") + "\n")
+    tmp.write_text(text)
     tmp.replace(path)

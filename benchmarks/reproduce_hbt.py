@@ -21,7 +21,7 @@ import sys
 import time
 from pathlib import Path
 
-from report import write_section
+from report import write_atomic, write_section
 
 REPO = Path(__file__).resolve().parents[1]
 UNSEEN = ("el", "ru", "th", "tr")  # XQuAD-R languages absent from MLQA-R
@@ -126,9 +126,7 @@ def write_results(entries: dict, docs: Path, command: str, wall: float, budget: 
         heatmap = Path(entry["dir"]) / "grid_heatmap.png"
         if heatmap.is_file():
             shutil.copyfile(heatmap, figures / f"heatmap_{name}.png")
-    tmp = docs / "results.json.tmp"
-    tmp.write_text(json.dumps(payload, indent=2))
-    tmp.replace(docs / "results.json")
+    write_atomic(docs / "results.json", json.dumps(payload, indent=2))
 
     curves = {name: entry["history"] for name, entry in every_run.items() if entry.get("history")}
     if curves:

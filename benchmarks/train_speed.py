@@ -23,7 +23,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from report import write_section
+from report import write_atomic, write_section
 
 REPO = Path(__file__).resolve().parents[1]
 BATCH = 32
@@ -267,9 +267,7 @@ def main() -> None:
     if args.docs_dir:
         docs = Path(args.docs_dir)
         records = [{"setup": n, "seconds_per_step": s, "samples_per_second": BATCH / s} for n, s, _ in rows]
-        tmp = docs / "train_speed.json.tmp"
-        tmp.write_text(json.dumps({"setup": setup, "rows": records}, indent=2) + "\n")
-        tmp.replace(docs / "train_speed.json")
+        write_atomic(docs / "train_speed.json", json.dumps({"setup": setup, "rows": records}, indent=2) + "\n")
         command = "python benchmarks/train_speed.py " + " ".join(sys.argv[1:])
         body = [
             "## Training speed against sentence-transformers",

@@ -119,6 +119,11 @@ class PairCollator:
 EVALUATION_KEYS = ("mono_map", "cross_map", "multi_map", "rank_distance", "recall_at_1", "n_queries")
 
 
+def evaluation_record(step: int, results: dict) -> dict:
+    """One point of the metric-by-step curve kept in TrainingProgress.evaluations."""
+    return {"step": step, **{key: results[key] for key in EVALUATION_KEYS}}
+
+
 @dataclasses.dataclass
 class TrainingProgress:
     """What save_state must carry besides model/optimizer/scheduler/RNG: where the run is and its best checkpoint."""
@@ -394,7 +399,7 @@ def main(cfg: HbtConfig) -> dict:
         # The step-0 point of the metric-by-step curve: the model before any update, on the same subset.
         eval_started = time.perf_counter()
         results = run_evaluation(accelerator, model, cfg, full=False, output_dir=None)
-        progress.evaluations.append({"step": 0, **{k: results[k] for k in EVALUATION_KEYS}})
+        progress.evaluations.append(evaluation_record(0, results))
         eval_seconds += time.perf_counter() - eval_started
     started, window_start, window_samples = time.perf_counter(), time.perf_counter(), 0
     bar = TrainingProgressBar(accelerator, max_steps, progress.global_step)
@@ -497,7 +502,7 @@ def _record_evaluation(
     accelerator, progress: TrainingProgress, cfg: HbtConfig, results: dict, checkpoint: Path, console
 ) -> None:
     """Add a periodic score to the progress (and the checkpoint's copy of it); track the best checkpoint."""
-    progress.evaluations.append({"step": progress.global_step, **{k: results[k] for k in EVALUATION_KEYS}})
+    progress.evaluations.append(evaluation_record(progress.global_step, results))
     value = primary_metric(results, cfg.metric_for_best_model)
     if value > progress.best_metric:
         progress.best_metric, progress.best_checkpoint = value, checkpoint.name
