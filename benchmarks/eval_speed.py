@@ -60,6 +60,7 @@ def main(argv=None) -> None:
     from hbt_accel.data import load_lareqa_benchmark
     from hbt_accel.evaluation import encode_benchmark, score_encoded
     from hbt_accel.evaluation.grid import select_languages, select_question_ids
+    from hbt_accel.evaluation.schema import HEADLINE_KEYS, MAP_KEYS
     from hbt_accel.modeling import DualEncoder
 
     args = parse_args(argv)
@@ -118,11 +119,11 @@ def main(argv=None) -> None:
             encode_benchmark(encoder, benchmark, languages, args.max_queries or None, args.batch_size, bf16=True)
         )
         bf16_seconds = time.perf_counter() - start
-        diff = max(abs(fp32[k] - bf16[k]) for k in ("mono_map", "cross_map", "multi_map"))
+        diff = max(abs(fp32[k] - bf16[k]) for k in MAP_KEYS)
         speedup = grid_seconds / bf16_seconds
         print(f"(d) bf16 grid evaluation:          {bf16_seconds:8.1f} s  fp32/bf16 time = {speedup:.2f}; "
               f"max |fp32 - bf16| of mono/cross/multi mAP = {diff:.4f}")  # fmt: skip
-        for key in ("mono_map", "cross_map", "multi_map", "rank_distance"):
+        for key in HEADLINE_KEYS:
             print(f"    {key:14s} fp32 {fp32[key]:.4f}  bf16 {bf16[key]:.4f}")
 
     # ---- memory

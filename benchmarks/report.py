@@ -5,6 +5,8 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+from hbt_accel.atomic import write_atomic
+
 TITLE = "# Results: hybrid batch training of multilingual-e5-small on MLQA-R, zero-shot on XQuAD-R"
 ORDER = ("reproduction", "tuning", "train_speed")  # where a section goes when the file does not have it yet
 
@@ -26,10 +28,3 @@ def write_section(path: Path, name: str, body: str) -> None:
         at = min(positions, default=len(text))
         text = text[:at].rstrip("\n") + "\n\n" + block + "\n\n" + text[at:].lstrip("\n")
     write_atomic(path, text.rstrip("\n") + "\n")
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """Write via a temp file and a rename: readers never see a half-written file."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)

@@ -21,7 +21,10 @@ import sys
 import time
 from pathlib import Path
 
-from report import write_atomic, write_section
+from report import write_section
+
+from hbt_accel.atomic import write_atomic
+from hbt_accel.evaluation.schema import HEADLINE, HEADLINE_KEYS
 
 REPO = Path(__file__).resolve().parents[1]
 UNSEEN = ("el", "ru", "th", "tr")  # XQuAD-R languages absent from MLQA-R
@@ -101,10 +104,7 @@ def unseen_view(results: dict) -> dict:
 
 
 def row(name: str, metrics: dict, extra: str = "") -> str:
-    return (
-        f"| {name} | {metrics['mono_map']:.3f} | {metrics['cross_map']:.3f} | {metrics['multi_map']:.3f} | "
-        f"{metrics['rank_distance']:.1f} |{extra}"
-    )
+    return f"| {name} | " + " | ".join(m.format(metrics[m.key]) for m in HEADLINE) + f" |{extra}"
 
 
 def write_results(entries: dict, docs: Path, command: str, wall: float, budget: str, sweep: dict) -> None:
@@ -114,7 +114,7 @@ def write_results(entries: dict, docs: Path, command: str, wall: float, budget: 
     payload = {}
     for name, entry in every_run.items():
         r = entry["results"]
-        payload[name] = {key: r[key] for key in ("mono_map", "cross_map", "multi_map", "rank_distance", "n_queries")}
+        payload[name] = {key: r[key] for key in (*HEADLINE_KEYS, "n_queries")}
         payload[name].update(
             train_seconds=entry["train_seconds"],
             recall_at_1=r["recall_at_1"],
@@ -133,8 +133,7 @@ def write_results(entries: dict, docs: Path, command: str, wall: float, budget: 
         plot_by_step(curves, {"loss": "InfoNCE loss (mean over the logging window)"}, figures / "loss_by_step.png")
     scores = {name: entry["evaluations"] for name, entry in every_run.items() if entry.get("evaluations")}
     if scores:
-        panels = {"mono_map": "mono mAP", "cross_map": "cross mAP", "multi_map": "multi mAP"}
-        plot_by_step(scores, {**panels, "rank_distance": "rank distance"}, figures / "metric_by_step.png")
+        plot_by_step(scores, {m.key: m.label for m in HEADLINE}, figures / "metric_by_step.png")
     reused = [name for name, entry in every_run.items() if entry["wall_seconds"] == 0.0]
     header = (
         "| model / sampling | mono mAP | cross mAP | multi mAP | rank distance (lower is better) |\n"
@@ -153,10 +152,7 @@ def write_results(entries: dict, docs: Path, command: str, wall: float, budget: 
         "",
         header,
         *[row(name, entries[name]["results"]) for name in entries],
-        *[
-            row(name, {"mono_map": m, "cross_map": c, "multi_map": u, "rank_distance": d})
-            for name, (m, c, u, d) in PAPER.items()
-        ],
+        *[row(name, dict(zip(HEADLINE_KEYS, scores))) for name, scores in PAPER.items()],
         "",
         "## XQuAD-R, queries in the languages never trained on (el, ru, th, tr)",
         "",
@@ -308,11 +304,15 @@ def _log_trial(runs: Path, docs: Path, trial: str, run_dir: Path | None, results
 
     settings = yaml.safe_load((run_dir / "hbt_config.yaml").read_text()) if run_dir else {}
     record = {"trial": trial, "train_seconds": round(seconds), **{key: settings.get(key) for key in TUNED_FIELDS}}
-    record.update({key: results[key] for key in ("mono_map", "cross_map", "multi_map", "rank_distance")})
+    record.update({key: results[key] for key in HEADLINE_KEYS})
     print(json.dumps(record), flush=True)
     with (runs / "tuning.jsonl").open("a") as handle:
         handle.write(json.dumps(record) + "\n")
     write_tuning_section(runs, docs)
+
+
+def _setting(value) -> str:
+    return "" if value is None else str(value)
 
 
 def write_tuning_section(runs: Path, docs: Path) -> None:
@@ -332,9 +332,11 @@ def write_tuning_section(runs: Path, docs: Path) -> None:
         + " | mono mAP | cross mAP | multi mAP | rank distance | train s |",
         "|---" * (len(TUNED_FIELDS) + 6) + "|",
         *[
-            f"| {t['trial']} | " + " | ".join("" if t[key] is None else str(t[key]) for key in TUNED_FIELDS) + " | "
-            f"{t['mono_map']:.3f} | {t['cross_map']:.3f} | {t['multi_map']:.3f} | {t['rank_distance']:.1f} | "
-            f"{t['train_seconds']} |"
+            f"| {t['trial']} | "
+            + " | ".join(_setting(t[key]) for key in TUNED_FIELDS)
+            + " | "
+            + " | ".join(m.format(t[m.key]) for m in HEADLINE)
+            + f" | {t['train_seconds']} |"
             for t in trials
         ],
     ]

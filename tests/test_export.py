@@ -15,8 +15,10 @@ import torch
 import yaml
 
 from hbt_accel.config import HbtConfig
-from hbt_accel.export import CARD_MARKER, write_model_card, write_sentence_transformers_files
+from hbt_accel.model_card import CARD_MARKER, write_model_card
 from hbt_accel.modeling import DualEncoder, EncoderSettings, LoraSettings
+from hbt_accel.run_summary import BatchArithmetic, TrainSummary
+from hbt_accel.sentence_transformers_format import write_sentence_transformers_files
 
 QUERIES = [
     "Who wrote Faust?",
@@ -201,13 +203,12 @@ RESULTS = {
     "n_queries": 30,
     "seconds": 12.5,
 }
-SUMMARY = {
-    "train_seconds": 3725.0,
-    "steps": 40,
-    "global_batch_size": 64,
-    "world_size": 2,
-    "batch_counts": {"X-X": 21, "X-Y": 19},
-}
+
+
+def run_summary(cfg: HbtConfig) -> TrainSummary:
+    """A finished 2-process run of `cfg`: 40 steps in 3725 s."""
+    batch = BatchArithmetic.of(cfg, world_size=2)
+    return TrainSummary(cfg, batch, steps=40, train_seconds=3725.0, batch_counts={"X-X": 21, "X-Y": 19})
 
 
 def split_card(text: str) -> tuple[dict, str]:
@@ -218,7 +219,7 @@ def split_card(text: str) -> tuple[dict, str]:
 
 def test_model_card_front_matter_and_grid(tmp_path):
     cfg = HbtConfig(hub_model_id="alice/hbt-e5-small", per_device_train_batch_size=32, num_hard_negatives=1)
-    path = write_model_card(tmp_path, cfg, SUMMARY, RESULTS)
+    path = write_model_card(tmp_path, run_summary(cfg), RESULTS)
     metadata, body = split_card(path.read_text())
     assert metadata["library_name"] == "sentence-transformers"
     assert {"sentence-similarity", "feature-extraction", "hybrid-batch-training"} <= set(metadata["tags"])
@@ -238,8 +239,8 @@ def test_model_card_front_matter_and_grid(tmp_path):
         row = next(line for line in body.splitlines() if line.startswith(f"| **{q}** |"))
         assert row == f"| **{q}** | " + " | ".join(f"{GRID[f'{q}-{p}']:.3f}" for p in LANGS) + " |"
     # batch arithmetic: 64 queries, 64 * 2 - 1 = 127 negatives per query (63 in-batch + 64 hard)
-    assert "global batch **64 queries** = 32 per device x 2 process(es)" in body
-    assert "negatives per query **127** (63 in-batch + 64 hard" in body
+    assert "global batch 64 queries = 32 per device x 2 process(es)" in body
+    assert "negatives per query 127 (63 in-batch + 64 hard" in body
     assert "1:02:05 (h:mm:ss)" in body  # 3725 s
     assert "arXiv 2408.10536" in body and "2004.05484" in body
     assert "CC BY-NC 4.0" in body and "CC BY-SA 4.0" in body
@@ -249,7 +250,7 @@ def test_model_card_front_matter_and_grid(tmp_path):
 def test_model_card_is_parsed_by_huggingface_hub(tmp_path):
     from huggingface_hub import ModelCard
 
-    path = write_model_card(tmp_path, HbtConfig(hub_model_id="alice/m"), SUMMARY, RESULTS)
+    path = write_model_card(tmp_path, run_summary(HbtConfig(hub_model_id="alice/m")), RESULTS)
     card = ModelCard.load(path)
     results = {r.metric_name: r.metric_value for r in card.data.eval_results}
     assert results["multilingual mAP"] == 0.455
@@ -257,15 +258,15 @@ def test_model_card_is_parsed_by_huggingface_hub(tmp_path):
 
 
 def test_model_card_without_results_and_foreign_readme(tmp_path):
-    path = write_model_card(tmp_path, HbtConfig(), SUMMARY, None)
+    path = write_model_card(tmp_path, run_summary(HbtConfig()), None)
     metadata, body = split_card(path.read_text())
     assert "model-index" not in metadata
     assert "Evaluation was not run" in body
     # ours is replaced ...
-    write_model_card(tmp_path, HbtConfig(), SUMMARY, RESULTS)
+    write_model_card(tmp_path, run_summary(HbtConfig()), RESULTS)
     assert "model-index" in split_card(path.read_text())[0]
     # ... a README someone else wrote is not
     path.write_text("# my own notes\n")
     with pytest.warns(UserWarning, match="not written by hbt-accel"):
-        assert write_model_card(tmp_path, HbtConfig(), SUMMARY, RESULTS) is None
+        assert write_model_card(tmp_path, run_summary(HbtConfig()), RESULTS) is None
     assert path.read_text() == "# my own notes\n"

@@ -19,8 +19,10 @@ import pytest
 import yaml
 
 from hbt_accel.config import ConfigError, HbtConfig
-from hbt_accel.export import write_model_card, write_sentence_transformers_files
 from hbt_accel.hub import check_hub_access, push_folder
+from hbt_accel.model_card import write_model_card
+from hbt_accel.run_summary import BatchArithmetic, TrainSummary
+from hbt_accel.sentence_transformers_format import write_sentence_transformers_files
 
 USERS = {  # token -> whoami answer
     "write-token": {
@@ -183,9 +185,10 @@ def run_dir(tiny_encoder, tmp_path):
     out = tmp_path / "run"
     tiny_encoder.save_pretrained(out)
     write_sentence_transformers_files(out, tiny_encoder.settings)
-    summary = {"train_seconds": 10.0, "steps": 5, "global_batch_size": 4, "world_size": 1, "batch_counts": {"X-X": 3}}
-    write_model_card(out, hub_cfg(), summary, RESULTS)
-    (out / "train_summary.json").write_text(json.dumps(summary))
+    cfg = hub_cfg()
+    summary = TrainSummary(cfg, BatchArithmetic.of(cfg, 1), steps=5, train_seconds=10.0, batch_counts={"X-X": 3})
+    write_model_card(out, summary, RESULTS)
+    (out / "train_summary.json").write_text(json.dumps(summary.to_json()))
     checkpoint = out / "checkpoint-5"
     (checkpoint / "model").mkdir(parents=True)
     for name in ("optimizer.bin", "scheduler.bin", "random_states_0.pkl", "model.safetensors"):

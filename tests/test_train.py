@@ -91,6 +91,42 @@ def test_short_run_lowers_the_loss_and_saves_a_loadable_model(tiny_model_dir, ml
     assert vectors.shape == (2, 32)
 
 
+def test_train_in_process_returns_its_summary_evaluations_and_paths(tiny_model_dir, mlqa_slice, tmp_path):
+    """`train(cfg)` from Python: 3 steps on the tiny model; the returned numbers are the ones written to disk."""
+    from hbt_accel.config import parse_config
+    from hbt_accel.train import train as train_in_process
+
+    out = tmp_path / "run"
+    cfg = parse_config(
+        [
+            *FAST,
+            *("--model_name_or_path", str(tiny_model_dir), "--output_dir", str(out), "--train_data", str(mlqa_slice)),
+            *("--max_steps", "3", "--per_device_train_batch_size", "16", "--mixed_precision", "no"),
+            *("--eval_steps", "2", "--eval_languages", "en,de", "--eval_max_queries", "10", "--final_eval", "true"),
+        ]
+    )
+    result = train_in_process(cfg)
+
+    summary = result.summary
+    assert summary.steps == 3 and sum(summary.batch_counts.values()) == 3
+    assert summary.batch.global_batch == 16 and summary.batch.negatives_per_query == 15 + 16 * 3
+    assert [record["step"] for record in summary.history] == [1, 2, 3]
+    assert all(np.isfinite(record["loss"]) and record["loss"] > 0 for record in summary.history)
+    assert [e["step"] for e in summary.evaluations] == [0, 2] and summary.evaluations[1]["n_queries"] == 2 * 10
+    assert summary.train_seconds > 0 and summary.eval_seconds > 0
+    # the final evaluation is the full grid: 11 languages x 1,190 questions
+    assert result.results["n_queries"] == 11 * 1190 and 0 < result.results["multi_map"] <= 1
+    # paths, and what is on disk says the same as what was returned
+    assert result.output_dir == out and result.checkpoints == [out / "checkpoint-2"]
+    assert json.loads(result.summary_path.read_text()) == json.loads(json.dumps(summary.to_json()))
+    saved = json.loads((out / "eval_results.json").read_text())
+    assert saved["multi_map"] == pytest.approx(result.results["multi_map"])
+    assert f"{result.results['mono_map']:.3f}" in result.model_card_path.read_text()
+    progress = json.loads((out / "checkpoint-2" / "training_progress.json").read_text())
+    assert progress["global_step"] == 2 and progress["best_checkpoint"] == "checkpoint-2"
+    assert progress["evaluations"] == summary.evaluations
+
+
 def test_periodic_evaluation_records_scores_by_step_and_keeps_the_best_checkpoint(
     tiny_model_dir, mlqa_slice, tmp_path
 ):

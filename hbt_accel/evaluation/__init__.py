@@ -2,13 +2,13 @@
 
 Public API: `evaluate_grid(encoder, benchmark, ...) -> dict` (or its two halves `encode_benchmark` +
 `score_encoded`), `evaluate_beir(encoder, folder, ...) -> dict`, `print_report(results)`,
-`write_reports(results, output_dir)`; for runs: `find_checkpoints`, `print_metrics_by_step`, `plot_metrics_by_step`.
+`write_reports(results, output_dir)`; for runs: `print_metrics_by_step`, `plot_metrics_by_step`. The metric names and
+directions are in `hbt_accel.evaluation.schema`; a run's checkpoints are found with `hbt_accel.checkpoints`.
 """
 
 from __future__ import annotations
 
 from hbt_accel.evaluation.beir import evaluate_beir
-from hbt_accel.evaluation.checkpoints import checkpoint_step, find_checkpoints, model_folder
 from hbt_accel.evaluation.grid import (
     EncodedBenchmark,
     encode_benchmark,
@@ -21,13 +21,10 @@ from hbt_accel.evaluation.report import plot_metrics_by_step, print_metrics_by_s
 
 __all__ = [
     "EncodedBenchmark",
-    "checkpoint_step",
     "encode_benchmark",
     "evaluate_beir",
     "evaluate_grid",
-    "find_checkpoints",
     "load_encoded",
-    "model_folder",
     "plot_metrics_by_step",
     "print_metrics_by_step",
     "print_report",

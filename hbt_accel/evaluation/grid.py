@@ -23,6 +23,7 @@ Summary numbers:
 
 from __future__ import annotations
 
+import io
 import os
 import time
 from collections.abc import Iterable
@@ -32,6 +33,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from hbt_accel.atomic import write_atomic
 from hbt_accel.data import DataError, RetrievalBenchmark
 from hbt_accel.evaluation.encoding import encode_texts
 from hbt_accel.evaluation.metrics import average_precision, rank_distance, recall_at_k, relevant_ranks
@@ -238,10 +240,9 @@ def _mean(values: Iterable[float]) -> float:
 
 def save_encoded(encoded: EncodedBenchmark, path: str | os.PathLike) -> Path:
     """Write the embeddings and the relevance layout to one .npz, so another scorer can re-rank the same vectors."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}.npz")
+    buffer = io.BytesIO()
     np.savez(
-        tmp,
+        buffer,
         benchmark=encoded.benchmark,
         languages=np.array(encoded.languages),
         query_ids=np.array(encoded.query_ids),
@@ -253,8 +254,7 @@ def save_encoded(encoded: EncodedBenchmark, path: str | os.PathLike) -> Path:
         precision=encoded.precision,
         encode_seconds=encoded.encode_seconds,
     )
-    os.replace(tmp, path)
-    return path
+    return write_atomic(path, buffer.getvalue())
 
 
 def load_encoded(path: str | os.PathLike) -> EncodedBenchmark:

@@ -1,18 +1,18 @@
 """Reports of a grid evaluation: a rich table in the terminal, and eval_results.json / grid.csv / grid_heatmap.png.
 
-Files are written to a temporary name in the same folder, then renamed, so a reader never sees half a file.
+Files are written atomically (`hbt_accel.atomic`); metric names and directions come from `schema`.
 """
 
 from __future__ import annotations
 
 import csv
 import io
-import json
 import math
 import os
 from pathlib import Path
 
-SUMMARY_KEYS = ("mono_map", "cross_map", "multi_map", "recall_at_1", "recall_at_10", "rank_distance")
+from hbt_accel.atomic import write_atomic, write_json
+from hbt_accel.evaluation.schema import MAP_KEYS, METRICS, RANK_DISTANCE, RECALL_AT_1
 
 
 def grid_matrix(results: dict) -> tuple[list[str], list[list[float]]]:
@@ -56,9 +56,8 @@ def print_report(results: dict, console=None) -> None:
     summary = Table(title="summary")
     summary.add_column("metric")
     summary.add_column("value", justify="right")
-    for key in SUMMARY_KEYS:
-        value = results.get(key, math.nan)
-        summary.add_row(key, f"{value:.1f}" if key == "rank_distance" else f"{value:.4f}")
+    for metric in METRICS:
+        summary.add_row(metric.key, metric.format(results.get(metric.key, math.nan), extra_digits=1))
     summary.add_row("queries / candidates", f"{results.get('n_queries', 0):,} / {results.get('n_candidates', 0):,}")
     summary.add_row("seconds (encode + score)", f"{results.get('seconds', math.nan):.1f}")
     console.print(summary)
@@ -70,9 +69,7 @@ def write_reports(results: dict, output_dir: str | os.PathLike) -> dict[str, Pat
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     paths = {}
-    paths["json"] = _write_atomically(
-        output_dir / "eval_results.json", json.dumps(results, indent=2, sort_keys=True).encode("utf-8")
-    )
+    paths["json"] = write_json(output_dir / "eval_results.json", results, sort_keys=True)
     if "grid" not in results:
         return paths
 
@@ -91,8 +88,8 @@ def write_reports(results: dict, output_dir: str | os.PathLike) -> dict[str, Pat
                 results.get("grid_n_queries", {}).get(key, ""),
             ]
         )
-    paths["csv"] = _write_atomically(output_dir / "grid.csv", buffer.getvalue().encode("utf-8"))
-    paths["heatmap"] = _write_atomically(output_dir / "grid_heatmap.png", _heatmap_png(results))
+    paths["csv"] = write_atomic(output_dir / "grid.csv", buffer.getvalue())
+    paths["heatmap"] = write_atomic(output_dir / "grid_heatmap.png", _heatmap_png(results))
     return paths
 
 
@@ -143,20 +140,15 @@ def print_metrics_by_step(rows: list[tuple[int, dict]], console=None) -> None:
     console = console or Console(width=max(Console().width, 110))
     table = Table(title="metrics by step")
     table.add_column("step", justify="right")
-    for key in SUMMARY_KEYS:
-        table.add_column(key, justify="right")
-    best = {}
-    for key in SUMMARY_KEYS:
-        values = [r.get(key, math.nan) for _, r in rows]
-        finite = [v for v in values if not math.isnan(v)]
-        if finite:
-            best[key] = min(finite) if key == "rank_distance" else max(finite)
+    for metric in METRICS:
+        table.add_column(metric.key, justify="right")
+    best = {metric.key: metric.best(r.get(metric.key, math.nan) for _, r in rows) for metric in METRICS}
     for step, results in rows:
         cells = []
-        for key in SUMMARY_KEYS:
-            value = results.get(key, math.nan)
-            text = f"{value:.1f}" if key == "rank_distance" else f"{value:.4f}"
-            cells.append(f"[bold]{text}[/]" if value == best.get(key) else text)
+        for metric in METRICS:
+            value = results.get(metric.key, math.nan)
+            text = metric.format(value, extra_digits=1)
+            cells.append(f"[bold]{text}[/]" if value == best[metric.key] else text)
         table.add_row(str(step), *cells)
     console.print(table)
 
@@ -170,25 +162,18 @@ def plot_metrics_by_step(rows: list[tuple[int, dict]], path: str | os.PathLike) 
 
     steps = [step for step, _ in rows]
     figure, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
-    for key in ("mono_map", "cross_map", "multi_map", "recall_at_1"):
+    for key in (*MAP_KEYS, RECALL_AT_1.key):
         left.plot(steps, [r.get(key, math.nan) for _, r in rows], marker="o", label=key)
     left.set_xlabel("step")
     left.set_ylabel("score")
     left.legend()
     left.grid(alpha=0.3)
-    right.plot(steps, [r.get("rank_distance", math.nan) for _, r in rows], marker="o", color="tab:red")
+    right.plot(steps, [r.get(RANK_DISTANCE.key, math.nan) for _, r in rows], marker="o", color="tab:red")
     right.set_xlabel("step")
-    right.set_ylabel("rank distance (lower is better)")
+    right.set_ylabel(RANK_DISTANCE.label)
     right.grid(alpha=0.3)
     figure.tight_layout()
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=120)
     plt.close(figure)
-    return _write_atomically(Path(path), buffer.getvalue())
-
-
-def _write_atomically(path: Path, data: bytes) -> Path:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-    return path
+    return write_atomic(Path(path), buffer.getvalue())

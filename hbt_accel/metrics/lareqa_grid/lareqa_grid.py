@@ -22,7 +22,7 @@ import evaluate
 import numpy as np
 
 from hbt_accel.evaluation import EncodedBenchmark, score_encoded
-from hbt_accel.export import LAREQA_BIBTEX
+from hbt_accel.model_card import LAREQA_BIBTEX
 
 _DESCRIPTION = """\
 Language-agnostic answer retrieval (LAReQA) scored on the full language grid. Questions in language X are ranked

@@ -1,0 +1,153 @@
+"""The checkpoints of a training run: where they live, how they are named, found, saved, rotated and resumed.
+
+    RUN/checkpoint-<step>/              accelerate's save_state (model, optimizer, scheduler, RNG)
+    RUN/checkpoint-<step>/model/        the encoder as a loadable Hugging Face + sentence-transformers folder
+    RUN/checkpoint-<step>/training_progress.json   step, periodic evaluations, best checkpoint (TrainingProgress)
+    RUN/.tmp-checkpoint-<step>/         a save in progress; renamed to checkpoint-<step> when complete
+
+Training, evaluation, the Hub upload and the recipes all go through this module for that layout.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+
+from hbt_accel.atomic import write_json
+from hbt_accel.errors import DataError
+from hbt_accel.evaluation.schema import selection_score, summary_of
+
+PREFIX = "checkpoint-"
+PATTERN = re.compile(rf"^{PREFIX}(\d+)$")
+MODEL_DIR = "model"
+PROGRESS_FILE = "training_progress.json"
+
+
+def checkpoint_name(step: int) -> str:
+    return f"{PREFIX}{step}"
+
+
+def is_checkpoint_name(name: str) -> bool:
+    return PATTERN.match(name) is not None
+
+
+def checkpoint_step(folder: str | os.PathLike) -> int:
+    match = PATTERN.match(Path(folder).name)
+    if match is None:
+        raise DataError(f"{folder}: not a checkpoint folder (expected {PREFIX}<step>)")
+    return int(match.group(1))
+
+
+def find_checkpoints(run_dir: str | os.PathLike) -> list[Path]:
+    """Finished `checkpoint-<step>` folders of a run, oldest first ([] when the run folder does not exist)."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        return []
+    found = [p for p in run_dir.iterdir() if p.is_dir() and is_checkpoint_name(p.name)]
+    return sorted(found, key=checkpoint_step)
+
+
+def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
+    checkpoints = find_checkpoints(run_dir)
+    return checkpoints[-1] if checkpoints else None
+
+
+def model_folder(checkpoint: str | os.PathLike) -> Path | None:
+    """The folder holding the saved model (HF config.json): `checkpoint/model/` or `checkpoint/` itself."""
+    checkpoint = Path(checkpoint)
+    for candidate in (checkpoint / MODEL_DIR, checkpoint):
+        if (candidate / "config.json").is_file():
+            return candidate
+    return None
+
+
+def rotate_checkpoints(run_dir: Path, limit: int, keep: str = "") -> None:
+    """Delete all but the newest `limit` checkpoints (0 = keep all); the one named `keep` is never deleted."""
+    if limit <= 0:
+        return
+    checkpoints = [p for p in find_checkpoints(run_dir) if p.name != Path(keep).name]
+    for old in checkpoints[: max(0, len(checkpoints) - limit)]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def resolve_resume(value: str, output_dir: Path) -> Path | None:
+    """`resume_from_checkpoint` -> the checkpoint folder: '' = none, 'latest' = newest in output_dir, else a path."""
+    if not value:
+        return None
+    if value == "latest":
+        latest = latest_checkpoint(output_dir)
+        if latest is None:
+            raise DataError(f"resume_from_checkpoint: 'latest' but {output_dir} has no {PREFIX}* folder")
+        return latest
+    path = Path(value).expanduser()
+    if not (path / PROGRESS_FILE).is_file():
+        raise DataError(f"resume_from_checkpoint: {path} is not a checkpoint folder (no {PROGRESS_FILE})")
+    return path
+
+
+# =====================================================================================================================
+# What a checkpoint carries besides accelerate's state
+# =====================================================================================================================
+@dataclasses.dataclass
+class TrainingProgress:
+    """Where the run is and its best checkpoint so far; saved as training_progress.json in every checkpoint."""
+
+    global_step: int = 0
+    best_metric: float | None = None  # selection score of the best checkpoint (higher is better); None = none yet
+    best_checkpoint: str = ""
+    evaluations: list = dataclasses.field(default_factory=list)  # periodic scores by step: the metric-by-step plot
+
+    def record_evaluation(self, results: dict, metric_for_best_model: str) -> bool:
+        """Add a periodic score at the current step; True when it makes this step's checkpoint the best."""
+        self.evaluations.append({"step": self.global_step, **summary_of(results)})
+        score = selection_score(results, metric_for_best_model)
+        if self.best_metric is not None and score <= self.best_metric:
+            return False
+        self.best_metric, self.best_checkpoint = score, checkpoint_name(self.global_step)
+        return True
+
+    def save(self, checkpoint: Path) -> Path:
+        return write_json(checkpoint / PROGRESS_FILE, dataclasses.asdict(self))
+
+    @classmethod
+    def load(cls, checkpoint: Path) -> TrainingProgress:
+        state = json.loads((checkpoint / PROGRESS_FILE).read_text(encoding="utf-8"))
+        if state.get("best_metric") in (float("-inf"), None):  # older runs wrote -Infinity for "none yet"
+            state["best_metric"] = None
+        return cls(**state)
+
+
+# =====================================================================================================================
+# Saving (every process calls these: ZeRO-3 gathers the weights collectively)
+# =====================================================================================================================
+def save_model(accelerator, model, directory: Path) -> None:
+    """Save the encoder (HF files + settings) from any setup; ZeRO-3 needs the state dict gathered on all ranks."""
+    state_dict = accelerator.get_state_dict(model)  # collective under ZeRO-3: every rank must call it
+    if accelerator.is_main_process:
+        encoder = accelerator.unwrap_model(model)
+        encoder.save_pretrained(directory, state_dict=state_dict)
+    accelerator.wait_for_everyone()
+
+
+def save_checkpoint(accelerator, model, progress: TrainingProgress, output_dir: Path, total_limit: int) -> Path:
+    """save_state + model + progress into checkpoint-<step> via a temp folder and a rename; keep the last
+    `total_limit` (and the best)."""
+    final = output_dir / checkpoint_name(progress.global_step)
+    tmp = output_dir / f".tmp-{final.name}"
+    if accelerator.is_main_process and tmp.exists():
+        shutil.rmtree(tmp)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))
+    save_model(accelerator, model, tmp / MODEL_DIR)
+    if accelerator.is_main_process:
+        progress.save(tmp)
+        if final.exists():
+            shutil.rmtree(final)
+        tmp.rename(final)
+        rotate_checkpoints(output_dir, total_limit, keep=progress.best_checkpoint)
+    accelerator.wait_for_everyone()
+    return final
