@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import warnings
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -47,6 +48,49 @@ def gather_no_grad(t: torch.Tensor) -> torch.Tensor:
     parts = [torch.empty_like(t) for _ in range(_world_size())]
     dist.all_gather(parts, t)
     return torch.cat(parts, dim=0)
+
+
+# =====================================================================================================================
+# CPU threads
+# =====================================================================================================================
+def choose_cpu_threads(
+    env: dict[str, str], launcher_env: dict[str, str] | None, launcher_args: list[str] | None, cores: int
+) -> tuple[int | None, str]:
+    """(threads to set or None = leave torch's choice, why) for one process.
+
+    `accelerate launch` exports OMP_NUM_THREADS=1 to every process it starts unless told otherwise (it only spreads
+    the cores with `--cpu`), so a launched CPU run would use one core. Here a launched process takes cores / (its
+    machine's processes) unless the user chose: OMP_NUM_THREADS in the launcher's own environment, or
+    `--num_cpu_threads_per_process` on its command line. `launcher_env`/`launcher_args` None = unknown: respected.
+    """
+    local_processes = max(1, int(env.get("LOCAL_WORLD_SIZE", "1")))
+    launched_by_accelerate = "ACCELERATE_MIXED_PRECISION" in env
+    if not launched_by_accelerate:
+        return None, "OMP_NUM_THREADS" if "OMP_NUM_THREADS" in env else "torch's default: all cores"
+    if launcher_env is None or launcher_args is None:
+        return None, "OMP_NUM_THREADS as launched (the launcher's settings could not be read)"
+    if "OMP_NUM_THREADS" in launcher_env:
+        return None, "OMP_NUM_THREADS set by the user"
+    if any(arg.startswith("--num_cpu_threads_per_process") for arg in launcher_args):
+        return None, "--num_cpu_threads_per_process"
+    return max(1, cores // local_processes), f"{cores} cores / {local_processes} process(es) on this machine"
+
+
+def configure_cpu_threads() -> str:
+    """Set torch's intra-op threads for this process (see `choose_cpu_threads`); returns a line for the log."""
+    launcher = Path(f"/proc/{os.getppid()}")
+    try:
+        launcher_env = dict(
+            entry.split("=", 1) for entry in launcher.joinpath("environ").read_text().split("\0") if "=" in entry
+        )
+        launcher_args = launcher.joinpath("cmdline").read_text().split("\0")
+    except OSError:  # not Linux, or another user's process
+        launcher_env = launcher_args = None
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    threads, why = choose_cpu_threads(dict(os.environ), launcher_env, launcher_args, cores)
+    if threads is not None:
+        torch.set_num_threads(threads)
+    return f"{torch.get_num_threads()} CPU threads per process ({why})"
 
 
 def _flag(name: str) -> bool:

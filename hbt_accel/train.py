@@ -39,7 +39,7 @@ from hbt_accel.checkpoints import (
 from hbt_accel.config import HbtConfig, save_config
 from hbt_accel.console import TrainingProgressBar, make_console
 from hbt_accel.data import ParallelCorpus, lareqa_files, load_lareqa_benchmark, load_training_corpus
-from hbt_accel.distributed import make_accelerator
+from hbt_accel.distributed import configure_cpu_threads, make_accelerator
 from hbt_accel.evaluation.schema import MAP_KEYS, check_selection_metric, summary_of
 from hbt_accel.losses import CachedInfoNCELoss, InfoNCELoss, TrainingStep
 from hbt_accel.modeling import DualEncoder, EncoderSettings, LoraSettings
@@ -68,6 +68,15 @@ class TrainResult:
         return self.output_dir / "README.md"
 
 
+@dataclasses.dataclass(frozen=True)
+class StepPlan:
+    """How big a step is and how many there are."""
+
+    batch: BatchArithmetic
+    steps_per_epoch: int
+    max_steps: int
+
+
 @dataclasses.dataclass
 class Session:
     """Everything the loop needs, as it stands after the one `prepare` (and a resume)."""
@@ -82,11 +91,12 @@ class Session:
     optimizer: torch.optim.Optimizer
     scheduler: object
     loss_fn: TrainingStep
-    batch: BatchArithmetic
-    max_steps: int
-    steps_per_epoch: int
-    output_dir: Path
+    plan: StepPlan
     progress: TrainingProgress = dataclasses.field(default_factory=TrainingProgress)
+
+    @property
+    def output_dir(self) -> Path:
+        return Path(self.cfg.output_dir)
 
 
 @dataclasses.dataclass
@@ -122,13 +132,14 @@ def setup(cfg: HbtConfig) -> Session:
     # ==============================================================================================================
     # 0. Accelerator, seed, and the checks that must fail before hours of work
     # ==============================================================================================================
-    accelerator = start(cfg)
+    accelerator, threads = start(cfg)
     console = make_console(accelerator)
+    console.print(threads)
     # ==============================================================================================================
     # 1. Data
     # ==============================================================================================================
     corpora, sampler = load_data(cfg, accelerator, console)
-    steps_per_epoch, max_steps = count_steps(cfg, sampler)
+    plan = plan_steps(cfg, sampler, accelerator.num_processes)
     # ==============================================================================================================
     # 2. Model, collator, DataLoader
     # ==============================================================================================================
@@ -143,23 +154,8 @@ def setup(cfg: HbtConfig) -> Session:
     # ==============================================================================================================
     # 4. ONE prepare
     # ==============================================================================================================
-    model, optimizer, scheduler = prepare(accelerator, model, optimizer, cfg, max_steps)
-    session = Session(
-        cfg=cfg,
-        accelerator=accelerator,
-        console=console,
-        corpora=corpora,
-        sampler=sampler,
-        loader=loader,
-        model=model,
-        optimizer=optimizer,
-        scheduler=scheduler,
-        loss_fn=loss_fn,
-        batch=BatchArithmetic.of(cfg, accelerator.num_processes),
-        max_steps=max_steps,
-        steps_per_epoch=steps_per_epoch,
-        output_dir=Path(cfg.output_dir),
-    )
+    model, optimizer, scheduler = prepare(accelerator, model, optimizer, cfg, plan.max_steps)
+    session = Session(cfg, accelerator, console, corpora, sampler, loader, model, optimizer, scheduler, loss_fn, plan)
     # ==============================================================================================================
     # 5. The run folder, and resume
     # ==============================================================================================================
@@ -172,6 +168,8 @@ def setup(cfg: HbtConfig) -> Session:
 # Phases of setup
 # ==================================================================================================================
 def start(cfg: HbtConfig):
+    """-> (accelerator, a log line saying how many CPU threads this process uses and why)."""
+    threads = configure_cpu_threads()  # before any work: accelerate launch would leave one core per process
     accelerator = make_accelerator(
         mixed_precision=cfg.mixed_precision,
         gradient_accumulation_steps=cfg.gradient_accumulation_steps,
@@ -184,7 +182,7 @@ def start(cfg: HbtConfig):
         from hbt_accel.hub import check_hub_access
 
         check_hub_access(cfg)
-    return accelerator
+    return accelerator, threads
 
 
 def load_data(cfg: HbtConfig, accelerator, console) -> tuple[list[ParallelCorpus], HybridBatchSampler]:
@@ -214,11 +212,11 @@ def load_data(cfg: HbtConfig, accelerator, console) -> tuple[list[ParallelCorpus
     return corpora, sampler
 
 
-def count_steps(cfg: HbtConfig, sampler: HybridBatchSampler) -> tuple[int, int]:
-    """(optimizer steps per epoch, optimizer steps of the run)."""
+def plan_steps(cfg: HbtConfig, sampler: HybridBatchSampler, world_size: int) -> StepPlan:
+    """The batch arithmetic, optimizer steps per epoch and optimizer steps of the run."""
     steps_per_epoch = max(1, sampler.batches_per_epoch // cfg.gradient_accumulation_steps)
     max_steps = cfg.max_steps if cfg.max_steps > 0 else math.ceil(cfg.num_train_epochs * steps_per_epoch)
-    return steps_per_epoch, max_steps
+    return StepPlan(BatchArithmetic.of(cfg, world_size), steps_per_epoch, max_steps)
 
 
 def build_model(cfg: HbtConfig) -> DualEncoder:
@@ -308,9 +306,9 @@ def open_run_folder(session: Session) -> None:
     session.sampler.set_position(session.progress.global_step * cfg.gradient_accumulation_steps)
     session.console.print(
         f"world size {accelerator.num_processes} | distributed {accelerator.distributed_type.value} | "
-        f"mixed precision {accelerator.mixed_precision}\n{session.batch.describe()}\n"
-        f"sampling {cfg.sampling} (alpha {cfg.alpha}); {session.steps_per_epoch} steps per epoch; "
-        f"{session.max_steps} steps"
+        f"mixed precision {accelerator.mixed_precision}\n{session.plan.batch.describe()}\n"
+        f"sampling {cfg.sampling} (alpha {cfg.alpha}); {session.plan.steps_per_epoch} steps per epoch; "
+        f"{session.plan.max_steps} steps"
     )
 
 
@@ -336,20 +334,20 @@ def run_loop(session: Session) -> LoopRecord:
     record = LoopRecord()
     if session.cfg.eval_benchmark and session.cfg.eval_steps and session.progress.global_step == 0:
         record.eval_seconds += evaluate_step_zero(session)
-    bar = TrainingProgressBar(session.accelerator, session.max_steps, session.progress.global_step)
+    bar = TrainingProgressBar(session.accelerator, session.plan.max_steps, session.progress.global_step)
     started, eval_seconds_before, losses = time.perf_counter(), record.eval_seconds, []
     record.new_window()
-    while session.progress.global_step < session.max_steps:
+    while session.progress.global_step < session.plan.max_steps:
         for batch in session.loader:
             record.batch_counts["X-X" if batch["monolingual"] else "X-Y"] += 1
             losses.append(train_step(session, batch))
-            record.window_samples += session.batch.global_batch
+            record.window_samples += session.plan.batch.global_batch
             if not session.accelerator.sync_gradients:
                 continue
             session.progress.global_step += 1
             log_step(session, record, bar, losses)
             record.eval_seconds += checkpoint_and_evaluate(session)
-            if session.progress.global_step >= session.max_steps:
+            if session.progress.global_step >= session.plan.max_steps:
                 break
         session.sampler.set_epoch(session.sampler.epoch + 1)
     bar.close()
@@ -364,7 +362,7 @@ def log_step(session: Session, record: LoopRecord, bar: TrainingProgressBar, los
     losses.clear()
     lr = session.scheduler.get_last_lr()[0]
     throughput = record.throughput()
-    log_now = step % session.cfg.logging_steps == 0 or step == session.max_steps
+    log_now = step % session.cfg.logging_steps == 0 or step == session.plan.max_steps
     bar.update(step, loss=mean_loss, lr=lr, throughput=throughput, counts=record.batch_counts, log_line=log_now)
     if log_now:
         entry = {"step": step, "loss": mean_loss, "lr": lr, "samples_per_second": throughput, **record.batch_counts}
@@ -377,8 +375,10 @@ def checkpoint_and_evaluate(session: Session) -> float:
     """At a save or evaluation step: evaluate (on the subset), then save the checkpoint with that score in its
     progress, then its reports. Returns the seconds spent evaluating."""
     cfg, step, accelerator = session.cfg, session.progress.global_step, session.accelerator
-    periodic_save = cfg.save_steps and step % cfg.save_steps == 0 and step < session.max_steps
-    periodic_eval = cfg.eval_benchmark and cfg.eval_steps and step % cfg.eval_steps == 0 and step < session.max_steps
+    periodic_save = cfg.save_steps and step % cfg.save_steps == 0 and step < session.plan.max_steps
+    periodic_eval = (
+        cfg.eval_benchmark and cfg.eval_steps and step % cfg.eval_steps == 0 and step < session.plan.max_steps
+    )
     if not (periodic_save or periodic_eval):
         return 0.0
     eval_started, results = time.perf_counter(), None
@@ -478,7 +478,7 @@ def build_summary(session: Session, record: LoopRecord) -> TrainSummary:
     )
     return TrainSummary(
         config=session.cfg,
-        batch=session.batch,
+        batch=session.plan.batch,
         steps=session.progress.global_step,
         train_seconds=record.train_seconds,
         eval_seconds=record.eval_seconds,

@@ -59,15 +59,19 @@ class EvaluateArguments:
 
 
 def main(args: EvaluateArguments) -> None:
+    from hbt_accel.distributed import configure_cpu_threads
     from hbt_accel.evaluation import plot_metrics_by_step, print_metrics_by_step
 
     # ---------------------------------------------------------------- processes (a launch splits the encoding)
+    threads = configure_cpu_threads()  # accelerate launch would leave one core per process
     accelerator = None
     if "LOCAL_RANK" in os.environ:
         from hbt_accel.distributed import make_accelerator
 
         accelerator = make_accelerator()
     is_main = accelerator is None or accelerator.is_main_process
+    if is_main:
+        print(threads)
 
     # ---------------------------------------------------------------- one model
     if args.model:

@@ -88,3 +88,30 @@ def test_entry_point_rejects_unknown_key_in_one_line():
     assert result.returncode != 0
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "no_such_key" in lines[0], result.stderr
+
+
+@pytest.mark.parametrize(
+    "env, launcher_env, launcher_args, cores, expected",
+    [
+        ({}, {}, [], 2, None),  # plain `python script.py`: torch already uses every core (or OMP_NUM_THREADS)
+        ({"ACCELERATE_MIXED_PRECISION": "no", "OMP_NUM_THREADS": "1"}, {}, ["accelerate", "launch"], 2, 2),
+        ({"ACCELERATE_MIXED_PRECISION": "no", "OMP_NUM_THREADS": "1", "LOCAL_WORLD_SIZE": "2"}, {}, [], 8, 4),
+        ({"ACCELERATE_MIXED_PRECISION": "no", "OMP_NUM_THREADS": "1", "LOCAL_WORLD_SIZE": "4"}, {}, [], 2, 1),
+        ({"ACCELERATE_MIXED_PRECISION": "no", "OMP_NUM_THREADS": "1"}, {"OMP_NUM_THREADS": "1"}, [], 2, None),
+        (
+            {"ACCELERATE_MIXED_PRECISION": "no", "OMP_NUM_THREADS": "3"},
+            {},
+            ["--num_cpu_threads_per_process", "3"],
+            2,
+            None,
+        ),
+        ({"ACCELERATE_MIXED_PRECISION": "no", "OMP_NUM_THREADS": "1"}, None, None, 2, None),  # unknown: respected
+    ],
+)
+def test_launched_processes_take_their_share_of_the_cores_unless_the_user_chose(
+    env, launcher_env, launcher_args, cores, expected
+):
+    from hbt_accel.distributed import choose_cpu_threads
+
+    threads, why = choose_cpu_threads(env, launcher_env, launcher_args, cores)
+    assert threads == expected and why
