@@ -18,10 +18,15 @@ from __future__ import annotations
 
 import argparse
 import resource
+import sys
 import time
 import tracemalloc
+from pathlib import Path
 
 import numpy as np
+from report import write_section
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -34,6 +39,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--batch_size", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=1, help="alternate (a) and (b) this often, keep the minimum")
     parser.add_argument("--skip_bf16", action="store_true", help="leave out the bf16 run")
+    parser.add_argument("--docs_dir", default=str(REPO / "docs"), help="write the table here ('' = print only)")
     return parser.parse_args(argv)
 
 
@@ -112,6 +118,12 @@ def main(argv=None) -> None:
           f"{len(pairs)} pair(s) x {len(languages) ** 2} pairs, multilingual settings not counted; "
           f"(c)/(b) = {naive / grid_seconds:.2f}")  # fmt: skip
 
+    rows = [
+        ("(a) encode every question and candidate once (fp32)", floor),
+        ("(b) full grid evaluation (fp32): encode once + exact ranks of every setting", grid_seconds),
+        (f"(c) naive per-pair evaluator, extrapolated from {len(pairs)} pair(s)", naive),
+    ]
+    notes = [f"(b)/(a) = {grid_seconds / floor:.3f}; (c)/(b) = {naive / grid_seconds:.1f}"]
     # ---- (d) bf16
     if not args.skip_bf16:
         start = time.perf_counter()
@@ -125,11 +137,44 @@ def main(argv=None) -> None:
               f"max |fp32 - bf16| of mono/cross/multi mAP = {diff:.4f}")  # fmt: skip
         for key in HEADLINE_KEYS:
             print(f"    {key:14s} fp32 {fp32[key]:.4f}  bf16 {bf16[key]:.4f}")
+        rows.append(("(d) full grid evaluation under bf16 autocast", bf16_seconds))
+        notes.append(
+            "fp32 / bf16 mono, cross, multi mAP, rank distance: "
+            + ", ".join(f"{fp32[k]:.4f} / {bf16[k]:.4f}" for k in HEADLINE_KEYS)
+            + f" (largest mAP difference {diff:.4f})"
+        )
 
     # ---- memory
     max_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
     print(f"peak memory: max RSS {max_rss_mb:,.0f} MB (whole process, model included); "
           f"scoring step tracemalloc peak {score_peak / 2**20:,.1f} MB")  # fmt: skip
+    notes.append(
+        f"peak memory: max RSS {max_rss_mb:,.0f} MB (whole process), scoring step {score_peak / 2**20:,.1f} MB"
+    )
+    if args.docs_dir:
+        import torch
+
+        setup = (
+            f"{len(languages)} languages, {len(questions):,} questions, {len(candidates):,} candidates, "
+            f"torch {torch.__version__}, {torch.get_num_threads()} threads"
+        )
+        write_docs(Path(args.docs_dir), setup, rows, notes)
+
+
+def write_docs(docs: Path, setup: str, rows: list[tuple[str, float]], notes: list[str]) -> None:
+    command = "python benchmarks/eval_speed.py " + " ".join(sys.argv[1:])
+    body = [
+        "## Evaluation speed",
+        "",
+        f"`{command.strip()}` on {time.strftime('%Y-%m-%d')}: {setup}.",
+        "",
+        "| step | seconds |",
+        "|---|---|",
+        *[f"| {name} | {seconds:.1f} |" for name, seconds in rows],
+        "",
+        *[f"- {note}" for note in notes],
+    ]
+    write_section(docs / "results.md", "eval_speed", "\n".join(body))
 
 
 if __name__ == "__main__":

@@ -8,7 +8,12 @@ from pathlib import Path
 from hbt_accel.atomic import write_atomic
 
 TITLE = "# Results: hybrid batch training of multilingual-e5-small on MLQA-R, zero-shot on XQuAD-R"
-ORDER = ("reproduction", "tuning", "train_speed")  # where a section goes when the file does not have it yet
+ORDER = (
+    "reproduction",
+    "tuning",
+    "train_speed",
+    "eval_speed",
+)  # where a section goes when the file does not have it yet
 
 
 def write_section(path: Path, name: str, body: str) -> None:

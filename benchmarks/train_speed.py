@@ -1,13 +1,19 @@
 """Training throughput: hbt_accel against sentence-transformers, measured side by side in ONE run.
 
     python benchmarks/train_speed.py                       # fp32 + bf16, both tools, then hbt_accel's CPU settings
-    python benchmarks/train_speed.py --steps 10 --skip_distributed
+    python benchmarks/train_speed.py --steps 10 --skip_distributed --profile
 
 Same model (the embedded multilingual-e5-small), same data (MLQA-R query/positive pairs, prefixed), same batch
-(32 pairs, no hard negatives), same max length (128 tokens both sides), one process, full fine-tuning (equal
-trainable parameters). The peer is sentence-transformers' current release: MultipleNegativesRankingLoss through
-SentenceTransformerTrainer. Both clip gradients at norm 1.0. Per-step wall times are taken after `--warmup`
-steps; samples/s = batch / median step.
+(32 pairs, no hard negatives), same max length (128 tokens both sides), full fine-tuning (equal trainable
+parameters: the word embeddings train too, unlike the default recipe). The peer is sentence-transformers' current
+release: MultipleNegativesRankingLoss through SentenceTransformerTrainer. Both clip gradients at norm 1.0.
+Per-step wall times are taken after `--warmup` steps; samples/s = batch / median step.
+
+hbt_accel is timed two ways at each precision, both on the users' code path:
+- in-process: `hbt_accel.train.setup(cfg)` then the library's `train_step` on the DataLoader's batches (collation
+  included), in a fresh Python process with torch's default threads;
+- the README's command: `accelerate launch recipes/train_hybrid.py ...` with the same flags, its per-step times
+  read from its own log (train_summary.json), and the whole command's wall time (start-up and save included).
 Then hbt_accel with the settings recommended for CPUs, and hbt_accel under 2-process DDP and DeepSpeed ZeRO-2.
 """
 
@@ -23,7 +29,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from report import write_atomic, write_section
+from report import write_section
+
+from hbt_accel.atomic import write_atomic
 
 REPO = Path(__file__).resolve().parents[1]
 BATCH = 32
@@ -109,21 +117,50 @@ def hbt_flags(pairs_path: Path, steps: int, output_dir: str, extra: list[str]) -
         *("--query_prefix", "", "--passage_prefix", ""),  # the pairs carry their prefixes already
         *("--query_max_length", str(MAX_LENGTH), "--passage_max_length", str(MAX_LENGTH)),
         *("--logging_steps", "1", "--final_eval", "false", "--eval_benchmark", ""),
-        *("--learning_rate", "2e-5", "--warmup_ratio", "0"),
+        *("--learning_rate", "2e-5", "--warmup_ratio", "0", "--freeze_word_embeddings", "false"),
         *extra,
     ]
 
 
-def time_hbt_accel(pairs_path: Path, steps: int, extra: list[str], launcher: list[str] | None = None) -> dict:
-    """Per-step seconds of hbt_accel's training loop (its own per-step log), run as users run it."""
+README_LAUNCHER = ["accelerate", "launch"]  # the README's first command, no accelerate config
+
+
+def time_command(pairs_path: Path, steps: int, extra: list[str], launcher: list[str], env: dict) -> tuple[list, float]:
+    """(per-step seconds from the run's own log, wall seconds of the whole command) of recipes/train_hybrid.py."""
     with tempfile.TemporaryDirectory() as output_dir:
         script = str(REPO / "recipes" / "train_hybrid.py")
-        command = (launcher or [sys.executable]) + [script, *hbt_flags(pairs_path, steps, output_dir, extra)]
-        result = subprocess.run(command, capture_output=True, text=True, cwd=REPO, env=_env(launcher))
+        command = [*launcher, script, *hbt_flags(pairs_path, steps, output_dir, extra)]
+        started = time.perf_counter()
+        result = subprocess.run(command, capture_output=True, text=True, cwd=REPO, env=env)
+        wall = time.perf_counter() - started
         if result.returncode != 0:
-            raise RuntimeError(f"hbt_accel run failed ({' '.join(extra)}):\n{result.stderr[-2000:]}")
+            raise RuntimeError(f"hbt_accel run failed ({' '.join(command)}):\n{result.stderr[-2000:]}")
         summary = json.loads((Path(output_dir) / "train_summary.json").read_text())
-    return summary
+    return [BATCH / record["samples_per_second"] for record in summary["history"]], wall
+
+
+def time_in_process(pairs_path: Path, steps: int, extra: list[str]) -> list[float]:
+    """Per-step seconds of the library's train_step, timed in a fresh `python` process (see `_time_steps_here`)."""
+    command = [sys.executable, __file__, "--time_steps_here", str(pairs_path), str(steps), *extra]
+    result = subprocess.run(command, capture_output=True, text=True, cwd=REPO, env=_quiet_env())
+    if result.returncode != 0:
+        raise RuntimeError(f"in-process timing failed ({' '.join(extra)}):\n{result.stderr[-2000:]}")
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def _time_steps_here(pairs_path: Path, steps: int, extra: list[str]) -> None:
+    """Print (as the last line, JSON) the seconds of each `steps` steps: next batch + train_step."""
+    from hbt_accel.config import parse_config
+    from hbt_accel.train import setup, train_step
+
+    with tempfile.TemporaryDirectory() as output_dir:
+        session = setup(parse_config(hbt_flags(pairs_path, steps, output_dir, extra)))
+        batches, seconds = iter(session.loader), []
+        for _ in range(steps):
+            started = time.perf_counter()
+            train_step(session, next(batches))
+            seconds.append(time.perf_counter() - started)
+    print(json.dumps(seconds))
 
 
 def profile_step(pairs_path: Path, steps: int = 3, top: int = 12) -> tuple[float, list[tuple[str, float]]]:
@@ -148,11 +185,8 @@ def profile_step(pairs_path: Path, steps: int = 3, top: int = 12) -> tuple[float
     return total, [(e.key, e.self_cpu_time_total / 1e6 / steps) for e in events[:top]]
 
 
-def _env(launcher) -> dict:
-    env = dict(os.environ, TOKENIZERS_PARALLELISM="false")
-    if launcher:
-        env["OMP_NUM_THREADS"] = "1"  # two processes share two cores
-    return env
+def _quiet_env() -> dict:
+    return dict(os.environ, TOKENIZERS_PARALLELISM="false")
 
 
 def write_pairs(pairs, path: Path) -> None:
@@ -166,7 +200,45 @@ def steady(seconds: list[float], warmup: int) -> float:
     return statistics.median(seconds[warmup:])
 
 
+def measure(pairs_path: Path, pairs, args) -> list[tuple[str, float, float | None]]:
+    """(setup, seconds per step, the peer's seconds per step at the same precision or None) for every row."""
+    rows, steps, warmup = [], args.steps, args.warmup
+    for precision in ("fp32", "bf16"):
+        flags = ["--mixed_precision", "no" if precision == "fp32" else "bf16"]
+        peer = steady(time_sentence_transformers(pairs, steps, precision == "bf16"), warmup)
+        rows.append((f"sentence-transformers, {precision}", peer, None))
+        rows.append(
+            (
+                f"hbt_accel, {precision}, in-process train_step",
+                steady(time_in_process(pairs_path, steps, flags), warmup),
+                peer,
+            )
+        )
+        step_seconds, wall = time_command(pairs_path, steps, flags, README_LAUNCHER, _quiet_env())
+        name = f"hbt_accel, {precision}, the README's `accelerate launch` command ({wall:.0f} s for {steps} steps)"
+        rows.append((name, steady(step_seconds, warmup), peer))
+    peer_fp32, peer_bf16 = rows[0][1], rows[3][1]
+    variants = [
+        ("hbt_accel, bf16, length_buckets 1 (no padding savings)", ["--length_buckets", "1"]),
+        ("hbt_accel, bf16 + frozen word embeddings (the default recipe)", ["--freeze_word_embeddings", "true"]),
+    ]
+    for name, flags in variants:
+        seconds = steady(time_in_process(pairs_path, steps, ["--mixed_precision", "bf16", *flags]), warmup)
+        rows.append((name, seconds, peer_bf16))
+    if not args.skip_distributed:
+        for name, config in (("DDP 2 processes", "cpu_ddp.yaml"), ("ZeRO-2 2 processes", "deepspeed_zero2.yaml")):
+            launcher = ["accelerate", "launch", "--config_file", str(REPO / "accelerate_configs" / config)]
+            # global batch 32 = 16 per process, so the work per step equals the single-process runs
+            flags = ["--mixed_precision", "no", "--per_device_train_batch_size", str(BATCH // 2)]
+            step_seconds, _ = time_command(pairs_path, steps, flags, launcher, _quiet_env())
+            rows.append((f"hbt_accel, fp32, {name}", steady(step_seconds, warmup), peer_fp32))
+    return rows
+
+
 def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1] == "--time_steps_here":
+        _time_steps_here(Path(sys.argv[2]), int(sys.argv[3]), sys.argv[4:])
+        return
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--warmup", type=int, default=2)
@@ -177,90 +249,60 @@ def main() -> None:
 
     import torch
 
-    threads = torch.get_num_threads()
     pairs = mlqa_pairs(BATCH * args.steps)
-    rows = []
     with tempfile.TemporaryDirectory() as tmp:
         pairs_path = Path(tmp) / "pairs.jsonl"
         write_pairs(pairs, pairs_path)
-        for precision in ("fp32", "bf16"):
-            peer = steady(time_sentence_transformers(pairs, args.steps, precision == "bf16"), args.warmup)
-            flags = ["--mixed_precision", "no" if precision == "fp32" else "bf16"]
-            ours_summary = time_hbt_accel(pairs_path, args.steps, flags)
-            ours = steady(_step_seconds(ours_summary), args.warmup)
-            rows.append((f"sentence-transformers, {precision}", peer, None))
-            rows.append((f"hbt_accel, {precision}", ours, peer))
-        peer_bf16 = rows[2][1]
-        variants = [
-            ("hbt_accel, bf16, length_buckets 1 (no padding savings)", ["--length_buckets", "1"]),
-            ("hbt_accel, bf16 + frozen word embeddings (recommended)", ["--freeze_word_embeddings", "true"]),
-        ]
-        for name, flags in variants:
-            summary = time_hbt_accel(pairs_path, args.steps, ["--mixed_precision", "bf16", *flags])
-            rows.append((name, steady(_step_seconds(summary), args.warmup), peer_bf16))
-        if not args.skip_distributed:
-            ddp = ["accelerate", "launch", "--config_file", str(REPO / "accelerate_configs" / "cpu_ddp.yaml")]
-            zero2 = [
-                "accelerate",
-                "launch",
-                "--config_file",
-                str(REPO / "accelerate_configs" / "deepspeed_zero2.yaml"),
-            ]
-            for name, launcher in (("DDP 2 processes", ddp), ("ZeRO-2 2 processes", zero2)):
-                # global batch 32 = 16 per process, so the work per step equals the single-process runs
-                flags = ["--mixed_precision", "no", "--per_device_train_batch_size", str(BATCH // 2)]
-                summary = time_hbt_accel(pairs_path, args.steps, flags, launcher)
-                rows.append((f"hbt_accel, fp32, {name}", steady(_step_seconds(summary), args.warmup), rows[0][1]))
-
+        rows = measure(pairs_path, pairs, args)
         profile_total, profile = profile_step(pairs_path) if args.profile else (0.0, [])
     for name, seconds in profile:
         print(f"profile: {name:50s} {seconds:.3f} s/step")
     setup = (
-        f"torch {torch.__version__}, {threads} threads, batch {BATCH} pairs, max length {MAX_LENGTH}, {args.steps} "
-        f"steps (median after {args.warmup})"
+        f"torch {torch.__version__}, {os.cpu_count()} cores, batch {BATCH} pairs, max length {MAX_LENGTH}, "
+        f"{args.steps} steps (median after {args.warmup})"
     )
     table = ["| setup | s/step | samples/s | vs peer |", "|---|---|---|---|"]
-    print(f"\n{setup}\n{'setup':58s} {'s/step':>8s} {'samples/s':>10s} {'vs peer':>8s}")
+    print(f"\n{setup}")
     for name, seconds, peer in rows:
         ratio = f"{peer / seconds:.2f}x" if peer else ""
-        print(f"{name:58s} {seconds:8.3f} {BATCH / seconds:10.1f} {ratio:>8s}")
+        print(f"{name:90s} {seconds:8.3f} s/step {BATCH / seconds:8.1f} samples/s {ratio:>7s}")
         table.append(f"| {name} | {seconds:.3f} | {BATCH / seconds:.1f} | {ratio} |")
     if args.docs_dir:
-        docs = Path(args.docs_dir)
-        records = [{"setup": n, "seconds_per_step": s, "samples_per_second": BATCH / s} for n, s, _ in rows]
-        write_atomic(docs / "train_speed.json", json.dumps({"setup": setup, "rows": records}, indent=2) + "\n")
-        command = "python benchmarks/train_speed.py " + " ".join(sys.argv[1:])
-        body = [
-            "## Training speed against sentence-transformers",
+        write_docs(Path(args.docs_dir), setup, rows, table, profile_total, profile)
+
+
+def write_docs(docs: Path, setup: str, rows, table: list[str], profile_total: float, profile) -> None:
+    records = [{"setup": n, "seconds_per_step": s, "samples_per_second": BATCH / s} for n, s, _ in rows]
+    write_atomic(docs / "train_speed.json", json.dumps({"setup": setup, "rows": records}, indent=2) + "\n")
+    command = "python benchmarks/train_speed.py " + " ".join(sys.argv[1:])
+    body = [
+        "## Training speed against sentence-transformers",
+        "",
+        f"`{command.strip()}` on {time.strftime('%Y-%m-%d')}, {setup}. The peer is sentence-transformers "
+        f"{_version('sentence-transformers')} (MultipleNegativesRankingLoss through SentenceTransformerTrainer). "
+        "Ratios are the peer's seconds per step over ours at the same precision (the DDP and ZeRO-2 rows: "
+        "against the peer's fp32). Every hbt_accel row trains all weights like the peer, except the one marked "
+        "frozen word embeddings.",
+        "",
+        *table,
+    ]
+    if profile:
+        body += [
             "",
-            f"`{command.strip()}` on {time.strftime('%Y-%m-%d')}, {setup}. The peer is sentence-transformers "
-            f"{_version('sentence-transformers')} (MultipleNegativesRankingLoss through SentenceTransformerTrainer). "
-            "Ratios are the peer's seconds per step over ours at the same precision (the DDP and ZeRO-2 rows: "
-            "against the peer's fp32).",
+            "Where a bf16 step of hbt_accel goes (`--profile`: torch.profiler over the library's `train_step`, top "
+            f"ops by self CPU time, in seconds per step, of {profile_total:.2f} s of op time per step):",
             "",
-            *table,
+            "| op | s/step |",
+            "|---|---|",
+            *[f"| `{name}` | {seconds:.3f} |" for name, seconds in profile],
         ]
-        if profile:
-            body += [
-                "",
-                "Where a bf16 step of hbt_accel goes (`--profile`: torch.profiler, top ops by self CPU time, in "
-                f"seconds per step, of {profile_total:.2f} s of op time per step under the profiler):",
-                "",
-                "| op | s/step |",
-                "|---|---|",
-                *[f"| `{name}` | {seconds:.3f} |" for name, seconds in profile],
-            ]
-        write_section(docs / "results.md", "train_speed", "\n".join(body))
+    write_section(docs / "results.md", "train_speed", "\n".join(body))
 
 
 def _version(package: str) -> str:
     from importlib.metadata import version
 
     return version(package)
-
-
-def _step_seconds(summary: dict, batch: int = BATCH) -> list[float]:
-    return [batch / record["samples_per_second"] for record in summary["history"]]
 
 
 if __name__ == "__main__":

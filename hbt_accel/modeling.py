@@ -150,15 +150,7 @@ class DualEncoder(nn.Module):
         Returns a BatchEncoding with `input_ids` and `attention_mask` (N, L) tensors only, so `model(**batch)`
         works for every architecture.
         """
-        if kind not in KINDS:
-            raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
-        if isinstance(texts, str):
-            raise TypeError("tokenize() takes a list of texts, not one string")
-        prefix = self.settings.query_prefix if kind == "query" else self.settings.passage_prefix
-        max_length = self.settings.query_max_length if kind == "query" else self.settings.passage_max_length
-        # Stripped: transformers' XLM-R tokenizer drops a trailing-space piece that the reference tokenizer.json keeps
-        # (375 XQuAD-R questions end in a space); stripping makes both agree and costs nothing.
-        texts = [prefix + text.strip() for text in texts]
+        texts, max_length = self._prefixed(texts, kind)
         common = {"return_token_type_ids": False, "return_attention_mask": True}
         if not self.append_eos:
             return self.tokenizer(
@@ -209,12 +201,18 @@ class DualEncoder(nn.Module):
     def device(self) -> torch.device:
         return next(self.parameters()).device
 
-    def encode(self, texts: list[str], kind: str, batch_size: int = 64, bf16: bool = False) -> np.ndarray:
-        """Embed `texts` -> float32 array (N, d) in input order; eval mode, no grad, length-sorted batches."""
+    def encode(
+        self, texts: list[str], kind: str, batch_size: int = 64, bf16: bool = False, progress=None
+    ) -> np.ndarray:
+        """Embed `texts` -> float32 array (N, d) in input order; eval mode, no grad, batches of similar token length.
+
+        `progress(done, total)`, if given, is called after every batch (texts encoded so far, of `total`).
+        """
         if isinstance(texts, str):
             raise TypeError("encode() takes a list of texts, not one string")
         texts = list(texts)
-        order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))  # longest first: tight padding
+        lengths = self.token_lengths(texts, kind)
+        order = sorted(range(len(texts)), key=lambda i: -lengths[i])  # longest first: tight padding
         was_training = self.training
         self.eval()
         chunks = []
@@ -224,6 +222,8 @@ class DualEncoder(nn.Module):
                     batch = self.tokenize([texts[i] for i in order[start : start + batch_size]], kind)
                     batch = {name: t.to(self.device) for name, t in batch.items()}
                     chunks.append(self(**batch).float().cpu())
+                    if progress is not None:
+                        progress(min(start + batch_size, len(order)), len(order))
         finally:
             self.train(was_training)
         if not chunks:
@@ -232,6 +232,25 @@ class DualEncoder(nn.Module):
         embeddings = np.empty_like(sorted_embeddings)
         embeddings[order] = sorted_embeddings
         return embeddings.astype(np.float32, copy=False)
+
+    def token_lengths(self, texts: list[str], kind: str) -> list[int]:
+        """Tokens per text as `tokenize` makes them (prefix, truncation, EOS), without padding."""
+        texts, max_length = self._prefixed(texts, kind)
+        limit = max_length - int(self.append_eos)
+        ids = self.tokenizer(texts, truncation=True, max_length=limit, return_attention_mask=False)["input_ids"]
+        return [len(row) + int(self.append_eos) for row in ids]
+
+    def _prefixed(self, texts: list[str], kind: str) -> tuple[list[str], int]:
+        """(texts with the kind's prefix, the kind's max length in tokens)."""
+        if kind not in KINDS:
+            raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+        if isinstance(texts, str):
+            raise TypeError("tokenize() takes a list of texts, not one string")
+        prefix = self.settings.query_prefix if kind == "query" else self.settings.passage_prefix
+        max_length = self.settings.query_max_length if kind == "query" else self.settings.passage_max_length
+        # Stripped: transformers' XLM-R tokenizer drops a trailing-space piece that the reference tokenizer.json keeps
+        # (375 XQuAD-R questions end in a space); stripping makes both agree and costs nothing.
+        return [prefix + text.strip() for text in texts], max_length
 
     @property
     def embedding_dim(self) -> int:

@@ -21,7 +21,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from hbt_accel.checkpoints import checkpoint_step, find_checkpoints, model_folder
+from hbt_accel.checkpoints import PREFIX, checkpoint_step, find_checkpoints, model_folder
 from hbt_accel.config import ConfigError, run_cli
 from hbt_accel.data import DataError, load_lareqa_benchmark
 
@@ -84,7 +84,7 @@ def main(args: EvaluateArguments) -> None:
         raise DataError(f"{run_dir}: run folder not found")
     checkpoints = find_checkpoints(run_dir)
     if not checkpoints:
-        raise DataError(f"{run_dir}: no checkpoint-<step> folders")
+        raise DataError(f"{run_dir}: no {PREFIX}<step> folders")
     for checkpoint in checkpoints:
         if (checkpoint / "eval_results.json").is_file():
             continue

@@ -290,3 +290,18 @@ def test_checkpoints_of_a_run_sorted_by_step_with_the_model_in_either_place(tmp_
     found = find_checkpoints(tmp_path)
     assert [p.name for p in found] == ["checkpoint-2", "checkpoint-3", "checkpoint-10"]  # by step, not by name
     assert [model_folder(p) for p in found] == [tmp_path / "checkpoint-2" / "model", None, tmp_path / "checkpoint-10"]
+
+
+def test_progress_line_prints_at_most_every_interval(capsys):
+    from hbt_accel.evaluation.encoding import ProgressLine
+
+    times = iter([0.0, 5.0, 15.0, 20.0, 31.0])
+    line = ProgressLine("passage", every=15.0, clock=lambda: next(times))
+    line(10, 100)  # t=5: too soon
+    line(40, 100)  # t=15: printed
+    line(50, 100)  # t=20: 5 s after the last line
+    line(90, 100)  # t=31: printed
+    assert capsys.readouterr().out.splitlines() == [
+        "encoding passages: 40/100 texts (3 texts/s)",
+        "encoding passages: 90/100 texts (3 texts/s)",
+    ]

@@ -258,3 +258,18 @@ def test_length_buckets_give_the_same_embeddings_and_gradients(architecture, tin
     assert results[0][1].keys() == results[1][1].keys()
     for name, grad in results[0][1].items():
         torch.testing.assert_close(grad, results[1][1][name], atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_encode_reports_progress_per_batch_and_keeps_the_input_order(tiny_encoder):
+    texts = ["a b c d e f g h", "short", "Wer schrieb den Faust?", "ファウストを書いたのは誰？", "x"]
+    calls = []
+    with_progress = tiny_encoder.encode(
+        texts, "passage", batch_size=2, progress=lambda done, total: calls.append(done)
+    )
+    assert calls == [2, 4, 5]
+    one_by_one = np.stack([tiny_encoder.encode([text], "passage")[0] for text in texts])
+    np.testing.assert_allclose(with_progress, one_by_one, atol=1e-5)
+    assert (
+        tiny_encoder.token_lengths(texts, "passage")
+        == tiny_encoder.tokenize(texts, "passage")["attention_mask"].sum(dim=1).tolist()
+    )

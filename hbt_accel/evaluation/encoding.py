@@ -8,8 +8,28 @@ original order.
 
 from __future__ import annotations
 
+import inspect
+import time
+
 import numpy as np
 import torch
+
+PROGRESS_SECONDS = 15.0  # a full-grid encode takes minutes; a log file must show it is alive
+
+
+class ProgressLine:
+    """Prints `encoding <kind>: done/total texts` at most every `every` seconds (first line after `every`)."""
+
+    def __init__(self, kind: str, every: float = PROGRESS_SECONDS, enabled: bool = True, clock=time.perf_counter):
+        self.kind, self.every, self.enabled, self.clock = kind, every, enabled, clock
+        self.start = self.last = clock()
+
+    def __call__(self, done: int, total: int) -> None:
+        now = self.clock()
+        if self.enabled and now - self.last >= self.every:
+            rate = done / max(now - self.start, 1e-9)
+            print(f"encoding {self.kind}s: {done:,}/{total:,} texts ({rate:.0f} texts/s)", flush=True)
+            self.last = now
 
 
 def encode_texts(
@@ -17,15 +37,16 @@ def encode_texts(
 ) -> np.ndarray:
     """(N, d) float32 embeddings of `texts` in their order; each text is encoded by exactly one process."""
     world = accelerator.num_processes if accelerator is not None else 1
+    progress = ProgressLine(kind, enabled=accelerator is None or accelerator.is_main_process)
     if world == 1:
-        return _encode(encoder, texts, kind, batch_size, bf16)
+        return _encode(encoder, texts, kind, batch_size, bf16, progress)
     rank = accelerator.process_index
     shard = texts[rank::world]
     per_rank = -(-len(texts) // world)  # the largest shard; smaller ones are padded to it
     # Every rank encodes exactly `per_rank` texts (the padding repeats a text): under ZeRO-3 each forward gathers
     # parameters collectively, so ranks running different numbers of batches would wait on each other forever.
     filler = shard[:1] or texts[:1]
-    local = _encode(encoder, shard + filler * (per_rank - len(shard)), kind, batch_size, bf16)  # (per_rank, d)
+    local = _encode(encoder, shard + filler * (per_rank - len(shard)), kind, batch_size, bf16, progress)
     padded = torch.from_numpy(local).to(accelerator.device)
     gathered = accelerator.gather(padded).cpu().numpy().reshape(world, per_rank, -1)  # (W, per_rank, d)
     out = np.empty((len(texts), gathered.shape[2]), dtype=np.float32)
@@ -35,9 +56,10 @@ def encode_texts(
     return out
 
 
-def _encode(encoder, texts: list[str], kind: str, batch_size: int, bf16: bool) -> np.ndarray:
+def _encode(encoder, texts: list[str], kind: str, batch_size: int, bf16: bool, progress=None) -> np.ndarray:
     if not texts:
         # the embedding size is unknown without encoding something; one probe text is cheap
         dim = np.asarray(encoder.encode(["."], kind=kind, batch_size=1, bf16=bf16)).shape[1]
         return np.zeros((0, dim), dtype=np.float32)
-    return np.asarray(encoder.encode(texts, kind=kind, batch_size=batch_size, bf16=bf16), dtype=np.float32)
+    extra = {"progress": progress} if "progress" in inspect.signature(encoder.encode).parameters else {}
+    return np.asarray(encoder.encode(texts, kind=kind, batch_size=batch_size, bf16=bf16, **extra), dtype=np.float32)
