@@ -112,7 +112,12 @@ class HbtConfig:
     eval_languages: list = _field([], "languages of the periodic evaluation; empty = all")
     eval_max_queries: int = _field(0, "questions per language in the periodic evaluation; 0 = all")
     final_eval: bool = _field(True, "score the final model on the full grid")
-    eval_bf16: bool = _field(False, "encode the evaluation in bf16")
+    final_eval_max_queries: int = _field(
+        0, "question ids (all languages) of the final evaluation; 0 = the full grid (sweeps use a fixed subset)"
+    )
+    eval_bf16: bool = _field(
+        True, "encode the evaluation in bf16 (full XQuAD-R grid 156 s vs 245 s in fp32 here, mAPs within .0005)"
+    )
     metric_for_best_model: str = _field("mean_map", "metric tracking the best checkpoint (mean of mono/cross/multi)")
 
     # ---- hub ----
@@ -134,6 +139,7 @@ class HbtConfig:
             (self.learning_rate > 0, "learning_rate", "a positive number"),
             (0.0 <= self.warmup_ratio < 1.0, "warmup_ratio", "a fraction in [0, 1)"),
             (self.num_hard_negatives >= 0, "num_hard_negatives", "0 or more"),
+            (self.final_eval_max_queries >= 0, "final_eval_max_queries", "0 (all) or a positive integer"),
             (self.length_buckets >= 1, "length_buckets", "1 (off) or more"),
             (self.language_temperature >= 0, "language_temperature", "0 (off) or a positive exponent"),
             (not self.push_to_hub or bool(self.hub_model_id), "hub_model_id", "a repo id when push_to_hub is true"),

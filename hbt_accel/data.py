@@ -317,6 +317,8 @@ def load_training_corpus(
     if source in LAREQA_BENCHMARKS or (path.is_dir() and any(path.glob("*.json"))):
         benchmark = load_lareqa_benchmark(source, data_dir=data_dir or None)
         return lareqa_training_corpus(benchmark, hard_negatives=hard_negatives)
-    if path.suffix == ".jsonl" and path.is_file():
+    if path.suffix in (".jsonl", ".json", ".csv", ".parquet") and not path.is_file():
+        raise DataError(f"{path}: training data file not found (train_data)")
+    if path.suffix == ".jsonl":
         return read_jsonl_corpus(path)
     return read_hf_corpus(source, columns or {})

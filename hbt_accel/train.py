@@ -406,21 +406,24 @@ def evaluate_step_zero(session: Session) -> float:
     return time.perf_counter() - started
 
 
-def run_evaluation(session: Session, full: bool) -> dict:
-    """Score the model on the LAReQA grid: the periodic subset during training, the full grid at the end."""
+def run_evaluation(session: Session, full: bool, per_query: list | None = None) -> dict:
+    """Score the model on the LAReQA grid: the periodic subset during training, every language at the end
+    (`final_eval_max_queries` question ids, or all). `per_query` receives the per-query ranks."""
     from hbt_accel.evaluation import evaluate_grid
 
     cfg = session.cfg
     languages = None if full else (cfg.eval_languages or None)
+    max_queries = cfg.final_eval_max_queries if full else cfg.eval_max_queries
     benchmark = load_lareqa_benchmark(cfg.eval_benchmark, languages=languages, data_dir=cfg.data_dir or None)
     encoder = session.accelerator.unwrap_model(session.model)
     was_training = encoder.training
     results = evaluate_grid(
         encoder,
         benchmark,
-        max_queries=None if full else (cfg.eval_max_queries or None),
+        max_queries=max_queries or None,
         bf16=cfg.eval_bf16,
         accelerator=session.accelerator,
+        per_query=per_query,
     )
     encoder.train(was_training)
     return results
@@ -445,16 +448,18 @@ def finalize(session: Session, record: LoopRecord) -> TrainResult:
     """Save the final model, score it on the full grid, write the summary and the card, push, end."""
     cfg, accelerator, output_dir = session.cfg, session.accelerator, session.output_dir
     save_model(accelerator, session.model, output_dir)
-    results: dict = {}
+    results, per_query = {}, []
     if cfg.eval_benchmark and cfg.final_eval:
-        results = run_evaluation(session, full=True)
+        results = run_evaluation(session, full=True, per_query=per_query)
     summary = build_summary(session, record)
     if accelerator.is_main_process:
         from hbt_accel.evaluation import print_report, write_reports
+        from hbt_accel.evaluation.grid import PER_QUERY_FILE
         from hbt_accel.model_card import write_model_card
 
         if results:
             write_reports(results, output_dir)
+            per_query[0].save(output_dir / PER_QUERY_FILE)  # for confidence intervals and paired tests later
             print_report(results)
         write_json(output_dir / SUMMARY_FILE, summary.to_json())
         write_model_card(output_dir, summary, results or None)

@@ -1,10 +1,12 @@
 """Score a retriever on the LAReQA grid (XQuAD-R / MLQA-R) or a BEIR-style folder; or every checkpoint of a run.
 
     python recipes/evaluate.py --model embedded --benchmark xquad-r --output_dir /tmp/ev
-    python recipes/evaluate.py --model embedded --benchmark xquad-r --bf16 --output_dir /tmp/ev_bf16
+    python recipes/evaluate.py --model embedded --benchmark xquad-r --bf16 false --output_dir /tmp/ev_fp32
     python recipes/evaluate.py --model runs/default/final --benchmark mlqa-r --languages en,de,zh --max_queries 200
     python recipes/evaluate.py --model embedded --benchmark /data/miracl-sw   # corpus.jsonl, queries.jsonl, qrels/
     python recipes/evaluate.py --run_dir runs/default          # every checkpoint-* without eval_results.json yet
+    python recipes/evaluate.py --model runs/a --bootstrap 1000 --output_dir runs/a/eval    # + 95% CIs, per_query.npz
+    python recipes/evaluate.py --model runs/b --bootstrap 1000 --baseline runs/a/eval/per_query.npz  # b minus a
     ACCELERATE_USE_CPU=1 OMP_NUM_THREADS=1 accelerate launch --multi_gpu --num_processes 2 --num_machines 1 \
         --mixed_precision no --dynamo_backend no recipes/evaluate.py --model embedded --benchmark xquad-r
 
@@ -36,12 +38,20 @@ class EvaluateArguments:
     languages: list = field(default_factory=list, metadata={"help": "comma-separated languages; empty = all"})
     max_queries: int = field(default=0, metadata={"help": "first N question ids (same in every language); 0 = all"})
     output_dir: str = field(default="", metadata={"help": "where to write the reports of --model; empty = none"})
-    bf16: bool = field(default=False, metadata={"help": "encode under bf16 autocast (scores stay fp32)"})
+    bf16: bool = field(
+        default=True, metadata={"help": "encode under bf16 autocast (scores stay fp32); false = fp32 encoding"}
+    )
     batch_size: int = field(default=64, metadata={"help": "texts per encoder forward"})
     block_size: int = field(default=256, metadata={"help": "queries scored at once against the whole pool"})
     data_dir: str = field(default="", metadata={"help": "folder with xquad-r/ and mlqa-r/; empty = default lookup"})
     save_embeddings: bool = field(
         default=False, metadata={"help": "also write embeddings.npz to --output_dir (for independent re-scoring)"}
+    )
+    bootstrap: int = field(
+        default=0, metadata={"help": "resamples of question ids for 95% confidence intervals (e.g. 1000); 0 = off"}
+    )
+    baseline: str = field(
+        default="", metadata={"help": "per_query.npz of another model on the same questions: paired difference"}
     )
     beir_split: str = field(default="test", metadata={"help": "BEIR folders: which qrels/<split>.tsv"})
     beir_index: str = field(
@@ -55,6 +65,12 @@ class EvaluateArguments:
             raise ConfigError(f"--max_queries: got {self.max_queries}, expected 0 (all) or a positive integer")
         if self.save_embeddings and not self.output_dir:
             raise ConfigError("--save_embeddings needs --output_dir")
+        if self.bootstrap < 0:
+            raise ConfigError(f"--bootstrap: got {self.bootstrap}, expected 0 (off) or a number of resamples (1000)")
+        if self.baseline and self.bootstrap == 0:
+            raise ConfigError("--baseline needs --bootstrap N (e.g. 1000): the difference comes with its interval")
+        if self.baseline and not Path(self.baseline).is_file():
+            raise ConfigError(f"--baseline: {self.baseline} not found (expected a per_query.npz of evaluate.py)")
         return self
 
 
@@ -110,6 +126,7 @@ def evaluate_model(args: EvaluateArguments, model: str, output_dir: Path | None,
     """Load one model, score it on args.benchmark, print the report and write it to output_dir (main process)."""
     from hbt_accel.evaluation import encode_benchmark, print_report, save_encoded, score_encoded, write_reports
     from hbt_accel.evaluation.beir import evaluate_beir, is_beir_folder
+    from hbt_accel.evaluation.grid import PER_QUERY_FILE
     from hbt_accel.modeling import DualEncoder
 
     # ---- data first: a bad language or file fails before the model is loaded
@@ -144,17 +161,39 @@ def evaluate_model(args: EvaluateArguments, model: str, output_dir: Path | None,
     encoded = encode_benchmark(
         encoder, benchmark, None, args.max_queries or None, args.batch_size, args.bf16, accelerator
     )
-    results = score_encoded(encoded, args.block_size)
+    per_query: list = []
+    results = score_encoded(encoded, args.block_size, per_query=per_query)
     results["seconds"] = results["encode_seconds"] + results["score_seconds"]
     results["model"] = model
+    if args.bootstrap and is_main:
+        add_statistics(results, per_query[0], args)
     if is_main:
         print_report(results)
         if output_dir is not None:
             paths = write_reports(results, output_dir)
             if args.save_embeddings:
                 paths["embeddings"] = save_encoded(encoded, output_dir / "embeddings.npz")
+            if args.bootstrap:
+                paths["per_query"] = per_query[0].save(output_dir / PER_QUERY_FILE)
             print("wrote " + ", ".join(str(p) for p in paths.values()))
     return results
+
+
+def add_statistics(results: dict, scores, args: EvaluateArguments) -> None:
+    """95% bootstrap intervals over question ids; with --baseline, the paired difference to that model."""
+    from hbt_accel.evaluation.grid import PerQueryScores
+    from hbt_accel.evaluation.statistics import confidence_intervals, paired_difference
+
+    results["confidence_intervals"] = confidence_intervals(scores, args.bootstrap)
+    results["bootstrap_resamples"] = args.bootstrap
+    if args.baseline:
+        baseline = PerQueryScores.load(args.baseline)
+        if baseline.query_ids != scores.query_ids or baseline.languages != scores.languages:
+            raise DataError(f"--baseline: {args.baseline} scored other questions or languages than this evaluation")
+        results["paired_difference"] = {
+            "baseline": args.baseline,
+            **paired_difference(scores, baseline, args.bootstrap),
+        }
 
 
 if __name__ == "__main__":

@@ -28,7 +28,7 @@ class ProgressLine:
         now = self.clock()
         if self.enabled and now - self.last >= self.every:
             rate = done / max(now - self.start, 1e-9)
-            print(f"encoding {self.kind}s: {done:,}/{total:,} texts ({rate:.0f} texts/s)", flush=True)
+            print(f"encoding {self.kind} texts: {done:,}/{total:,} ({rate:.0f} texts/s)", flush=True)
             self.last = now
 
 

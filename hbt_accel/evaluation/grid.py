@@ -140,10 +140,58 @@ def encode_benchmark(
     )
 
 
-def score_encoded(encoded: EncodedBenchmark, block_size: int = 256) -> dict:
-    """Exact ranks for every query in every setting, then the summary dict (keys: see module docstring)."""
-    start = time.perf_counter()
-    languages, offsets = encoded.languages, encoded.candidate_offsets
+PER_QUERY_FILE = "per_query.npz"  # the name a PerQueryScores is saved under beside eval_results.json
+
+
+@dataclass
+class PerQueryScores:
+    """Every query's ranks in every setting: enough to recompute every summary number under any reweighting of the
+    questions (the bootstrap in `statistics.py`), and small enough to keep beside a model's eval_results.json.
+
+    pair_ranks: (Q, L) rank of the question's gold sentence in pool language j (NaN: the pool lacks the id).
+    multi_ap, multi_distance: (Q,) AP and rank distance in the multilingual pool.
+    """
+
+    benchmark: str
+    languages: list[str]
+    query_ids: list[str]
+    query_language: np.ndarray
+    pair_ranks: np.ndarray
+    multi_ap: np.ndarray
+    multi_distance: np.ndarray
+
+    def save(self, path: str | os.PathLike) -> Path:
+        buffer = io.BytesIO()
+        np.savez_compressed(
+            buffer,
+            benchmark=self.benchmark,
+            languages=np.array(self.languages),
+            query_ids=np.array(self.query_ids),
+            query_language=self.query_language,
+            pair_ranks=np.nan_to_num(self.pair_ranks, nan=-1).astype(np.int32),  # ranks are whole; -1 = no gold
+            multi_ap=self.multi_ap.astype(np.float32),
+            multi_distance=self.multi_distance.astype(np.int32),
+        )
+        return write_atomic(path, buffer.getvalue())
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> PerQueryScores:
+        with np.load(path) as data:
+            arrays = {name: data[name] for name in ("query_language", "pair_ranks", "multi_ap", "multi_distance")}
+            return cls(
+                benchmark=str(data["benchmark"]),
+                languages=[str(x) for x in data["languages"]],
+                query_ids=[str(x) for x in data["query_ids"]],
+                **{
+                    name: value.astype(np.float64) if value.dtype.kind == "f" else value
+                    for name, value in arrays.items()
+                },
+            )
+
+
+def rank_encoded(encoded: EncodedBenchmark, block_size: int = 256) -> PerQueryScores:
+    """Exact ranks of every query's relevant sentences in every setting, a block of queries at a time."""
+    offsets = encoded.candidate_offsets
     num_queries, num_languages = encoded.gold_columns.shape
     candidates = torch.from_numpy(encoded.candidate_embeddings)  # (N, d)
     pair_ranks = np.full((num_queries, num_languages), np.nan)  # (Q, L) rank of the gold in pool language j
@@ -162,16 +210,49 @@ def score_encoded(encoded: EncodedBenchmark, block_size: int = 256) -> dict:
         ranks = relevant_ranks(scores, relevant)  # (B, L) ranks in the union of all pools
         multi_ap[begin:end] = average_precision(ranks)
         multi_distance[begin:end] = rank_distance(ranks)
+    return PerQueryScores(
+        encoded.benchmark,
+        list(encoded.languages),
+        list(encoded.query_ids),
+        encoded.query_language,
+        pair_ranks,
+        multi_ap,
+        multi_distance,
+    )
 
+
+def score_encoded(encoded: EncodedBenchmark, block_size: int = 256, per_query: list | None = None) -> dict:
+    """Exact ranks for every query in every setting, then the summary dict (keys: see module docstring).
+
+    `per_query`: a list that receives the `PerQueryScores` (for confidence intervals and paired tests)."""
+    start = time.perf_counter()
+    scores = rank_encoded(encoded, block_size)
+    if per_query is not None:
+        per_query.append(scores)
+    results = summarize(scores)
+    offsets = encoded.candidate_offsets
+    results.update(
+        precision=encoded.precision,
+        n_candidates=int(offsets[-1]),
+        n_candidates_per_language={lang: int(offsets[j + 1] - offsets[j]) for j, lang in enumerate(encoded.languages)},
+        encode_seconds=encoded.encode_seconds,
+        score_seconds=time.perf_counter() - start,
+    )
+    return results
+
+
+def summarize(scores: PerQueryScores) -> dict:
+    """The summary dict of `score_encoded` from per-query ranks: grid cells, per-language and macro numbers."""
+    languages, pair_ranks = scores.languages, scores.pair_ranks
     grid, grid_r1, grid_r10, grid_n = {}, {}, {}, {}
     multi_per_language, distance_per_language, queries_per_language = {}, {}, {}
     for i, query_lang in enumerate(languages):
-        mine = encoded.query_language == i
+        mine = scores.query_language == i
         queries_per_language[query_lang] = int(mine.sum())
         if not mine.any():
             continue
-        multi_per_language[query_lang] = float(multi_ap[mine].mean())
-        distance_per_language[query_lang] = float(multi_distance[mine].mean())
+        multi_per_language[query_lang] = float(scores.multi_ap[mine].mean())
+        distance_per_language[query_lang] = float(scores.multi_distance[mine].mean())
         for j, pool_lang in enumerate(languages):
             ranks = pair_ranks[mine, j]
             ranks = ranks[~np.isnan(ranks)][:, None]  # (n, 1) only queries whose id the pool holds
@@ -186,8 +267,7 @@ def score_encoded(encoded: EncodedBenchmark, block_size: int = 256) -> dict:
     mono = [v for k, v in grid.items() if k.split("-")[0] == k.split("-")[1]]
     cross = [v for k, v in grid.items() if k.split("-")[0] != k.split("-")[1]]
     return {
-        "benchmark": encoded.benchmark,
-        "precision": encoded.precision,
+        "benchmark": scores.benchmark,
         "languages": list(languages),
         "mono_map": _mean(mono),
         "cross_map": _mean(cross),
@@ -201,12 +281,8 @@ def score_encoded(encoded: EncodedBenchmark, block_size: int = 256) -> dict:
         "grid_n_queries": grid_n,
         "multi_map_per_language": multi_per_language,
         "rank_distance_per_language": distance_per_language,
-        "n_queries": int(num_queries),
+        "n_queries": len(scores.query_ids),
         "n_queries_per_language": queries_per_language,
-        "n_candidates": int(offsets[-1]),
-        "n_candidates_per_language": {lang: int(offsets[j + 1] - offsets[j]) for j, lang in enumerate(languages)},
-        "encode_seconds": encoded.encode_seconds,
-        "score_seconds": time.perf_counter() - start,
     }
 
 
@@ -219,16 +295,17 @@ def evaluate_grid(
     bf16: bool = False,
     accelerator=None,
     block_size: int = 256,
+    per_query: list | None = None,
 ) -> dict:
     """Score `encoder` on the full LAReQA grid of `benchmark` (optionally a language subset / first N ids).
 
     `encoder` is anything with `.encode(texts, kind, batch_size, bf16) -> (N, d)` L2-normalised float32.
     Under an `accelerator` with several processes each rank encodes a shard; every rank returns the same dict.
-    `seconds` is the wall time of the whole call (encoding + scoring).
+    `seconds` is the wall time of the whole call (encoding + scoring). `per_query` receives the `PerQueryScores`.
     """
     start = time.perf_counter()
     encoded = encode_benchmark(encoder, benchmark, languages, max_queries, batch_size, bf16, accelerator)
-    results = score_encoded(encoded, block_size)
+    results = score_encoded(encoded, block_size, per_query)
     results["seconds"] = time.perf_counter() - start
     return results
 

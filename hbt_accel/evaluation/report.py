@@ -53,14 +53,40 @@ def print_report(results: dict, console=None) -> None:
         table.add_row(lang, *cells, f"[{_cell_style(multi)}]{multi:.3f}[/]", f"{distance:.1f}")
     console.print(table)
 
+    summary = summary_table(results)
+    console.print(summary)
+
+
+def summary_table(results: dict):
+    """The headline metrics, with their 95% CI and the paired difference to a baseline when the results hold them."""
+    from rich.table import Table
+
     summary = Table(title="summary")
     summary.add_column("metric")
     summary.add_column("value", justify="right")
+    intervals = results.get("confidence_intervals") or {}
+    if intervals:
+        summary.add_column("95% CI", justify="right")
+    paired = results.get("paired_difference") or {}
+    if paired:
+        summary.add_column("minus baseline [95% CI], p", justify="right")
     for metric in METRICS:
-        summary.add_row(metric.key, metric.format(results.get(metric.key, math.nan), extra_digits=1))
+        cells = [metric.key, metric.format(results.get(metric.key, math.nan), extra_digits=1)]
+        if intervals:
+            ci = intervals.get(metric.key)
+            cells.append(f"[{metric.format(ci['low'])}, {metric.format(ci['high'])}]" if ci else "")
+        if paired:
+            d = paired.get(metric.key)
+            cells.append(
+                f"{d['difference']:+.{metric.digits}f} [{metric.format(d['low'])}, {metric.format(d['high'])}], "
+                f"p {d['p_value']:.3f}"
+                if d
+                else ""
+            )
+        summary.add_row(*cells)
     summary.add_row("queries / candidates", f"{results.get('n_queries', 0):,} / {results.get('n_candidates', 0):,}")
     summary.add_row("seconds (encode + score)", f"{results.get('seconds', math.nan):.1f}")
-    console.print(summary)
+    return summary
 
 
 def write_reports(results: dict, output_dir: str | os.PathLike) -> dict[str, Path]:

@@ -1,0 +1,144 @@
+"""Confidence intervals and paired tests for the LAReQA headline numbers, by bootstrapping question ids.
+
+A question id is shared by all languages (the same question translated), so a resample draws ids, not rows: every
+language version of a drawn id comes along, as often as the id was drawn. Each resample is a reweighting of the
+queries; `weighted_headline` recomputes the macro averages exactly as `grid.summarize` does (with all weights 1 it
+gives the same numbers). The resampling and the percentile interval are scipy's (`scipy.stats.bootstrap`).
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Sequence
+
+import numpy as np
+
+from hbt_accel.evaluation.grid import PerQueryScores
+from hbt_accel.evaluation.schema import HEADLINE_KEYS, RECALL_AT_1, RECALL_AT_10
+
+CI_KEYS = (*HEADLINE_KEYS, RECALL_AT_1.key, RECALL_AT_10.key)
+
+
+def _cell_means(scores: PerQueryScores, values: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """Weighted mean of `values` (Q, K; NaN = not applicable) over each query language's queries -> (B, L, K).
+
+    weights: (B, Q), one reweighting of the queries per row. NaN where a language has no weight on a column.
+    """
+    valid = ~np.isnan(values)  # (Q, K)
+    filled = np.where(valid, values, 0.0)  # (Q, K)
+    out = np.full((weights.shape[0], len(scores.languages), values.shape[1]), np.nan)
+    for i in range(len(scores.languages)):
+        rows = scores.query_language == i
+        if not rows.any():
+            continue
+        w = weights[:, rows]  # (B, n_i)
+        total = w @ valid[rows]  # (B, K)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            out[:, i] = np.where(total > 0, (w @ filled[rows]) / total, np.nan)
+    return out
+
+
+def weighted_headline(scores: PerQueryScores, weights: np.ndarray) -> np.ndarray:
+    """(len(CI_KEYS), B): mono / cross / multi mAP, rank distance, R@1, R@10 under each row of `weights` (B, Q)."""
+    weights = np.atleast_2d(weights).astype(np.float64)
+    ranks = scores.pair_ranks  # (Q, L)
+    ap = _cell_means(scores, 1.0 / ranks, weights)  # (B, L, L): rank r -> AP 1/r with one relevant sentence
+    diagonal = np.eye(len(scores.languages), dtype=bool)
+    multi = _cell_means(scores, scores.multi_ap[:, None], weights)[:, :, 0]  # (B, L)
+    distance = _cell_means(scores, scores.multi_distance[:, None], weights)[:, :, 0]  # (B, L)
+    recall = [
+        _cell_means(scores, np.where(np.isnan(ranks), np.nan, ranks <= k), weights) for k in (1, 10)
+    ]  # (B, L, L) each
+    with warnings.catch_warnings():  # a resample with no query in some setting: that mean is NaN, no warning
+        warnings.filterwarnings("ignore", message="Mean of empty slice", category=RuntimeWarning)
+        return np.stack(
+            [
+                np.nanmean(ap[:, diagonal], axis=1),
+                np.nanmean(ap[:, ~diagonal], axis=1),
+                np.nanmean(multi, axis=1),
+                np.nanmean(distance, axis=1),
+                *[np.nanmean(r.reshape(len(r), -1), axis=1) for r in recall],
+            ]
+        )
+
+
+def _question_index(scores: PerQueryScores) -> tuple[np.ndarray, int]:
+    """(for each query row the index of its question id, the number of distinct ids)."""
+    ids, index = np.unique(np.asarray(scores.query_ids), return_inverse=True)
+    return index, len(ids)
+
+
+def _bootstrap(statistic: Callable, scores: PerQueryScores, n_resamples: int, confidence: float, seed: int):
+    from scipy.stats import bootstrap
+
+    index, num_ids = _question_index(scores)
+
+    def resampled(drawn: np.ndarray, axis: int = -1) -> np.ndarray:
+        drawn = np.moveaxis(np.atleast_2d(drawn), axis, -1).astype(np.int64)  # (B, num_ids) drawn id indices
+        counts = np.stack([np.bincount(row, minlength=num_ids) for row in drawn])  # (B, num_ids)
+        return statistic(counts[:, index])  # weights (B, Q) -> (K, B)
+
+    return bootstrap(
+        (np.arange(num_ids),),
+        resampled,
+        n_resamples=n_resamples,
+        confidence_level=confidence,
+        method="percentile",
+        vectorized=True,
+        batch=100,  # 100 resamples at a time: (100, Q) weights stay small
+        random_state=np.random.default_rng(seed),
+    )
+
+
+def confidence_intervals(
+    scores: PerQueryScores, n_resamples: int = 1000, confidence: float = 0.95, seed: int = 0
+) -> dict[str, dict]:
+    """{metric: {value, low, high}} for mono / cross / multi mAP, rank distance, R@1, R@10 (percentile bootstrap
+    over question ids)."""
+    point = weighted_headline(scores, np.ones(len(scores.query_ids)))[:, 0]
+    result = _bootstrap(lambda w: weighted_headline(scores, w), scores, n_resamples, confidence, seed)
+    low, high = result.confidence_interval
+    return {
+        key: {"value": float(point[k]), "low": float(low[k]), "high": float(high[k])} for k, key in enumerate(CI_KEYS)
+    }
+
+
+def paired_difference(
+    a: PerQueryScores | Sequence[PerQueryScores],
+    b: PerQueryScores | Sequence[PerQueryScores],
+    n_resamples: int = 1000,
+    confidence: float = 0.95,
+    seed: int = 0,
+) -> dict[str, dict]:
+    """{metric: {difference, low, high, p_value}} of model a minus model b on the same questions.
+
+    a and b may each be several runs (seeds): the difference is then mean over a's runs minus mean over b's runs.
+    Every run is resampled with the same question ids (paired). p_value: two-sided, from the bootstrap distribution
+    of the difference (twice the smaller share of resamples on either side of 0).
+    """
+    a_runs = [a] if isinstance(a, PerQueryScores) else list(a)
+    b_runs = [b] if isinstance(b, PerQueryScores) else list(b)
+    reference = a_runs[0]
+    for run in a_runs + b_runs:
+        if run.query_ids != reference.query_ids or run.languages != reference.languages:
+            raise ValueError("paired_difference: the evaluations must cover the same questions and languages")
+
+    def difference(weights: np.ndarray) -> np.ndarray:
+        mean_a = np.mean([weighted_headline(run, weights) for run in a_runs], axis=0)
+        mean_b = np.mean([weighted_headline(run, weights) for run in b_runs], axis=0)
+        return mean_a - mean_b  # (K, B)
+
+    point = difference(np.ones((1, len(reference.query_ids))))[:, 0]
+    result = _bootstrap(difference, reference, n_resamples, confidence, seed)
+    low, high = result.confidence_interval
+    draws = result.bootstrap_distribution  # (K, n_resamples)
+    p_values = np.minimum(1.0, 2 * np.minimum((draws <= 0).mean(axis=1), (draws >= 0).mean(axis=1)))
+    return {
+        key: {
+            "difference": float(point[k]),
+            "low": float(low[k]),
+            "high": float(high[k]),
+            "p_value": float(p_values[k]),
+        }
+        for k, key in enumerate(CI_KEYS)
+    }

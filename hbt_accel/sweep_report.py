@@ -1,0 +1,280 @@
+"""The report of a sweep, rendered from the committed per-point summaries only (so it re-renders identically).
+
+RESULTS/report.json and report.md: per setting (the point without its seed) mean +- std over seeds and a 95%
+t-interval of the mean, for every headline metric, on all languages and apart on the languages the setting trained
+on (seen) and the XQuAD-R languages it never saw (unseen); convergence (the first periodic evaluation reaching 95%
+of the run's last periodic multilingual mAP); paired bootstrap tests over question ids for the comparisons the
+sweep names (`compare`). Figures: each metric against each numeric axis with a +-std band, metric by step per
+setting, and mono vs multi mAP (the trade-off the method is about).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+
+from hbt_accel.atomic import write_atomic, write_json
+from hbt_accel.evaluation.schema import HEADLINE, MULTI_MAP
+from hbt_accel.sweep import SweepSpec, sweep_points
+
+MLQA_R_LANGUAGES = ("ar", "de", "en", "es", "hi", "vi", "zh")  # what a point trains on unless train_languages says
+
+
+def load_summaries(spec: SweepSpec) -> list[dict]:
+    """The summaries of the finished points, in sweep order."""
+    found = []
+    for point in sweep_points(spec):
+        path = spec.results_root / f"{point.name}.json"
+        if path.is_file():
+            found.append(json.loads(path.read_text()))
+    return found
+
+
+def setting_of(summary: dict) -> tuple:
+    return tuple((k, json.dumps(v)) for k, v in summary["settings"].items() if k != "seed")
+
+
+def language_view(summary: dict, languages: list[str]) -> dict:
+    """Headline numbers restricted to queries in `languages` (mono: their diagonal; cross: their rows)."""
+    grid = summary["grid"]
+    mono = [grid[f"{x}-{x}"] for x in languages if f"{x}-{x}" in grid]
+    cross = [v for key, v in grid.items() if key.split("-")[0] in languages and key.split("-")[0] != key.split("-")[1]]
+    multi = [summary["multi_map_per_language"][x] for x in languages if x in summary["multi_map_per_language"]]
+    return {
+        "mono_map": _mean(mono),
+        "cross_map": _mean(cross),
+        "multi_map": _mean(multi),
+    }
+
+
+def seen_languages(summary: dict) -> list[str]:
+    trained = summary["settings"].get("train_languages") or list(MLQA_R_LANGUAGES)
+    return [lang for lang in summary["final"]["languages"] if lang in trained]
+
+
+def convergence_step(evaluations: list[dict], share: float = 0.95) -> int | None:
+    """The first evaluated step whose multi mAP reaches `share` of the last periodic evaluation's."""
+    if not evaluations:
+        return None
+    target = share * evaluations[-1][MULTI_MAP.key]
+    return next(e["step"] for e in evaluations if e[MULTI_MAP.key] >= target)
+
+
+def _mean(values) -> float:
+    values = list(values)
+    return float(np.mean(values)) if values else math.nan
+
+
+def describe(values: list[float]) -> dict:
+    """mean, std (n-1) and a 95% t-interval of the mean over seeds."""
+    from scipy import stats
+
+    array = np.asarray(values, dtype=float)
+    mean = float(array.mean())
+    if len(array) < 2:
+        return {"mean": mean, "std": math.nan, "low": math.nan, "high": math.nan, "n": len(array)}
+    std = float(array.std(ddof=1))
+    low, high = stats.t.interval(0.95, len(array) - 1, loc=mean, scale=std / math.sqrt(len(array)))
+    if std == 0:
+        low = high = mean
+    return {"mean": mean, "std": std, "low": float(low), "high": float(high), "n": len(array)}
+
+
+def aggregate(summaries: list[dict]) -> list[dict]:
+    """One row per setting: its settings and, per metric and language group, the over-seed statistics."""
+    groups: dict[tuple, list[dict]] = defaultdict(list)
+    for summary in summaries:
+        groups[setting_of(summary)].append(summary)
+    rows = []
+    for setting, runs in groups.items():
+        row = {"settings": {k: json.loads(v) for k, v in setting}, "seeds": [r["settings"].get("seed") for r in runs]}
+        for metric in HEADLINE:
+            row[metric.key] = describe([r["final"][metric.key] for r in runs])
+        for group in ("seen", "unseen"):
+            views = [language_view(r, _group_languages(r, group)) for r in runs]
+            row[group] = {key: describe([v[key] for v in views]) for key in views[0]}
+        steps = [convergence_step(r["evaluations"]) for r in runs]
+        row["convergence_step"] = describe([s for s in steps if s is not None]) if any(steps) else None
+        row["train_seconds"] = describe([r["train_seconds"] for r in runs])
+        rows.append(row)
+    return rows
+
+
+def _group_languages(summary: dict, group: str) -> list[str]:
+    seen = seen_languages(summary)
+    return seen if group == "seen" else [x for x in summary["final"]["languages"] if x not in seen]
+
+
+def paired_tests(spec: SweepSpec, summaries: list[dict], n_resamples: int = 1000) -> list[dict]:
+    """For each `compare` entry {field, a, b}: a minus b (seeds averaged) at every value of the other settings."""
+    from hbt_accel.evaluation.grid import PerQueryScores
+    from hbt_accel.evaluation.statistics import paired_difference
+
+    tests = []
+    for comparison in spec.compare:
+        key, a, b = comparison["field"], comparison["a"], comparison["b"]
+        by_rest: dict[tuple, dict] = defaultdict(lambda: {"a": [], "b": []})
+        for summary in summaries:
+            value = summary["settings"].get(key)
+            if value not in (a, b):
+                continue
+            rest = tuple(item for item in setting_of(summary) if item[0] != key)
+            per_query = PerQueryScores.load(spec.results_root / f"{summary['point']}.per_query.npz")
+            by_rest[rest]["a" if value == a else "b"].append(per_query)
+        for rest, runs in by_rest.items():
+            if runs["a"] and runs["b"]:
+                difference = paired_difference(runs["a"], runs["b"], n_resamples)
+                tests.append(
+                    {
+                        "comparison": f"{key}: {a} minus {b}",
+                        "at": {k: json.loads(v) for k, v in rest},
+                        "seeds": [len(runs["a"]), len(runs["b"])],
+                        **difference,
+                    }
+                )
+    return tests
+
+
+# =====================================================================================================================
+# Rendering
+# =====================================================================================================================
+def write_report(spec: SweepSpec) -> list[Path]:
+    summaries = load_summaries(spec)
+    root = spec.results_root
+    rows = aggregate(summaries)
+    tests = paired_tests(spec, summaries)
+    report = {"sweep": spec.name, "points_finished": len(summaries), "points": len(sweep_points(spec))}
+    report.update(settings=rows, paired_tests=tests)
+    paths = [write_json(root / "report.json", report)]
+    paths.append(write_atomic(root / "report.md", render_markdown(spec, report)))
+    paths += write_figures(spec, rows, summaries)
+    return paths
+
+
+def _cell(stats: dict | None, digits: int) -> str:
+    if not stats or math.isnan(stats["mean"]):
+        return "-"
+    text = f"{stats['mean']:.{digits}f} ± {stats['std']:.{digits}f}" if not math.isnan(stats["std"]) else ""
+    text = text or f"{stats['mean']:.{digits}f}"
+    if not math.isnan(stats["low"]):
+        text += f" [{stats['low']:.{digits}f}, {stats['high']:.{digits}f}]"
+    return text
+
+
+def render_markdown(spec: SweepSpec, report: dict) -> str:
+    axes = list(spec.axes) or sorted({k for point in spec.points for k in point})
+    lines = [
+        f"# Sweep `{spec.name}`",
+        "",
+        f"{report['points_finished']} of {report['points']} points finished. Each cell: mean ± std over seeds "
+        "[95% t-interval of the mean]. Rendered by `python recipes/sweep.py --config ... --report` from the "
+        "per-point summaries in this folder.",
+        "",
+        "| "
+        + " | ".join([*axes, "seeds", *(m.label for m in HEADLINE), "unseen multi mAP", "converged at step"])
+        + " |",
+        "|---" * (len(axes) + 3 + len(HEADLINE)) + "|",
+    ]
+    for row in report["settings"]:
+        cells = [json.dumps(row["settings"].get(axis)) for axis in axes] + [str(len(row["seeds"]))]
+        cells += [_cell(row[m.key], m.digits) for m in HEADLINE]
+        cells += [_cell(row["unseen"]["multi_map"], 3), _cell(row["convergence_step"], 0)]
+        lines.append("| " + " | ".join(cells) + " |")
+    if report["paired_tests"]:
+        lines += ["", "Paired bootstrap over question ids (1,000 resamples; seeds averaged):", ""]
+        lines += ["| comparison | at | " + " | ".join(m.label for m in HEADLINE) + " |"]
+        lines += ["|---|---|" + "---|" * len(HEADLINE)]
+        for test in report["paired_tests"]:
+            cells = [
+                f"{test[m.key]['difference']:+.{m.digits}f} [{test[m.key]['low']:.{m.digits}f}, "
+                f"{test[m.key]['high']:.{m.digits}f}] p={test[m.key]['p_value']:.3f}"
+                for m in HEADLINE
+            ]
+            lines.append(f"| {test['comparison']} | {json.dumps(test['at'])} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def write_figures(spec: SweepSpec, rows: list[dict], summaries: list[dict]) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paths = []
+    for axis, values in spec.axes.items():
+        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+            continue
+        figure, panels = plt.subplots(1, len(HEADLINE), figsize=(4 * len(HEADLINE), 3.5))
+        for metric, panel in zip(HEADLINE, panels):
+            for label, line in _lines_along(rows, axis).items():
+                xs = [x for x, _ in line]
+                means = np.array([r[metric.key]["mean"] for _, r in line])
+                stds = np.nan_to_num(np.array([r[metric.key]["std"] for _, r in line]))
+                panel.plot(xs, means, marker="o", label=label or None)
+                panel.fill_between(xs, means - stds, means + stds, alpha=0.2)
+            panel.set_xlabel(axis)
+            panel.set_title(metric.label, fontsize=9)
+            panel.grid(alpha=0.3)
+        if any(_lines_along(rows, axis)):
+            panels[0].legend(fontsize=7)
+        paths.append(_save(figure, spec.results_root / f"metrics_by_{axis}.png"))
+    paths.append(_pareto(spec, rows))
+    paths.append(_by_step(spec, summaries))
+    return paths
+
+
+def _lines_along(rows: list[dict], axis: str) -> dict[str, list]:
+    """Rows grouped by the other settings, each group sorted along `axis`: one line per group."""
+    lines: dict[str, list] = defaultdict(list)
+    for row in rows:
+        rest = ", ".join(f"{k}={v}" for k, v in row["settings"].items() if k != axis)
+        lines[rest].append((row["settings"][axis], row))
+    return {label: sorted(points, key=lambda p: p[0]) for label, points in lines.items()}
+
+
+def _pareto(spec: SweepSpec, rows: list[dict]) -> Path:
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(5.5, 4.5))
+    for row in rows:
+        mono, multi = row["mono_map"], row["multi_map"]
+        axes.errorbar(
+            mono["mean"], multi["mean"], xerr=np.nan_to_num(mono["std"]), yerr=np.nan_to_num(multi["std"]), fmt="o"
+        )
+        axes.annotate(
+            ", ".join(f"{k}={v}" for k, v in row["settings"].items()), (mono["mean"], multi["mean"]), fontsize=6
+        )
+    axes.set_xlabel("monolingual mAP")
+    axes.set_ylabel("multilingual mAP")
+    axes.grid(alpha=0.3)
+    return _save(figure, spec.results_root / "mono_vs_multi.png")
+
+
+def _by_step(spec: SweepSpec, summaries: list[dict]) -> Path:
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(6, 4))
+    for summary in summaries:
+        steps = [e["step"] for e in summary["evaluations"]]
+        axes.plot(steps, [e[MULTI_MAP.key] for e in summary["evaluations"]], alpha=0.7, label=summary["point"])
+    axes.set_xlabel("step")
+    axes.set_ylabel(f"{MULTI_MAP.label} (periodic subset)")
+    axes.grid(alpha=0.3)
+    if summaries:
+        axes.legend(fontsize=5)
+    return _save(figure, spec.results_root / "multi_map_by_step.png")
+
+
+def _save(figure, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    figure.tight_layout()
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=110, metadata={"Software": None})  # no version stamp: re-renders match
+    plt.close(figure)
+    return write_atomic(path, buffer.getvalue())

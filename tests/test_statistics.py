@@ -1,0 +1,123 @@
+"""Bootstrap confidence intervals and paired tests over question ids, against hand-computed cases and scipy."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from hbt_accel.evaluation.grid import PerQueryScores, summarize
+from hbt_accel.evaluation.statistics import (
+    CI_KEYS,
+    confidence_intervals,
+    paired_difference,
+    weighted_headline,
+)
+
+
+def two_language_scores() -> PerQueryScores:
+    """Ids q1, q2 in en and de; q3 in en only. Ranks hand-picked: AP = 1 / rank with one relevant sentence.
+
+    en queries: q1 ranks (en 1, de 2), q2 (2, 4), q3 (1, -); de queries: q1 (1, 1), q2 (4, 2).
+    """
+    nan = np.nan
+    return PerQueryScores(
+        benchmark="hand",
+        languages=["en", "de"],
+        query_ids=["q1", "q2", "q3", "q1", "q2"],
+        query_language=np.array([0, 0, 0, 1, 1]),
+        pair_ranks=np.array([[1, 2], [2, 4], [1, nan], [1, 1], [4, 2]], dtype=float),
+        multi_ap=np.array([1.0, 0.5, 1.0, 0.75, 0.25]),
+        multi_distance=np.array([1.0, 2.0, 0.0, 1.0, 3.0]),
+    )
+
+
+def test_unit_weights_give_the_summary_numbers_by_hand():
+    scores = two_language_scores()
+    values = dict(zip(CI_KEYS, weighted_headline(scores, np.ones(5))[:, 0]))
+    # mono: en-en (1 + 1/2 + 1)/3 = 5/6, de-de (1 + 1/2)/2 = 3/4; mean 19/24
+    assert values["mono_map"] == pytest.approx(19 / 24)
+    # cross: en-de (1/2 + 1/4)/2 = 3/8, de-en (1 + 1/4)/2 = 5/8; mean 1/2
+    assert values["cross_map"] == pytest.approx(0.5)
+    assert values["multi_map"] == pytest.approx(((1 + 0.5 + 1) / 3 + (0.75 + 0.25) / 2) / 2)
+    assert values["rank_distance"] == pytest.approx(((1 + 2 + 0) / 3 + (1 + 3) / 2) / 2)
+    summary = summarize(scores)
+    for key in CI_KEYS:
+        assert values[key] == pytest.approx(summary[key]), key
+
+
+def test_drawing_an_id_twice_weighs_all_its_languages_twice():
+    scores = two_language_scores()
+    doubled = PerQueryScores(
+        benchmark="hand",
+        languages=scores.languages,
+        query_ids=[*scores.query_ids, "q2", "q2"],
+        query_language=np.append(scores.query_language, [0, 1]),
+        pair_ranks=np.vstack([scores.pair_ranks, scores.pair_ranks[[1, 4]]]),
+        multi_ap=np.append(scores.multi_ap, scores.multi_ap[[1, 4]]),
+        multi_distance=np.append(scores.multi_distance, scores.multi_distance[[1, 4]]),
+    )
+    weights = np.array([1, 2, 1, 1, 2])  # q2 drawn twice: both its rows (en and de) count twice
+    weighted = weighted_headline(scores, weights)[:, 0]
+    explicit = summarize(doubled)
+    for k, key in enumerate(CI_KEYS):
+        assert weighted[k] == pytest.approx(explicit[key]), key
+
+
+def test_one_language_interval_equals_scipys_bootstrap_of_the_mean():
+    from scipy.stats import bootstrap
+
+    rng = np.random.default_rng(5)
+    ranks = rng.integers(1, 30, size=300).astype(float)
+    scores = PerQueryScores(
+        "one",
+        ["en"],
+        [f"q{i}" for i in range(300)],
+        np.zeros(300, dtype=int),
+        ranks[:, None],
+        1 / ranks,
+        np.zeros(300),
+    )
+    ours = confidence_intervals(scores, n_resamples=400, seed=9)["mono_map"]
+    # np.unique sorts the ids: q0, q1, q10, ...; scipy draws the same positions with the same generator
+    order = np.argsort(np.array(scores.query_ids))
+    theirs = bootstrap(
+        ((1 / ranks)[order],),
+        np.mean,
+        n_resamples=400,
+        method="percentile",
+        batch=100,
+        random_state=np.random.default_rng(9),
+    ).confidence_interval
+    assert ours["value"] == pytest.approx(float(np.mean(1 / ranks)))
+    assert ours["low"] == pytest.approx(theirs.low, abs=1e-12) and ours["high"] == pytest.approx(
+        theirs.high, abs=1e-12
+    )
+    assert ours["low"] < ours["value"] < ours["high"]
+
+
+def test_identical_answers_leave_no_uncertainty():
+    scores = PerQueryScores(
+        "same", ["en"], ["a", "b", "c"], np.zeros(3, dtype=int), np.full((3, 1), 2.0), np.full(3, 0.5), np.ones(3)
+    )
+    interval = confidence_intervals(scores, n_resamples=50)["mono_map"]
+    assert interval == {"value": 0.5, "low": 0.5, "high": 0.5}
+
+
+def test_paired_difference_of_a_model_with_itself_and_with_a_worse_one():
+    scores = two_language_scores()
+    same = paired_difference(scores, scores, n_resamples=200)["multi_map"]
+    assert same == {"difference": 0.0, "low": 0.0, "high": 0.0, "p_value": 1.0}
+
+    rng = np.random.default_rng(0)
+    ranks = rng.integers(1, 5, size=(400, 1)).astype(float)
+    ids = [f"q{i}" for i in range(400)]
+    good = PerQueryScores("x", ["en"], ids, np.zeros(400, dtype=int), ranks, 1 / ranks[:, 0], np.zeros(400))
+    worse = PerQueryScores("x", ["en"], ids, np.zeros(400, dtype=int), ranks + 1, 1 / (ranks[:, 0] + 1), np.zeros(400))
+    gap = paired_difference(good, worse, n_resamples=300)["mono_map"]
+    assert gap["difference"] == pytest.approx(float(np.mean(1 / ranks - 1 / (ranks + 1))))
+    assert 0 < gap["low"] < gap["difference"] < gap["high"] and gap["p_value"] < 0.01
+    with pytest.raises(ValueError, match="same questions"):
+        paired_difference(good, two_language_scores())
+    # several seeds a side: mean over a's runs minus mean over b's runs
+    seeds = paired_difference([good, good], [worse, good], n_resamples=100)["mono_map"]
+    assert seeds["difference"] == pytest.approx(gap["difference"] / 2)
