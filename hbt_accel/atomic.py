@@ -6,6 +6,7 @@ A reader (or a crash) never sees half a JSON file, half a card or half a figure.
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 from pathlib import Path
@@ -29,8 +30,20 @@ def write_atomic(path: str | os.PathLike, data: str | bytes) -> Path:
 
 
 def write_json(path: str | os.PathLike, content: Any, sort_keys: bool = False) -> Path:
-    """Indented JSON with a final newline, written atomically."""
-    return write_atomic(path, json.dumps(content, indent=2, ensure_ascii=False, sort_keys=sort_keys) + "\n")
+    """Indented, strict JSON (NaN and infinities written as null: strict parsers reject them) with a final newline,
+    written atomically."""
+    text = json.dumps(_strict(content), indent=2, ensure_ascii=False, sort_keys=sort_keys, allow_nan=False)
+    return write_atomic(path, text + "\n")
+
+
+def _strict(value: Any) -> Any:
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {key: _strict(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_strict(item) for item in value]
+    return value
 
 
 def _umask() -> int:

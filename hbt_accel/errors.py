@@ -9,3 +9,8 @@ class ConfigError(ValueError):
 
 class DataError(ValueError):
     """Bad or missing data; the message names the file, field or language."""
+
+
+class TrainingDiverged(RuntimeError):
+    """A non-finite loss or gradient norm: the run stops at once; the message names the step, the value, the likely
+    cause and the last good checkpoint. Entry points end it as one line with exit code 3."""

@@ -32,6 +32,7 @@ from hbt_accel.batches import PairCollator, build_loader
 from hbt_accel.checkpoints import (
     TrainingProgress,
     find_checkpoints,
+    latest_checkpoint,
     resolve_resume,
     save_checkpoint,
     save_model,
@@ -40,6 +41,7 @@ from hbt_accel.config import HbtConfig, save_config
 from hbt_accel.console import TrainingProgressBar, make_console
 from hbt_accel.data import ParallelCorpus, lareqa_files, load_lareqa_benchmark, load_training_corpus
 from hbt_accel.distributed import configure_cpu_threads, make_accelerator
+from hbt_accel.errors import TrainingDiverged
 from hbt_accel.evaluation.schema import MAP_KEYS, check_selection_metric, summary_of
 from hbt_accel.losses import CachedInfoNCELoss, InfoNCELoss, TrainingStep
 from hbt_accel.modeling import DualEncoder, EncoderSettings, LoraSettings
@@ -93,6 +95,7 @@ class Session:
     loss_fn: TrainingStep
     plan: StepPlan
     progress: TrainingProgress = dataclasses.field(default_factory=TrainingProgress)
+    nonfinite_steps: int = 0  # steps skipped for a NaN/inf loss or gradient (skip_nonfinite_steps)
 
     @property
     def output_dir(self) -> Path:
@@ -317,16 +320,50 @@ def open_run_folder(session: Session) -> None:
 # ==================================================================================================================
 def train_step(session: Session, batch: dict) -> torch.Tensor:
     """One micro-batch: the loss's forward + backward, then (at the end of an accumulation window) clip the
-    gradients, step the optimizer and the schedule. Returns the micro-batch loss (detached, float32)."""
+    gradients, step the optimizer and the schedule. Returns the micro-batch loss (detached, float32).
+
+    A NaN/inf loss or gradient norm never reaches the weights: the step is skipped (up to `skip_nonfinite_steps`
+    times) or the run stops with `TrainingDiverged`."""
     accelerator, model, cfg = session.accelerator, session.model, session.cfg
     with accelerator.accumulate(model):
         loss = session.loss_fn.training_step(model, batch, accelerator)
-        if accelerator.sync_gradients and cfg.max_grad_norm > 0:
-            accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+        if accelerator.sync_gradients:
+            # max_norm inf when clipping is off: the norm is still measured (for the guard), the gradients unchanged
+            norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm or math.inf)
+            if not _all_finite(accelerator, loss, norm):
+                _skip_or_stop(session, loss, norm)
+                session.optimizer.zero_grad()
+                return loss.float()
         session.optimizer.step()
         session.scheduler.step()
         session.optimizer.zero_grad()
     return loss.float()
+
+
+def _all_finite(accelerator, loss: torch.Tensor, norm) -> bool:
+    """True when the loss and the gradient norm are finite on every rank (DeepSpeed gives no norm: loss only)."""
+    values = [loss.detach().float().reshape(1)] + ([] if norm is None else [torch.as_tensor(norm).float().reshape(1)])
+    finite = torch.isfinite(torch.cat(values)).all().float().reshape(1)
+    if accelerator.num_processes > 1:
+        finite = accelerator.reduce(finite.to(accelerator.device), "sum") / accelerator.num_processes
+    return bool(finite.item() == 1.0)
+
+
+def _skip_or_stop(session: Session, loss: torch.Tensor, norm) -> None:
+    cfg, step = session.cfg, session.progress.global_step + 1
+    session.nonfinite_steps += 1
+    what = f"loss {loss.item():.4g}" + ("" if norm is None else f", gradient norm {float(norm):.4g}")
+    if session.nonfinite_steps <= cfg.skip_nonfinite_steps:
+        session.console.print(
+            f"step {step}: {what}: step skipped ({session.nonfinite_steps}/{cfg.skip_nonfinite_steps})"
+        )
+        return
+    good = latest_checkpoint(session.output_dir)
+    raise TrainingDiverged(
+        f"step {step}: {what}: training diverged (learning_rate {cfg.learning_rate:g}, temperature "
+        f"{cfg.temperature:g}: lower the learning rate or raise the temperature); nothing of this step was saved; "
+        f"last good checkpoint: {good or 'none'}"
+    )
 
 
 def run_loop(session: Session) -> LoopRecord:

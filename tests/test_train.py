@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -263,3 +264,40 @@ def test_data_file_with_a_missing_field(tiny_model_dir, tmp_path):
     assert result.returncode == 2
     assert f"{data}:2: missing field 'positive'" in result.stderr
     assert not (tmp_path / "o" / "model.safetensors").exists()
+
+
+def test_a_diverging_run_stops_in_one_line_naming_the_last_good_checkpoint(tiny_model_dir, mlqa_slice, tmp_path):
+    out = tmp_path / "run"
+    common = ["--model_name_or_path", str(tiny_model_dir), "--train_data", str(mlqa_slice), "--output_dir", str(out)]
+    common += ["--per_device_train_batch_size", "16", "--save_steps", "1", "--mixed_precision", "no"]
+    train(*common, "--max_steps", "4", "--save_total_limit", "5", "--learning_rate", "1e-12")
+    for name in ("model.safetensors", "train_summary.json"):
+        (out / name).unlink()  # as if the run had stopped after its step-2 checkpoint
+    shutil.rmtree(out / "checkpoint-3")
+    good = load_file(out / "checkpoint-2" / "model" / "model.safetensors")
+    # temperature 1e-40: scores / temperature overflow, the loss is NaN from the first step after the resume
+    result = train(
+        *common, "--max_steps", "4", "--temperature", "1e-40", "--resume_from_checkpoint", "latest", check=False
+    )
+    assert result.returncode == 3, result.stderr[-2000:]
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith("error: step 3: loss nan") and "training diverged" in line and "temperature 1e-40" in line
+    assert line.endswith(f"last good checkpoint: {out / 'checkpoint-2'}")
+    assert not (out / "model.safetensors").exists() and not (out / "checkpoint-3").exists()
+    assert all(
+        torch.equal(good[k], v) for k, v in load_file(out / "checkpoint-2" / "model" / "model.safetensors").items()
+    )
+
+
+def test_skipped_nonfinite_steps_leave_the_weights_untouched(tiny_model_dir, mlqa_slice, tmp_path):
+    out = tmp_path / "run"
+    train(
+        *("--model_name_or_path", str(tiny_model_dir), "--train_data", str(mlqa_slice), "--output_dir", str(out)),
+        *("--per_device_train_batch_size", "16", "--max_steps", "2", "--mixed_precision", "no"),
+        *("--temperature", "1e-40", "--skip_nonfinite_steps", "5"),
+    )
+    summary = json.loads((out / "train_summary.json").read_text())  # strict JSON: the NaN losses are null
+    assert [record["loss"] for record in summary["history"]] == [None, None]
+    initial = load_file(tiny_model_dir / "model.safetensors")
+    trained = load_file(out / "model.safetensors")
+    assert all(torch.equal(initial[k], trained[k]) for k in trained if k in initial)

@@ -161,18 +161,11 @@ class PerQueryScores:
     multi_distance: np.ndarray
 
     def save(self, path: str | os.PathLike) -> Path:
-        buffer = io.BytesIO()
-        np.savez_compressed(
-            buffer,
-            benchmark=self.benchmark,
-            languages=np.array(self.languages),
-            query_ids=np.array(self.query_ids),
-            query_language=self.query_language,
-            pair_ranks=np.nan_to_num(self.pair_ranks, nan=-1).astype(np.int32),  # ranks are whole; -1 = no gold
-            multi_ap=self.multi_ap.astype(np.float32),
-            multi_distance=self.multi_distance.astype(np.int32),
-        )
-        return write_atomic(path, buffer.getvalue())
+        arrays = _query_layout(self.benchmark, self.languages, self.query_ids, self.query_language)
+        arrays["pair_ranks"] = np.nan_to_num(self.pair_ranks, nan=-1).astype(np.int32)  # whole ranks; -1 = no gold
+        arrays["multi_ap"] = self.multi_ap.astype(np.float32)
+        arrays["multi_distance"] = self.multi_distance.astype(np.int32)
+        return _write_npz(path, arrays)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> PerQueryScores:
@@ -317,20 +310,26 @@ def _mean(values: Iterable[float]) -> float:
 
 def save_encoded(encoded: EncodedBenchmark, path: str | os.PathLike) -> Path:
     """Write the embeddings and the relevance layout to one .npz, so another scorer can re-rank the same vectors."""
+    arrays = _query_layout(encoded.benchmark, encoded.languages, encoded.query_ids, encoded.query_language)
+    for name in ("gold_columns", "candidate_offsets", "query_embeddings", "candidate_embeddings", "precision"):
+        arrays[name] = getattr(encoded, name)
+    arrays["encode_seconds"] = encoded.encode_seconds
+    return _write_npz(path, arrays)
+
+
+def _query_layout(benchmark: str, languages: list[str], query_ids: list[str], query_language: np.ndarray) -> dict:
+    """The arrays every saved .npz of an evaluation starts with: which questions, in which language."""
+    return {
+        "benchmark": benchmark,
+        "languages": np.array(languages),
+        "query_ids": np.array(query_ids),
+        "query_language": query_language,
+    }
+
+
+def _write_npz(path: str | os.PathLike, arrays: dict) -> Path:
     buffer = io.BytesIO()
-    np.savez(
-        buffer,
-        benchmark=encoded.benchmark,
-        languages=np.array(encoded.languages),
-        query_ids=np.array(encoded.query_ids),
-        query_language=encoded.query_language,
-        gold_columns=encoded.gold_columns,
-        candidate_offsets=encoded.candidate_offsets,
-        query_embeddings=encoded.query_embeddings,
-        candidate_embeddings=encoded.candidate_embeddings,
-        precision=encoded.precision,
-        encode_seconds=encoded.encode_seconds,
-    )
+    np.savez_compressed(buffer, **arrays)
     return write_atomic(path, buffer.getvalue())
 
 
