@@ -112,13 +112,14 @@ def load_sweep(path: str | os.PathLike) -> SweepSpec:
 
 
 def sweep_points(spec: SweepSpec) -> list[SweepPoint]:
-    """The product of the axes (or the listed points), each with every seed."""
+    """The product of the axes (or the listed points), each with every seed, the first seed's points first."""
     if spec.axes:
         keys = list(spec.axes)
         combos = [dict(zip(keys, values)) for values in itertools.product(*spec.axes.values())]
     else:
         combos = [dict(point) for point in spec.points]
-    return [SweepPoint((*combo.items(), ("seed", seed))) for combo in combos for seed in spec.seeds]
+    # seed-major: a sweep stopped early has every setting once before it has any twice
+    return [SweepPoint((*combo.items(), ("seed", seed))) for seed in spec.seeds for combo in combos]
 
 
 def point_flags(spec: SweepSpec, point: SweepPoint) -> list[str]:
