@@ -21,7 +21,7 @@ def write_atomic(path: str | os.PathLike, data: str | bytes) -> Path:
     try:
         with os.fdopen(handle, "wb") as file:
             file.write(data.encode("utf-8") if isinstance(data, str) else data)
-        os.chmod(tmp, 0o644 & ~_umask())  # mkstemp makes 0600; a saved file should read like any other
+        os.chmod(tmp, usual_mode())  # mkstemp makes 0600; a saved file should read like any other
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -46,7 +46,8 @@ def _strict(value: Any) -> Any:
     return value
 
 
-def _umask() -> int:
+def usual_mode(directory: bool = False) -> int:
+    """The mode a plain open()/mkdir() would give under the current umask (temp files and folders get 0600/0700)."""
     mask = os.umask(0)
     os.umask(mask)
-    return mask
+    return (0o777 if directory else 0o666) & ~mask

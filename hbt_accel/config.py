@@ -84,6 +84,9 @@ class HbtConfig:
 
     # ---- training ----
     output_dir: str = _field("runs/default", "where checkpoints, the final model and reports go")
+    overwrite_output_dir: bool = _field(
+        False, "train into an output_dir that holds another run (its checkpoints are deleted first)"
+    )
     max_steps: int = _field(-1, "optimizer steps; -1 = num_train_epochs epochs")
     num_train_epochs: float = _field(1.0, "epochs when max_steps is -1 (one epoch = each id once, in expectation)")
     per_device_train_batch_size: int = _field(32, "queries per process per step")
@@ -209,7 +212,9 @@ def _coerce(name: str, value: Any, kind: type, choices: tuple | None) -> Any:
     except (ValueError, TypeError, json.JSONDecodeError):
         raise ConfigError(f"{name}: got {value!r}, expected {expected.get(kind, kind.__name__)}") from None
     if choices and value not in choices:
-        raise ConfigError(f"{name}: got {value!r}, expected one of {', '.join(map(str, choices))}")
+        close = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1, cutoff=0.5)
+        hint = f"; did you mean '{close[0]}'?" if close else ""
+        raise ConfigError(f"{name}: got {value!r}, expected one of {', '.join(map(str, choices))}{hint}")
     return value
 
 
@@ -223,9 +228,11 @@ def load_yaml(path: str | Path) -> dict:
     if not path.is_file():
         raise ConfigError(f"--config: file not found: {path}")
     try:
-        content = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        content = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as error:
         raise ConfigError(f"{path}: not valid YAML ({str(error).splitlines()[0]})") from None
+    if content is None:  # silently training with the dataclass defaults instead of a recipe would be a surprise
+        raise ConfigError(f"{path}: the recipe is empty (expected field: value lines, e.g. from recipes/default.yaml)")
     if not isinstance(content, dict):
         raise ConfigError(f"{path}: expected a mapping of field: value at the top level")
     return content

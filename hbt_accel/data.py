@@ -222,6 +222,8 @@ def resolve_data_dir(value: str | os.PathLike | None = None) -> Path:
             return path
         if candidate is value:  # an explicit value that does not exist is an error, not a reason to look elsewhere
             break
+        if candidate == os.environ.get("HBT_DATA_DIR"):
+            raise DataError(f"HBT_DATA_DIR={candidate}: no such folder (expected the one holding xquad-r/, mlqa-r/)")
     raise DataError(f"no LAReQA data directory found (looked in: {', '.join(tried)}); {LAREQA_DOWNLOAD_HINT}")
 
 

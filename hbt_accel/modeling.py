@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from hbt_accel.atomic import usual_mode
 from hbt_accel.encoder_settings import KINDS, POOLINGS, EncoderSettings, LoraSettings
 from hbt_accel.sentence_transformers_format import write_sentence_transformers_files
 
@@ -272,6 +273,7 @@ class DualEncoder(nn.Module):
         output_dir = Path(output_dir)
         output_dir.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.tmp-", dir=output_dir.parent))
+        staging.chmod(usual_mode(directory=True))  # mkdtemp makes 0700; a saved model must read like any folder
         try:
             self._write(staging, state_dict)
             _move_into(staging, output_dir)

@@ -18,8 +18,11 @@ that every rank agreed on, which accelerate's re-sharding would break.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
+import os
 import platform
+import shutil
 import time
 from pathlib import Path
 
@@ -41,7 +44,7 @@ from hbt_accel.config import HbtConfig, save_config
 from hbt_accel.console import TrainingProgressBar, make_console
 from hbt_accel.data import ParallelCorpus, lareqa_files, load_lareqa_benchmark, load_training_corpus
 from hbt_accel.distributed import configure_cpu_threads, make_accelerator
-from hbt_accel.errors import TrainingDiverged
+from hbt_accel.errors import ConfigError, TrainingDiverged
 from hbt_accel.evaluation.schema import MAP_KEYS, check_selection_metric, summary_of
 from hbt_accel.losses import CachedInfoNCELoss, InfoNCELoss, TrainingStep
 from hbt_accel.modeling import DualEncoder, EncoderSettings, LoraSettings
@@ -180,12 +183,40 @@ def start(cfg: HbtConfig):
         project_dir=str(cfg.output_dir),
     )
     set_seed(cfg.seed)
+    check_output_dir(cfg)
     check_selection_metric(cfg.metric_for_best_model)
     if cfg.push_to_hub:
         from hbt_accel.hub import check_hub_access
 
         check_hub_access(cfg)
     return accelerator, threads
+
+
+def check_output_dir(cfg: HbtConfig) -> None:
+    """A run never silently lands on another one: a finished or started run in output_dir needs resume or
+    overwrite_output_dir; a file or an unwritable place fails now, not after training."""
+    output_dir = Path(cfg.output_dir)
+    if output_dir.exists() and not output_dir.is_dir():
+        raise ConfigError(f"output_dir: {output_dir} is a file, expected a folder")
+    existing = next(p for p in [output_dir, *output_dir.absolute().parents] if p.exists())
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"output_dir: cannot write to {existing} (for {output_dir})")
+    summary = output_dir / SUMMARY_FILE
+    if cfg.resume_from_checkpoint:
+        steps = json.loads(summary.read_text()).get("steps", 0) if summary.is_file() else 0
+        if cfg.max_steps > 0 and steps >= cfg.max_steps:
+            raise ConfigError(
+                f"resume_from_checkpoint: the run in {output_dir} already finished ({steps} steps, {SUMMARY_FILE}); "
+                "raise max_steps to train further"
+            )
+        return
+    previous = [name for name in (SUMMARY_FILE, "model.safetensors") if (output_dir / name).exists()]
+    previous += [p.name for p in find_checkpoints(output_dir)][-1:]
+    if previous and not cfg.overwrite_output_dir:
+        raise ConfigError(
+            f"output_dir: {output_dir} already holds a run ({', '.join(previous)}); choose another output_dir, "
+            "resume it with --resume_from_checkpoint latest, or pass --overwrite_output_dir true"
+        )
 
 
 def load_data(cfg: HbtConfig, accelerator, console) -> tuple[list[ParallelCorpus], HybridBatchSampler]:
@@ -298,6 +329,9 @@ def open_run_folder(session: Session) -> None:
     cfg, accelerator, output_dir = session.cfg, session.accelerator, session.output_dir
     resume = resolve_resume(cfg.resume_from_checkpoint, output_dir)
     if accelerator.is_main_process:
+        if cfg.overwrite_output_dir and resume is None:
+            for old in find_checkpoints(output_dir):  # the user asked: a new run must not resume these later
+                shutil.rmtree(old)
         output_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, output_dir / CONFIG_FILE)
     if cfg.report_to != "none":

@@ -115,3 +115,20 @@ def test_launched_processes_take_their_share_of_the_cores_unless_the_user_chose(
 
     threads, why = choose_cpu_threads(env, launcher_env, launcher_args, cores)
     assert threads == expected and why
+
+
+def test_an_empty_recipe_and_a_mistyped_choice_fail_in_one_line(tmp_path):
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("# nothing here\n")
+    with pytest.raises(ConfigError, match="the recipe is empty"):
+        parse_config(["--config", str(empty)])
+    with pytest.raises(ConfigError, match="did you mean 'hybrid'"):
+        parse_config(["--sampling", "hybird"])
+
+
+def test_a_missing_hbt_data_dir_is_an_error_not_a_silent_fallback(monkeypatch, tmp_path):
+    from hbt_accel.data import DataError, resolve_data_dir
+
+    monkeypatch.setenv("HBT_DATA_DIR", str(tmp_path / "nowhere"))
+    with pytest.raises(DataError, match="HBT_DATA_DIR=.*nowhere: no such folder"):
+        resolve_data_dir()

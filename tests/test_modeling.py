@@ -273,3 +273,17 @@ def test_encode_reports_progress_per_batch_and_keeps_the_input_order(tiny_encode
         tiny_encoder.token_lengths(texts, "passage")
         == tiny_encoder.tokenize(texts, "passage")["attention_mask"].sum(dim=1).tolist()
     )
+
+
+def test_a_saved_model_reads_like_any_other_folder(tiny_encoder, tmp_path):
+    import os
+    import stat
+
+    mask = os.umask(0o022)
+    try:
+        tiny_encoder.save_pretrained(tmp_path / "saved")
+    finally:
+        os.umask(mask)
+    assert stat.S_IMODE((tmp_path / "saved").stat().st_mode) == 0o755  # not mkdtemp's 0700
+    assert stat.S_IMODE((tmp_path / "saved" / "hbt_encoder.json").stat().st_mode) == 0o644
+    assert stat.S_IMODE((tmp_path / "saved" / "modules.json").stat().st_mode) == 0o644

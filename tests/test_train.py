@@ -302,3 +302,23 @@ def test_skipped_nonfinite_steps_leave_the_weights_untouched(tiny_model_dir, mlq
     initial = load_file(tiny_model_dir / "model.safetensors")
     trained = load_file(out / "model.safetensors")
     assert all(torch.equal(initial[k], trained[k]) for k in trained if k in initial)
+
+
+def test_a_new_run_never_lands_on_another_run(tiny_model_dir, tmp_path):
+    finished = tmp_path / "finished"
+    finished.mkdir()
+    (finished / "train_summary.json").write_text('{"steps": 4}')
+    (finished / "checkpoint-2").mkdir()
+    a_file = tmp_path / "a_file"
+    a_file.write_text("not a folder")
+    common = ["--model_name_or_path", str(tiny_model_dir), "--max_steps", "4"]
+    cases = [
+        (["--output_dir", str(finished)], "already holds a run (train_summary.json, checkpoint-2)"),
+        (["--output_dir", str(finished), "--resume_from_checkpoint", "latest"], "already finished (4 steps"),
+        (["--output_dir", str(a_file)], "is a file, expected a folder"),
+    ]
+    for args, message in cases:
+        result = train(*common, *args, check=False)
+        assert result.returncode == 2 and message in result.stderr, result.stderr[-1000:]
+        assert len(result.stderr.strip().splitlines()) == 1 and "global batch" not in result.stdout
+    assert (finished / "train_summary.json").read_text() == '{"steps": 4}'  # untouched
