@@ -210,7 +210,9 @@ def _run_with_submitit(spec: SweepSpec, point: SweepPoint, command: list[str]) -
     import submitit
 
     executor = submitit.AutoExecutor(folder=spec.run_root / "submitit" / "%j", cluster=spec.cluster or None)
-    executor.update_parameters(name=f"{spec.name}-{point.name}", **spec.submitit)
+    # submitit's own time limit is short (its local executor kills a job after minutes); a point gets a day unless
+    # the sweep says otherwise
+    executor.update_parameters(**{"name": f"{spec.name}-{point.name}", "timeout_min": 24 * 60, **spec.submitit})
     job = executor.submit(submitit.helpers.CommandFunction(command, cwd=str(REPO), env=_point_env()))
     try:
         job.result()
