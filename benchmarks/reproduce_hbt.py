@@ -91,16 +91,9 @@ def evaluate_untrained(runs: Path, bf16: bool) -> dict:
 
 def unseen_view(results: dict) -> dict:
     """mono / cross / multi mAP and rank distance restricted to queries in languages never trained on."""
-    grid, languages = results["grid"], results["languages"]
-    unseen = [lang for lang in UNSEEN if lang in languages]
-    mono = [grid[f"{x}-{x}"] for x in unseen]
-    cross = [grid[f"{x}-{y}"] for x in unseen for y in languages if y != x and f"{x}-{y}" in grid]
-    return {
-        "mono_map": sum(mono) / len(mono),
-        "cross_map": sum(cross) / len(cross),
-        "multi_map": sum(results["multi_map_per_language"][x] for x in unseen) / len(unseen),
-        "rank_distance": sum(results["rank_distance_per_language"][x] for x in unseen) / len(unseen),
-    }
+    from hbt_accel.evaluation.grid import language_view
+
+    return language_view(results, UNSEEN)
 
 
 def row(name: str, metrics: dict, extra: str = "") -> str:

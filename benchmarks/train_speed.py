@@ -27,6 +27,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 from report import write_section
@@ -148,38 +149,40 @@ def time_in_process(pairs_path: Path, steps: int, extra: list[str]) -> list[floa
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
-def _time_steps_here(pairs_path: Path, steps: int, extra: list[str]) -> None:
-    """Print (as the last line, JSON) the seconds of each `steps` steps: next batch + train_step."""
+@contextmanager
+def library_steps(pairs_path: Path, steps: int, extra: list[str]):
+    """A callable making one step of the library: the next batch of the session's DataLoader, then `train_step`, on
+    a session built by `hbt_accel.train.setup` from the same flags as the timed rows (the users' code path)."""
     from hbt_accel.config import parse_config
     from hbt_accel.train import setup, train_step
 
     with tempfile.TemporaryDirectory() as output_dir:
         session = setup(parse_config(hbt_flags(pairs_path, steps, output_dir, extra)))
-        batches, seconds = iter(session.loader), []
+        batches = iter(session.loader)
+        yield lambda: train_step(session, next(batches))
+
+
+def _time_steps_here(pairs_path: Path, steps: int, extra: list[str]) -> None:
+    """Print (as the last line, JSON) the seconds of each `steps` steps: next batch + train_step."""
+    seconds = []
+    with library_steps(pairs_path, steps, extra) as step:
         for _ in range(steps):
             started = time.perf_counter()
-            train_step(session, next(batches))
+            step()
             seconds.append(time.perf_counter() - started)
     print(json.dumps(seconds))
 
 
 def profile_step(pairs_path: Path, steps: int = 3, top: int = 12) -> tuple[float, list[tuple[str, float]]]:
     """Where one bf16 step of hbt_accel goes: the top ops by self CPU time (torch.profiler), averaged over `steps`
-    steps after one warm-up step. It profiles the library's own `train_step` on a session built by
-    `hbt_accel.train.setup` from the same flags as the timed rows: the code path users run, collation included."""
+    steps after one warm-up step of the library's own `train_step` (see `library_steps`)."""
     from torch.profiler import ProfilerActivity, profile
 
-    from hbt_accel.config import parse_config
-    from hbt_accel.train import setup, train_step
-
-    with tempfile.TemporaryDirectory() as output_dir:
-        cfg = parse_config(hbt_flags(pairs_path, steps + 1, output_dir, ["--mixed_precision", "bf16"]))
-        session = setup(cfg)
-        batches = iter(session.loader)
-        train_step(session, next(batches))
+    with library_steps(pairs_path, steps + 1, ["--mixed_precision", "bf16"]) as step:
+        step()
         with profile(activities=[ProfilerActivity.CPU]) as prof:
             for _ in range(steps):
-                train_step(session, next(batches))
+                step()
     events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
     total = sum(e.self_cpu_time_total for e in events) / 1e6 / steps
     return total, [(e.key, e.self_cpu_time_total / 1e6 / steps) for e in events[:top]]

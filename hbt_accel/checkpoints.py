@@ -101,9 +101,13 @@ class TrainingProgress:
     best_checkpoint: str = ""
     evaluations: list = dataclasses.field(default_factory=list)  # periodic scores by step: the metric-by-step plot
 
+    def add_point(self, results: dict) -> None:
+        """The metric-by-step curve's point at the current step."""
+        self.evaluations.append({"step": self.global_step, **summary_of(results)})
+
     def record_evaluation(self, results: dict, metric_for_best_model: str) -> bool:
         """Add a periodic score at the current step; True when it makes this step's checkpoint the best."""
-        self.evaluations.append({"step": self.global_step, **summary_of(results)})
+        self.add_point(results)
         score = selection_score(results, metric_for_best_model)
         if self.best_metric is not None and score <= self.best_metric:
             return False

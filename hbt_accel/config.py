@@ -161,10 +161,13 @@ class HbtConfig:
 # --------------------------------------------------------------------------------------------------------------------
 # The parser
 # --------------------------------------------------------------------------------------------------------------------
+def _did_you_mean(word: str, options: list[str]) -> str:
+    close = difflib.get_close_matches(word, options, n=1, cutoff=0.5)
+    return f"; did you mean '{close[0]}'?" if close else ""
+
+
 def _unknown_key(key: str, valid: list[str], where: str) -> ConfigError:
-    close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
-    hint = f"; did you mean '{close[0]}'?" if close else ""
-    return ConfigError(f"{where}: unknown key '{key}'{hint}")
+    return ConfigError(f"{where}: unknown key '{key}'{_did_you_mean(key, valid)}")
 
 
 def _coerce(name: str, value: Any, kind: type, choices: tuple | None) -> Any:
@@ -212,8 +215,7 @@ def _coerce(name: str, value: Any, kind: type, choices: tuple | None) -> Any:
     except (ValueError, TypeError, json.JSONDecodeError):
         raise ConfigError(f"{name}: got {value!r}, expected {expected.get(kind, kind.__name__)}") from None
     if choices and value not in choices:
-        close = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1, cutoff=0.5)
-        hint = f"; did you mean '{close[0]}'?" if close else ""
+        hint = _did_you_mean(str(value), [str(c) for c in choices])
         raise ConfigError(f"{name}: got {value!r}, expected one of {', '.join(map(str, choices))}{hint}")
     return value
 

@@ -27,6 +27,7 @@ from hbt_accel.checkpoints import latest_checkpoint
 from hbt_accel.config import HbtConfig, load_yaml, parse_config
 from hbt_accel.errors import ConfigError
 from hbt_accel.evaluation.grid import PER_QUERY_FILE
+from hbt_accel.evaluation.schema import summary_of
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN_SCRIPT = REPO / "recipes" / "train_hybrid.py"
@@ -230,14 +231,13 @@ def collect_point(spec: SweepSpec, point: SweepPoint) -> Path:
     run_dir = spec.run_root / point.name
     train_summary = json.loads((run_dir / "train_summary.json").read_text())
     results = json.loads((run_dir / "eval_results.json").read_text())
-    from hbt_accel.evaluation.schema import summary_of
-
     summary = {
         "sweep": spec.name,
         "point": point.name,
         "settings": point.as_dict(),
         "final": {**summary_of(results), "languages": results["languages"]},
         "multi_map_per_language": results["multi_map_per_language"],
+        "rank_distance_per_language": results["rank_distance_per_language"],
         "grid": results["grid"],
         "evaluations": train_summary["evaluations"],
         "steps": train_summary["steps"],

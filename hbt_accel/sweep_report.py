@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from hbt_accel.atomic import write_atomic, write_json
+from hbt_accel.evaluation.grid import language_view
 from hbt_accel.evaluation.schema import HEADLINE, MULTI_MAP
 from hbt_accel.sweep import SweepSpec, sweep_points
 
@@ -39,19 +40,6 @@ def setting_of(summary: dict) -> tuple:
     return tuple((k, json.dumps(v)) for k, v in summary["settings"].items() if k != "seed")
 
 
-def language_view(summary: dict, languages: list[str]) -> dict:
-    """Headline numbers restricted to queries in `languages` (mono: their diagonal; cross: their rows)."""
-    grid = summary["grid"]
-    mono = [grid[f"{x}-{x}"] for x in languages if f"{x}-{x}" in grid]
-    cross = [v for key, v in grid.items() if key.split("-")[0] in languages and key.split("-")[0] != key.split("-")[1]]
-    multi = [summary["multi_map_per_language"][x] for x in languages if x in summary["multi_map_per_language"]]
-    return {
-        "mono_map": _mean(mono),
-        "cross_map": _mean(cross),
-        "multi_map": _mean(multi),
-    }
-
-
 def seen_languages(summary: dict) -> list[str]:
     trained = summary["settings"].get("train_languages") or list(MLQA_R_LANGUAGES)
     return [lang for lang in summary["final"]["languages"] if lang in trained]
@@ -63,11 +51,6 @@ def convergence_step(evaluations: list[dict], share: float = 0.95) -> int | None
         return None
     target = share * evaluations[-1][MULTI_MAP.key]
     return next(e["step"] for e in evaluations if e[MULTI_MAP.key] >= target)
-
-
-def _mean(values) -> float:
-    values = list(values)
-    return float(np.mean(values)) if values else math.nan
 
 
 def describe(values: list[float]) -> dict:
@@ -96,7 +79,7 @@ def aggregate(summaries: list[dict]) -> list[dict]:
         for metric in HEADLINE:
             row[metric.key] = describe([r["final"][metric.key] for r in runs])
         for group in ("seen", "unseen"):
-            views = [language_view(r, _group_languages(r, group)) for r in runs]
+            views = [language_view({**r, **r["final"]}, _group_languages(r, group)) for r in runs]
             row[group] = {key: describe([v[key] for v in views]) for key in views[0]}
         steps = [convergence_step(r["evaluations"]) for r in runs]
         row["convergence_step"] = describe([s for s in steps if s is not None]) if any(steps) else None

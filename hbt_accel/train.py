@@ -45,7 +45,7 @@ from hbt_accel.console import TrainingProgressBar, make_console
 from hbt_accel.data import ParallelCorpus, lareqa_files, load_lareqa_benchmark, load_training_corpus
 from hbt_accel.distributed import configure_cpu_threads, make_accelerator
 from hbt_accel.errors import ConfigError, TrainingDiverged
-from hbt_accel.evaluation.schema import MAP_KEYS, check_selection_metric, summary_of
+from hbt_accel.evaluation.schema import MAP_KEYS, check_selection_metric
 from hbt_accel.losses import CachedInfoNCELoss, InfoNCELoss, TrainingStep
 from hbt_accel.modeling import DualEncoder, EncoderSettings, LoraSettings
 from hbt_accel.run_summary import BatchArithmetic, TrainSummary
@@ -472,8 +472,7 @@ def checkpoint_and_evaluate(session: Session) -> float:
 def evaluate_step_zero(session: Session) -> float:
     """The step-0 point of the metric-by-step curve: the model before any update, on the periodic subset."""
     started = time.perf_counter()
-    results = run_evaluation(session, full=False)
-    session.progress.evaluations.append({"step": 0, **summary_of(results)})
+    session.progress.add_point(run_evaluation(session, full=False))  # global_step is 0 here
     return time.perf_counter() - started
 
 

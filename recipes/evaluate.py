@@ -187,13 +187,11 @@ def add_statistics(results: dict, scores, args: EvaluateArguments) -> None:
     results["confidence_intervals"] = confidence_intervals(scores, args.bootstrap)
     results["bootstrap_resamples"] = args.bootstrap
     if args.baseline:
-        baseline = PerQueryScores.load(args.baseline)
-        if baseline.query_ids != scores.query_ids or baseline.languages != scores.languages:
-            raise DataError(f"--baseline: {args.baseline} scored other questions or languages than this evaluation")
-        results["paired_difference"] = {
-            "baseline": args.baseline,
-            **paired_difference(scores, baseline, args.bootstrap),
-        }
+        try:
+            difference = paired_difference(scores, PerQueryScores.load(args.baseline), args.bootstrap)
+        except ValueError as error:  # another benchmark, language set or question subset than this evaluation
+            raise DataError(f"--baseline {args.baseline}: {error}") from None
+        results["paired_difference"] = {"baseline": args.baseline, **difference}
 
 
 if __name__ == "__main__":

@@ -37,6 +37,7 @@ from hbt_accel.atomic import write_atomic
 from hbt_accel.data import DataError, RetrievalBenchmark
 from hbt_accel.evaluation.encoding import encode_texts
 from hbt_accel.evaluation.metrics import average_precision, rank_distance, recall_at_k, relevant_ranks
+from hbt_accel.evaluation.schema import HEADLINE_KEYS
 
 
 @dataclass
@@ -301,6 +302,20 @@ def evaluate_grid(
     results = score_encoded(encoded, block_size, per_query)
     results["seconds"] = time.perf_counter() - start
     return results
+
+
+def language_view(results: dict, languages: Iterable[str]) -> dict:
+    """mono / cross / multi mAP and rank distance over the queries in `languages` only: their diagonal cells, their
+    rows' off-diagonal cells (against every pool), their multilingual numbers. E.g. the never-trained languages."""
+    grid, chosen = results["grid"], [x for x in languages if x in results["languages"]]
+    mono = [grid[f"{x}-{x}"] for x in chosen if f"{x}-{x}" in grid]
+    cross = [grid[f"{x}-{y}"] for x in chosen for y in results["languages"] if y != x and f"{x}-{y}" in grid]
+    multi = [results["multi_map_per_language"][x] for x in chosen]
+    distance = [results["rank_distance_per_language"][x] for x in chosen]
+    # plain sums (not np.mean's pairwise ones): the committed reproduction tables were computed this way
+    return {
+        key: sum(v) / len(v) if v else float("nan") for key, v in zip(HEADLINE_KEYS, (mono, cross, multi, distance))
+    }
 
 
 def _mean(values: Iterable[float]) -> float:
