@@ -200,3 +200,24 @@ def test_bad_evaluation_input_is_one_line(tiny_model_dir, tmp_path):
         command = [sys.executable, str(REPO / "recipes" / "evaluate.py"), "--languages", "en", *args]
         result = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path)
         assert message in _one_line_error(result), args
+
+
+def test_a_huge_learning_rate_stops_within_three_steps_and_saves_nothing(tiny_model_dir, mlqa_slice, tmp_path):
+    out = tmp_path / "run"
+    result = train(
+        *("--model_name_or_path", str(tiny_model_dir), "--train_data", str(mlqa_slice), "--output_dir", str(out)),
+        *("--per_device_train_batch_size", "16", "--max_steps", "5", "--save_steps", "1", "--mixed_precision", "no"),
+        *(
+            "--learning_rate",
+            "1e6",
+        ),
+        check=False,
+    )
+    assert result.returncode == 3, result.stderr[-2000:]
+    (line,) = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    step = int(line.split()[2].rstrip(":"))
+    assert step <= 3 and "training diverged (learning_rate 1e+06" in line and "Traceback" not in result.stderr
+    assert not (out / "model.safetensors").exists() and not (out / "train_summary.json").exists()
+    for checkpoint in out.glob("checkpoint-*"):  # the steps before the NaN may be saved: they must be finite
+        weights = load_file(checkpoint / "model" / "model.safetensors")
+        assert all(torch.isfinite(tensor).all() for tensor in weights.values()), checkpoint.name
