@@ -2,7 +2,8 @@
 
     RUN/checkpoint-<step>/              accelerate's save_state (model, optimizer, scheduler, RNG)
     RUN/checkpoint-<step>/model/        the encoder as a loadable Hugging Face + sentence-transformers folder
-    RUN/checkpoint-<step>/training_progress.json   step, periodic evaluations, best checkpoint (TrainingProgress)
+    RUN/checkpoint-<step>/training_progress.json   step, history, periodic evaluations, best checkpoint
+    RUN/checkpoint-<step>/checkpoint_manifest.json every other file's size, written last: a complete checkpoint
     RUN/.tmp-checkpoint-<step>/         a save in progress; renamed to checkpoint-<step> when complete
 
 Training, evaluation, the Hub upload and the recipes all go through this module for that layout.
@@ -25,6 +26,8 @@ PREFIX = "checkpoint-"
 PATTERN = re.compile(rf"^{PREFIX}(\d+)$")
 MODEL_DIR = "model"
 PROGRESS_FILE = "training_progress.json"
+MANIFEST_FILE = "checkpoint_manifest.json"
+STAGING_PREFIX = ".tmp-"
 
 
 def checkpoint_name(step: int) -> str:
@@ -52,8 +55,59 @@ def find_checkpoints(run_dir: str | os.PathLike) -> list[Path]:
 
 
 def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
-    checkpoints = find_checkpoints(run_dir)
-    return checkpoints[-1] if checkpoints else None
+    """The newest COMPLETE checkpoint (see `checkpoint_problem`), or None."""
+    return latest_complete_checkpoint(run_dir)[0]
+
+
+def latest_complete_checkpoint(run_dir: str | os.PathLike) -> tuple[Path | None, list[str]]:
+    """-> (the newest checkpoint that passes `checkpoint_problem`, one line per newer checkpoint skipped)."""
+    skipped = []
+    for checkpoint in reversed(find_checkpoints(run_dir)):
+        problem = checkpoint_problem(checkpoint)
+        if problem is None:
+            return checkpoint, skipped
+        skipped.append(f"{checkpoint.name} ({problem})")
+    return None, skipped
+
+
+def write_manifest(folder: Path) -> Path:
+    """Record every file's size under `folder`; written LAST, so its presence means the save completed."""
+    sizes = {
+        path.relative_to(folder).as_posix(): path.stat().st_size
+        for path in sorted(folder.rglob("*"))
+        if path.is_file() and path.name != MANIFEST_FILE
+    }
+    return write_json(folder / MANIFEST_FILE, {"files": sizes})
+
+
+def checkpoint_problem(checkpoint: Path) -> str | None:
+    """None when the checkpoint is complete, else what is wrong with it (one phrase naming the file).
+
+    A manifest's files must all be there with their sizes (a truncated optimizer.bin or model.safetensors shows as
+    a size mismatch). Checkpoints from before manifests only need their progress file."""
+    if not (checkpoint / PROGRESS_FILE).is_file():
+        return f"no {PROGRESS_FILE}"
+    manifest = checkpoint / MANIFEST_FILE
+    if not manifest.is_file():
+        return None
+    try:
+        sizes = json.loads(manifest.read_text(encoding="utf-8"))["files"]
+    except (ValueError, KeyError, UnicodeDecodeError):
+        return f"{MANIFEST_FILE} is unreadable"
+    for name, size in sizes.items():
+        path = checkpoint / name
+        if not path.is_file():
+            return f"{name} is missing"
+        if path.stat().st_size != size:
+            return f"{name} has {path.stat().st_size} bytes, {size} were saved"
+    return None
+
+
+def stale_staging_folders(run_dir: Path) -> list[Path]:
+    """Checkpoint saves a killed run left behind (RUN/.tmp-checkpoint-<step>)."""
+    if not run_dir.is_dir():
+        return []
+    return sorted(p for p in run_dir.iterdir() if p.name.startswith(STAGING_PREFIX + PREFIX) and p.is_dir())
 
 
 def model_folder(checkpoint: str | os.PathLike) -> Path | None:
@@ -74,19 +128,24 @@ def rotate_checkpoints(run_dir: Path, limit: int, keep: str = "") -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def resolve_resume(value: str, output_dir: Path) -> Path | None:
-    """`resume_from_checkpoint` -> the checkpoint folder: '' = none, 'latest' = newest in output_dir, else a path."""
+def resolve_resume(value: str, output_dir: Path) -> tuple[Path | None, list[str]]:
+    """`resume_from_checkpoint` -> (the checkpoint folder, the newer incomplete checkpoints skipped on the way):
+    '' = none, 'latest' = the newest complete one in output_dir, else a path that must be complete."""
     if not value:
-        return None
+        return None, []
     if value == "latest":
-        latest = latest_checkpoint(output_dir)
+        latest, skipped = latest_complete_checkpoint(output_dir)
         if latest is None:
-            raise DataError(f"resume_from_checkpoint: 'latest' but {output_dir} has no {PREFIX}* folder")
-        return latest
+            found = f"only incomplete ones: {'; '.join(skipped)}" if skipped else f"no {PREFIX}* folder"
+            raise DataError(f"resume_from_checkpoint: 'latest' but {output_dir} has {found}")
+        return latest, skipped
     path = Path(value).expanduser()
-    if not (path / PROGRESS_FILE).is_file():
-        raise DataError(f"resume_from_checkpoint: {path} is not a checkpoint folder (no {PROGRESS_FILE})")
-    return path
+    if not path.is_dir():
+        raise DataError(f"resume_from_checkpoint: {path} not found (expected a {PREFIX}<step> folder)")
+    problem = checkpoint_problem(path)
+    if problem is not None:
+        raise DataError(f"resume_from_checkpoint: {path} is not a complete checkpoint ({problem})")
+    return path, []
 
 
 # =====================================================================================================================
@@ -94,12 +153,17 @@ def resolve_resume(value: str, output_dir: Path) -> Path | None:
 # =====================================================================================================================
 @dataclasses.dataclass
 class TrainingProgress:
-    """Where the run is and its best checkpoint so far; saved as training_progress.json in every checkpoint."""
+    """Where the run is, what it did so far and its best checkpoint; saved as training_progress.json in every
+    checkpoint, so a resumed run's summary covers the whole run."""
 
     global_step: int = 0
     best_metric: float | None = None  # selection score of the best checkpoint (higher is better); None = none yet
     best_checkpoint: str = ""
     evaluations: list = dataclasses.field(default_factory=list)  # periodic scores by step: the metric-by-step plot
+    history: list = dataclasses.field(default_factory=list)  # logged steps: loss, lr, samples/s, batch counts
+    batch_counts: dict = dataclasses.field(default_factory=lambda: {"X-X": 0, "X-Y": 0})  # micro-batches by kind
+    train_seconds: float = 0.0  # training time so far, evaluation excluded
+    eval_seconds: float = 0.0  # periodic evaluation time so far
 
     def add_point(self, results: dict) -> None:
         """The metric-by-step curve's point at the current step."""
@@ -141,7 +205,7 @@ def save_checkpoint(accelerator, model, progress: TrainingProgress, output_dir: 
     """save_state + model + progress into checkpoint-<step> via a temp folder and a rename; keep the last
     `total_limit` (and the best)."""
     final = output_dir / checkpoint_name(progress.global_step)
-    tmp = output_dir / f".tmp-{final.name}"
+    tmp = output_dir / f"{STAGING_PREFIX}{final.name}"
     if accelerator.is_main_process and tmp.exists():
         shutil.rmtree(tmp)
     accelerator.wait_for_everyone()
@@ -149,6 +213,7 @@ def save_checkpoint(accelerator, model, progress: TrainingProgress, output_dir: 
     save_model(accelerator, model, tmp / MODEL_DIR)
     if accelerator.is_main_process:
         progress.save(tmp)
+        write_manifest(tmp)
         if final.exists():
             shutil.rmtree(final)
         tmp.rename(final)

@@ -7,7 +7,6 @@ the YAML or on the command line, is an error that names the key and suggests the
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import json
 import sys
 import typing
@@ -18,7 +17,7 @@ from typing import Any
 import yaml
 
 from hbt_accel.atomic import write_atomic
-from hbt_accel.errors import ConfigError, DataError, TrainingDiverged
+from hbt_accel.errors import ConfigError, DataError, PushFailed, TrainingDiverged, did_you_mean
 from hbt_accel.sampling import STRATEGIES
 
 RECIPES_DIR = Path(__file__).resolve().parents[1] / "recipes"
@@ -161,13 +160,8 @@ class HbtConfig:
 # --------------------------------------------------------------------------------------------------------------------
 # The parser
 # --------------------------------------------------------------------------------------------------------------------
-def _did_you_mean(word: str, options: list[str]) -> str:
-    close = difflib.get_close_matches(word, options, n=1, cutoff=0.5)
-    return f"; did you mean '{close[0]}'?" if close else ""
-
-
 def _unknown_key(key: str, valid: list[str], where: str) -> ConfigError:
-    return ConfigError(f"{where}: unknown key '{key}'{_did_you_mean(key, valid)}")
+    return ConfigError(f"{where}: unknown key '{key}'{did_you_mean(key, valid)}")
 
 
 def _coerce(name: str, value: Any, kind: type, choices: tuple | None) -> Any:
@@ -215,7 +209,7 @@ def _coerce(name: str, value: Any, kind: type, choices: tuple | None) -> Any:
     except (ValueError, TypeError, json.JSONDecodeError):
         raise ConfigError(f"{name}: got {value!r}, expected {expected.get(kind, kind.__name__)}") from None
     if choices and value not in choices:
-        hint = _did_you_mean(str(value), [str(c) for c in choices])
+        hint = did_you_mean(str(value), [str(c) for c in choices])
         raise ConfigError(f"{name}: got {value!r}, expected one of {', '.join(map(str, choices))}{hint}")
     return value
 
@@ -303,7 +297,8 @@ def parse_config(argv: list[str] | None = None, default_yaml: str | Path | None 
 
 
 def run_cli(main, cls: type, argv: list[str] | None = None, default_yaml: str | Path | None = None) -> None:
-    """Parse, then run `main(config)`; configuration and data errors end as one line on stderr, exit code 2."""
+    """Parse, then run `main(config)`. Errors end as one line on stderr: configuration and data errors with exit code
+    2, a diverged run with 3, a failed Hub upload after a complete run with 4."""
     try:
         config = parse_dataclass(cls, argv, default_yaml)
     except ConfigError as error:
@@ -317,6 +312,9 @@ def run_cli(main, cls: type, argv: list[str] | None = None, default_yaml: str | 
     except TrainingDiverged as error:
         print(f"error: {error}", file=sys.stderr)
         raise SystemExit(3) from None
+    except PushFailed as error:
+        print(f"error: {error}", file=sys.stderr)
+        raise SystemExit(4) from None
 
 
 def save_config(config, path: str | Path) -> None:

@@ -6,7 +6,8 @@ from __future__ import annotations
 def make_console(accelerator):
     from rich.console import Console
 
-    return Console(quiet=not accelerator.is_main_process)
+    # soft_wrap: a log line holding a long path stays one line (a log file has no width; rich would fold at 80)
+    return Console(quiet=not accelerator.is_main_process, soft_wrap=True)
 
 
 class TrainingProgressBar:

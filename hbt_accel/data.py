@@ -14,7 +14,7 @@ from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from hbt_accel.errors import DataError
+from hbt_accel.errors import DataError, did_you_mean
 
 # ISO 639-1 codes of the languages multilingual encoders commonly cover; an unknown code is almost always a typo.
 LANGUAGE_NAMES = {
@@ -108,16 +108,28 @@ class ParallelCorpus:
         return table
 
 
+DATA_FILE_TYPES = {
+    ".jsonl": "json",
+    ".json": "json",
+    ".csv": "csv",
+    ".parquet": "parquet",
+}  # suffix -> datasets builder
+
+
 def iter_jsonl(path: str | Path) -> Iterator[tuple[dict, str]]:
     """(row, "file:line") for each non-blank line of a JSON-lines file; bad JSON names the file and line."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: file not found")
-    with path.open(encoding="utf-8") as handle:
-        for line_no, line in enumerate(handle, 1):
+    with path.open("rb") as handle:  # bytes, so a bad encoding is reported with its line
+        for line_no, raw in enumerate(handle, 1):
+            where = f"{path}:{line_no}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as error:
+                raise DataError(f"{where}: not UTF-8 text (byte {raw[error.start]:#04x} at column {error.start + 1})")
             if not line.strip():
                 continue
-            where = f"{path}:{line_no}"
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as error:
@@ -145,7 +157,7 @@ def read_hf_corpus(
 
     local = Path(name_or_path)
     if local.is_file():
-        builder = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}.get(local.suffix)
+        builder = DATA_FILE_TYPES.get(local.suffix)
         if builder is None:
             raise DataError(f"{local}: unsupported data file type {local.suffix!r} (jsonl, json, csv, parquet)")
         dataset = datasets.load_dataset(builder, data_files=str(local), split=split)
@@ -234,6 +246,10 @@ def lareqa_files(name_or_path: str, data_dir: str | os.PathLike | None = None) -
     else:
         folder = Path(name_or_path).expanduser()
     if not folder.is_dir():
+        if name_or_path not in LAREQA_BENCHMARKS and "/" not in name_or_path:  # a mistyped name, most likely
+            known = ", ".join(LAREQA_BENCHMARKS)
+            hint = did_you_mean(name_or_path, list(LAREQA_BENCHMARKS))
+            raise DataError(f"{name_or_path}: not a benchmark name ({known}) nor a folder{hint}")
         raise DataError(f"{folder}: benchmark folder not found; {LAREQA_DOWNLOAD_HINT}")
     files = {path.stem: path for path in sorted(folder.glob("*.json"))}
     if not files:
@@ -319,8 +335,15 @@ def load_training_corpus(
     if source in LAREQA_BENCHMARKS or (path.is_dir() and any(path.glob("*.json"))):
         benchmark = load_lareqa_benchmark(source, data_dir=data_dir or None)
         return lareqa_training_corpus(benchmark, hard_negatives=hard_negatives)
-    if path.suffix in (".jsonl", ".json", ".csv", ".parquet") and not path.is_file():
+    if path.suffix in DATA_FILE_TYPES and not path.is_file():
         raise DataError(f"{path}: training data file not found (train_data)")
+    if path.is_dir() and not any(
+        p.suffix in DATA_FILE_TYPES or p.name == "dataset_info.json" for p in path.rglob("*")
+    ):
+        raise DataError(
+            f"{path}: no training data in this folder (train_data: expected LAReQA <lang>.json files, a saved "
+            f"dataset, or {', '.join(DATA_FILE_TYPES)} files)"
+        )
     if path.suffix == ".jsonl":
         return read_jsonl_corpus(path)
     return read_hf_corpus(source, columns or {})

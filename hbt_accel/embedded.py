@@ -117,8 +117,26 @@ def embedded_model_path() -> Path:
 
 
 def resolve_model_path(name_or_path: str) -> str:
-    """`"embedded"` -> the built folder; Hub ids and local folders pass through unchanged."""
-    return str(embedded_model_path()) if name_or_path == EMBEDDED else name_or_path
+    """`"embedded"` -> the built folder; Hub ids and local folders pass through unchanged; a local path that does
+    not exist is an error here rather than a Hub request (which would retry for half a minute and then fail)."""
+    if name_or_path == EMBEDDED:
+        return str(embedded_model_path())
+    check_model_name(name_or_path)
+    return name_or_path
+
+
+def check_model_name(name_or_path: str, field: str = "model_name_or_path") -> None:
+    """Raise ConfigError when `name_or_path` is meant as a local folder that does not exist. A Hub id is `name` or
+    `org/name`; a name starting with '.', '/' or '~', with two or more '/', or whose first part is an existing folder
+    (`runs/typo`) is a local path."""
+    from hbt_accel.errors import ConfigError
+
+    if name_or_path == EMBEDDED or Path(name_or_path).expanduser().exists():
+        return
+    parts = name_or_path.replace("\\", "/").split("/")
+    local = name_or_path.startswith((".", "/", "~")) or len(parts) > 2 or (len(parts) == 2 and Path(parts[0]).is_dir())
+    if local:
+        raise ConfigError(f"{field}: {name_or_path} not found (a local model folder; a Hub id looks like org/name)")
 
 
 # ----------------------------------------------------------------------------------------------------------------

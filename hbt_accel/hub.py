@@ -13,6 +13,7 @@ from pathlib import Path
 
 from hbt_accel.checkpoints import is_checkpoint_name
 from hbt_accel.config import ConfigError, HbtConfig
+from hbt_accel.errors import PushFailed
 
 LOGIN_HINT = "log in with `hf auth login` (or `huggingface-cli login`) or set HF_TOKEN"
 # Files in a checkpoint-*/ folder that are training state, not model: accelerate's optimizer / scheduler / RNG /
@@ -65,9 +66,13 @@ def check_hub_access(cfg: HbtConfig) -> dict | None:
     try:
         identity = HfApi(token=token).whoami(token=token)
     except Exception as error:  # any failure here means "cannot push": say why in one line
-        first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        if _http_status(error) in (401, 403):
+            raise ConfigError(
+                f"push_to_hub: the Hub rejected the token ({_first_line(error)}) at {constants.ENDPOINT}; {LOGIN_HINT}"
+            ) from None
         raise ConfigError(
-            f"push_to_hub: the Hub rejected the token ({first_line}) at {constants.ENDPOINT}; {LOGIN_HINT}"
+            f"push_to_hub: cannot check the token ({hub_failure(error)}); check the network and HF_ENDPOINT, "
+            "or set push_to_hub false"
         ) from None
     role = ((identity.get("auth") or {}).get("accessToken") or {}).get("role")
     if role == "read":
@@ -82,6 +87,38 @@ def check_hub_access(cfg: HbtConfig) -> dict | None:
             f"{identity.get('name')!r} (organisations: {', '.join(sorted(n for n in allowed if n)) or 'none'})"
         )
     return identity
+
+
+def _first_line(error: Exception) -> str:
+    return (str(error).strip().splitlines() or [type(error).__name__])[0]
+
+
+def _http_status(error: Exception) -> int | None:
+    response = getattr(error, "response", None)
+    return getattr(response, "status_code", None)
+
+
+def hub_failure(error: Exception) -> str:
+    """Why a Hub request failed, as one phrase: the HTTP status and message the Hub answered with, or that it could
+    not be reached at all (name resolution, refused connection, timeout): not the same advice."""
+    from huggingface_hub import constants
+
+    status = _http_status(error)
+    if status is not None:
+        return f"HTTP {status} from {constants.ENDPOINT}: {_first_line(error)}"
+    return f"cannot reach {constants.ENDPOINT}: {_first_line(error)}"
+
+
+def push_finished_run(accelerator, cfg: HbtConfig, output_dir: Path) -> str | None:
+    """push_folder for a complete run folder; a failure becomes PushFailed: one line that says the local run is
+    complete and gives the command that retries the upload alone."""
+    try:
+        return push_folder(accelerator, cfg, output_dir, "final model")
+    except Exception as error:
+        raise PushFailed(
+            f"push_to_hub: uploading {output_dir} to {cfg.hub_model_id} failed ({hub_failure(error)}); the run is "
+            f"complete on disk; retry the upload alone with: python recipes/push.py --run_dir {output_dir}"
+        ) from None
 
 
 def upload_ignore_list(folder: str | os.PathLike, include_checkpoints: bool) -> list[str]:

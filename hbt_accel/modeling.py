@@ -19,10 +19,12 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from safetensors import SafetensorError
 from torch import nn
 
 from hbt_accel.atomic import usual_mode
 from hbt_accel.encoder_settings import KINDS, POOLINGS, EncoderSettings, LoraSettings
+from hbt_accel.errors import DataError
 from hbt_accel.sentence_transformers_format import write_sentence_transformers_files
 
 __all__ = ["DualEncoder", "EncoderSettings", "LoraSettings", "pool", "SETTINGS_FILE", "ADAPTER_DIR"]
@@ -109,7 +111,10 @@ class DualEncoder(nn.Module):
 
         if AutoConfig.from_pretrained(path).model_type in _HAS_POOLER:
             load_kwargs["add_pooling_layer"] = False  # unused by our pooling; avoids a "newly initialised" warning
-        backbone = AutoModel.from_pretrained(path, **load_kwargs)
+        try:
+            backbone = AutoModel.from_pretrained(path, **load_kwargs)
+        except SafetensorError as error:  # a truncated or overwritten weights file: name it, no traceback
+            raise DataError(f"{path}: the model weights cannot be read ({error}); the file is damaged") from None
         tokenizer = AutoTokenizer.from_pretrained(path)
         if getattr(backbone, "pooler", None) is not None:
             # BERT-style pooler head: never used by our pooling, and its parameters would receive no
@@ -327,6 +332,16 @@ def _without_zero3_init():
         yield
     finally:
         hf_deepspeed._hf_deepspeed_config_weak_ref = saved
+
+
+def stale_save_folders(output_dir: Path) -> list[Path]:
+    """What a `save_pretrained` into `output_dir` killed midway leaves: its staging folder beside `output_dir`
+    and the replaced sub-folders being retired inside it."""
+    beside = output_dir.parent.iterdir() if output_dir.parent.is_dir() else []
+    inside = output_dir.iterdir() if output_dir.is_dir() else []
+    stale = [p for p in beside if p.name.startswith(f".{output_dir.name}.tmp-")]
+    stale += [p for p in inside if p.name.startswith(".") and ".old-" in p.name]
+    return sorted(p for p in stale if p.is_dir())
 
 
 def _move_into(staging: Path, output_dir: Path) -> None:

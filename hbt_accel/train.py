@@ -8,8 +8,9 @@
         build_optimizer        AdamW (fused on CPU) or DeepSpeedCPUAdam; build_loss: InfoNCE or cached InfoNCE
         prepare                ONE accelerator.prepare(model, optimizer); the LR schedule on the prepared optimizer
         open_run_folder        output folder, resolved config, trackers, resume from a checkpoint
-      run_loop(session)      train_step per micro-batch; logging; periodic checkpoint + evaluation
-      finalize(session, ..)  final model, full-grid evaluation, train_summary.json, model card, Hub push
+      run_loop(session)      train_step per micro-batch; logging; periodic checkpoint + evaluation; all it measures
+                             goes into session.progress (TrainingProgress), which every checkpoint saves
+      finalize(session)      final model, full-grid evaluation, train_summary.json, model card, Hub push
 
 The DataLoader is NOT passed to `prepare`: `HybridBatchSampler` already gives each rank its slice of a global batch
 that every rank agreed on, which accelerate's re-sharding would break.
@@ -39,15 +40,17 @@ from hbt_accel.checkpoints import (
     resolve_resume,
     save_checkpoint,
     save_model,
+    stale_staging_folders,
 )
 from hbt_accel.config import HbtConfig, save_config
 from hbt_accel.console import TrainingProgressBar, make_console
-from hbt_accel.data import ParallelCorpus, lareqa_files, load_lareqa_benchmark, load_training_corpus
+from hbt_accel.data import ParallelCorpus, load_lareqa_benchmark, load_training_corpus
 from hbt_accel.distributed import configure_cpu_threads, make_accelerator
+from hbt_accel.embedded import check_model_name
 from hbt_accel.errors import ConfigError, TrainingDiverged
 from hbt_accel.evaluation.schema import MAP_KEYS, check_selection_metric
 from hbt_accel.losses import CachedInfoNCELoss, InfoNCELoss, TrainingStep
-from hbt_accel.modeling import DualEncoder, EncoderSettings, LoraSettings
+from hbt_accel.modeling import DualEncoder, EncoderSettings, LoraSettings, stale_save_folders
 from hbt_accel.run_summary import BatchArithmetic, TrainSummary
 from hbt_accel.sampling import HybridBatchSampler
 
@@ -106,15 +109,21 @@ class Session:
 
 
 @dataclasses.dataclass
-class LoopRecord:
-    """What the loop measured: batch kinds, the logged history, and training time without evaluation time."""
+class LoopClock:
+    """Training time without evaluation time, added to what the run had before a resume; and the samples/s window."""
 
-    batch_counts: dict = dataclasses.field(default_factory=lambda: {"X-X": 0, "X-Y": 0})
-    history: list = dataclasses.field(default_factory=list)
-    train_seconds: float = 0.0
-    eval_seconds: float = 0.0
+    progress: TrainingProgress
+    started: float = dataclasses.field(default_factory=time.perf_counter)
     window_start: float = dataclasses.field(default_factory=time.perf_counter)
     window_samples: int = 0
+
+    def __post_init__(self):
+        self.train_seconds_before, self.eval_seconds_before = self.progress.train_seconds, self.progress.eval_seconds
+
+    def update_train_seconds(self) -> None:
+        """progress.train_seconds as of now (called before every checkpoint and at the end)."""
+        evaluating = self.progress.eval_seconds - self.eval_seconds_before
+        self.progress.train_seconds = self.train_seconds_before + time.perf_counter() - self.started - evaluating
 
     def throughput(self) -> float:
         return self.window_samples / max(time.perf_counter() - self.window_start, 1e-9)
@@ -126,8 +135,8 @@ class LoopRecord:
 def train(cfg: HbtConfig) -> TrainResult:
     """Train, save, evaluate; returns the summary, the final evaluation results and the output paths."""
     session = setup(cfg)
-    record = run_loop(session)
-    return finalize(session, record)
+    run_loop(session)
+    return finalize(session)
 
 
 main = train  # the recipes' entry point
@@ -138,7 +147,7 @@ def setup(cfg: HbtConfig) -> Session:
     # ==============================================================================================================
     # 0. Accelerator, seed, and the checks that must fail before hours of work
     # ==============================================================================================================
-    accelerator, threads = start(cfg)
+    accelerator, threads, resume = start(cfg)
     console = make_console(accelerator)
     console.print(threads)
     # ==============================================================================================================
@@ -165,7 +174,7 @@ def setup(cfg: HbtConfig) -> Session:
     # ==============================================================================================================
     # 5. The run folder, and resume
     # ==============================================================================================================
-    open_run_folder(session)
+    open_run_folder(session, resume)
     session.model.train()
     return session
 
@@ -174,7 +183,8 @@ def setup(cfg: HbtConfig) -> Session:
 # Phases of setup
 # ==================================================================================================================
 def start(cfg: HbtConfig):
-    """-> (accelerator, a log line saying how many CPU threads this process uses and why)."""
+    """-> (accelerator, a log line saying how many CPU threads this process uses and why, the checkpoint to resume
+    from with the incomplete ones skipped: `resolve_resume`)."""
     threads = configure_cpu_threads()  # before any work: accelerate launch would leave one core per process
     accelerator = make_accelerator(
         mixed_precision=cfg.mixed_precision,
@@ -184,12 +194,14 @@ def start(cfg: HbtConfig):
     )
     set_seed(cfg.seed)
     check_output_dir(cfg)
+    check_model_name(cfg.model_name_or_path)
+    resume = resolve_resume(cfg.resume_from_checkpoint, Path(cfg.output_dir))
     check_selection_metric(cfg.metric_for_best_model)
     if cfg.push_to_hub:
         from hbt_accel.hub import check_hub_access
 
         check_hub_access(cfg)
-    return accelerator, threads
+    return accelerator, threads, resume
 
 
 def check_output_dir(cfg: HbtConfig) -> None:
@@ -226,7 +238,7 @@ def load_data(cfg: HbtConfig, accelerator, console) -> tuple[list[ParallelCorpus
             for source in cfg.train_data
         ]
         if cfg.eval_benchmark:
-            lareqa_files(cfg.eval_benchmark, cfg.data_dir or None)  # a missing benchmark fails now, not at step 500
+            check_evaluation_inputs(cfg)
     for corpus in corpora:
         console.print(corpus.summary_table())
     sampler = HybridBatchSampler(
@@ -244,6 +256,17 @@ def load_data(cfg: HbtConfig, accelerator, console) -> tuple[list[ParallelCorpus
         en_en_language=cfg.en_en_language,
     )
     return corpora, sampler
+
+
+def check_evaluation_inputs(cfg: HbtConfig) -> None:
+    """Read every file of the evaluation benchmark now (0.4 s for XQuAD-R): a missing, truncated or mistyped one,
+    or a periodic-evaluation language it lacks, must fail before training, not at step 500 or after the last."""
+    benchmark = load_lareqa_benchmark(cfg.eval_benchmark, data_dir=cfg.data_dir or None)
+    missing = [language for language in cfg.eval_languages if language not in benchmark.pools]
+    if missing:
+        raise ConfigError(
+            f"eval_languages: {', '.join(missing)} not in {cfg.eval_benchmark} (has {', '.join(benchmark.languages)})"
+        )
 
 
 def plan_steps(cfg: HbtConfig, sampler: HybridBatchSampler, world_size: int) -> StepPlan:
@@ -324,14 +347,21 @@ def prepare(accelerator, model, optimizer, cfg: HbtConfig, max_steps: int):
     return model, optimizer, accelerator.prepare_scheduler(schedule)
 
 
-def open_run_folder(session: Session) -> None:
-    """Resolve the resume point first (a bad one must not touch the folder), then write the config and resume."""
+def open_run_folder(session: Session, resume: tuple[Path | None, list[str]]) -> None:
+    """Clear what a killed run left, write the config, resume. The resume point was resolved (and checked) in
+    `start`: a bad one never touches the folder."""
     cfg, accelerator, output_dir = session.cfg, session.accelerator, session.output_dir
-    resume = resolve_resume(cfg.resume_from_checkpoint, output_dir)
+    resume, skipped = resume
     if accelerator.is_main_process:
+        stale = stale_staging_folders(output_dir) + stale_save_folders(output_dir)
         if cfg.overwrite_output_dir and resume is None:
-            for old in find_checkpoints(output_dir):  # the user asked: a new run must not resume these later
-                shutil.rmtree(old)
+            stale += find_checkpoints(output_dir)  # the user asked: a new run must not resume these later
+        for folder in stale:
+            shutil.rmtree(folder)
+        if stale:
+            session.console.print(f"removed what an earlier run left: {', '.join(p.name for p in stale)}")
+        if skipped:
+            session.console.print(f"skipped incomplete checkpoint(s): {'; '.join(skipped)}")
         output_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, output_dir / CONFIG_FILE)
     if cfg.report_to != "none":
@@ -400,80 +430,85 @@ def _skip_or_stop(session: Session, loss: torch.Tensor, norm) -> None:
     )
 
 
-def run_loop(session: Session) -> LoopRecord:
-    """Optimizer steps until max_steps; epochs advance the sampler. Periodic evaluation is not training time."""
-    record = LoopRecord()
-    if session.cfg.eval_benchmark and session.cfg.eval_steps and session.progress.global_step == 0:
-        record.eval_seconds += evaluate_step_zero(session)
-    bar = TrainingProgressBar(session.accelerator, session.plan.max_steps, session.progress.global_step)
-    started, eval_seconds_before, losses = time.perf_counter(), record.eval_seconds, []
-    record.new_window()
-    while session.progress.global_step < session.plan.max_steps:
+def run_loop(session: Session) -> None:
+    """Optimizer steps until max_steps; epochs advance the sampler. Periodic evaluation is not training time.
+    Everything measured goes into `session.progress`, which every checkpoint saves."""
+    progress = session.progress
+    if session.cfg.eval_benchmark and session.cfg.eval_steps and progress.global_step == 0:
+        evaluate_step_zero(session)
+    bar = TrainingProgressBar(session.accelerator, session.plan.max_steps, progress.global_step)
+    clock, losses = LoopClock(progress), []
+    while progress.global_step < session.plan.max_steps:
         for batch in session.loader:
-            record.batch_counts["X-X" if batch["monolingual"] else "X-Y"] += 1
+            progress.batch_counts["X-X" if batch["monolingual"] else "X-Y"] += 1
             losses.append(train_step(session, batch))
-            record.window_samples += session.plan.batch.global_batch
+            clock.window_samples += session.plan.batch.global_batch
             if not session.accelerator.sync_gradients:
                 continue
-            session.progress.global_step += 1
-            log_step(session, record, bar, losses)
-            record.eval_seconds += checkpoint_and_evaluate(session)
-            if session.progress.global_step >= session.plan.max_steps:
+            progress.global_step += 1
+            log_step(session, clock, bar, losses)
+            clock.update_train_seconds()
+            checkpoint_and_evaluate(session)
+            if progress.global_step >= session.plan.max_steps:
                 break
         session.sampler.set_epoch(session.sampler.epoch + 1)
     bar.close()
-    record.train_seconds = time.perf_counter() - started - (record.eval_seconds - eval_seconds_before)
-    return record
+    clock.update_train_seconds()
 
 
-def log_step(session: Session, record: LoopRecord, bar: TrainingProgressBar, losses: list[torch.Tensor]) -> None:
+def log_step(session: Session, clock: LoopClock, bar: TrainingProgressBar, losses: list[torch.Tensor]) -> None:
     """The step's loss (mean over micro-batches and ranks), lr and samples/s: to the bar, the history, trackers."""
-    step, accelerator = session.progress.global_step, session.accelerator
+    progress, accelerator = session.progress, session.accelerator
+    step, counts = progress.global_step, progress.batch_counts
     mean_loss = accelerator.reduce(torch.stack(losses).mean(), "mean").item()
     losses.clear()
     lr = session.scheduler.get_last_lr()[0]
-    throughput = record.throughput()
+    throughput = clock.throughput()
     log_now = step % session.cfg.logging_steps == 0 or step == session.plan.max_steps
-    bar.update(step, loss=mean_loss, lr=lr, throughput=throughput, counts=record.batch_counts, log_line=log_now)
+    bar.update(step, loss=mean_loss, lr=lr, throughput=throughput, counts=counts, log_line=log_now)
     if log_now:
-        entry = {"step": step, "loss": mean_loss, "lr": lr, "samples_per_second": throughput, **record.batch_counts}
-        record.history.append(entry)
+        entry = {"step": step, "loss": mean_loss, "lr": lr, "samples_per_second": throughput, **counts}
+        progress.history.append(entry)
         accelerator.log({"train/loss": mean_loss, "train/lr": lr, "train/samples_per_second": throughput}, step=step)
-        record.new_window()
+        clock.new_window()
 
 
-def checkpoint_and_evaluate(session: Session) -> float:
+def checkpoint_and_evaluate(session: Session) -> None:
     """At a save or evaluation step: evaluate (on the subset), then save the checkpoint with that score in its
-    progress, then its reports. Returns the seconds spent evaluating."""
+    progress, then its reports. The evaluation's seconds go to progress.eval_seconds."""
     cfg, step, accelerator = session.cfg, session.progress.global_step, session.accelerator
     periodic_save = cfg.save_steps and step % cfg.save_steps == 0 and step < session.plan.max_steps
     periodic_eval = (
         cfg.eval_benchmark and cfg.eval_steps and step % cfg.eval_steps == 0 and step < session.plan.max_steps
     )
     if not (periodic_save or periodic_eval):
-        return 0.0
+        return
     eval_started, results = time.perf_counter(), None
     if periodic_eval:
         results = run_evaluation(session, full=False)
         session.progress.record_evaluation(results, cfg.metric_for_best_model)
         accelerator.log({f"eval/{key}": results[key] for key in MAP_KEYS}, step=step)
-    eval_seconds = time.perf_counter() - eval_started
+    session.progress.eval_seconds += time.perf_counter() - eval_started
     progress, limit = session.progress, cfg.save_total_limit
     checkpoint = save_checkpoint(accelerator, session.model, progress, session.output_dir, limit)
     if results is not None:
         _report_periodic(session, results, checkpoint)
     if cfg.hub_push_checkpoints and cfg.push_to_hub:
-        from hbt_accel.hub import push_folder
+        from hbt_accel.hub import hub_failure, push_folder
 
-        push_folder(accelerator, cfg, checkpoint / "model", f"checkpoint {step}")
-    return eval_seconds
+        try:
+            push_folder(accelerator, cfg, checkpoint / "model", f"checkpoint {step}")
+        except Exception as error:  # the Hub's trouble must not end the training; the final push sends it all
+            session.console.print(
+                f"warning: checkpoint {step} was not pushed ({hub_failure(error)}); training goes on"
+            )
 
 
-def evaluate_step_zero(session: Session) -> float:
+def evaluate_step_zero(session: Session) -> None:
     """The step-0 point of the metric-by-step curve: the model before any update, on the periodic subset."""
     started = time.perf_counter()
     session.progress.add_point(run_evaluation(session, full=False))  # global_step is 0 here
-    return time.perf_counter() - started
+    session.progress.eval_seconds += time.perf_counter() - started
 
 
 def run_evaluation(session: Session, full: bool, per_query: list | None = None) -> dict:
@@ -514,14 +549,14 @@ def _report_periodic(session: Session, results: dict, checkpoint: Path) -> None:
 # ==================================================================================================================
 # Finalize
 # ==================================================================================================================
-def finalize(session: Session, record: LoopRecord) -> TrainResult:
+def finalize(session: Session) -> TrainResult:
     """Save the final model, score it on the full grid, write the summary and the card, push, end."""
     cfg, accelerator, output_dir = session.cfg, session.accelerator, session.output_dir
     save_model(accelerator, session.model, output_dir)
     results, per_query = {}, []
     if cfg.eval_benchmark and cfg.final_eval:
         results = run_evaluation(session, full=True, per_query=per_query)
-    summary = build_summary(session, record)
+    summary = build_summary(session)
     if accelerator.is_main_process:
         from hbt_accel.evaluation import print_report, write_reports
         from hbt_accel.evaluation.grid import PER_QUERY_FILE
@@ -534,15 +569,18 @@ def finalize(session: Session, record: LoopRecord) -> TrainResult:
         write_json(output_dir / SUMMARY_FILE, summary.to_json())
         write_model_card(output_dir, summary, results or None)
     accelerator.wait_for_everyone()
-    if cfg.push_to_hub:
-        from hbt_accel.hub import push_folder
+    try:
+        if cfg.push_to_hub:
+            from hbt_accel.hub import push_finished_run
 
-        push_folder(accelerator, cfg, output_dir, "final model")
-    accelerator.end_training()
+            push_finished_run(accelerator, cfg, output_dir)
+    finally:
+        accelerator.end_training()
     return TrainResult(summary, results, output_dir, find_checkpoints(output_dir))
 
 
-def build_summary(session: Session, record: LoopRecord) -> TrainSummary:
+def build_summary(session: Session) -> TrainSummary:
+    progress = session.progress
     corpora = [
         {"name": source, "ids": len(c.examples), "pairs": c.num_pairs, "languages": c.languages}
         for source, c in zip(session.cfg.train_data, session.corpora)
@@ -554,13 +592,13 @@ def build_summary(session: Session, record: LoopRecord) -> TrainSummary:
     return TrainSummary(
         config=session.cfg,
         batch=session.plan.batch,
-        steps=session.progress.global_step,
-        train_seconds=record.train_seconds,
-        eval_seconds=record.eval_seconds,
-        batch_counts=record.batch_counts,
+        steps=progress.global_step,
+        train_seconds=progress.train_seconds,
+        eval_seconds=progress.eval_seconds,
+        batch_counts=progress.batch_counts,
         corpora=corpora,
         train_languages=sorted(session.sampler.target_share),
         device=device,
-        history=record.history,
-        evaluations=session.progress.evaluations,
+        history=progress.history,
+        evaluations=progress.evaluations,
     )

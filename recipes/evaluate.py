@@ -26,6 +26,7 @@ from pathlib import Path
 from hbt_accel.checkpoints import PREFIX, checkpoint_step, find_checkpoints, model_folder
 from hbt_accel.config import ConfigError, run_cli
 from hbt_accel.data import DataError, load_lareqa_benchmark
+from hbt_accel.embedded import check_model_name
 
 
 @dataclass
@@ -71,6 +72,10 @@ class EvaluateArguments:
             raise ConfigError("--baseline needs --bootstrap N (e.g. 1000): the difference comes with its interval")
         if self.baseline and not Path(self.baseline).is_file():
             raise ConfigError(f"--baseline: {self.baseline} not found (expected a per_query.npz of evaluate.py)")
+        if self.output_dir and Path(self.output_dir).exists() and not Path(self.output_dir).is_dir():
+            raise ConfigError(f"--output_dir: {self.output_dir} is a file, expected a folder")
+        if self.model:
+            check_model_name(self.model, "--model")  # a local-path typo must not become a Hub request
         return self
 
 
@@ -137,10 +142,10 @@ def evaluate_model(args: EvaluateArguments, model: str, output_dir: Path | None,
         )
 
     # ---- model
-    if ("/" in model or model.startswith(".")) and not Path(model).expanduser().exists() and Path(model).is_absolute():
-        raise DataError(f"{model}: model folder not found")
     try:
         encoder = DualEncoder.from_pretrained(model)
+    except DataError:  # already one line naming the file
+        raise
     except (OSError, ValueError) as error:
         raise DataError(f"{model}: cannot load the model ({str(error).strip().splitlines()[0]})") from None
     if accelerator is not None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -187,3 +188,47 @@ def test_two_nodes_on_localhost(tiny_model_dir, mlqa_slice, tmp_path):
     for node, (stdout, stderr) in zip(nodes, outputs):
         assert node.returncode == 0, stdout[-2000:] + stderr[-3000:]
     check_run(outputs[0][0], out)
+
+
+def test_a_run_killed_under_ddp_resumes_to_the_weights_of_an_uninterrupted_one(tiny_model_dir, mlqa_slice, tmp_path):
+    """kill -9 of both processes mid-run (after the step-8 checkpoint), then `--resume_from_checkpoint latest`."""
+    import signal
+    import time
+
+    import psutil
+    import torch
+    from safetensors.torch import load_file
+
+    every_4 = ["--save_steps", "4", "--save_total_limit", "3"]
+    ddp = ["--config_file", str(CONFIGS / "cpu_ddp.yaml")]
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    launch(
+        [*ddp, "--main_process_port", str(free_port())],
+        training_args(tiny_model_dir, mlqa_slice, straight, 40) + every_4,
+    )
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    command = [sys.executable, "-m", "accelerate.commands.launch", *ddp, "--main_process_port", str(free_port())]
+    command += training_args(tiny_model_dir, mlqa_slice, killed, 40) + every_4
+    run = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    while not (killed / "checkpoint-8").is_dir() and run.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    # the launcher and both training processes at once (torch's launcher puts its workers in sessions of their own)
+    tree = psutil.Process(run.pid)
+    for process in [*tree.children(recursive=True), tree]:
+        process.send_signal(signal.SIGKILL)
+    run.wait()
+    assert not (killed / "model.safetensors").exists(), "the run finished before it was killed"
+
+    result = launch([*ddp, "--main_process_port", str(free_port())],
+                    training_args(tiny_model_dir, mlqa_slice, killed, 40) + every_4
+                    + ["--resume_from_checkpoint", "latest"])  # fmt: skip
+    resumed_at = int(re.search(r"resumed from \S+ at step (\d+)", result.stdout).group(1))
+    assert 8 <= resumed_at < 40 and resumed_at % 4 == 0
+    a, b = load_file(straight / "model.safetensors"), load_file(killed / "model.safetensors")
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], atol=1e-6, rtol=0, msg=name)
+    summary = json.loads((killed / "train_summary.json").read_text())
+    assert [r["step"] for r in summary["history"]] == list(range(1, 41))
+    assert not list(killed.glob(".tmp-*"))

@@ -42,6 +42,7 @@ class FakeHub:
         self.repos: dict[str, dict] = {}
         self.branches: list[tuple[str, str]] = []
         self.commits: list[dict] = []  # {"repo", "revision", "summary", "files": {path: bytes}}
+        self.commit_status = 200  # set to 500 to play a Hub that fails uploads
 
     def handle(self, handler: BaseHTTPRequestHandler, method: str) -> tuple[int, dict]:
         path = handler.path.split("?", 1)[0]
@@ -79,6 +80,10 @@ class FakeHub:
                 files = json.loads(body)["files"]
                 return 200, {
                     "files": [{"path": f["path"], "uploadMode": "regular", "shouldIgnore": False} for f in files]
+                }
+            if self.commit_status != 200:
+                return self.commit_status, {
+                    "error": "Internal Error - We're working hard to fix this as soon as possible!"
                 }
             lines = [json.loads(line) for line in body.decode().splitlines() if line.strip()]
             header = next(line["value"] for line in lines if line["key"] == "header")
@@ -304,3 +309,77 @@ def test_missing_token_fails_before_training(fake_hub, monkeypatch, tmp_path):
         train.main(cfg)
     assert fake_hub.requests == []
     assert not (tmp_path / "run").exists()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+def test_an_unreachable_hub_is_not_reported_as_a_rejected_token(fake_hub, monkeypatch):
+    import huggingface_hub.constants as hub_constants
+
+    monkeypatch.setattr(hub_constants, "ENDPOINT", "http://127.0.0.1:1")  # nothing listens there: refused
+    with pytest.raises(ConfigError) as error:
+        check_hub_access(hub_cfg())
+    message = str(error.value)
+    assert message.startswith("push_to_hub: cannot check the token (cannot reach http://127.0.0.1:1: ")
+    assert "rejected" not in message and "\n" not in message
+
+
+def test_a_push_that_fails_after_training_keeps_the_run_and_can_be_retried_alone(
+    fake_hub, tiny_model_dir, mlqa_slice, tmp_path, monkeypatch
+):
+    """Train 2 steps into a Hub that answers HTTP 500 to the upload: one line, exit code 4, the local run complete;
+    then `recipes/push.py --run_dir RUN` uploads it once the Hub is back."""
+    from hbt_accel.config import parse_config
+    from hbt_accel.errors import PushFailed
+    from hbt_accel.train import train
+    from tests.test_train import FAST
+
+    out = tmp_path / "run"
+    cfg = parse_config(
+        [
+            *FAST,
+            *("--model_name_or_path", str(tiny_model_dir), "--output_dir", str(out), "--train_data", str(mlqa_slice)),
+            *("--max_steps", "2", "--per_device_train_batch_size", "8", "--mixed_precision", "no"),
+            *("--push_to_hub", "true", "--hub_model_id", "alice/hbt-tiny"),
+        ]
+    )
+    fake_hub.commit_status = 500
+    monkeypatch.setattr("huggingface_hub.utils._http.time.sleep", lambda seconds: None)  # its 5 retries: 23 s
+    with pytest.raises(PushFailed) as error:
+        train(cfg)
+    message = str(error.value)
+    assert "\n" not in message and f"uploading {out} to alice/hbt-tiny failed (HTTP 500 from" in message
+    assert message.endswith(f"retry the upload alone with: python recipes/push.py --run_dir {out}")
+    assert {"model.safetensors", "train_summary.json", "README.md", "hbt_config.yaml"} <= {
+        p.name for p in out.iterdir()
+    }
+    assert fake_hub.commits == []
+
+    fake_hub.commit_status = 200
+    push = _recipe_module("push")
+    url = push.main(push.PushArguments(run_dir=str(out)).validate())
+    (commit,) = fake_hub.commits
+    assert url.endswith(f"/alice/hbt-tiny/commit/{1:040x}") and commit["summary"] == "final model"
+    assert commit["files"]["model.safetensors"] == (out / "model.safetensors").read_bytes()
+    assert "README.md" in commit["files"] and "train_summary.json" in commit["files"]
+
+
+def test_push_recipe_refuses_a_folder_that_is_not_a_finished_run(tmp_path):
+    from hbt_accel.errors import DataError
+
+    push = _recipe_module("push")
+    (tmp_path / "hbt_config.yaml").write_text("max_steps: 2\n")
+    with pytest.raises(DataError, match=r"is not a finished run \(no train_summary.json, model.safetensors\)"):
+        push.main(push.PushArguments(run_dir=str(tmp_path)))
+
+
+def _recipe_module(name: str):
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "recipes" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"recipe_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module

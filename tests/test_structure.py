@@ -87,6 +87,8 @@ def _renames(call: ast.Call) -> bool:
         return False
     if isinstance(function.value, ast.Name) and function.value.id == "os":
         return True
+    if isinstance(function.value, ast.Name) and function.value.id == "dataclasses":
+        return False  # dataclasses.replace(instance, **changes) makes a new object
     return function.attr == "rename" or len(call.args) == 1
 
 

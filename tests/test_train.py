@@ -205,10 +205,20 @@ def test_resume_gives_the_weights_of_an_uninterrupted_run(dropout_model_dir, tmp
     initial = load_file(dropout_model_dir / "model.safetensors")
     moved = [n for n in a if n in initial and not torch.allclose(a[n], initial[n])]
     assert len(moved) > 10
-    # and the steps after the resume logged the same losses
-    straight_losses = [r["loss"] for r in json.loads((straight / "train_summary.json").read_text())["history"]]
-    resumed_losses = [r["loss"] for r in json.loads((resumed / "train_summary.json").read_text())["history"]]
-    assert resumed_losses == pytest.approx(straight_losses[3:], abs=1e-6)
+    # the resumed run's summary covers the WHOLE run: the same steps, losses and batch counts as the straight one
+    straight_summary = json.loads((straight / "train_summary.json").read_text())
+    resumed_summary = json.loads((resumed / "train_summary.json").read_text())
+    assert [r["step"] for r in resumed_summary["history"]] == [1, 2, 3, 4, 5, 6]
+    for key in ("loss", "X-X", "X-Y"):
+        expected = [r[key] for r in straight_summary["history"]]
+        assert [r[key] for r in resumed_summary["history"]] == pytest.approx(expected, abs=1e-6), key
+    assert resumed_summary["batch_counts"] == straight_summary["batch_counts"]
+    assert sum(resumed_summary["batch_counts"].values()) == 6
+    assert (
+        resumed_summary["train_seconds"]
+        > json.loads((straight / "checkpoint-3" / "training_progress.json").read_text())["train_seconds"]
+        > 0
+    )
 
 
 def test_resume_latest_requires_a_checkpoint(tiny_model_dir, tmp_path):
