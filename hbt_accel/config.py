@@ -156,6 +156,16 @@ class HbtConfig:
                 raise ConfigError(f"{name}: got {getattr(self, name)!r}, expected {expected}")
         return self
 
+    def warnings(self) -> list[str]:
+        """Values that are valid but almost surely a mistake: said at the start of a run, which goes on."""
+        said = []
+        if self.temperature < 1e-3:
+            said.append(
+                f"temperature {self.temperature:g} is far below the usual 0.01-0.1: scores are multiplied by "
+                f"{1 / self.temperature:.3g}, so the loss swings or overflows (the run stops if it is not finite)"
+            )
+        return said
+
 
 # --------------------------------------------------------------------------------------------------------------------
 # The parser

@@ -150,6 +150,8 @@ def setup(cfg: HbtConfig) -> Session:
     accelerator, threads, resume = start(cfg)
     console = make_console(accelerator)
     console.print(threads)
+    for warning in cfg.warnings():
+        console.print(f"warning: {warning}")
     # ==============================================================================================================
     # 1. Data
     # ==============================================================================================================

@@ -290,6 +290,9 @@ def test_a_diverging_run_stops_in_one_line_naming_the_last_good_checkpoint(tiny_
         *common, "--max_steps", "4", "--temperature", "1e-40", "--resume_from_checkpoint", "latest", check=False
     )
     assert result.returncode == 3, result.stderr[-2000:]
+    assert "warning: temperature 1e-40 is far below the usual 0.01-0.1: scores are multiplied by 1e+40" in (
+        result.stdout
+    )
     (line,) = [line for line in result.stderr.splitlines() if line.startswith("error:")]  # one line, no traceback
     assert "Traceback" not in result.stderr
     assert line.startswith("error: step 3: loss nan") and "training diverged" in line and "temperature 1e-40" in line
