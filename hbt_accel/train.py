@@ -150,7 +150,7 @@ def setup(cfg: HbtConfig) -> Session:
     # 2. Model, collator, DataLoader
     # ==============================================================================================================
     model = build_model(cfg)
-    collator = PairCollator(corpora, model, cfg.num_hard_negatives)
+    collator = build_collator(cfg, corpora, model, sampler)
     loader = build_loader(sampler, collator, cfg.dataloader_num_workers, cfg.seed)
     # ==============================================================================================================
     # 3. Optimization
@@ -242,6 +242,7 @@ def load_data(cfg: HbtConfig, accelerator, console) -> tuple[list[ParallelCorpus
         corpus_weights=[float(w) for w in cfg.train_data_weights] or None,
         languages=cfg.train_languages or None,
         en_en_language=cfg.en_en_language,
+        answers_per_query=cfg.answers_per_query,
     )
     return corpora, sampler
 
@@ -250,7 +251,7 @@ def plan_steps(cfg: HbtConfig, sampler: HybridBatchSampler, world_size: int) -> 
     """The batch arithmetic, optimizer steps per epoch and optimizer steps of the run."""
     steps_per_epoch = max(1, sampler.batches_per_epoch // cfg.gradient_accumulation_steps)
     max_steps = cfg.max_steps if cfg.max_steps > 0 else math.ceil(cfg.num_train_epochs * steps_per_epoch)
-    return StepPlan(BatchArithmetic.of(cfg, world_size), steps_per_epoch, max_steps)
+    return StepPlan(BatchArithmetic.of(cfg, world_size, sampler.answers_per_row), steps_per_epoch, max_steps)
 
 
 def build_model(cfg: HbtConfig) -> DualEncoder:
@@ -275,6 +276,14 @@ def build_model(cfg: HbtConfig) -> DualEncoder:
     return model
 
 
+def build_collator(cfg: HbtConfig, corpora, model: DualEncoder, sampler: HybridBatchSampler) -> PairCollator:
+    """Passage ids in the batch whenever a passage can be the query's answer in another language: mined negatives
+    (translations of another row's answer), multilingual rows, the multi-positive and alignment terms."""
+    by_id = cfg.hard_negative_mining or cfg.multi_positive or cfg.passage_alignment_weight > 0
+    answers = sampler.answers_per_row
+    return PairCollator(corpora, model, cfg.num_hard_negatives, answers, with_passage_ids=by_id or answers > 1)
+
+
 def build_optimizer(model: torch.nn.Module, cfg: HbtConfig, accelerator) -> torch.optim.Optimizer:
     """AdamW without weight decay on biases and LayerNorms; DeepSpeedCPUAdam when ZeRO offloads the optimizer."""
     decay, no_decay = [], []
@@ -297,9 +306,12 @@ def build_optimizer(model: torch.nn.Module, cfg: HbtConfig, accelerator) -> torc
 
 
 def build_loss(cfg: HbtConfig) -> TrainingStep:
+    by_id = {"multi_positive": cfg.multi_positive, "alignment_weight": cfg.passage_alignment_weight}
     if cfg.cached_loss:
-        return CachedInfoNCELoss(cfg.temperature, cfg.symmetric_loss, mini_batch_size=cfg.cache_mini_batch_size)
-    return InfoNCELoss(cfg.temperature, cfg.symmetric_loss)
+        return CachedInfoNCELoss(
+            cfg.temperature, cfg.symmetric_loss, mini_batch_size=cfg.cache_mini_batch_size, **by_id
+        )
+    return InfoNCELoss(cfg.temperature, cfg.symmetric_loss, **by_id)
 
 
 def prepare(accelerator, model, optimizer, cfg: HbtConfig, max_steps: int):
