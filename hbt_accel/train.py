@@ -8,7 +8,8 @@
         build_optimizer        AdamW (fused on CPU) or DeepSpeedCPUAdam; build_loss: InfoNCE or cached InfoNCE
         prepare                ONE accelerator.prepare(model, optimizer); the LR schedule on the prepared optimizer
         open_run_folder        output folder, resolved config, trackers, resume from a checkpoint
-      run_loop(session)      train_step per micro-batch; logging; periodic checkpoint + evaluation
+        start_negatives        hard_negative_mining: mine with the starting weights (or load the resumed step's)
+      run_loop(session)      train_step per micro-batch; logging; periodic checkpoint + evaluation; re-mining
       finalize(session, ..)  final model, full-grid evaluation, train_summary.json, model card, Hub push
 
 The DataLoader is NOT passed to `prepare`: `HybridBatchSampler` already gives each rank its slice of a global batch
@@ -47,6 +48,14 @@ from hbt_accel.distributed import configure_cpu_threads, make_accelerator
 from hbt_accel.errors import ConfigError, TrainingDiverged
 from hbt_accel.evaluation.schema import MAP_KEYS, check_selection_metric
 from hbt_accel.losses import CachedInfoNCELoss, InfoNCELoss, TrainingStep
+from hbt_accel.mining import (
+    MINED_DIR,
+    MinedNegatives,
+    MiningSettings,
+    last_mining_step,
+    mine_hard_negatives,
+    mined_file,
+)
 from hbt_accel.modeling import DualEncoder, EncoderSettings, LoraSettings
 from hbt_accel.run_summary import BatchArithmetic, TrainSummary
 from hbt_accel.sampling import HybridBatchSampler
@@ -99,6 +108,7 @@ class Session:
     plan: StepPlan
     progress: TrainingProgress = dataclasses.field(default_factory=TrainingProgress)
     nonfinite_steps: int = 0  # steps skipped for a NaN/inf loss or gradient (skip_nonfinite_steps)
+    resumed_from: Path | None = None  # the checkpoint this run continues
 
     @property
     def output_dir(self) -> Path:
@@ -166,6 +176,10 @@ def setup(cfg: HbtConfig) -> Session:
     # 5. The run folder, and resume
     # ==============================================================================================================
     open_run_folder(session)
+    # ==============================================================================================================
+    # 6. Hard negatives mined with the model (docs/beyond_paper.md)
+    # ==============================================================================================================
+    start_negatives(session)
     session.model.train()
     return session
 
@@ -349,6 +363,7 @@ def open_run_folder(session: Session) -> None:
     if cfg.report_to != "none":
         accelerator.init_trackers("hbt", config={k: str(v) for k, v in dataclasses.asdict(cfg).items()})
     if resume is not None:
+        session.resumed_from = resume
         accelerator.load_state(str(resume))  # model, optimizer, scheduler, RNG
         session.progress = TrainingProgress.load(resume)
         session.console.print(f"resumed from {resume} at step {session.progress.global_step}")
@@ -359,6 +374,58 @@ def open_run_folder(session: Session) -> None:
         f"sampling {cfg.sampling} (alpha {cfg.alpha}); {session.plan.steps_per_epoch} steps per epoch; "
         f"{session.plan.max_steps} steps"
     )
+
+
+# ==================================================================================================================
+# Hard negatives mined with the model
+# ==================================================================================================================
+def start_negatives(session: Session) -> None:
+    """Mine with the starting weights; on resume, load the negatives the uninterrupted run used at this step (mining
+    again with later weights would give other ones), or mine with the resumed weights if that file is gone."""
+    cfg, step = session.cfg, session.progress.global_step
+    if not cfg.hard_negative_mining:
+        return
+    run_folder = session.resumed_from.parent if session.resumed_from else session.output_dir  # the checkpoint's run
+    path = mined_file(run_folder, last_mining_step(step, cfg.mining_every_steps))
+    if step > 0 and path.is_file():
+        mined = MinedNegatives.load(path)
+        if session.accelerator.is_main_process and run_folder.resolve() != session.output_dir.resolve():
+            mined.save(mined_file(session.output_dir, mined.step))  # this run's folder resumes on its own later
+        use_negatives(session, mined, f"loaded from {path}")
+        return
+    if step > 0:
+        session.console.print(f"{path} is missing: mining again with the resumed weights")
+    elif session.accelerator.is_main_process:  # a fresh run: no file of an earlier run in this folder may be resumed
+        shutil.rmtree(session.output_dir / MINED_DIR, ignore_errors=True)
+    mine_negatives(session)
+
+
+def refresh_negatives(session: Session) -> None:
+    """After optimizer step N: mine again when N is a multiple of mining_every_steps (and not the last step)."""
+    cfg, step = session.cfg, session.progress.global_step
+    every = cfg.mining_every_steps if cfg.hard_negative_mining else 0
+    if every and step % every == 0 and step < session.plan.max_steps:
+        mine_negatives(session)
+
+
+def mine_negatives(session: Session) -> None:
+    """Every rank encodes its share; the main process picks and writes RUN/mined_negatives/step-<N>.json."""
+    cfg, accelerator, step = session.cfg, session.accelerator, session.progress.global_step
+    settings = MiningSettings(
+        cfg.num_hard_negatives, cfg.mining_same_language_share, cfg.mining_margin, cfg.seed, bf16=cfg.eval_bf16
+    )
+    languages = [session.sampler.corpus_languages(index) for index in range(len(session.corpora))]
+    encoder = accelerator.unwrap_model(session.model)
+    mined = mine_hard_negatives(encoder, session.corpora, languages, settings, step, accelerator)
+    path = mined_file(session.output_dir, step)
+    if accelerator.is_main_process:
+        mined.save(path)
+    use_negatives(session, mined, f"-> {path}")
+
+
+def use_negatives(session: Session, mined: MinedNegatives, where: str) -> None:
+    session.loader.collate_fn.mined_negatives = mined.for_collator()
+    session.console.print(f"{mined.describe()} ({where})")
 
 
 # ==================================================================================================================
@@ -430,6 +497,7 @@ def run_loop(session: Session) -> LoopRecord:
             session.progress.global_step += 1
             log_step(session, record, bar, losses)
             record.eval_seconds += checkpoint_and_evaluate(session)
+            refresh_negatives(session)
             if session.progress.global_step >= session.plan.max_steps:
                 break
         session.sampler.set_epoch(session.sampler.epoch + 1)
