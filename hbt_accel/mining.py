@@ -173,33 +173,36 @@ def mine_hard_negatives(
         [(i, lang) for i, by_language in corpus.examples.items() for lang in langs if lang in by_language]
         for corpus, langs in zip(corpora, languages)
     ]
-    query_texts = [corpora[c].examples[i][lang].query for c in range(len(corpora)) for i, lang in queries[c]]
-    candidate_texts = [text for corpus_pools in pools for pool in corpus_pools.values() for text in pool.texts]
-    encode = {"batch_size": settings.batch_size, "bf16": settings.bf16, "accelerator": accelerator}
-    query_vectors = encode_texts(encoder, query_texts, "query", **encode)  # (Q, d)
-    candidate_vectors = encode_texts(encoder, candidate_texts, "passage", **encode)  # (N, d)
-
+    query_vectors, candidate_vectors = _encode(encoder, corpora, pools, queries, settings, accelerator)
     mined = None
     if accelerator is None or accelerator.is_main_process:
         picks, counters = {}, _Counters()
-        query_offset, candidate_offset = 0, 0
         for corpus_index, corpus in enumerate(corpora):
-            vectors_by_language = {}
-            for lang, pool in pools[corpus_index].items():
-                vectors_by_language[lang] = candidate_vectors[candidate_offset : candidate_offset + len(pool.texts)]
-                candidate_offset += len(pool.texts)
-            corpus_queries = queries[corpus_index]
-            vectors = query_vectors[query_offset : query_offset + len(corpus_queries)]  # (Q_c, d)
-            query_offset += len(corpus_queries)
-            searcher = _CorpusSearch(corpus_index, corpus, pools[corpus_index], vectors_by_language, settings, step)
-            searcher.search_first(vectors)
-            for row, (example_id, language) in enumerate(corpus_queries):
-                picks[corpus_index, example_id, language] = searcher.pick(row, example_id, language, vectors[row])
+            vectors = candidate_vectors[corpus_index], query_vectors[corpus_index]
+            searcher = _CorpusSearch(corpus_index, corpus, pools[corpus_index], *vectors, settings, step)
+            for row, (example_id, language) in enumerate(queries[corpus_index]):
+                picks[corpus_index, example_id, language] = searcher.pick(row, example_id, language)
             counters.add(searcher.counters)
         candidates = [{lang: pool.texts for lang, pool in corpus_pools.items()} for corpus_pools in pools]
         stats = counters.summary(picks, settings.negatives_per_query) | {"seconds": time.perf_counter() - started}
         mined = MinedNegatives(step, settings, candidates, picks, stats)
     return _from_main_process(mined, accelerator)
+
+
+def _encode(encoder, corpora, pools, queries, settings: MiningSettings, accelerator):
+    """-> (per corpus the query vectors (Q_c, d), per corpus and language the candidate vectors (N_lang, d)).
+
+    Two encode calls in all (queries, candidates), so the length-sorted batches span every corpus and language."""
+    query_texts = [corpora[c].examples[i][lang].query for c in range(len(corpora)) for i, lang in queries[c]]
+    candidate_texts = [text for corpus_pools in pools for pool in corpus_pools.values() for text in pool.texts]
+    options = {"batch_size": settings.batch_size, "bf16": settings.bf16, "accelerator": accelerator}
+    query_vectors = encode_texts(encoder, query_texts, "query", **options)  # (Q, d)
+    candidate_vectors = encode_texts(encoder, candidate_texts, "passage", **options)  # (N, d)
+    query_parts = np.split(query_vectors, np.cumsum([len(q) for q in queries])[:-1])
+    sizes = [len(pool.texts) for corpus_pools in pools for pool in corpus_pools.values()]
+    candidate_parts = iter(np.split(candidate_vectors, np.cumsum(sizes)[:-1]))
+    by_language = [{lang: next(candidate_parts) for lang in corpus_pools} for corpus_pools in pools]
+    return query_parts, by_language
 
 
 def _from_main_process(mined: MinedNegatives | None, accelerator) -> MinedNegatives:
@@ -222,52 +225,58 @@ class _Counters:
     def summary(self, picks: dict[QueryKey, list[MinedPassage]], negatives_per_query: int) -> dict:
         total = sum(len(mined) for mined in picks.values())
         same = sum(m.language == key[2] for key, mined in picks.items() for m in mined)
+        languages = [len({m.language for m in mined}) for mined in picks.values()]
         return {
             "same_language_share": same / max(total, 1),
-            "languages_per_query": float(np.mean([len({m.language for m in mined}) for mined in picks.values()]))
-            if picks
-            else 0.0,
+            "languages_per_query": sum(languages) / max(len(languages), 1),
             "queries_short": sum(len(mined) < negatives_per_query for mined in picks.values()),
             "margin_dropped": self.margin_dropped / max(self.looked_at, 1),
         }
 
 
-class _CorpusSearch:
-    """Per-language flat inner-product indexes over one corpus's candidates, and the per-query filter and pick."""
+@dataclass
+class _Exclusion:
+    """What one query's negatives may not be: an answer of these ids, these texts, or a text already picked."""
 
-    def __init__(self, corpus_index, corpus, pools, vectors_by_language, settings: MiningSettings, step: int):
+    ids: set[str]
+    texts: set[int]  # passage keys of the query's answers in every language
+    picked: set[int]  # passage keys picked so far (one text in two languages counts once)
+
+
+class _CorpusSearch:
+    """One corpus: a flat inner-product index per language over its candidates, every query searched in each at
+    once (FIRST_SEARCH_DEPTH deep, deeper for a query that needs it), and the per-query filter and pick."""
+
+    def __init__(
+        self, corpus_index: int, corpus: ParallelCorpus, pools, candidate_vectors, query_vectors, settings, step
+    ):
         import faiss
 
-        self.corpus_index, self.corpus, self.pools, self.settings, self.step = (
-            corpus_index,
-            corpus,
-            pools,
-            settings,
-            step,
-        )
+        self.corpus_index, self.corpus, self.pools = corpus_index, corpus, pools
+        self.settings, self.step = settings, step
         self.languages = sorted(pools)
-        self.vectors = vectors_by_language  # language -> (N_lang, d)
-        self.indexes = {}
-        for lang in self.languages:
-            index = faiss.IndexFlatIP(self.vectors[lang].shape[1])
-            index.add(np.ascontiguousarray(self.vectors[lang], dtype=np.float32))
-            self.indexes[lang] = index
+        self.vectors = candidate_vectors  # language -> (N_lang, d)
+        self.queries = np.ascontiguousarray(query_vectors, dtype=np.float32)  # (Q_c, d)
         self.keys = {lang: [passage_key(text) for text in pools[lang].texts] for lang in self.languages}
         self.position = {lang: {text: k for k, text in enumerate(pools[lang].texts)} for lang in self.languages}
-        self.top: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+        self.indexes, self.top = {}, {}
+        for lang in self.languages:
+            index = faiss.IndexFlatIP(self.queries.shape[1])
+            index.add(np.ascontiguousarray(self.vectors[lang], dtype=np.float32))
+            self.indexes[lang] = index
+            self.top[lang] = index.search(self.queries, min(FIRST_SEARCH_DEPTH, index.ntotal))  # (Q_c, depth) x 2
         self.counters = _Counters()
 
-    def search_first(self, queries: np.ndarray) -> None:
-        """Every query (Q, d) against every language at once, FIRST_SEARCH_DEPTH deep; `pick` goes deeper if needed."""
-        queries = np.ascontiguousarray(queries, dtype=np.float32)
-        for lang, index in self.indexes.items():
-            self.top[lang] = index.search(queries, min(FIRST_SEARCH_DEPTH, index.ntotal))  # scores, ids: (Q, depth)
-
-    def pick(self, row: int, example_id: str, language: str, query: np.ndarray) -> list[MinedPassage]:
-        """The negatives of query `row` (vector (d,)): the same-language quota first, then the round-robin."""
+    def pick(self, row: int, example_id: str, language: str) -> list[MinedPassage]:
+        """The negatives of query `row`: the same-language quota first, then the round-robin over the others."""
         wanted = self.settings.negatives_per_query
-        chosen: set[int] = set()  # passage keys already picked (one text in two languages counts once)
-        survivors = {lang: self._survivors(row, example_id, language, lang, query, chosen) for lang in self.languages}
+        exclusion = _Exclusion(self._related_ids(example_id), set(), set())
+        answers = self.corpus.examples[example_id]
+        exclusion.texts.update(passage_key(example.positive) for example in answers.values())
+        survivors = {
+            lang: self._survivors(row, lang, self._threshold(row, answers, lang, language), exclusion)
+            for lang in self.languages
+        }
         same = _take(survivors[language], same_language_count(wanted, self.settings.same_language_share))
         others = [lang for lang in self.languages if lang != language]
         seed = [self.settings.seed, self.step, parallel_id_key(self.corpus_index, example_id)]
@@ -278,30 +287,30 @@ class _CorpusSearch:
             picked += _take(survivors[language], wanted - len(picked))
         return picked
 
-    def _survivors(
-        self, row: int, example_id: str, query_language: str, language: str, query: np.ndarray, chosen: set[int]
-    ) -> Iterator[MinedPassage]:
+    def _threshold(self, row: int, answers: dict, language: str, query_language: str) -> float:
+        """margin x the score of the answer in `language` (in the query's language when the id lacks that one)."""
+        if self.settings.margin <= 0:
+            return np.inf
+        reference = language if language in answers else query_language
+        answer_vector = self.vectors[reference][self.position[reference][answers[reference].positive]]  # (d,)
+        return self.settings.margin * float(self.queries[row] @ answer_vector)
+
+    def _survivors(self, row: int, language: str, threshold: float, exclusion: _Exclusion) -> Iterator[MinedPassage]:
         """Candidates of `language` by falling score that pass the filters; a yielded one counts as picked."""
-        answers = self.corpus.examples[example_id]
-        related = self._related_ids(example_id)
-        answer_keys = {passage_key(example.positive) for example in answers.values()}
-        threshold = np.inf
-        if self.settings.margin > 0:
-            reference = language if language in answers else query_language
-            answer_vector = self.vectors[reference][self.position[reference][answers[reference].positive]]
-            threshold = self.settings.margin * float(query @ answer_vector)
-        for index, score in self._ranked(row, language, query):
+        for index, score in self._ranked(row, language):
             key = self.keys[language][index]
-            if key in answer_keys or key in chosen or related.intersection(self.pools[language].answer_of[index]):
+            if key in exclusion.texts or key in exclusion.picked:
+                continue
+            if exclusion.ids.intersection(self.pools[language].answer_of[index]):
                 continue
             self.counters.looked_at += 1
             if score > threshold:
                 self.counters.margin_dropped += 1
                 continue
-            chosen.add(key)
+            exclusion.picked.add(key)
             yield MinedPassage(language, index, score)
 
-    def _ranked(self, row: int, language: str, query: np.ndarray) -> Iterator[tuple[int, float]]:
+    def _ranked(self, row: int, language: str) -> Iterator[tuple[int, float]]:
         """(candidate index, score) by falling score: the first search's list, then the rest of the pool."""
         scores, indices = self.top[language]
         seen = set()
@@ -310,7 +319,7 @@ class _CorpusSearch:
             yield candidate, score
         index = self.indexes[language]
         if len(seen) < index.ntotal:
-            scores, indices = index.search(np.ascontiguousarray(query[None, :], dtype=np.float32), index.ntotal)
+            scores, indices = index.search(self.queries[row : row + 1], index.ntotal)  # (1, N_lang) each
             for candidate, score in zip(indices[0].tolist(), scores[0].tolist()):
                 if candidate not in seen:
                     yield candidate, score
