@@ -216,6 +216,11 @@ class HbtConfig:
                 "0 with mining_every_steps (worker processes would keep collating with the old negatives)",
             ),
             (
+                not self.answers_per_query or multilingual,
+                "answers_per_query",
+                "0 unless sampling is multilingual (other strategies bring one answer per query)",
+            ),
+            (
                 not self.passage_alignment_weight or multilingual,
                 "passage_alignment_weight",
                 "0 unless sampling is multilingual (the term pairs a row's answers in two languages)",

@@ -212,8 +212,11 @@ def _same_text_as(columns: torch.Tensor, keys_all: torch.Tensor | None) -> torch
     """(R, C): the columns whose passage text (key) equals that of one of the row's marked `columns` (R, C)."""
     if keys_all is None:
         return torch.zeros_like(columns)
-    same_text = (keys_all[None, :] == keys_all[:, None]).float()  # (C, C)
-    return (columns.float() @ same_text) > 0  # (R, C)
+    _, text_of = torch.unique(keys_all, return_inverse=True)  # (C,) which distinct text each column holds
+    marked = torch.zeros(columns.size(0), int(text_of.max()) + 1, dtype=torch.bool, device=columns.device)  # (R, T)
+    rows, marked_columns = columns.nonzero(as_tuple=True)
+    marked[rows, text_of[marked_columns]] = True
+    return marked[:, text_of]  # (R, C)
 
 
 class _RandomState:
@@ -255,8 +258,8 @@ class CachedInfoNCELoss(nn.Module):
     mini-batch of `mini_batch_size` texts, whatever the batch size.
 
     `training_step(model, batch, accelerator)` (the protocol) or `step(model, query_batch, passage_batch,
-    passage_keys, accelerator)`: both run the backward themselves and return the detached loss. `model` is the
-    prepared model (plain, DDP or DeepSpeed engine) called as `model(**batch) -> (N, d)`. Under DDP all
+    passage_keys, accelerator, passage_ids)`: both run the backward themselves and return the detached loss.
+    `model` is the prepared model (plain, DDP or DeepSpeed engine) called as `model(**batch) -> (N, d)`. Under DDP all
     chunk backwards but the last run inside `accelerator.no_sync`; under DeepSpeed the chunk backwards
     go to the engine with the accumulation boundary set on the last one only, so `engine.step()` runs
     once. Calling the module directly (`forward`) computes the plain loss, e.g. for validation.
