@@ -7,6 +7,7 @@ them into the tokenised queries and passages a training step consumes.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 import torch
@@ -15,10 +16,21 @@ from torch.utils.data import DataLoader
 from hbt_accel.data import ParallelCorpus
 from hbt_accel.sampling import BatchRow, HybridBatchSampler, is_monolingual_batch
 
+# `passage_ids` values that are not an example id: a passage answering no question of the corpus, and an empty slot.
+NO_PARALLEL_ID = -1
+PADDING_PASSAGE = -2
+
 
 def passage_key(text: str) -> int:
     """A process-independent 64-bit id of a passage text (Python's hash() differs between ranks)."""
     return int.from_bytes(hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest(), "little", signed=True)
+
+
+def parallel_id_key(corpus_index: int, example_id: str) -> int:
+    """A process-independent non-negative 63-bit id of one example id of one corpus: every translation of the
+    example's answer carries it in `passage_ids` (the negative values are NO_PARALLEL_ID and PADDING_PASSAGE)."""
+    digest = hashlib.blake2b(f"{corpus_index}\t{example_id}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
 
 
 class _RowIdentity(torch.utils.data.Dataset):
@@ -30,39 +42,89 @@ class _RowIdentity(torch.utils.data.Dataset):
 
 class PairCollator:
     """Turns a rank's `BatchRow`s into {query, passage: tokenised (N, L), passage_keys (N_p,), monolingual: bool},
-    passages laid out as [positives (B); hard negatives (B*k)]."""
+    passages laid out as [positives (B); hard negatives (B*k)].
 
-    def __init__(self, corpora: list[ParallelCorpus], encoder, num_hard_negatives: int):
+    With `answers_per_row` > 1 (multilingual sampling) each row's answer in its `extra_passage_languages` follows:
+    [positives (B); hard negatives (B*k); further answers (B*(answers_per_row-1))], a row with fewer languages padded
+    with empty slots. With `with_passage_ids` the batch also holds `passage_ids` (N_p,) int64: `parallel_id_key` of
+    the example each passage answers (for a hard negative: of the example whose answer in that language it is, else
+    NO_PARALLEL_ID), PADDING_PASSAGE for an empty slot; the loss finds a query's answers in every language by it.
+
+    `mined_negatives`, when set (`hbt_accel.mining`), maps (corpus index, example id, query language) to the mined
+    [(language, text)] of that query; they replace the example's own negatives.
+    """
+
+    def __init__(
+        self,
+        corpora: list[ParallelCorpus],
+        encoder,
+        num_hard_negatives: int,
+        answers_per_row: int = 1,
+        with_passage_ids: bool = False,
+    ):
         self.corpora, self.encoder, self.num_hard_negatives = corpora, encoder, num_hard_negatives
+        self.answers_per_row, self.with_passage_ids = answers_per_row, with_passage_ids
+        self.mined_negatives: Mapping[tuple[int, str, str], Sequence[tuple[str, str]]] | None = None
         self._passages_by_language: dict[tuple[int, str], list[str]] = {}
+        self._answer_ids: dict[tuple[int, str], dict[str, int]] = {}
 
     def __call__(self, rows: list[BatchRow]) -> dict:
-        queries, positives, negatives = [], [], []
+        # negatives and further answers as (row, language, text); an empty slot has row None
+        queries, positives, negatives, answers = [], [], [], []
         for row in rows:
             by_language = self.corpora[row.corpus_index].examples[row.example_id]
             queries.append(by_language[row.query_language].query)
             passage = by_language[row.passage_language]
             positives.append(passage.positive)
-            negatives += self._hard_negatives(passage.negatives, row)
-        passages = positives + negatives
-        return {
+            negatives += [(row, *negative) for negative in self._hard_negatives(passage.negatives, row)]
+            answers += [(row, language, by_language[language].positive) for language in row.extra_passage_languages]
+            answers += [(None, "", "")] * (self.answers_per_row - len(row.passage_languages))  # empty slots
+        passages = positives + [text for *_, text in negatives] + [text for *_, text in answers]
+        batch = {
             "query": self.encoder.tokenize(queries, "query"),
             "passage": self.encoder.tokenize(passages, "passage"),
             "passage_keys": torch.tensor([passage_key(text) for text in passages], dtype=torch.long),
             "monolingual": is_monolingual_batch(rows),
         }
+        if self.with_passage_ids:
+            batch["passage_ids"] = torch.tensor(self._passage_ids(rows, negatives, answers), dtype=torch.long)
+        return batch
 
-    def _hard_negatives(self, available: tuple[str, ...], row: BatchRow) -> list[str]:
-        """`num_hard_negatives` of the example's own negatives; random same-language passages when it has none."""
+    def _passage_ids(self, rows: list[BatchRow], negatives: list[tuple], answers: list[tuple]) -> list[int]:
+        ids = [parallel_id_key(row.corpus_index, row.example_id) for row in rows]
+        ids += [self._answer_id(row.corpus_index, language, text) for row, language, text in negatives]
+        for row, *_ in answers:
+            ids.append(PADDING_PASSAGE if row is None else parallel_id_key(row.corpus_index, row.example_id))
+        return ids
+
+    def _answer_id(self, corpus_index: int, language: str, text: str) -> int:
+        """`parallel_id_key` of the (first) example whose answer in `language` is `text`, else NO_PARALLEL_ID."""
+        key = (corpus_index, language)
+        if key not in self._answer_ids:
+            answer_ids: dict[str, int] = {}
+            for example_id, by_language in self.corpora[corpus_index].examples.items():
+                if language in by_language:
+                    answer_ids.setdefault(by_language[language].positive, parallel_id_key(corpus_index, example_id))
+            self._answer_ids[key] = answer_ids
+        return self._answer_ids[key].get(text, NO_PARALLEL_ID)
+
+    def _hard_negatives(self, available: tuple[str, ...], row: BatchRow) -> list[tuple[str, str]]:
+        """`num_hard_negatives` (language, text) pairs: the mined ones of the row's query when mining is on, else the
+        example's own negatives; random same-language passages when there are none."""
         if not self.num_hard_negatives:
             return []
         rng = np.random.default_rng(row.draw)
+        mined = self.mined_negatives.get(_query_of(row), ()) if self.mined_negatives is not None else ()
+        if mined:
+            # all of them in mined order (they honour the language shares); a tiny corpus may have left fewer
+            repeats = rng.choice(len(mined), size=max(0, self.num_hard_negatives - len(mined)))
+            return list(mined[: self.num_hard_negatives]) + [mined[k] for k in repeats]
         if not available:  # e.g. a one-sentence LAReQA paragraph
             available = tuple(self._language_passages(row.corpus_index, row.passage_language))
         picks = rng.choice(
             len(available), size=self.num_hard_negatives, replace=len(available) < self.num_hard_negatives
         )
-        return [available[k] for k in picks]
+        return [(row.passage_language, available[k]) for k in picks]
 
     def _language_passages(self, corpus_index: int, language: str) -> list[str]:
         key = (corpus_index, language)
@@ -72,6 +134,11 @@ class PairCollator:
                 by_language[language].positive for by_language in corpus.examples.values() if language in by_language
             ]
         return self._passages_by_language[key]
+
+
+def _query_of(row: BatchRow) -> tuple[int, str, str]:
+    """The key mined negatives are stored under: (corpus index, example id, query language)."""
+    return row.corpus_index, row.example_id, row.query_language
 
 
 def build_loader(sampler: HybridBatchSampler, collator: PairCollator, num_workers: int, seed: int) -> DataLoader:

@@ -81,6 +81,36 @@ class HbtConfig:
     )
     en_en_language: str = _field("en", "the one language of the en_en baseline")
 
+    # ---- beyond the paper: against language bias (docs/beyond_paper.md); all off by default ----
+    hard_negative_mining: bool = _field(
+        False,
+        "mine num_hard_negatives per query with the current model among the sentences of every training language "
+        "(faiss), instead of the data's own negatives; never a translation or a copy of the query's answer",
+    )
+    mining_same_language_share: float = _field(
+        0.5, "share of the mined negatives in the query's language; the rest spread over the other languages"
+    )
+    mining_margin: float = _field(
+        0.95,
+        "drop mined candidates scoring above margin x the answer's score (NV-Retriever's relative margin); 0 = off",
+    )
+    mining_every_steps: int = _field(
+        0, "re-mine every N optimizer steps with the current model; 0 = once, at the start"
+    )
+    answers_per_query: int = _field(
+        0, "sampling multilingual: languages of a query's answer in its row, its own included; 0 = all its id has"
+    )
+    multi_positive: bool = _field(
+        False,
+        "every passage of the global batch holding the query's id (its answer in any language) is a positive: "
+        "multi-positive InfoNCE; false = such passages are masked, never negatives",
+    )
+    passage_alignment_weight: float = _field(
+        0.0,
+        "weight of the translation-ranking term between a query's answers in two languages (needs sampling "
+        "multilingual); 0 = off",
+    )
+
     # ---- training ----
     output_dir: str = _field("runs/default", "where checkpoints, the final model and reports go")
     overwrite_output_dir: bool = _field(
@@ -118,7 +148,10 @@ class HbtConfig:
     eval_max_queries: int = _field(0, "questions per language in the periodic evaluation; 0 = all")
     final_eval: bool = _field(True, "score the final model on the full grid")
     final_eval_max_queries: int = _field(0, "question ids of the final evaluation, every language; 0 = all")
-    eval_bf16: bool = _field(True, "encode evaluations in bf16: full grid 156 s vs 245 s fp32 here, mAPs within .0005")
+    eval_bf16: bool = _field(
+        True,
+        "encode evaluations (and hard-negative mining) in bf16: full grid 156 s vs 245 s fp32 here, mAPs within .0005",
+    )
     metric_for_best_model: str = _field("mean_map", "metric tracking the best checkpoint (mean of mono/cross/multi)")
 
     # ---- hub ----
@@ -150,6 +183,7 @@ class HbtConfig:
                 "train_data_weights",
                 f"{len(self.train_data)} weights, one per train_data entry",
             ),
+            *self._language_bias_checks(),
         ]
         for ok, name, expected in checks:
             if not ok:
@@ -165,6 +199,48 @@ class HbtConfig:
                 f"{1 / self.temperature:.3g}, so the loss swings or overflows (the run stops if it is not finite)"
             )
         return said
+
+    def _language_bias_checks(self) -> list[tuple[bool, str, str]]:
+        """The fields of docs/beyond_paper.md, alone and in combination."""
+        multilingual = self.sampling == "multilingual"
+        return [
+            (0.0 <= self.mining_same_language_share <= 1.0, "mining_same_language_share", "a fraction in [0, 1]"),
+            (self.mining_margin >= 0, "mining_margin", "0 (no filter) or a positive factor such as 0.95"),
+            (self.mining_every_steps >= 0, "mining_every_steps", "0 (mine once) or a positive number of steps"),
+            (self.answers_per_query == 0 or self.answers_per_query >= 2, "answers_per_query", "0 (all) or 2 or more"),
+            (self.passage_alignment_weight >= 0, "passage_alignment_weight", "0 (off) or a positive weight"),
+            (
+                not self.hard_negative_mining or self.num_hard_negatives >= 1,
+                "num_hard_negatives",
+                "1 or more with hard_negative_mining (the negatives mined per query)",
+            ),
+            (
+                not self.mining_every_steps or self.hard_negative_mining,
+                "mining_every_steps",
+                "0 unless hard_negative_mining is true",
+            ),
+            (
+                not (self.hard_negative_mining and self.mining_every_steps) or self.dataloader_num_workers == 0,
+                "dataloader_num_workers",
+                "0 with mining_every_steps (worker processes would keep collating with the old negatives)",
+            ),
+            (
+                not self.answers_per_query or multilingual,
+                "answers_per_query",
+                "0 unless sampling is multilingual (other strategies bring one answer per query)",
+            ),
+            (
+                not self.passage_alignment_weight or multilingual,
+                "passage_alignment_weight",
+                "0 unless sampling is multilingual (the term pairs a row's answers in two languages)",
+            ),
+            (
+                not multilingual or self.multi_positive or self.passage_alignment_weight > 0,
+                "sampling",
+                "multilingual only with multi_positive true or passage_alignment_weight > 0 (else the further "
+                "answers it brings are masked and unused)",
+            ),
+        ]
 
 
 # --------------------------------------------------------------------------------------------------------------------

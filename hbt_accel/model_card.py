@@ -235,7 +235,7 @@ def _hyperparameter_rows(cfg: HbtConfig) -> str:
         ("max steps / epochs", cfg.max_steps if cfg.max_steps > 0 else f"{cfg.num_train_epochs} epoch(s)"),
         ("per-device batch size", cfg.per_device_train_batch_size),
         ("gradient accumulation", cfg.gradient_accumulation_steps),
-        ("loss", f"InfoNCE, temperature {cfg.temperature}" + (", symmetric" if cfg.symmetric_loss else "")),
+        ("loss", _loss_description(cfg)),
         ("cached loss (GradCache)", f"mini-batch {cfg.cache_mini_batch_size}" if cfg.cached_loss else "no"),
         ("max grad norm", cfg.max_grad_norm),
         ("mixed precision", cfg.mixed_precision),
@@ -243,7 +243,22 @@ def _hyperparameter_rows(cfg: HbtConfig) -> str:
         ("frozen word embeddings", cfg.freeze_word_embeddings),
         ("seed", cfg.seed),
     ]
+    if cfg.hard_negative_mining:  # docs/beyond_paper.md
+        every = f"every {cfg.mining_every_steps} steps" if cfg.mining_every_steps else "once, at the start"
+        mining = (
+            f"{cfg.num_hard_negatives} per query, mined {every}; {cfg.mining_same_language_share:.0%} in the query's "
+        )
+        rows.append(("hard-negative mining", mining + f"language, margin {cfg.mining_margin}"))
     return "\n".join(f"| {name} | {value} |" for name, value in rows)
+
+
+def _loss_description(cfg: HbtConfig) -> str:
+    parts = [f"InfoNCE, temperature {cfg.temperature}"]
+    parts += ["symmetric"] if cfg.symmetric_loss else []
+    parts += ["multi-positive (the query's answer in every language of the batch)"] if cfg.multi_positive else []
+    if cfg.passage_alignment_weight:
+        parts.append(f"+ {cfg.passage_alignment_weight} x passage translation ranking")
+    return ", ".join(parts)
 
 
 def grid_table(results: dict) -> str:

@@ -16,11 +16,16 @@ class BatchArithmetic:
     world_size: int
     hard_negatives_per_query: int = 0
     gradient_accumulation_steps: int = 1
+    answers_per_query: int = 1  # multilingual sampling: a row's answer in up to this many languages
 
     @classmethod
-    def of(cls, cfg: HbtConfig, world_size: int) -> BatchArithmetic:
+    def of(cls, cfg: HbtConfig, world_size: int, answers_per_query: int = 1) -> BatchArithmetic:
         return cls(
-            cfg.per_device_train_batch_size, world_size, cfg.num_hard_negatives, cfg.gradient_accumulation_steps
+            cfg.per_device_train_batch_size,
+            world_size,
+            cfg.num_hard_negatives,
+            cfg.gradient_accumulation_steps,
+            answers_per_query,
         )
 
     @property
@@ -29,7 +34,8 @@ class BatchArithmetic:
 
     @property
     def in_batch_negatives(self) -> int:
-        return self.global_batch - 1
+        """The other rows' answers (up to: an id with fewer languages leaves empty slots)."""
+        return (self.global_batch - 1) * self.answers_per_query
 
     @property
     def hard_negatives(self) -> int:
@@ -45,6 +51,11 @@ class BatchArithmetic:
             f"process(es); negatives per query {self.negatives_per_query} ({self.in_batch_negatives} in-batch + "
             f"{self.hard_negatives} hard, gathered across devices); gradient accumulation "
             f"{self.gradient_accumulation_steps} (does not enlarge the negative pool)"
+            + (
+                f"; each query's answer in up to {self.answers_per_query} languages"
+                if self.answers_per_query > 1
+                else ""
+            )
         )
 
 

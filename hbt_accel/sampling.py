@@ -10,7 +10,10 @@ Strategies:
 - ``xy``: every row has query language != passage language, rows drawn independently;
 - ``hybrid``: X-X with probability ``alpha``, else X-Y;
 - ``xx_mixed``: LAReQA's X-X baseline, each row monolingual, languages mixed within a batch;
-- ``en_en``: one fixed language (English by default).
+- ``en_en``: one fixed language (English by default);
+- ``multilingual``: every row is a query with its answer in its own language AND in up to ``answers_per_query - 1``
+  other languages of its id (`BatchRow.extra_passage_languages`), for the multi-positive loss and the passage
+  alignment term (docs/beyond_paper.md). Still one row per id: the extra answers travel with their row.
 
 An epoch walks a fresh permutation of the ids; each batch takes the next ids that fit its decision (the X-X
 language, or 2+ languages for X-Y). When too few unused ids fit, the batch is topped up with ids already used this
@@ -35,6 +38,8 @@ STRATEGIES = {
     "else X-Y (every row pairs a query with a passage in a different language)",
     "xx_mixed": "LAReQA X-X: every row is monolingual, languages mixed within a batch",
     "en_en": "En-En: one language only",
+    "multilingual": "multilingual: every row is a query with its answer in its own language and in the other "
+    "languages of its id (up to answers_per_query), all of them positives",
 }
 
 
@@ -49,11 +54,17 @@ class BatchRow:
     passage_language: str
     corpus_index: int = 0
     draw: int = 0  # a per-row random number, so row-level choices (which hard negatives) are seeded and resumable
+    extra_passage_languages: tuple[str, ...] = ()  # multilingual: the id's answer in these languages too
+
+    @property
+    def passage_languages(self) -> tuple[str, ...]:
+        """Every language the row's answer is brought in: the passage language first."""
+        return (self.passage_language, *self.extra_passage_languages)
 
 
 def is_monolingual_batch(rows: Sequence[BatchRow]) -> bool:
     """True for an X-X batch: one language on both sides of every row."""
-    languages = {row.query_language for row in rows} | {row.passage_language for row in rows}
+    languages = {row.query_language for row in rows} | {lang for row in rows for lang in row.passage_languages}
     return len(languages) == 1
 
 
@@ -95,6 +106,8 @@ class HybridBatchSampler:
         language_temperature: if > 0 and no weights, target share proportional to n_ids(lang) ** tau.
         corpus_weights: per-corpus batch probability; default proportional to the number of ids.
         languages: restrict training to these languages.
+        answers_per_query: multilingual only, answer languages per row (its own included); 0 = every language the
+            id has. `answers_per_row` is the width every row is padded to by the collator.
     """
 
     def __init__(
@@ -112,11 +125,14 @@ class HybridBatchSampler:
         corpus_weights: Sequence[float] | None = None,
         languages: Sequence[str] | None = None,
         en_en_language: str = "en",
+        answers_per_query: int = 0,
     ):
         if strategy not in STRATEGIES:
             raise SamplingError(f"sampling: got {strategy!r}, expected one of {', '.join(STRATEGIES)}")
         if not 0.0 <= alpha <= 1.0:
             raise SamplingError(f"alpha: got {alpha!r}, expected a probability in [0, 1]")
+        if answers_per_query < 0 or answers_per_query == 1:
+            raise SamplingError(f"answers_per_query: got {answers_per_query!r}, expected 0 (all) or 2 or more")
         self.corpora = [corpora] if isinstance(corpora, ParallelCorpus) else list(corpora)
         self.strategy, self.alpha, self.seed = strategy, alpha, seed
         self.rank, self.world_size = rank, world_size
@@ -148,6 +164,7 @@ class HybridBatchSampler:
             if missing:
                 raise SamplingError(f"train_languages/en_en_language: no training data in {', '.join(missing)}")
         self._check_feasible()
+        self.answers_per_row = self._answers_per_row(answers_per_query)
         self.target_share = self._target_share(language_weights, language_temperature)
         sizes = np.array([len(languages_of) for languages_of in self._languages_of], dtype=float)
         weights = np.asarray(corpus_weights, dtype=float) if corpus_weights else sizes
@@ -167,6 +184,18 @@ class HybridBatchSampler:
     def _xy_ids(self, corpus_index: int) -> list[str]:
         return [i for i, langs in self._languages_of[corpus_index].items() if len(langs) >= 2]
 
+    def _answers_per_row(self, answers_per_query: int) -> int:
+        """Passages of a row's answer: 1, or for multilingual the most languages a row can bring (a fixed width, so
+        every rank's passage tensor has one shape for the cross-device gather)."""
+        if self.strategy != "multilingual":
+            return 1
+        most = max(len(langs) for languages_of in self._languages_of for langs in languages_of.values())
+        return min(answers_per_query, most) if answers_per_query else most
+
+    def corpus_languages(self, corpus_index: int) -> list[str]:
+        """The training languages of one corpus (after `languages` / en_en restrictions)."""
+        return sorted(self._ids_by_language[corpus_index])
+
     def _check_feasible(self) -> None:
         size = self.global_batch_size
         for index, corpus in enumerate(self.corpora):
@@ -177,14 +206,15 @@ class HybridBatchSampler:
                     f"{corpus.name} (a global batch may not repeat an id)"
                 )
             needs_xx = self.strategy in ("xx", "en_en") or (self.strategy == "hybrid" and self.alpha > 0)
-            needs_xy = self.strategy == "xy" or (self.strategy == "hybrid" and self.alpha < 1)
+            needs_xy = self.strategy in ("xy", "multilingual") or (self.strategy == "hybrid" and self.alpha < 1)
             if needs_xx and not self._xx_languages(index):
                 raise SamplingError(
                     f"sampling: X-X batches of {size} need one language with {size}+ ids in {corpus.name}; none has"
                 )
             if needs_xy and len(self._xy_ids(index)) < size:
+                kind = "multilingual" if self.strategy == "multilingual" else "X-Y"
                 raise SamplingError(
-                    f"sampling: X-Y batches of {size} need {size}+ ids present in 2+ languages; {corpus.name} has "
+                    f"sampling: {kind} batches of {size} need {size}+ ids present in 2+ languages; {corpus.name} has "
                     f"{len(self._xy_ids(index))} (use sampling xx or a parallel corpus)"
                 )
 
@@ -250,6 +280,8 @@ class HybridBatchSampler:
             language = languages[int(rng.choice(len(languages), p=share / share.sum()))]
             ids = cursor.take(language, size, rng)
             return [BatchRow(i, language, language, corpus_index, self._row_draw(rng)) for i in ids]
+        if self.strategy == "multilingual":
+            return [self._multilingual_row(rng, corpus_index, i) for i in cursor.take("multi", size, rng)]
         if self.strategy == "xx_mixed":
             ids = cursor.take("*", size, rng)
             rows = []
@@ -264,16 +296,27 @@ class HybridBatchSampler:
             rows.append(BatchRow(example_id, query_language, passage_language, corpus_index, self._row_draw(rng)))
         return rows
 
+    def _multilingual_row(self, rng: np.random.Generator, corpus_index: int, example_id: str) -> BatchRow:
+        """A query in one language of the id; its answer in that language plus up to answers_per_row - 1 others."""
+        query_language = self._draw_languages(rng, corpus_index, example_id, 1)[0]
+        others = [lang for lang in self._languages_of[corpus_index][example_id] if lang != query_language]
+        if len(others) > self.answers_per_row - 1:
+            others = self._draw_languages(rng, corpus_index, example_id, self.answers_per_row - 1, query_language)
+        draw = self._row_draw(rng)
+        return BatchRow(example_id, query_language, query_language, corpus_index, draw, tuple(sorted(others)))
+
     @staticmethod
     def _row_draw(rng: np.random.Generator) -> int:
         return int(rng.integers(2**31))
 
-    def _draw_languages(self, rng: np.random.Generator, corpus_index: int, example_id: str, count: int) -> list[str]:
-        """Distinct languages of one id, each weighted by target share / how many ids have it.
+    def _draw_languages(
+        self, rng: np.random.Generator, corpus_index: int, example_id: str, count: int, exclude: str = ""
+    ) -> list[str]:
+        """Distinct languages of one id (but `exclude`), each weighted by target share / how many ids have it.
 
         Dividing by the count keeps a language present in every id (English in MLQA-R) from dominating X-Y rows.
         """
-        languages = self._languages_of[corpus_index][example_id]
+        languages = [lang for lang in self._languages_of[corpus_index][example_id] if lang != exclude]
         by_language = self._ids_by_language[corpus_index]
         weights = np.array([self.target_share[lang] / len(by_language[lang]) for lang in languages])
         weights = weights + 1e-12  # a zero-weight language may still be needed to make a pair

@@ -8,8 +8,9 @@
         build_optimizer        AdamW (fused on CPU) or DeepSpeedCPUAdam; build_loss: InfoNCE or cached InfoNCE
         prepare                ONE accelerator.prepare(model, optimizer); the LR schedule on the prepared optimizer
         open_run_folder        output folder, resolved config, trackers, resume from a checkpoint
-      run_loop(session)      train_step per micro-batch; logging; periodic checkpoint + evaluation; all it measures
-                             goes into session.progress (TrainingProgress), which every checkpoint saves
+        start_negatives        hard_negative_mining: mine with the starting weights (or load the resumed step's)
+      run_loop(session)      train_step per micro-batch; logging; periodic checkpoint + evaluation; re-mining; all
+                             it measures goes into session.progress (TrainingProgress), which every checkpoint saves
       finalize(session)      final model, full-grid evaluation, train_summary.json, model card, Hub push
 
 The DataLoader is NOT passed to `prepare`: `HybridBatchSampler` already gives each rank its slice of a global batch
@@ -50,6 +51,14 @@ from hbt_accel.embedded import check_model_name
 from hbt_accel.errors import ConfigError, TrainingDiverged
 from hbt_accel.evaluation.schema import MAP_KEYS, check_selection_metric
 from hbt_accel.losses import CachedInfoNCELoss, InfoNCELoss, TrainingStep
+from hbt_accel.mining import (
+    MINED_DIR,
+    MinedNegatives,
+    MiningSettings,
+    last_mining_step,
+    mine_hard_negatives,
+    mined_file,
+)
 from hbt_accel.modeling import DualEncoder, EncoderSettings, LoraSettings, stale_save_folders
 from hbt_accel.run_summary import BatchArithmetic, TrainSummary
 from hbt_accel.sampling import HybridBatchSampler
@@ -102,6 +111,7 @@ class Session:
     plan: StepPlan
     progress: TrainingProgress = dataclasses.field(default_factory=TrainingProgress)
     nonfinite_steps: int = 0  # steps skipped for a NaN/inf loss or gradient (skip_nonfinite_steps)
+    resumed_from: Path | None = None  # the checkpoint this run continues
 
     @property
     def output_dir(self) -> Path:
@@ -161,7 +171,7 @@ def setup(cfg: HbtConfig) -> Session:
     # 2. Model, collator, DataLoader
     # ==============================================================================================================
     model = build_model(cfg)
-    collator = PairCollator(corpora, model, cfg.num_hard_negatives)
+    collator = build_collator(cfg, corpora, model, sampler)
     loader = build_loader(sampler, collator, cfg.dataloader_num_workers, cfg.seed)
     # ==============================================================================================================
     # 3. Optimization
@@ -177,6 +187,10 @@ def setup(cfg: HbtConfig) -> Session:
     # 5. The run folder, and resume
     # ==============================================================================================================
     open_run_folder(session, resume)
+    # ==============================================================================================================
+    # 6. Hard negatives mined with the model (docs/beyond_paper.md)
+    # ==============================================================================================================
+    start_negatives(session)
     session.model.train()
     return session
 
@@ -256,6 +270,7 @@ def load_data(cfg: HbtConfig, accelerator, console) -> tuple[list[ParallelCorpus
         corpus_weights=[float(w) for w in cfg.train_data_weights] or None,
         languages=cfg.train_languages or None,
         en_en_language=cfg.en_en_language,
+        answers_per_query=cfg.answers_per_query,
     )
     return corpora, sampler
 
@@ -275,7 +290,7 @@ def plan_steps(cfg: HbtConfig, sampler: HybridBatchSampler, world_size: int) -> 
     """The batch arithmetic, optimizer steps per epoch and optimizer steps of the run."""
     steps_per_epoch = max(1, sampler.batches_per_epoch // cfg.gradient_accumulation_steps)
     max_steps = cfg.max_steps if cfg.max_steps > 0 else math.ceil(cfg.num_train_epochs * steps_per_epoch)
-    return StepPlan(BatchArithmetic.of(cfg, world_size), steps_per_epoch, max_steps)
+    return StepPlan(BatchArithmetic.of(cfg, world_size, sampler.answers_per_row), steps_per_epoch, max_steps)
 
 
 def build_model(cfg: HbtConfig) -> DualEncoder:
@@ -300,6 +315,14 @@ def build_model(cfg: HbtConfig) -> DualEncoder:
     return model
 
 
+def build_collator(cfg: HbtConfig, corpora, model: DualEncoder, sampler: HybridBatchSampler) -> PairCollator:
+    """Passage ids in the batch whenever a passage can be the query's answer in another language: mined negatives
+    (translations of another row's answer), multilingual rows, the multi-positive and alignment terms."""
+    by_id = cfg.hard_negative_mining or cfg.multi_positive or cfg.passage_alignment_weight > 0
+    answers = sampler.answers_per_row
+    return PairCollator(corpora, model, cfg.num_hard_negatives, answers, with_passage_ids=by_id or answers > 1)
+
+
 def build_optimizer(model: torch.nn.Module, cfg: HbtConfig, accelerator) -> torch.optim.Optimizer:
     """AdamW without weight decay on biases and LayerNorms; DeepSpeedCPUAdam when ZeRO offloads the optimizer."""
     decay, no_decay = [], []
@@ -322,9 +345,12 @@ def build_optimizer(model: torch.nn.Module, cfg: HbtConfig, accelerator) -> torc
 
 
 def build_loss(cfg: HbtConfig) -> TrainingStep:
+    by_id = {"multi_positive": cfg.multi_positive, "alignment_weight": cfg.passage_alignment_weight}
     if cfg.cached_loss:
-        return CachedInfoNCELoss(cfg.temperature, cfg.symmetric_loss, mini_batch_size=cfg.cache_mini_batch_size)
-    return InfoNCELoss(cfg.temperature, cfg.symmetric_loss)
+        return CachedInfoNCELoss(
+            cfg.temperature, cfg.symmetric_loss, mini_batch_size=cfg.cache_mini_batch_size, **by_id
+        )
+    return InfoNCELoss(cfg.temperature, cfg.symmetric_loss, **by_id)
 
 
 def prepare(accelerator, model, optimizer, cfg: HbtConfig, max_steps: int):
@@ -369,6 +395,7 @@ def open_run_folder(session: Session, resume: tuple[Path | None, list[str]]) -> 
     if cfg.report_to != "none":
         accelerator.init_trackers("hbt", config={k: str(v) for k, v in dataclasses.asdict(cfg).items()})
     if resume is not None:
+        session.resumed_from = resume
         accelerator.load_state(str(resume))  # model, optimizer, scheduler, RNG
         session.progress = TrainingProgress.load(resume)
         session.console.print(f"resumed from {resume} at step {session.progress.global_step}")
@@ -379,6 +406,58 @@ def open_run_folder(session: Session, resume: tuple[Path | None, list[str]]) -> 
         f"sampling {cfg.sampling} (alpha {cfg.alpha}); {session.plan.steps_per_epoch} steps per epoch; "
         f"{session.plan.max_steps} steps"
     )
+
+
+# ==================================================================================================================
+# Hard negatives mined with the model
+# ==================================================================================================================
+def start_negatives(session: Session) -> None:
+    """Mine with the starting weights; on resume, load the negatives the uninterrupted run used at this step (mining
+    again with later weights would give other ones), or mine with the resumed weights if that file is gone."""
+    cfg, step = session.cfg, session.progress.global_step
+    if not cfg.hard_negative_mining:
+        return
+    run_folder = session.resumed_from.parent if session.resumed_from else session.output_dir  # the checkpoint's run
+    path = mined_file(run_folder, last_mining_step(step, cfg.mining_every_steps))
+    if step > 0 and path.is_file():
+        mined = MinedNegatives.load(path)
+        if session.accelerator.is_main_process and run_folder.resolve() != session.output_dir.resolve():
+            mined.save(mined_file(session.output_dir, mined.step))  # this run's folder resumes on its own later
+        use_negatives(session, mined, f"loaded from {path}")
+        return
+    if step > 0:
+        session.console.print(f"{path} is missing: mining again with the resumed weights")
+    elif session.accelerator.is_main_process:  # a fresh run: no file of an earlier run in this folder may be resumed
+        shutil.rmtree(session.output_dir / MINED_DIR, ignore_errors=True)
+    mine_negatives(session)
+
+
+def refresh_negatives(session: Session) -> None:
+    """After optimizer step N: mine again when N is a multiple of mining_every_steps (and not the last step)."""
+    cfg, step = session.cfg, session.progress.global_step
+    every = cfg.mining_every_steps if cfg.hard_negative_mining else 0
+    if every and step % every == 0 and step < session.plan.max_steps:
+        mine_negatives(session)
+
+
+def mine_negatives(session: Session) -> None:
+    """Every rank encodes its share; the main process picks and writes RUN/mined_negatives/step-<N>.json."""
+    cfg, accelerator, step = session.cfg, session.accelerator, session.progress.global_step
+    settings = MiningSettings(
+        cfg.num_hard_negatives, cfg.mining_same_language_share, cfg.mining_margin, cfg.seed, bf16=cfg.eval_bf16
+    )
+    languages = [session.sampler.corpus_languages(index) for index in range(len(session.corpora))]
+    encoder = accelerator.unwrap_model(session.model)
+    mined = mine_hard_negatives(encoder, session.corpora, languages, settings, step, accelerator)
+    path = mined_file(session.output_dir, step)
+    if accelerator.is_main_process:
+        mined.save(path)
+    use_negatives(session, mined, f"-> {path}")
+
+
+def use_negatives(session: Session, mined: MinedNegatives, where: str) -> None:
+    session.loader.collate_fn.mined_negatives = mined.for_collator()
+    session.console.print(f"{mined.describe()} ({where})")
 
 
 # ==================================================================================================================
@@ -451,6 +530,7 @@ def run_loop(session: Session) -> None:
             log_step(session, clock, bar, losses)
             clock.update_train_seconds()
             checkpoint_and_evaluate(session)
+            refresh_negatives(session)
             if progress.global_step >= session.plan.max_steps:
                 break
         session.sampler.set_epoch(session.sampler.epoch + 1)

@@ -132,3 +132,43 @@ def test_a_missing_hbt_data_dir_is_an_error_not_a_silent_fallback(monkeypatch, t
     monkeypatch.setenv("HBT_DATA_DIR", str(tmp_path / "nowhere"))
     with pytest.raises(DataError, match="HBT_DATA_DIR=.*nowhere: no such folder"):
         resolve_data_dir()
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (
+            ["--mining_same_language_share", "1.5"],
+            "mining_same_language_share: got 1.5, expected a fraction in [0, 1]",
+        ),
+        (["--mining_margin", "-1"], "mining_margin: got -1.0"),
+        (["--hard_negative_mining", "--num_hard_negatives", "0"], "num_hard_negatives: got 0, expected 1 or more"),
+        (["--mining_every_steps", "50"], "mining_every_steps: got 50, expected 0 unless hard_negative_mining"),
+        (
+            ["--hard_negative_mining", "--mining_every_steps", "50", "--dataloader_num_workers", "2"],
+            "dataloader_num_workers: got 2, expected 0 with mining_every_steps",
+        ),
+        (["--passage_alignment_weight", "0.5"], "passage_alignment_weight: got 0.5, expected 0 unless sampling is"),
+        (
+            ["--sampling", "multilingual"],
+            "sampling: got 'multilingual', expected multilingual only with multi_positive",
+        ),
+        (["--sampling", "multilingual", "--multi_positive", "--answers_per_query", "1"], "answers_per_query: got 1"),
+        (["--answers_per_query", "3"], "answers_per_query: got 3, expected 0 unless sampling is multilingual"),
+    ],
+)
+def test_language_bias_fields_fail_in_one_line_before_any_work(argv, message):
+    with pytest.raises(ConfigError) as error:
+        parse_config(argv)
+    assert message in str(error.value) and "\n" not in str(error.value)
+
+
+def test_language_bias_fields_are_off_by_default_and_combine():
+    default = parse_config([])
+    assert not default.hard_negative_mining and not default.multi_positive
+    assert default.passage_alignment_weight == 0 and default.sampling != "multilingual"
+    cfg = parse_config(
+        ["--sampling", "multilingual", "--multi_positive", "--passage_alignment_weight", "0.3", "--cached_loss"]
+        + ["--hard_negative_mining", "--mining_every_steps", "40"]
+    )
+    assert cfg.multi_positive and cfg.passage_alignment_weight == 0.3 and cfg.mining_every_steps == 40

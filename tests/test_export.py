@@ -247,6 +247,28 @@ def test_model_card_front_matter_and_grid(tmp_path):
     assert 'prompt_name="query"' in body
 
 
+def test_model_card_names_the_language_bias_options_only_when_on(tmp_path):
+    default_body = split_card(write_model_card(tmp_path / "a", run_summary(HbtConfig()), RESULTS).read_text())[1]
+    assert "| loss | InfoNCE, temperature 0.05 |" in default_body and "mining" not in default_body
+    cfg = HbtConfig(
+        sampling="multilingual",
+        multi_positive=True,
+        passage_alignment_weight=0.3,
+        hard_negative_mining=True,
+        num_hard_negatives=4,
+    ).validate()
+    body = split_card(write_model_card(tmp_path / "b", run_summary(cfg), RESULTS).read_text())[1]
+    assert (
+        "InfoNCE, temperature 0.05, multi-positive (the query's answer in every language of the batch), + 0.3 x"
+        in body
+    )
+    assert (
+        "| hard-negative mining | 4 per query, mined once, at the start; 50% in the query's language, margin 0.95 |"
+        in body
+    )
+    assert "**multilingual** (multilingual: every row is a query with its answer" in body
+
+
 def test_model_card_is_parsed_by_huggingface_hub(tmp_path):
     from huggingface_hub import ModelCard
 

@@ -139,3 +139,50 @@ def test_several_corpora_mix_by_weight(mlqa):
     batches = [rows for epoch in range(2) for rows in sampler.global_batches(epoch)]
     share = sum(rows[0].corpus_index == 1 for rows in batches) / len(batches)
     assert 0.4 < share < 0.6
+
+
+# ---------------------------------------------------------------- multilingual (multi-positive) rows
+@pytest.mark.parametrize("answers", [0, 2, 3])
+def test_multilingual_rows_bring_the_answer_in_several_languages_of_their_id(mlqa, answers):
+    sampler = HybridBatchSampler(mlqa, "multilingual", 8, world_size=2, seed=4, answers_per_query=answers)
+    assert sampler.answers_per_row == (answers or 4)  # MLQA-R ids hold 2-4 languages
+    batches = [rows for epoch in range(2) for rows in sampler.global_batches(epoch)]
+    assert len(batches) == 2 * (1148 // 16)
+    for rows in batches:
+        assert len(rows) == 16 and len({row.example_id for row in rows}) == 16  # one row per id, extras ride along
+        for row in rows:
+            id_languages = set(mlqa.examples[row.example_id])
+            assert row.passage_language == row.query_language  # the own-language answer is always a positive
+            assert len(set(row.passage_languages)) == len(row.passage_languages)  # distinct languages
+            assert set(row.passage_languages) <= id_languages
+            assert len(row.passage_languages) == min(len(id_languages), sampler.answers_per_row)
+        assert not is_monolingual_batch(rows)
+
+
+def test_multilingual_ranks_agree_and_resume(mlqa):
+    per_rank = [list(HybridBatchSampler(mlqa, "multilingual", 4, rank=r, world_size=2, seed=7)) for r in (0, 1)]
+    whole = global_batches(mlqa, "multilingual", batch=4, world=2, seed=7)
+    assert [a + b for a, b in zip(*per_rank)] == whole
+    resumed = HybridBatchSampler(mlqa, "multilingual", 4, rank=1, world_size=2, seed=7)
+    resumed.set_position(9)
+    assert list(resumed) == per_rank[1][9:]
+
+
+def test_multilingual_extra_languages_are_spread(mlqa):
+    """With 2 answers per row the second language is drawn (English is in every id but must not dominate)."""
+    counts = collections.Counter(
+        row.extra_passage_languages[0]
+        for rows in global_batches(mlqa, "multilingual", epochs=4, answers_per_query=2)
+        for row in rows
+    )
+    assert set(counts) == set(mlqa.languages)
+    assert counts["en"] / sum(counts.values()) < 0.4
+
+
+def test_multilingual_needs_parallel_ids_and_a_sensible_width():
+    with pytest.raises(SamplingError, match="sampling: multilingual batches of 4 need 4\\+ ids present in 2\\+"):
+        HybridBatchSampler(_tiny_corpus(False), "multilingual", 4)
+    with pytest.raises(SamplingError, match="answers_per_query: got 1"):
+        HybridBatchSampler(_tiny_corpus(True), "multilingual", 4, answers_per_query=1)
+    sampler = HybridBatchSampler(_tiny_corpus(True), "multilingual", 4, answers_per_query=5)
+    assert sampler.answers_per_row == 2  # capped at the most languages an id has

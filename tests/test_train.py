@@ -335,3 +335,63 @@ def test_a_new_run_never_lands_on_another_run(tiny_model_dir, tmp_path):
         assert result.returncode == 2 and message in result.stderr, result.stderr[-1000:]
         assert len(result.stderr.strip().splitlines()) == 1 and "global batch" not in result.stdout
     assert (finished / "train_summary.json").read_text() == '{"steps": 4}'  # untouched
+
+
+# ---------------------------------------------------------------- issue 14: mining, multi-positive, alignment
+MINING = ["--hard_negative_mining", "true", "--num_hard_negatives", "2", "--mining_every_steps", "2"]
+
+
+def test_resume_with_mined_negatives_gives_the_weights_of_an_uninterrupted_run(
+    dropout_model_dir, mlqa_slice, tmp_path
+):
+    """Negatives are mined at steps 0, 2 and 4; a resume from step 3 must collate with the step-2 negatives of the
+    run it continues (read from that run's folder), then mine at step 4 with the same weights."""
+    common = [
+        *("--model_name_or_path", str(dropout_model_dir), "--train_data", str(mlqa_slice), *MINING),
+        *("--max_steps", "5", "--save_steps", "3", "--per_device_train_batch_size", "8", "--mixed_precision", "no"),
+        *("--learning_rate", "1e-3", "--save_total_limit", "5", "--mining_margin", "0"),
+    ]
+    straight = tmp_path / "straight"
+    log = train(*common, "--output_dir", str(straight))
+    assert sorted(p.name for p in (straight / "mined_negatives").iterdir()) == [
+        "step-0.json",
+        "step-2.json",
+        "step-4.json",
+    ]
+    assert log.stdout.count("mined 2 hard negatives for 192 queries") == 3
+    resumed = tmp_path / "resumed"
+    log = train(*common, "--output_dir", str(resumed), "--resume_from_checkpoint", str(straight / "checkpoint-3"))
+    assert f"(loaded from {straight / 'mined_negatives' / 'step-2.json'})" in log.stdout
+    a, b = load_file(straight / "model.safetensors"), load_file(resumed / "model.safetensors")
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], atol=1e-6, rtol=0, msg=name)
+    straight_losses = [r["loss"] for r in json.loads((straight / "train_summary.json").read_text())["history"]]
+    resumed_losses = [r["loss"] for r in json.loads((resumed / "train_summary.json").read_text())["history"]]
+    assert resumed_losses == pytest.approx(straight_losses, abs=1e-6)  # the summary covers the whole run
+    # the step-4 negatives were mined with the same weights; the resumed run keeps its own copy of step 2
+    mined = {
+        name: json.loads((run / "mined_negatives" / "step-4.json").read_text())
+        for name, run in [("a", straight), ("b", resumed)]
+    }
+    assert mined["a"]["queries"] == mined["b"]["queries"]
+    assert (resumed / "mined_negatives" / "step-2.json").is_file()
+
+
+def test_multilingual_multi_positive_alignment_and_mining_cached_equals_plain(tiny_model_dir, mlqa_slice, tmp_path):
+    """Every issue-14 feature on at once, plain and GradCache: the same first two step losses (the same batch, then
+    the same update)."""
+    common = [
+        *("--model_name_or_path", str(tiny_model_dir), "--train_data", str(mlqa_slice), *MINING),
+        *("--sampling", "multilingual", "--multi_positive", "true", "--passage_alignment_weight", "0.5"),
+        *("--max_steps", "2", "--per_device_train_batch_size", "8", "--mixed_precision", "no", "--warmup_ratio", "0"),
+        *("--learning_rate", "1e-3", "--mining_margin", "0"),
+    ]
+    plain = tmp_path / "plain"
+    log = train(*common, "--output_dir", str(plain))
+    assert "each query's answer in up to 3 languages" in " ".join(log.stdout.split())
+    train(*common, "--output_dir", str(tmp_path / "cached"), "--cached_loss", "true", "--cache_mini_batch_size", "5")
+    losses = {
+        run: [r["loss"] for r in json.loads((tmp_path / run / "train_summary.json").read_text())["history"]]
+        for run in ("plain", "cached")
+    }
+    np.testing.assert_allclose(losses["cached"], losses["plain"], rtol=0, atol=1e-4)

@@ -1,0 +1,102 @@
+"""How often are the answer sentences of one MLQA-R id in two languages translations of each other?
+
+    python benchmarks/translation_check.py                                  # every id, the untrained embedded model
+    python benchmarks/translation_check.py --languages en,de,zh --max_ids 200
+
+The passage-alignment term (docs/beyond_paper.md) treats an id's answers in two languages as translations. MLQA-R's
+contexts are not parallel (method.md), so this checks the assumption: for every language pair, over the ids present
+in both, the answer in L1 retrieves the answer in L2 among all L2 answers of those ids (bitext retrieval, P@1, both
+directions), the mean cosine of same-id pairs against other-id pairs, and the median character-length ratio. A P@1
+far below 1 with a model that matches translations well would mean the answers are often not translations.
+Encodes each distinct answer once with the evaluator's encoder path (`evaluation.encoding.encode_texts`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import sys
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="embedded", help="model folder or 'embedded'")
+    parser.add_argument("--data_dir", default="", help="folder with mlqa-r/; empty = $HBT_DATA_DIR or ../shared")
+    parser.add_argument("--languages", default="", help="comma-separated languages; empty = all of MLQA-R")
+    parser.add_argument("--max_ids", type=int, default=0, help="first N ids (file order); 0 = all")
+    parser.add_argument("--bf16", action="store_true", help="encode under bf16 autocast")
+    parser.add_argument("--output", default="", help="also write the table as JSON here")
+    return parser.parse_args(argv)
+
+
+def answers_by_language(data_dir: str, languages: list[str], max_ids: int) -> dict[str, dict[str, str]]:
+    """language -> id -> answer sentence (the gold sentence, exactly as the evaluation reads it)."""
+    from hbt_accel.data import lareqa_training_corpus, load_lareqa_benchmark
+
+    benchmark = load_lareqa_benchmark("mlqa-r", languages=languages or None, data_dir=data_dir or None)
+    corpus = lareqa_training_corpus(benchmark, hard_negatives=False)
+    ids = list(corpus.examples)[: max_ids or None]
+    answers: dict[str, dict[str, str]] = {}
+    for example_id in ids:
+        for language, example in corpus.examples[example_id].items():
+            answers.setdefault(language, {})[example_id] = example.positive
+    return answers
+
+
+def pair_row(first: dict[str, str], second: dict[str, str], vectors: dict[str, np.ndarray]) -> dict | None:
+    """Bitext retrieval between two languages' answers of their shared ids."""
+    shared = sorted(set(first) & set(second))
+    if len(shared) < 2:
+        return None
+    a = np.stack([vectors[first[i]] for i in shared])  # (n, d)
+    b = np.stack([vectors[second[i]] for i in shared])  # (n, d)
+    scores = a @ b.T  # (n, n) cosines
+    diagonal = np.diag(scores)
+    off_diagonal = (scores.sum() - diagonal.sum()) / (len(shared) ** 2 - len(shared))
+    lengths = np.array([len(second[i]) / max(len(first[i]), 1) for i in shared])
+    return {
+        "ids": len(shared),
+        "p_at_1_forward": float(np.mean(scores.argmax(axis=1) == np.arange(len(shared)))),
+        "p_at_1_backward": float(np.mean(scores.argmax(axis=0) == np.arange(len(shared)))),
+        "cosine_same_id": float(diagonal.mean()),
+        "cosine_other_ids": float(off_diagonal),
+        "median_length_ratio": float(np.median(lengths)),
+    }
+
+
+def main(argv=None) -> None:
+    from hbt_accel.evaluation.encoding import encode_texts
+    from hbt_accel.modeling import DualEncoder
+
+    args = parse_args(argv)
+    languages = [lang.strip() for lang in args.languages.split(",") if lang.strip()]
+    answers = answers_by_language(args.data_dir, languages, args.max_ids)
+    texts = sorted({text for by_id in answers.values() for text in by_id.values()})
+    encoder = DualEncoder.from_pretrained(args.model)
+    vectors = dict(zip(texts, encode_texts(encoder, texts, "passage", bf16=args.bf16)))  # text -> (d,)
+
+    rows = {}
+    print(f"{'pair':7} {'ids':>5} {'P@1 ->':>7} {'P@1 <-':>7} {'cos same':>9} {'cos other':>9} {'len ratio':>9}")
+    for first, second in itertools.combinations(sorted(answers), 2):
+        row = pair_row(answers[first], answers[second], vectors)
+        if row is None:
+            continue
+        rows[f"{first}-{second}"] = row
+        print(
+            f"{first}-{second:4} {row['ids']:5d} {row['p_at_1_forward']:7.3f} {row['p_at_1_backward']:7.3f} "
+            f"{row['cosine_same_id']:9.3f} {row['cosine_other_ids']:9.3f} {row['median_length_ratio']:9.2f}"
+        )
+    if args.output:
+        from hbt_accel.atomic import write_json
+
+        write_json(args.output, {"model": args.model, "bf16": args.bf16, "pairs": rows})
+
+
+if __name__ == "__main__":
+    main()
