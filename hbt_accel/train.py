@@ -2,9 +2,11 @@
 
     train(cfg)
       setup(cfg)             accelerate's canonical order, one function per phase:
-        start                  Accelerator, set_seed, checks that must fail before any work (Hub access, metric)
+        start                  Accelerator, set_seed, checks that must fail before any work (Hub access, metric,
+                               num_layers against the model's config)
         load_data              corpora (main process first), the global-batch sampler, the step budget
-        build_model            DualEncoder (+ LoRA, frozen word embeddings), collator, DataLoader
+        build_model            DualEncoder (first num_layers layers, + LoRA, frozen word embeddings), collator,
+                               DataLoader; its parameter counts logged and kept for the summary
         build_optimizer        AdamW (fused on CPU) or DeepSpeedCPUAdam; build_loss: InfoNCE or cached InfoNCE
         prepare                ONE accelerator.prepare(model, optimizer); the LR schedule on the prepared optimizer
         open_run_folder        output folder, resolved config, trackers, resume from a checkpoint
@@ -47,7 +49,7 @@ from hbt_accel.distributed import configure_cpu_threads, make_accelerator
 from hbt_accel.errors import ConfigError, TrainingDiverged
 from hbt_accel.evaluation.schema import MAP_KEYS, check_selection_metric
 from hbt_accel.losses import CachedInfoNCELoss, InfoNCELoss, TrainingStep
-from hbt_accel.modeling import DualEncoder, EncoderSettings, LoraSettings
+from hbt_accel.modeling import DualEncoder, EncoderSettings, LoraSettings, check_num_layers, describe_parameters
 from hbt_accel.run_summary import BatchArithmetic, TrainSummary
 from hbt_accel.sampling import HybridBatchSampler
 
@@ -97,6 +99,7 @@ class Session:
     scheduler: object
     loss_fn: TrainingStep
     plan: StepPlan
+    parameters: dict = dataclasses.field(default_factory=dict)  # DualEncoder.parameter_counts(), before prepare
     progress: TrainingProgress = dataclasses.field(default_factory=TrainingProgress)
     nonfinite_steps: int = 0  # steps skipped for a NaN/inf loss or gradient (skip_nonfinite_steps)
 
@@ -150,6 +153,8 @@ def setup(cfg: HbtConfig) -> Session:
     # 2. Model, collator, DataLoader
     # ==============================================================================================================
     model = build_model(cfg)
+    parameters = model.parameter_counts()  # before prepare: wrapped or partitioned models count differently
+    console.print(describe_parameters(parameters))
     collator = PairCollator(corpora, model, cfg.num_hard_negatives)
     loader = build_loader(sampler, collator, cfg.dataloader_num_workers, cfg.seed)
     # ==============================================================================================================
@@ -161,7 +166,9 @@ def setup(cfg: HbtConfig) -> Session:
     # 4. ONE prepare
     # ==============================================================================================================
     model, optimizer, scheduler = prepare(accelerator, model, optimizer, cfg, plan.max_steps)
-    session = Session(cfg, accelerator, console, corpora, sampler, loader, model, optimizer, scheduler, loss_fn, plan)
+    session = Session(
+        cfg, accelerator, console, corpora, sampler, loader, model, optimizer, scheduler, loss_fn, plan, parameters
+    )
     # ==============================================================================================================
     # 5. The run folder, and resume
     # ==============================================================================================================
@@ -185,6 +192,7 @@ def start(cfg: HbtConfig):
     set_seed(cfg.seed)
     check_output_dir(cfg)
     check_selection_metric(cfg.metric_for_best_model)
+    check_num_layers(cfg.model_name_or_path, cfg.num_layers)  # the model's config only, not its weights
     if cfg.push_to_hub:
         from hbt_accel.hub import check_hub_access
 
@@ -267,7 +275,11 @@ def build_model(cfg: HbtConfig) -> DualEncoder:
         targets = cfg.lora_target_modules or None
         lora = LoraSettings(r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout, target_modules=targets)
     model = DualEncoder.from_pretrained(
-        cfg.model_name_or_path, settings=settings, lora=lora, gradient_checkpointing=cfg.gradient_checkpointing
+        cfg.model_name_or_path,
+        settings=settings,
+        lora=lora,
+        gradient_checkpointing=cfg.gradient_checkpointing,
+        num_layers=cfg.num_layers,
     )
     model.length_buckets = cfg.length_buckets
     if cfg.freeze_word_embeddings:
@@ -563,4 +575,5 @@ def build_summary(session: Session, record: LoopRecord) -> TrainSummary:
         device=device,
         history=record.history,
         evaluations=session.progress.evaluations,
+        parameters=session.parameters,
     )
