@@ -47,6 +47,9 @@ class HbtConfig:
     passage_prefix: str = _field("passage: ", "text put before every passage (e5 convention)")
     query_max_length: int = _field(64, "max query tokens, prefix included")
     passage_max_length: int = _field(128, "max passage tokens, prefix included")
+    num_layers: int = _field(
+        0, "keep only the first N transformer layers (0 = all); the saved model has N layers, for every loader"
+    )
     lora: bool = _field(False, "train LoRA adapters instead of all weights (peft)")
     lora_r: int = _field(16, "LoRA rank")
     lora_alpha: int = _field(32, "LoRA scaling numerator")
@@ -176,6 +179,7 @@ class HbtConfig:
             (self.final_eval_max_queries >= 0, "final_eval_max_queries", "0 (all) or a positive integer"),
             (self.skip_nonfinite_steps >= 0, "skip_nonfinite_steps", "0 (stop at once) or more"),
             (self.length_buckets >= 1, "length_buckets", "1 (off) or more"),
+            (self.num_layers >= 0, "num_layers", "0 (all layers) or a positive layer count"),
             (self.language_temperature >= 0, "language_temperature", "0 (off) or a positive exponent"),
             (not self.push_to_hub or bool(self.hub_model_id), "hub_model_id", "a repo id when push_to_hub is true"),
             (

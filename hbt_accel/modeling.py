@@ -24,10 +24,20 @@ from torch import nn
 
 from hbt_accel.atomic import usual_mode
 from hbt_accel.encoder_settings import KINDS, POOLINGS, EncoderSettings, LoraSettings
-from hbt_accel.errors import DataError
+from hbt_accel.errors import ConfigError, DataError
 from hbt_accel.sentence_transformers_format import write_sentence_transformers_files
 
-__all__ = ["DualEncoder", "EncoderSettings", "LoraSettings", "pool", "SETTINGS_FILE", "ADAPTER_DIR"]
+__all__ = [
+    "DualEncoder",
+    "EncoderSettings",
+    "LoraSettings",
+    "pool",
+    "check_num_layers",
+    "keep_first_layers",
+    "describe_parameters",
+    "SETTINGS_FILE",
+    "ADAPTER_DIR",
+]
 
 SETTINGS_FILE = "hbt_encoder.json"
 ADAPTER_DIR = "adapter"
@@ -67,6 +77,74 @@ def _adds_eos(tokenizer) -> bool:
 _HAS_POOLER = {"bert", "xlm-roberta", "roberta", "camembert", "xlm-roberta-xl", "electra", "mpnet"}
 
 
+# ---------------------------------------------------------------------------------------------------------------------
+# Depth: the first N transformer layers
+# ---------------------------------------------------------------------------------------------------------------------
+def _layer_count(config, model: str) -> int:
+    count = getattr(config, "num_hidden_layers", None)
+    if not isinstance(count, int):
+        raise ConfigError(f"num_layers: {model} has no num_hidden_layers in its config, so it cannot be cut to depth")
+    return count
+
+
+def _check_depth(num_layers: int, config, model: str) -> None:
+    available = _layer_count(config, model)
+    if not 0 <= num_layers <= available:
+        raise ConfigError(f"num_layers: got {num_layers}, expected 0 (all) or 1 to {available} ({model}'s layers)")
+
+
+def check_num_layers(name_or_path: str | os.PathLike, num_layers: int) -> None:
+    """Fail in one line, from the model's config alone (no weights read), when it has fewer than `num_layers`."""
+    from transformers import AutoConfig
+
+    from hbt_accel.embedded import resolve_model_path
+
+    if num_layers:
+        _check_depth(num_layers, AutoConfig.from_pretrained(resolve_model_path(str(name_or_path))), str(name_or_path))
+
+
+def keep_first_layers(backbone: nn.Module, num_layers: int) -> None:
+    """Cut a Hugging Face `backbone` to its first `num_layers` transformer layers, in place.
+
+    The layers are the one `nn.ModuleList` as long as `config.num_hidden_layers` (BERT's `encoder.layer`, Qwen's
+    `layers`). The config follows (`num_hidden_layers`, per-layer lists such as `layer_types`), so a saved copy loads
+    back as the cut model with `AutoModel`, `SentenceTransformer` or `DualEncoder`. The kept layers are the original
+    modules, weights untouched.
+    """
+    if num_layers == 0:
+        return
+    config = backbone.config
+    _check_depth(num_layers, config, config.model_type)
+    total = config.num_hidden_layers
+    if num_layers == total:
+        return
+    found = [
+        (name, module)
+        for name, module in backbone.named_modules()
+        if isinstance(module, nn.ModuleList) and len(module) == total
+    ]
+    if len(found) != 1:
+        raise ConfigError(f"num_layers: cannot tell which module list holds the {total} layers of {config.model_type}")
+    name, layers = found[0]
+    owner_name, _, attribute = name.rpartition(".")
+    owner = backbone.get_submodule(owner_name) if owner_name else backbone
+    setattr(owner, attribute, nn.ModuleList(list(layers)[:num_layers]))
+    config.num_hidden_layers = num_layers
+    for key, value in list(vars(config).items()):
+        if isinstance(value, list) and len(value) == total and key.startswith("layer"):  # e.g. Qwen3's layer_types
+            setattr(config, key, value[:num_layers])
+
+
+def describe_parameters(counts: dict[str, int]) -> str:
+    """The log line of `DualEncoder.parameter_counts()`, in millions."""
+    millions = {key: f"{value / 1e6:.1f}M" for key, value in counts.items() if key != "layers"}
+    return (
+        f"parameters {millions['total']} = {millions['word_embeddings']} word embeddings + "
+        f"{millions['without_word_embeddings']} the rest ({counts['layers']} layers); "
+        f"trainable {millions['trainable']}"
+    )
+
+
 class DualEncoder(nn.Module):
     """Shared-weight encoder: `forward(input_ids, attention_mask) -> (N, d)` pooled (+ L2 normalised)."""
 
@@ -93,28 +171,33 @@ class DualEncoder(nn.Module):
         lora: LoraSettings | None = None,
         gradient_checkpointing: bool = False,
         torch_dtype: torch.dtype | None = None,
+        num_layers: int = 0,
     ) -> DualEncoder:
         """Load backbone + tokenizer from a hub id, a folder, or "embedded" (the bundled multilingual-e5-small).
 
         Settings: `settings` if given, else the folder's `hbt_encoder.json` if present, else the defaults.
+        `num_layers` > 0 keeps the first that many transformer layers (`keep_first_layers`); checked against the
+        model's config before the weights are read.
         """
-        from transformers import AutoModel, AutoTokenizer
+        from transformers import AutoConfig, AutoModel, AutoTokenizer
 
         from hbt_accel.embedded import resolve_model_path
 
         path = resolve_model_path(str(name_or_path))
+        config = AutoConfig.from_pretrained(path)
+        if num_layers:
+            _check_depth(num_layers, config, str(name_or_path))
         saved = Path(path) / SETTINGS_FILE
         if settings is None:
             settings = EncoderSettings.from_json(saved) if saved.is_file() else EncoderSettings()
         load_kwargs = {"dtype": torch_dtype} if torch_dtype is not None else {}
-        from transformers import AutoConfig
-
-        if AutoConfig.from_pretrained(path).model_type in _HAS_POOLER:
+        if config.model_type in _HAS_POOLER:
             load_kwargs["add_pooling_layer"] = False  # unused by our pooling; avoids a "newly initialised" warning
         try:
             backbone = AutoModel.from_pretrained(path, **load_kwargs)
         except SafetensorError as error:  # a truncated or overwritten weights file: name it, no traceback
             raise DataError(f"{path}: the model weights cannot be read ({error}); the file is damaged") from None
+        keep_first_layers(backbone, num_layers)  # before LoRA and checkpointing wrap the layers
         tokenizer = AutoTokenizer.from_pretrained(path)
         if getattr(backbone, "pooler", None) is not None:
             # BERT-style pooler head: never used by our pooling, and its parameters would receive no
@@ -261,6 +344,24 @@ class DualEncoder(nn.Module):
     @property
     def embedding_dim(self) -> int:
         return self.backbone.config.hidden_size
+
+    def parameter_counts(self) -> dict[str, int]:
+        """Parameters (a count, not bytes): total, word_embeddings (the vocabulary matrix), without_word_embeddings
+        (total minus that: the layers, position embeddings, norms and any LoRA adapters), trainable, and the number
+        of transformer layers. ZeRO-3-partitioned parameters count whole."""
+
+        def size(parameter: torch.Tensor) -> int:
+            return int(getattr(parameter, "ds_numel", parameter.numel()))
+
+        total = sum(size(p) for p in self.parameters())
+        word_embeddings = size(self.backbone.get_input_embeddings().weight)
+        return {
+            "total": total,
+            "word_embeddings": word_embeddings,
+            "without_word_embeddings": total - word_embeddings,
+            "trainable": sum(size(p) for p in self.parameters() if p.requires_grad),
+            "layers": int(self.backbone.config.num_hidden_layers),
+        }
 
     # ------------------------------------------------------------------ saving
     def save_pretrained(

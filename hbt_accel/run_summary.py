@@ -72,6 +72,7 @@ class TrainSummary:
     device: str = ""
     history: list = field(default_factory=list)  # one record per logging step
     evaluations: list = field(default_factory=list)  # periodic scores by step
+    parameters: dict = field(default_factory=dict)  # DualEncoder.parameter_counts() of the model as trained
 
     def to_json(self) -> dict:
         """The train_summary.json content (the config itself is saved beside it as hbt_config.yaml)."""
@@ -88,4 +89,5 @@ class TrainSummary:
             "history": self.history,
             "evaluations": self.evaluations,
             "eval_seconds": self.eval_seconds,
+            "parameters": self.parameters,
         }

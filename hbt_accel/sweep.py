@@ -4,11 +4,15 @@
     python recipes/sweep.py --config recipes/sweeps/data_ratio.yaml             # run what is not finished
     python recipes/sweep.py --config recipes/sweeps/data_ratio.yaml --report    # tables, curves, paired tests
 
+Instead of one `base`, a sweep may list several `bases` (recipes/sweeps/backbones.yaml): the base is then the first
+setting of every point (`base-labse__sampling-xx__seed-1`, named after the recipe's folder), and each base may bring
+its own accelerate config, process count, submitit resources and overrides.
+
 A point is finished when its summary `RESULTS/<point>.json` exists (small, committed with the results, so a sweep
 resumes on another machine from what is in git); a point whose run folder has checkpoints resumes from the latest;
 a point that fails is reported and the sweep goes on. Execution: one point after another as a subprocess
 (`executor: local`), or through submitit (`executor: submitit`: Slurm where `srun` exists, else submitit's local
-executor), each point one `accelerate launch` job with the sweep's accelerate config.
+executor; `max_parallel` jobs at once), each point one `accelerate launch` job with its accelerate config.
 """
 
 from __future__ import annotations
@@ -17,8 +21,11 @@ import dataclasses
 import itertools
 import json
 import os
+import shlex
 import shutil
 import subprocess
+import tempfile
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -32,6 +39,20 @@ from hbt_accel.evaluation.schema import summary_of
 REPO = Path(__file__).resolve().parents[1]
 TRAIN_SCRIPT = REPO / "recipes" / "train_hybrid.py"
 EXECUTORS = ("local", "submitit")
+POLL_SECONDS = 2  # how often a submitit sweep asks whether its jobs have finished
+BASE = "base"  # the setting that names a point's base recipe when a sweep has several
+
+
+@dataclass
+class SweepBase:
+    """One base recipe of a sweep, with what its points need to run that differs from base to base."""
+
+    recipe: str  # a training recipe, e.g. recipes/labse/hybrid.yaml
+    name: str = ""  # the point-name part; default: the recipe's folder name (labse), or its stem under recipes/
+    accelerate_config: str = ""  # accelerate launch --config_file for this base; default: the sweep's
+    num_processes: int = 0  # accelerate launch --num_processes (GPUs per point); 0 = what the accelerate config says
+    submitit: dict = field(default_factory=dict)  # over the sweep's submitit parameters, e.g. gpus_per_node
+    overrides: dict = field(default_factory=dict)  # config fields for this base's points, over the sweep's
 
 
 @dataclass
@@ -40,6 +61,7 @@ class SweepSpec:
 
     name: str
     base: str = "recipes/default.yaml"  # the training recipe every point starts from
+    bases: list = field(default_factory=list)  # or: several, each a recipe path or a SweepBase mapping
     overrides: dict = field(default_factory=dict)  # config fields set for every point
     axes: dict = field(default_factory=dict)  # config field -> list of values; the sweep is their product
     points: list = field(default_factory=list)  # or: listed points, each a {field: value} mapping
@@ -50,6 +72,7 @@ class SweepSpec:
     cluster: str = ""  # submitit: "" = Slurm when srun exists, else local; or "slurm", "local"
     accelerate_config: str = ""  # accelerate launch --config_file for every point; empty = accelerate's default
     submitit: dict = field(default_factory=dict)  # AutoExecutor.update_parameters(...), e.g. slurm_partition
+    max_parallel: int = 1  # submitit: points queued or running at once (side by side on Slurm); 1 = one at a time
     save_steps: int = 30  # checkpoints a killed point resumes from
     compare: list = field(default_factory=list)  # paired tests: [{field: sampling, a: hybrid, b: xy}, ...]
 
@@ -60,6 +83,13 @@ class SweepSpec:
     @property
     def results_root(self) -> Path:
         return Path(self.results_dir or f"docs/sweeps/{self.name}").resolve()
+
+    def base_of(self, point: SweepPoint) -> SweepBase:
+        """The point's base: the one named by its `base` setting, or the sweep's single `base`."""
+        name = point.as_dict().get(BASE)
+        if name is None:
+            return SweepBase(recipe=self.base)
+        return next(base for base in self.bases if base.name == name)
 
 
 @dataclass(frozen=True)
@@ -90,16 +120,24 @@ def load_sweep(path: str | os.PathLike) -> SweepSpec:
     for key in content:
         if key not in known:
             raise ConfigError(f"{path}: unknown key '{key}' (expected one of {', '.join(sorted(known))})")
+    if "base" in content and "bases" in content:
+        raise ConfigError(f"{path}: give either base (one recipe) or bases (a list), not both")
     spec = SweepSpec(**{"name": Path(path).stem, **content})
-    if not Path(spec.base).is_file() and (REPO / spec.base).is_file():
-        spec.base = str(REPO / spec.base)  # recipes/... works from any folder
+    spec.base = _repo_path(spec.base)
+    spec.accelerate_config = _accelerate_config(spec.accelerate_config, f"{path}: accelerate_config")
+    spec.bases = _read_bases(path, spec.bases)
     if spec.executor not in EXECUTORS:
         raise ConfigError(f"{path}: executor: got {spec.executor!r}, expected one of {', '.join(EXECUTORS)}")
+    if not isinstance(spec.max_parallel, int) or spec.max_parallel < 1:
+        raise ConfigError(f"{path}: max_parallel: got {spec.max_parallel!r}, expected a positive integer")
+    if spec.max_parallel > 1 and spec.executor != "submitit":
+        raise ConfigError(f"{path}: max_parallel: {spec.max_parallel} needs executor: submitit")
     if bool(spec.axes) == bool(spec.points):
         given = "both" if spec.axes else "neither"
         raise ConfigError(f"{path}: give either axes (a product) or points (a list), not {given}")
     fields = {f.name for f in dataclasses.fields(HbtConfig)}
-    for key in [*spec.axes, *spec.overrides, *(k for point in spec.points for k in point)]:
+    base_overrides = (k for base in spec.bases for k in base.overrides)
+    for key in [*spec.axes, *spec.overrides, *base_overrides, *(k for point in spec.points for k in point)]:
         if key not in fields:
             raise ConfigError(f"{path}: '{key}' is not a training config field")
     for key, values in spec.axes.items():
@@ -107,27 +145,103 @@ def load_sweep(path: str | os.PathLike) -> SweepSpec:
             raise ConfigError(f"{path}: axes.{key}: expected a non-empty list of values")
     if not spec.seeds or not all(isinstance(seed, int) for seed in spec.seeds):
         raise ConfigError(f"{path}: seeds: expected a non-empty list of integers")
+    if spec.executor == "submitit":
+        _check_cluster(path, spec.cluster)
+        for point in sweep_points(spec):
+            _check_submitit_parameters(path, point_resources(spec, point))
     for point in sweep_points(spec):
         point_config(spec, point)  # every point's config must parse before anything runs
     return spec
 
 
+def _repo_path(path: str) -> str:
+    """recipes/... and accelerate_configs/... work from any folder: relative to the repo when not found here."""
+    return str(REPO / path) if path and not Path(path).is_file() and (REPO / path).is_file() else path
+
+
+def _accelerate_config(path: str, where: str) -> str:
+    if path and not Path(_repo_path(path)).is_file():
+        raise ConfigError(f"{where}: file not found: {path}")
+    return _repo_path(path)
+
+
+def _read_bases(path, entries: list) -> list[SweepBase]:
+    """`bases:` entries (a recipe path, or a mapping of SweepBase fields) -> SweepBase, checked, names unique."""
+    if not isinstance(entries, list):
+        raise ConfigError(f"{path}: bases: expected a list of recipes")
+    known = [f.name for f in dataclasses.fields(SweepBase)]
+    bases = []
+    for index, entry in enumerate(entries):
+        where = f"{path}: bases[{index}]"
+        entry = {"recipe": entry} if isinstance(entry, str) else entry
+        if not isinstance(entry, dict) or "recipe" not in entry:
+            raise ConfigError(f"{where}: expected a recipe path or a mapping with a recipe")
+        for key in entry:
+            if key not in known:
+                raise ConfigError(f"{where}: unknown key '{key}' (expected one of {', '.join(known)})")
+        base = SweepBase(**entry)
+        for key in ("submitit", "overrides"):
+            if not isinstance(getattr(base, key), dict):
+                raise ConfigError(f"{where}: {key}: expected a mapping, got {getattr(base, key)!r}")
+        recipe = Path(base.recipe)
+        base.name = base.name or (recipe.stem if recipe.parent.name in ("", "recipes") else recipe.parent.name)
+        base.recipe = _repo_path(base.recipe)
+        base.accelerate_config = _accelerate_config(base.accelerate_config, f"{where}: accelerate_config")
+        if not isinstance(base.num_processes, int) or base.num_processes < 0:
+            expected = "0 (as the accelerate config says) or a process count"
+            raise ConfigError(f"{where}: num_processes: got {base.num_processes!r}, expected {expected}")
+        gpus = base.submitit.get("gpus_per_node")
+        if base.num_processes and gpus and base.submitit.get("nodes", 1) == 1 and gpus != base.num_processes:
+            raise ConfigError(
+                f"{where}: num_processes {base.num_processes} but submitit gpus_per_node {gpus!r}: one process per GPU"
+            )
+        if base.name in [b.name for b in bases]:
+            raise ConfigError(f"{where}: a second base named '{base.name}'; give each a distinct name")
+        bases.append(base)
+    return bases
+
+
+def _check_cluster(path, cluster: str) -> None:
+    from submitit.core import plugins
+
+    known = sorted(plugins.get_executors())
+    if cluster and cluster not in known:
+        expected = f"'' (Slurm where srun exists, else local) or one of {', '.join(known)}"
+        raise ConfigError(f"{path}: cluster: got {cluster!r}, expected {expected}")
+
+
+def _check_submitit_parameters(path, parameters: dict) -> None:
+    """Unknown or mistyped submitit parameters fail at load (and in a dry run), not at the first submission."""
+    import submitit
+
+    with tempfile.TemporaryDirectory() as folder:
+        try:  # the debug executor checks every cluster's parameter names without needing that cluster
+            submitit.AutoExecutor(folder=folder, cluster="debug").update_parameters(**parameters)
+        except (NameError, AssertionError, TypeError) as error:
+            raise ConfigError(f"{path}: submitit: {str(error).strip().splitlines()[0]}") from None
+
+
 def sweep_points(spec: SweepSpec) -> list[SweepPoint]:
-    """The product of the axes (or the listed points), each with every seed, the first seed's points first."""
+    """The bases times the product of the axes (or the listed points), each with every seed, the first seed's
+    points first."""
     if spec.axes:
         keys = list(spec.axes)
         combos = [dict(zip(keys, values)) for values in itertools.product(*spec.axes.values())]
     else:
         combos = [dict(point) for point in spec.points]
+    if spec.bases:
+        combos = [{BASE: base.name, **combo} for base in spec.bases for combo in combos]
     # seed-major: a sweep stopped early has every setting once before it has any twice
     return [SweepPoint((*combo.items(), ("seed", seed))) for seed in spec.seeds for combo in combos]
 
 
 def point_flags(spec: SweepSpec, point: SweepPoint) -> list[str]:
-    """The training command's flags for one point: base recipe, sweep overrides, the point's settings."""
-    values = {"save_steps": spec.save_steps, **spec.overrides, **point.as_dict()}
+    """The training command's flags for one point: base recipe, sweep overrides, the base's, the point's settings."""
+    base = spec.base_of(point)
+    settings = {key: value for key, value in point.as_dict().items() if key != BASE}
+    values = {"save_steps": spec.save_steps, **spec.overrides, **base.overrides, **settings}
     values["output_dir"] = str(spec.run_root / point.name)
-    flags = ["--config", spec.base]
+    flags = ["--config", base.recipe]
     for key, value in values.items():
         flags += [f"--{key}", json.dumps(value) if isinstance(value, dict) else _text(value)]
     return flags
@@ -144,11 +258,26 @@ def point_config(spec: SweepSpec, point: SweepPoint) -> HbtConfig:
 
 
 def point_command(spec: SweepSpec, point: SweepPoint, resume: bool) -> list[str]:
+    """`accelerate launch [--config_file C] [--num_processes N] recipes/train_hybrid.py --config RECIPE ...`."""
+    base = spec.base_of(point)
     launcher = ["accelerate", "launch"]
-    if spec.accelerate_config:
-        launcher += ["--config_file", spec.accelerate_config]
+    if base.accelerate_config or spec.accelerate_config:
+        launcher += ["--config_file", base.accelerate_config or spec.accelerate_config]
+    if base.num_processes:
+        launcher += ["--num_processes", str(base.num_processes)]
     flags = point_flags(spec, point) + (["--resume_from_checkpoint", "latest"] if resume else [])
     return [*launcher, str(TRAIN_SCRIPT), *flags]
+
+
+def point_resources(spec: SweepSpec, point: SweepPoint) -> dict:
+    """The point's `AutoExecutor.update_parameters(...)`: job name, a day's time limit unless said otherwise
+    (submitit's own default is minutes), the sweep's submitit parameters, then its base's."""
+    return {
+        "name": f"{spec.name}-{point.name}",
+        "timeout_min": 24 * 60,
+        **spec.submitit,
+        **spec.base_of(point).submitit,
+    }
 
 
 # =====================================================================================================================
@@ -176,13 +305,16 @@ def run_sweep(spec: SweepSpec, dry_run: bool = False, echo=print) -> SweepStatus
         resume = latest_checkpoint(spec.run_root / point.name) is not None
         todo.append((point, point_command(spec, point, resume)))
     echo(f"sweep {spec.name}: {len(status.finished)} finished, {len(todo)} to run")
+    if todo and spec.executor == "submitit":
+        cluster = spec.cluster or "slurm where srun exists, else local"
+        echo(f"each point one submitit job, cluster: {cluster}, up to {spec.max_parallel} at once")
     for point, command in todo:
-        echo(f"{point.name}: {' '.join(command)}")
+        echo(f"{point.name}: {shlex.join(command)}")
+        if spec.executor == "submitit":
+            echo("    submitit: " + ", ".join(f"{k}={v}" for k, v in point_resources(spec, point).items()))
     if dry_run:
         return status
-    runner = _run_with_submitit if spec.executor == "submitit" else _run_locally
-    for point, command in todo:
-        error = runner(spec, point, command)
+    for point, error in _execute(spec, todo):
         if error is None:
             collect_point(spec, point)
             status.ran.append(point.name)
@@ -206,15 +338,37 @@ def _run_locally(spec: SweepSpec, point: SweepPoint, command: list[str]) -> str 
     return None if result.returncode == 0 else _tail(log)
 
 
-def _run_with_submitit(spec: SweepSpec, point: SweepPoint, command: list[str]) -> str | None:
+def _execute(spec: SweepSpec, todo: list[tuple[SweepPoint, list[str]]]):
+    """Yield (point, None or the end of its log) as each point finishes: locally one after another; through submitit
+    with up to `max_parallel` jobs queued or running at once, the next submitted as one finishes."""
+    if spec.executor != "submitit":
+        for point, command in todo:
+            yield point, _run_locally(spec, point, command)
+        return
+    waiting, running = list(todo), []
+    while waiting or running:
+        while waiting and len(running) < spec.max_parallel:
+            point, command = waiting.pop(0)
+            running.append((point, _submit(spec, point, command)))
+        states = [(point, job, job.done()) for point, job in running]
+        running = [(point, job) for point, job, done in states if not done]
+        if len(running) == len(states):
+            time.sleep(POLL_SECONDS)
+        for point, job, done in states:
+            if done:
+                yield point, _job_error(job)
+
+
+def _submit(spec: SweepSpec, point: SweepPoint, command: list[str]):
     """One point as a submitit job (Slurm, or submitit's local executor where there is no Slurm)."""
     import submitit
 
     executor = submitit.AutoExecutor(folder=spec.run_root / "submitit" / "%j", cluster=spec.cluster or None)
-    # submitit's own time limit is short (its local executor kills a job after minutes); a point gets a day unless
-    # the sweep says otherwise
-    executor.update_parameters(**{"name": f"{spec.name}-{point.name}", "timeout_min": 24 * 60, **spec.submitit})
-    job = executor.submit(submitit.helpers.CommandFunction(command, cwd=str(REPO), env=_point_env()))
+    executor.update_parameters(**point_resources(spec, point))
+    return executor.submit(submitit.helpers.CommandFunction(command, cwd=str(REPO), env=_point_env()))
+
+
+def _job_error(job) -> str | None:
     try:
         job.result()
     except Exception as error:  # submitit's FailedJobError / UncompletedJobError carry the job's log
@@ -231,7 +385,14 @@ def collect_point(spec: SweepSpec, point: SweepPoint) -> Path:
     run_dir = spec.run_root / point.name
     train_summary = json.loads((run_dir / "train_summary.json").read_text())
     results = json.loads((run_dir / "eval_results.json").read_text())
-    summary = {
+    spec.results_root.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(run_dir / PER_QUERY_FILE, spec.results_root / f"{point.name}.per_query.npz")
+    return write_json(summary_path(spec, point), point_summary(spec, point, train_summary, results))
+
+
+def point_summary(spec: SweepSpec, point: SweepPoint, train_summary: dict, results: dict) -> dict:
+    """A point's committed summary from its train_summary.json and eval_results.json contents."""
+    return {
         "sweep": spec.name,
         "point": point.name,
         "settings": point.as_dict(),
@@ -243,7 +404,5 @@ def collect_point(spec: SweepSpec, point: SweepPoint) -> Path:
         "steps": train_summary["steps"],
         "train_seconds": train_summary["train_seconds"],
         "device": train_summary["device"],
+        "parameters": train_summary.get("parameters", {}),  # absent from summaries of runs before it was recorded
     }
-    spec.results_root.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(run_dir / PER_QUERY_FILE, spec.results_root / f"{point.name}.per_query.npz")
-    return write_json(summary_path(spec, point), summary)

@@ -4,8 +4,10 @@ RESULTS/report.json and report.md: per setting (the point without its seed) mean
 t-interval of the mean, for every headline metric, on all languages and apart on the languages the setting trained
 on (seen) and the XQuAD-R languages it never saw (unseen); convergence (the first periodic evaluation reaching 95%
 of the run's last periodic multilingual mAP); paired bootstrap tests over question ids for the comparisons the
-sweep names (`compare`). Figures: each metric against each numeric axis with a +-std band, metric by step per
-setting, and mono vs multi mAP (the trade-off the method is about).
+sweep names (`compare`), at every value of the other settings. Figures: each metric against each numeric axis with
+a +-std band, metric by step per setting, mono vs multi mAP (the trade-off the method is about), and, when the points
+recorded their parameter counts, each comparison's multi mAP gap against the model's parameters (total and without
+the word embeddings; `gap_by_parameters` in report.json holds the plotted numbers).
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import numpy as np
 from hbt_accel.atomic import write_atomic, write_json
 from hbt_accel.evaluation.grid import language_view
 from hbt_accel.evaluation.schema import HEADLINE, MULTI_MAP
-from hbt_accel.sweep import SweepSpec, sweep_points
+from hbt_accel.sweep import BASE, SweepSpec, sweep_points
 
 MLQA_R_LANGUAGES = ("ar", "de", "en", "es", "hi", "vi", "zh")  # what a point trains on unless train_languages says
 
@@ -62,9 +64,9 @@ def describe(values: list[float]) -> dict:
     if len(array) < 2:
         return {"mean": mean, "std": math.nan, "low": math.nan, "high": math.nan, "n": len(array)}
     std = float(array.std(ddof=1))
-    low, high = stats.t.interval(0.95, len(array) - 1, loc=mean, scale=std / math.sqrt(len(array)))
-    if std == 0:
-        low = high = mean
+    low, high = mean, mean  # no spread over seeds: the interval is the point (scipy would warn on a zero scale)
+    if std > 0:
+        low, high = stats.t.interval(0.95, len(array) - 1, loc=mean, scale=std / math.sqrt(len(array)))
     return {"mean": mean, "std": std, "low": float(low), "high": float(high), "n": len(array)}
 
 
@@ -84,6 +86,7 @@ def aggregate(summaries: list[dict]) -> list[dict]:
         steps = [convergence_step(r["evaluations"]) for r in runs]
         row["convergence_step"] = describe([s for s in steps if s is not None]) if any(steps) else None
         row["train_seconds"] = describe([r["train_seconds"] for r in runs])
+        row["parameters"] = runs[0].get("parameters") or {}  # one setting, one model: the seeds agree
         rows.append(row)
     return rows
 
@@ -101,7 +104,7 @@ def paired_tests(spec: SweepSpec, summaries: list[dict], n_resamples: int = 1000
     tests = []
     for comparison in spec.compare:
         key, a, b = comparison["field"], comparison["a"], comparison["b"]
-        by_rest: dict[tuple, dict] = defaultdict(lambda: {"a": [], "b": []})
+        by_rest: dict[tuple, dict] = defaultdict(lambda: {"a": [], "b": [], "parameters": {}})
         for summary in summaries:
             value = summary["settings"].get(key)
             if value not in (a, b):
@@ -109,6 +112,8 @@ def paired_tests(spec: SweepSpec, summaries: list[dict], n_resamples: int = 1000
             rest = tuple(item for item in setting_of(summary) if item[0] != key)
             per_query = PerQueryScores.load(spec.results_root / f"{summary['point']}.per_query.npz")
             by_rest[rest]["a" if value == a else "b"].append(per_query)
+            if value == a:
+                by_rest[rest]["parameters"] = summary.get("parameters") or {}
         for rest, runs in by_rest.items():
             if runs["a"] and runs["b"]:
                 difference = paired_difference(runs["a"], runs["b"], n_resamples)
@@ -117,10 +122,27 @@ def paired_tests(spec: SweepSpec, summaries: list[dict], n_resamples: int = 1000
                         "comparison": f"{key}: {a} minus {b}",
                         "at": {k: json.loads(v) for k, v in rest},
                         "seeds": [len(runs["a"]), len(runs["b"])],
+                        "parameters": runs["parameters"],  # of a's model; {} when its runs did not record them
                         **difference,
                     }
                 )
     return tests
+
+
+def parameter_gaps(tests: list[dict], metric: str = MULTI_MAP.key) -> list[dict]:
+    """Per comparison, its paired difference in `metric` (with the 95% bootstrap interval) at each parameter count,
+    the smallest model first: the numbers of gap_by_parameters.png. Tests without parameter counts are left out."""
+    series: dict[str, list] = defaultdict(list)
+    for test in tests:
+        counts = test.get("parameters")
+        if counts:
+            gap = {key: test[metric][key] for key in ("difference", "low", "high")}
+            sizes = {key: counts[key] for key in ("total", "without_word_embeddings")}
+            series[test["comparison"]].append({"at": test["at"], **sizes, **gap})
+    return [
+        {"comparison": name, "metric": metric, "points": sorted(points, key=lambda p: p["total"])}
+        for name, points in series.items()
+    ]
 
 
 # =====================================================================================================================
@@ -132,10 +154,12 @@ def write_report(spec: SweepSpec) -> list[Path]:
     rows = aggregate(summaries)
     tests = paired_tests(spec, summaries)
     report = {"sweep": spec.name, "points_finished": len(summaries), "points": len(sweep_points(spec))}
-    report.update(settings=rows, paired_tests=tests)
+    report.update(settings=rows, paired_tests=tests, gap_by_parameters=parameter_gaps(tests))
     paths = [write_json(root / "report.json", report)]
     paths.append(write_atomic(root / "report.md", render_markdown(spec, report)))
     paths += write_figures(spec, rows, summaries)
+    if report["gap_by_parameters"]:
+        paths.append(_gap_by_parameters(spec, report["gap_by_parameters"]))
     return paths
 
 
@@ -149,8 +173,20 @@ def _cell(stats: dict | None, digits: int) -> str:
     return text
 
 
+def _millions(count: int) -> str:
+    return f"{count / 1e6:.1f}M"
+
+
+def _parameters_cell(counts: dict) -> str:
+    if not counts:
+        return "-"
+    return f"{_millions(counts['total'])} ({_millions(counts['without_word_embeddings'])} w/o word emb.)"
+
+
 def render_markdown(spec: SweepSpec, report: dict) -> str:
-    axes = list(spec.axes) or sorted({k for point in spec.points for k in point})
+    axes = ([BASE] if spec.bases else []) + (list(spec.axes) or sorted({k for point in spec.points for k in point}))
+    sized = any(row["parameters"] for row in report["settings"])
+    size_header = ["parameters"] if sized else []
     lines = [
         f"# Sweep `{spec.name}`",
         "",
@@ -159,21 +195,25 @@ def render_markdown(spec: SweepSpec, report: dict) -> str:
         "per-point summaries in this folder.",
         "",
         "| "
-        + " | ".join([*axes, "seeds", *(m.label for m in HEADLINE), "unseen multi mAP", "converged at step"])
+        + " | ".join(
+            [*axes, *size_header, "seeds", *(m.label for m in HEADLINE), "unseen multi mAP", "converged at step"]
+        )
         + " |",
-        "|---" * (len(axes) + 3 + len(HEADLINE)) + "|",
+        "|---" * (len(axes) + len(size_header) + 3 + len(HEADLINE)) + "|",
     ]
     for row in report["settings"]:
-        cells = [json.dumps(row["settings"].get(axis)) for axis in axes] + [str(len(row["seeds"]))]
+        cells = [json.dumps(row["settings"].get(axis)) for axis in axes]
+        cells += [_parameters_cell(row["parameters"])] * sized + [str(len(row["seeds"]))]
         cells += [_cell(row[m.key], m.digits) for m in HEADLINE]
         cells += [_cell(row["unseen"]["multi_map"], 3), _cell(row["convergence_step"], 0)]
         lines.append("| " + " | ".join(cells) + " |")
     if report["paired_tests"]:
         lines += ["", "Paired bootstrap over question ids (1,000 resamples; seeds averaged):", ""]
-        lines += ["| comparison | at | " + " | ".join(m.label for m in HEADLINE) + " |"]
-        lines += ["|---|---|" + "---|" * len(HEADLINE)]
+        lines += ["| comparison | at | " + " | ".join([*size_header, *(m.label for m in HEADLINE)]) + " |"]
+        lines += ["|---|---|" + "---|" * (len(size_header) + len(HEADLINE))]
         for test in report["paired_tests"]:
-            cells = [
+            cells = [_parameters_cell(test.get("parameters") or {})] * sized
+            cells += [
                 f"{test[m.key]['difference']:+.{m.digits}f} [{test[m.key]['low']:.{m.digits}f}, "
                 f"{test[m.key]['high']:.{m.digits}f}] p={test[m.key]['p_value']:.3f}"
                 for m in HEADLINE
@@ -251,6 +291,33 @@ def _by_step(spec: SweepSpec, summaries: list[dict]) -> Path:
     if summaries:
         axes.legend(fontsize=5)
     return _save(figure, spec.results_root / "multi_map_by_step.png")
+
+
+def _gap_by_parameters(spec: SweepSpec, gaps: list[dict]) -> Path:
+    """Each comparison's gap (a minus b, 95% paired bootstrap interval) against parameters without the word
+    embeddings (left) and in total (right), in millions."""
+    import matplotlib.pyplot as plt
+
+    figure, panels = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
+    for panel, size, label in zip(
+        panels, ("without_word_embeddings", "total"), ("parameters without word embeddings", "parameters in total")
+    ):
+        for series in gaps:
+            points = sorted(series["points"], key=lambda p: p[size])
+            xs = np.array([p[size] for p in points]) / 1e6
+            ys = np.array([p["difference"] for p in points])
+            below = [p["difference"] - p["low"] for p in points]
+            above = [p["high"] - p["difference"] for p in points]
+            errors = np.array([below, above])  # (2, n): matplotlib's asymmetric error bars
+            panel.errorbar(xs, ys, yerr=errors, marker="o", capsize=3, label=series["comparison"])
+            for x, y, point in zip(xs, ys, points):  # which setting each point is (a depth, a base)
+                panel.annotate(", ".join(f"{k}={v}" for k, v in point["at"].items()), (x, y), fontsize=6)
+        panel.axhline(0.0, color="grey", linewidth=0.8)
+        panel.set_xlabel(f"{label} (millions)")
+        panel.grid(alpha=0.3)
+    panels[0].set_ylabel(f"{MULTI_MAP.label} difference (95% paired CI)")
+    panels[0].legend(fontsize=7)
+    return _save(figure, spec.results_root / "gap_by_parameters.png")
 
 
 def _save(figure, path: Path) -> Path:

@@ -2,9 +2,11 @@
 
     train(cfg)
       setup(cfg)             accelerate's canonical order, one function per phase:
-        start                  Accelerator, set_seed, checks that must fail before any work (Hub access, metric)
+        start                  Accelerator, set_seed, checks that must fail before any work (Hub access, metric,
+                               num_layers against the model's config)
         load_data              corpora (main process first), the global-batch sampler, the step budget
-        build_model            DualEncoder (+ LoRA, frozen word embeddings), collator, DataLoader
+        build_model            DualEncoder (first num_layers layers, + LoRA, frozen word embeddings), collator,
+                               DataLoader; its parameter counts logged and kept for the summary
         build_optimizer        AdamW (fused on CPU) or DeepSpeedCPUAdam; build_loss: InfoNCE or cached InfoNCE
         prepare                ONE accelerator.prepare(model, optimizer); the LR schedule on the prepared optimizer
         open_run_folder        output folder, resolved config, trackers, resume from a checkpoint
@@ -59,7 +61,14 @@ from hbt_accel.mining import (
     mine_hard_negatives,
     mined_file,
 )
-from hbt_accel.modeling import DualEncoder, EncoderSettings, LoraSettings, stale_save_folders
+from hbt_accel.modeling import (
+    DualEncoder,
+    EncoderSettings,
+    LoraSettings,
+    check_num_layers,
+    describe_parameters,
+    stale_save_folders,
+)
 from hbt_accel.run_summary import BatchArithmetic, TrainSummary
 from hbt_accel.sampling import HybridBatchSampler
 
@@ -109,6 +118,7 @@ class Session:
     scheduler: object
     loss_fn: TrainingStep
     plan: StepPlan
+    parameters: dict = dataclasses.field(default_factory=dict)  # DualEncoder.parameter_counts(), before prepare
     progress: TrainingProgress = dataclasses.field(default_factory=TrainingProgress)
     nonfinite_steps: int = 0  # steps skipped for a NaN/inf loss or gradient (skip_nonfinite_steps)
     resumed_from: Path | None = None  # the checkpoint this run continues
@@ -171,6 +181,8 @@ def setup(cfg: HbtConfig) -> Session:
     # 2. Model, collator, DataLoader
     # ==============================================================================================================
     model = build_model(cfg)
+    parameters = model.parameter_counts()  # before prepare: wrapped or partitioned models count differently
+    console.print(describe_parameters(parameters))
     collator = build_collator(cfg, corpora, model, sampler)
     loader = build_loader(sampler, collator, cfg.dataloader_num_workers, cfg.seed)
     # ==============================================================================================================
@@ -182,7 +194,9 @@ def setup(cfg: HbtConfig) -> Session:
     # 4. ONE prepare
     # ==============================================================================================================
     model, optimizer, scheduler = prepare(accelerator, model, optimizer, cfg, plan.max_steps)
-    session = Session(cfg, accelerator, console, corpora, sampler, loader, model, optimizer, scheduler, loss_fn, plan)
+    session = Session(
+        cfg, accelerator, console, corpora, sampler, loader, model, optimizer, scheduler, loss_fn, plan, parameters
+    )
     # ==============================================================================================================
     # 5. The run folder, and resume
     # ==============================================================================================================
@@ -213,6 +227,7 @@ def start(cfg: HbtConfig):
     check_model_name(cfg.model_name_or_path)
     resume = resolve_resume(cfg.resume_from_checkpoint, Path(cfg.output_dir))
     check_selection_metric(cfg.metric_for_best_model)
+    check_num_layers(cfg.model_name_or_path, cfg.num_layers)  # the model's config only, not its weights
     if cfg.push_to_hub:
         from hbt_accel.hub import check_hub_access
 
@@ -307,7 +322,11 @@ def build_model(cfg: HbtConfig) -> DualEncoder:
         targets = cfg.lora_target_modules or None
         lora = LoraSettings(r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout, target_modules=targets)
     model = DualEncoder.from_pretrained(
-        cfg.model_name_or_path, settings=settings, lora=lora, gradient_checkpointing=cfg.gradient_checkpointing
+        cfg.model_name_or_path,
+        settings=settings,
+        lora=lora,
+        gradient_checkpointing=cfg.gradient_checkpointing,
+        num_layers=cfg.num_layers,
     )
     model.length_buckets = cfg.length_buckets
     if cfg.freeze_word_embeddings:
@@ -683,4 +702,5 @@ def build_summary(session: Session) -> TrainSummary:
         device=device,
         history=progress.history,
         evaluations=progress.evaluations,
+        parameters=session.parameters,
     )

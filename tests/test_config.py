@@ -39,6 +39,7 @@ def test_command_line_overrides_yaml_and_coerces_types(tmp_path):
         (["--max_steps", "ten"], "--max_steps: got 'ten', expected an integer"),
         (["--lora", "maybe"], "expected true or false"),
         (["--push_to_hub"], "hub_model_id"),
+        (["--num_layers", "-2"], "num_layers: got -2, expected 0 (all layers) or a positive layer count"),
     ],
 )
 def test_bad_input_names_the_field(argv, message):

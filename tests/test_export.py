@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 
 import numpy as np
 import pytest
@@ -170,6 +171,36 @@ def test_lora_adapter_and_merged_model(tiny_model_dir, tmp_path):
     peft_model = PeftModel.from_pretrained(AutoModel.from_pretrained(tiny_model_dir), folder / "adapter").eval()
     with_adapter = DualEncoder(peft_model, encoder.tokenizer, encoder.settings)
     assert_same_vectors(with_adapter.encode(QUERIES, "query"), reference_q, "peft adapter on the base model")
+
+
+def test_a_model_cut_to_two_layers_saves_and_loads_three_ways_with_two_layers(
+    tiny_model_dir, xlmr_tokenizer, tmp_path
+):
+    """num_layers: the saved folder IS the 2-layer model (config and weights), for every loader, same vectors."""
+    from safetensors import safe_open
+    from transformers import AutoModel, BertModel
+
+    from tests.conftest import tiny_bert_config
+
+    source = tmp_path / "four_layers"
+    shutil.copytree(tiny_model_dir, source)  # the tokenizer files
+    config = tiny_bert_config(len(xlmr_tokenizer))
+    config.num_hidden_layers = 4
+    torch.manual_seed(0)
+    BertModel(config, add_pooling_layer=False).save_pretrained(source)
+
+    encoder = DualEncoder.from_pretrained(source, num_layers=2)
+    reference_q, reference_p = encoder.encode(QUERIES, "query"), encoder.encode(PASSAGES, "passage")
+    folder = tmp_path / "model"
+    encoder.save_pretrained(folder)
+    assert json.loads((folder / "config.json").read_text())["num_hidden_layers"] == 2
+    with safe_open(folder / "model.safetensors", "pt") as weights:
+        layers = {int(key.split(".")[2]) for key in weights.keys() if key.startswith("encoder.layer.")}
+    assert layers == {0, 1}
+    assert len(AutoModel.from_pretrained(folder).encoder.layer) == 2
+    assert sentence_transformer(folder)[0].auto_model.config.num_hidden_layers == 2
+    assert DualEncoder.from_pretrained(folder).parameter_counts() == encoder.parameter_counts()
+    check_three_ways(folder, reference_q, reference_p, encoder.settings)
 
 
 @pytest.mark.slow

@@ -287,3 +287,98 @@ def test_a_saved_model_reads_like_any_other_folder(tiny_encoder, tmp_path):
     assert stat.S_IMODE((tmp_path / "saved").stat().st_mode) == 0o755  # not mkdtemp's 0700
     assert stat.S_IMODE((tmp_path / "saved" / "hbt_encoder.json").stat().st_mode) == 0o644
     assert stat.S_IMODE((tmp_path / "saved" / "modules.json").stat().st_mode) == 0o644
+
+
+# ---------------------------------------------------------------- depth: the first N layers
+TINY_LAYER_PARAMETERS = (
+    4 * (32 * 32 + 32)  # query, key, value, attention output
+    + 2 * 32  # attention LayerNorm
+    + (32 * 64 + 64)  # intermediate
+    + (64 * 32 + 32)  # output
+    + 2 * 32  # output LayerNorm
+)  # = 8,544 for hidden 32, intermediate 64
+
+
+@pytest.fixture(scope="module")
+def four_layer_dir(tmp_path_factory, xlmr_tokenizer):
+    """A tiny random BERT (as conftest's) with 4 layers."""
+    from transformers import BertModel
+
+    from tests.conftest import tiny_bert_config
+
+    folder = tmp_path_factory.mktemp("tiny_bert_4")
+    config = tiny_bert_config(len(xlmr_tokenizer))
+    config.num_hidden_layers = 4
+    torch.manual_seed(0)
+    BertModel(config, add_pooling_layer=False).save_pretrained(folder)
+    return folder
+
+
+def test_num_layers_keeps_the_first_layers_and_their_parameters(four_layer_dir, xlmr_tokenizer, cached_tokenizer_load):
+    full = DualEncoder.from_pretrained(four_layer_dir)
+    cut = DualEncoder.from_pretrained(four_layer_dir, num_layers=2)
+    assert cut.backbone.config.num_hidden_layers == 2 and len(cut.backbone.encoder.layer) == 2
+    # the kept layers and the embeddings are the original weights
+    for index in range(2):
+        for name, weight in full.backbone.encoder.layer[index].state_dict().items():
+            torch.testing.assert_close(cut.backbone.encoder.layer[index].state_dict()[name], weight, rtol=0, atol=0)
+    torch.testing.assert_close(
+        cut.backbone.embeddings.word_embeddings.weight, full.backbone.embeddings.word_embeddings.weight
+    )
+    # counts: exactly two layers fewer; the word embeddings are the vocabulary x 32 matrix
+    assert sum(p.numel() for p in full.backbone.encoder.layer[3].parameters()) == TINY_LAYER_PARAMETERS
+    full_counts, cut_counts = full.parameter_counts(), cut.parameter_counts()
+    assert full_counts["total"] - cut_counts["total"] == 2 * TINY_LAYER_PARAMETERS
+    assert cut_counts["word_embeddings"] == full_counts["word_embeddings"] == len(xlmr_tokenizer) * 32
+    assert cut_counts["without_word_embeddings"] == cut_counts["total"] - len(xlmr_tokenizer) * 32
+    assert (cut_counts["layers"], full_counts["layers"]) == (2, 4) and cut_counts["trainable"] == cut_counts["total"]
+    cut.backbone.get_input_embeddings().weight.requires_grad_(False)
+    assert cut.parameter_counts()["trainable"] == cut_counts["without_word_embeddings"]
+    # the cut model's embedding is the full model's hidden state after its second layer, pooled and normalised
+    batch = full.tokenize(TEXTS, "query")
+    with torch.no_grad():
+        after_two = full.backbone(**batch, output_hidden_states=True).hidden_states[2]  # (N, L, 32)
+        expected = torch.nn.functional.normalize(pool(after_two, batch["attention_mask"], "mean"), dim=-1)
+        torch.testing.assert_close(cut(**batch), expected)
+        assert not torch.allclose(full(**batch), expected, atol=1e-3)  # 4 layers give other vectors
+
+
+@pytest.mark.parametrize(
+    "num_layers, message",
+    [(5, "num_layers: got 5, expected 0 (all) or 1 to 4"), (-1, "num_layers: got -1, expected 0 (all) or 1 to 4")],
+)
+def test_num_layers_beyond_the_model_fails_in_one_line_before_reading_weights(
+    four_layer_dir, monkeypatch, num_layers, message
+):
+    from transformers import AutoModel
+
+    from hbt_accel.errors import ConfigError
+    from hbt_accel.modeling import check_num_layers
+
+    def no_weights(*args, **kwargs):
+        raise AssertionError("the weights were read before the layer count was checked")
+
+    monkeypatch.setattr(AutoModel, "from_pretrained", no_weights)
+    loaders = [DualEncoder.from_pretrained, check_num_layers]  # the model loader, and train's check at start-up
+    for load in loaders:
+        with pytest.raises(ConfigError) as error:
+            load(four_layer_dir, num_layers=num_layers)
+        assert message in str(error.value) and "\n" not in str(error.value)
+
+
+def test_num_layers_on_a_decoder_trims_its_per_layer_config_and_reloads(tiny_qwen_dir, tmp_path, monkeypatch):
+    from transformers import AutoConfig, AutoModel, AutoTokenizer
+
+    monkeypatch.setattr(AutoTokenizer, "from_pretrained", lambda *args, **kwargs: _qwen_like_tokenizer())
+    settings = EncoderSettings(pooling="last", query_prefix="Query: ", query_max_length=8)
+    cut = DualEncoder.from_pretrained(tiny_qwen_dir, settings=settings, num_layers=1)
+    assert len(cut.backbone.layers) == 1 and cut.backbone.config.num_hidden_layers == 1
+    if getattr(cut.backbone.config, "layer_types", None) is not None:
+        assert len(cut.backbone.config.layer_types) == 1
+    vectors = cut.encode(TEXTS, "query")
+    cut.save_pretrained(tmp_path / "model")
+    assert AutoConfig.from_pretrained(tmp_path / "model").num_hidden_layers == 1
+    assert len(AutoModel.from_pretrained(tmp_path / "model").layers) == 1
+    np.testing.assert_allclose(
+        DualEncoder.from_pretrained(tmp_path / "model").encode(TEXTS, "query"), vectors, atol=1e-5
+    )

@@ -1,17 +1,23 @@
 """Sweeps: recipe checks, points and commands, a real 2-point sweep through submitit's local executor, skip of
-finished points, resume of a killed one, a failed point reported, and a report that re-renders identically."""
+finished points, resume of a killed one, a failed point reported, and a report that re-renders identically; several
+base recipes with their own launch settings (the backbones plan), and the report's numbers on synthetic points."""
 
 from __future__ import annotations
 
 import json
+import math
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 
 from hbt_accel.config import ConfigError
-from hbt_accel.sweep import load_sweep, point_command, run_sweep, sweep_points
+from hbt_accel.sweep import load_sweep, point_command, point_resources, run_sweep, sweep_points
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -30,6 +36,15 @@ def test_every_committed_sweep_recipe_parses_and_lists_its_points():
     data_ratio = load_sweep(REPO / "recipes" / "sweeps" / "data_ratio.yaml")
     assert [p.name for p in sweep_points(data_ratio)][:2] == ["alpha-0.0__seed-1", "alpha-0.25__seed-1"]
     assert len(sweep_points(data_ratio)) == 5 * 3
+    model_size = load_sweep(REPO / "recipes" / "sweeps" / "model_size.yaml")
+    names = [p.name for p in sweep_points(model_size)]
+    assert len(names) == 4 * 3 * 3 and names[:2] == [
+        "num_layers-3__sampling-xx__seed-1",
+        "num_layers-3__sampling-xy__seed-1",
+    ]
+    assert {p.as_dict()["num_layers"] for p in sweep_points(model_size)} == {3, 6, 9, 12}
+    backbones = load_sweep(REPO / "recipes" / "sweeps" / "backbones.yaml")
+    assert len(sweep_points(backbones)) == 4 * 3 * 3
 
 
 @pytest.mark.parametrize(
@@ -41,12 +56,157 @@ def test_every_committed_sweep_recipe_parses_and_lists_its_points():
         ({"axes": {"alpha": 0.5}}, "axes.alpha: expected a non-empty list"),
         ({}, "give either axes (a product) or points (a list), not neither"),
         ({"axes": {"alpha": [0.5]}, "executor": "slurmm"}, "executor: got 'slurmm'"),
+        ({"axes": {"alpha": [0.5]}, "executor": "submitit", "cluster": "slurmm"}, "cluster: got 'slurmm'"),
     ],
 )
 def test_a_bad_sweep_recipe_fails_in_one_line_before_anything_runs(tmp_path, content, message):
     with pytest.raises(ConfigError) as error:
         load_sweep(write_sweep(tmp_path, **content))
     assert message in str(error.value) and "\n" not in str(error.value)
+
+
+def write_bases_sweep(tmp_path: Path, bases: list, **content) -> Path:
+    path = tmp_path / "bases.yaml"
+    path.write_text(yaml.safe_dump({"bases": bases, "axes": {"sampling": ["xx", "hybrid"]}, **content}))
+    return path
+
+
+XLMR = "recipes/xlm-roberta-base/hybrid.yaml"
+
+
+@pytest.mark.parametrize(
+    "bases, content, message",
+    [
+        ([XLMR], {"base": "recipes/default.yaml"}, "give either base (one recipe) or bases (a list), not both"),
+        ([{"recipe": XLMR, "gpus": 1}], {}, "bases[0]: unknown key 'gpus'"),
+        ([XLMR, "recipes/xlm-roberta-base/xx.yaml"], {}, "bases[1]: a second base named 'xlm-roberta-base'"),
+        (
+            [{"recipe": XLMR, "accelerate_config": "accelerate_configs/nope.yaml"}],
+            {},
+            "accelerate_config: file not found",
+        ),
+        (
+            [{"recipe": XLMR, "num_processes": 8, "submitit": {"gpus_per_node": 4}}],
+            {},
+            "num_processes 8 but submitit gpus_per_node 4",
+        ),
+        ([{"recipe": XLMR, "overrides": {"alpah": 0.5}}], {}, "'alpah' is not a training config field"),
+        (
+            [XLMR],
+            {"executor": "submitit", "submitit": {"slurm_partiton": "gpu"}},
+            "submitit: Unknown argument 'partiton'",
+        ),
+        (["recipes/nope/hybrid.yaml"], {}, "point base-nope__sampling-xx__seed-1: --config: file not found"),
+    ],
+)
+def test_a_bad_list_of_bases_fails_in_one_line_before_anything_runs(tmp_path, bases, content, message):
+    with pytest.raises(ConfigError) as error:
+        load_sweep(write_bases_sweep(tmp_path, bases, **content))
+    assert message in str(error.value) and "\n" not in str(error.value)
+
+
+def test_bases_are_the_first_setting_and_bring_their_own_launch_settings(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # recipes/ and accelerate_configs/ are found in the repo from any folder
+    bases = [
+        {"recipe": XLMR, "accelerate_config": "accelerate_configs/single_gpu.yaml", "submitit": {"timeout_min": 90}},
+        {
+            "recipe": "recipes/default.yaml",
+            "name": "e5-small",
+            "num_processes": 2,
+            "overrides": {"max_steps": 5},
+            "submitit": {"gpus_per_node": 2},
+        },
+    ]
+    spec = load_sweep(
+        write_bases_sweep(
+            tmp_path, bases, seeds=[4], accelerate_config="accelerate_configs/cpu_ddp.yaml", submitit={"mem_gb": 8}
+        )
+    )
+    points = sweep_points(spec)
+    assert [p.name for p in points] == [
+        "base-xlm-roberta-base__sampling-xx__seed-4",
+        "base-xlm-roberta-base__sampling-hybrid__seed-4",
+        "base-e5-small__sampling-xx__seed-4",
+        "base-e5-small__sampling-hybrid__seed-4",
+    ]
+    assert points[0].as_dict() == {"base": "xlm-roberta-base", "sampling": "xx", "seed": 4}
+    xlmr, e5 = point_command(spec, points[0], resume=False), point_command(spec, points[3], resume=False)
+    assert xlmr[:4] == ["accelerate", "launch", "--config_file", str(REPO / "accelerate_configs" / "single_gpu.yaml")]
+    assert xlmr[xlmr.index("--config") + 1] == str(REPO / XLMR) and "--max_steps" not in xlmr
+    # the base without its own accelerate config gets the sweep's, its process count, its overrides
+    assert e5[:6] == [
+        "accelerate",
+        "launch",
+        "--config_file",
+        str(REPO / "accelerate_configs" / "cpu_ddp.yaml"),
+        "--num_processes",
+        "2",
+    ]
+    assert e5[e5.index("--config") + 1] == str(REPO / "recipes" / "default.yaml")
+    assert e5[e5.index("--max_steps") + 1] == "5" and e5[e5.index("--sampling") + 1] == "hybrid"
+    assert point_resources(spec, points[0]) == {
+        "name": "bases-base-xlm-roberta-base__sampling-xx__seed-4",
+        "timeout_min": 90,
+        "mem_gb": 8,
+    }
+    assert point_resources(spec, points[3])["gpus_per_node"] == 2
+    assert point_resources(spec, points[3])["timeout_min"] == 24 * 60  # a day unless the sweep or base says
+
+
+def _dry_run(config: Path, cwd: Path) -> subprocess.CompletedProcess:
+    """`recipes/sweep.py --dry_run` as a user runs it, on a machine without GPU, Hub access or model weights."""
+    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": ""}
+    command = [sys.executable, str(REPO / "recipes" / "sweep.py"), "--config", str(config), "--dry_run"]
+    return subprocess.run(command, capture_output=True, text=True, cwd=cwd, env=env)
+
+
+def test_the_backbones_dry_run_prints_every_point_with_its_command_and_slurm_request(tmp_path):
+    result = _dry_run(REPO / "recipes" / "sweeps" / "backbones.yaml", tmp_path)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0] == "sweep backbones: 0 finished, 36 to run"
+    commands = {line.split(": ", 1)[0]: line.split(": ", 1)[1] for line in lines if ": accelerate launch" in line}
+    requests = [line.strip() for line in lines if line.startswith("    submitit: ")]
+    assert len(commands) == len(requests) == 4 * 3 * 3
+    assert {name.split("__")[0] for name in commands} == {
+        "base-xlm-roberta-base",
+        "base-labse",
+        "base-multilingual-e5-large",
+        "base-qwen3-embedding-4b",
+    }
+    qwen = "base-qwen3-embedding-4b__sampling-xy__seed-2"
+    run = tmp_path / "runs" / "sweeps" / "backbones" / qwen
+    assert commands[qwen].split() == [
+        *("accelerate", "launch", "--config_file", str(REPO / "accelerate_configs" / "deepspeed_zero3.yaml")),
+        *("--num_processes", "8", str(REPO / "recipes" / "train_hybrid.py")),
+        *("--config", str(REPO / "recipes" / "qwen3-embedding-4b" / "hybrid_lora_zero3.yaml")),
+        *(
+            "--save_steps",
+            "50",
+            "--save_total_limit",
+            "1",
+            "--sampling",
+            "xy",
+            "--seed",
+            "2",
+            "--output_dir",
+            str(run),
+        ),
+    ]
+    xlmr = commands["base-xlm-roberta-base__sampling-xx__seed-1"].split()
+    assert xlmr[3] == str(REPO / "accelerate_configs" / "single_gpu.yaml") and "--num_processes" not in xlmr
+    request = lines[lines.index(f"{qwen}: {commands[qwen]}") + 1]
+    assert "gpus_per_node=8" in request and "timeout_min=180" in request and "slurm_partition=gpu" in request
+    assert not (tmp_path / "runs").exists()  # a dry run writes nothing
+
+
+def test_the_model_size_dry_run_lists_its_36_points(tmp_path):
+    result = _dry_run(REPO / "recipes" / "sweeps" / "model_size.yaml", tmp_path)
+    assert result.returncode == 0, result.stderr
+    lines = [line for line in result.stdout.splitlines() if ": accelerate launch" in line]
+    assert len(lines) == 36 and lines[-1].startswith("num_layers-12__sampling-hybrid__seed-3: ")
+    first = lines[0].split(": ", 1)[1].split()
+    assert first[first.index("--num_layers") + 1] == "3" and first[first.index("--sampling") + 1] == "xx"
 
 
 def test_points_are_the_product_of_the_axes_times_the_seeds(tmp_path):
@@ -134,6 +294,61 @@ def test_a_sweep_runs_through_submitit_skips_finished_points_and_resumes_a_kille
     assert {p.name: p.read_bytes() for p in write_report(spec)} == first
 
 
+class FakeJob:
+    """A submitit job that finishes after `polls` calls of done(); result() raises when it failed."""
+
+    def __init__(self, name: str, polls: int, fails: bool, events: list):
+        self.name, self.polls, self.fails, self.events = name, polls, fails, events
+
+    def done(self) -> bool:
+        self.polls -= 1
+        return self.polls <= 0
+
+    def result(self):
+        self.events.append(f"end {self.name}")
+        if self.fails:
+            raise RuntimeError(f"Job {self.name} failed\nTraceback ...\nerror: out of memory")
+
+
+def test_max_parallel_keeps_that_many_jobs_in_flight_and_submits_the_next_as_one_ends(tmp_path, monkeypatch):
+    import hbt_accel.sweep as sweep
+
+    spec = load_sweep(
+        write_sweep(
+            tmp_path, axes={"alpha": [0.0, 0.5, 1.0]}, seeds=[1], executor="submitit", cluster="local", max_parallel=2
+        )
+    )
+    events, polls = [], {"alpha-0.0__seed-1": 3, "alpha-0.5__seed-1": 1, "alpha-1.0__seed-1": 1}
+
+    def submit(spec, point, command):
+        events.append(f"submit {point.name}")
+        return FakeJob(point.name, polls[point.name], point.name == "alpha-0.5__seed-1", events)
+
+    monkeypatch.setattr(sweep, "_submit", submit)
+    monkeypatch.setattr(sweep, "POLL_SECONDS", 0)
+    monkeypatch.setattr(sweep, "collect_point", lambda spec, point: events.append(f"collect {point.name}"))
+    status = run_sweep(spec, echo=lambda line: None)
+    assert events == [
+        "submit alpha-0.0__seed-1",
+        "submit alpha-0.5__seed-1",  # two in flight
+        "end alpha-0.5__seed-1",  # the short one ends (failed) ...
+        "submit alpha-1.0__seed-1",  # ... and the third takes its place
+        "end alpha-1.0__seed-1",
+        "collect alpha-1.0__seed-1",
+        "end alpha-0.0__seed-1",
+        "collect alpha-0.0__seed-1",
+    ]
+    assert status.ran == ["alpha-1.0__seed-1", "alpha-0.0__seed-1"]
+    assert list(status.failed) == ["alpha-0.5__seed-1"] and status.failed["alpha-0.5__seed-1"].endswith(
+        "out of memory"
+    )
+
+
+def test_max_parallel_needs_submitit(tmp_path):
+    with pytest.raises(ConfigError, match="max_parallel: 2 needs executor: submitit"):
+        load_sweep(write_sweep(tmp_path, axes={"alpha": [0.5]}, max_parallel=2))
+
+
 def test_a_failing_point_is_reported_and_the_others_still_run(tmp_path, tiny_model_dir, mlqa_slice):
     path = write_sweep(
         tmp_path,
@@ -156,3 +371,106 @@ def test_a_failing_point_is_reported_and_the_others_still_run(tmp_path, tiny_mod
     (failed,) = status.failed
     assert "missing.jsonl" in failed and "training data file not found" in status.failed[failed]
     assert status.ran == [sweep_points(spec)[1].name]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The report on synthetic points: numbers computed by hand
+# ---------------------------------------------------------------------------------------------------------------------
+T_975_2 = 4.302652729911275  # the 97.5% quantile of Student's t with 2 degrees of freedom (3 seeds)
+WORD_EMBEDDINGS, LAYER, OTHER = 96_014_208, 1_774_464, 198_144  # e5-small: 250,037 x 384; one layer; the rest
+
+
+def synthetic_scores(multi_ap_by_id: list[float]):
+    """en and th queries of len(multi_ap_by_id) question ids: every query ranks its gold sentence first in every pool
+    (mono = cross mAP = 1); question i has multilingual AP multi_ap_by_id[i] in both languages."""
+    from hbt_accel.evaluation.grid import PerQueryScores
+
+    ids = [f"q{i}" for i in range(len(multi_ap_by_id))]
+    rows = 2 * len(ids)
+    return PerQueryScores(
+        benchmark="xquad-r",
+        languages=["en", "th"],
+        query_ids=ids + ids,
+        query_language=np.repeat([0, 1], len(ids)),
+        pair_ranks=np.ones((rows, 2)),
+        multi_ap=np.array(multi_ap_by_id * 2, dtype=float),
+        multi_distance=np.zeros(rows),
+    )
+
+
+def test_the_report_of_synthetic_points_gives_hand_computed_statistics_and_the_gap_by_parameter_count(tmp_path):
+    """2 depths x {xx, hybrid} x 3 seeds. X-X multi mAP is 0.3 + 0.1 x seed on every question. Hybrid adds 0.1 to
+    every question at 1 layer (a gap with no spread: its interval is the point) and 0, .1, .2, .3 to questions
+    q0..q3 at 2 layers (gap .15)."""
+    from hbt_accel.atomic import write_json
+    from hbt_accel.evaluation.grid import summarize
+    from hbt_accel.sweep import point_summary, summary_path
+    from hbt_accel.sweep_report import write_report
+
+    spec = load_sweep(
+        write_sweep(
+            tmp_path,
+            name="sizes",
+            axes={"num_layers": [1, 2], "sampling": ["xx", "hybrid"]},
+            seeds=[1, 2, 3],
+            results_dir=str(tmp_path / "results"),
+            compare=[{"field": "sampling", "a": "hybrid", "b": "xx"}],
+        )
+    )
+    spec.results_root.mkdir()
+    for point in sweep_points(spec):
+        settings = point.as_dict()
+        layers, seed = settings["num_layers"], settings["seed"]
+        gain = {"xx": [0.0] * 4, "hybrid": [0.1] * 4 if layers == 1 else [0.0, 0.1, 0.2, 0.3]}[settings["sampling"]]
+        scores = synthetic_scores([0.3 + 0.1 * seed + g for g in gain])
+        parameters = {
+            "total": WORD_EMBEDDINGS + OTHER + layers * LAYER,
+            "word_embeddings": WORD_EMBEDDINGS,
+            "without_word_embeddings": OTHER + layers * LAYER,
+            "trainable": OTHER + layers * LAYER,
+            "layers": layers,
+        }
+        evaluations = [{"step": s, "multi_map": m} for s, m in ((0, 0.2), (40, 0.5), (80, 0.5))]
+        train_summary = {"evaluations": evaluations, "steps": 80, "train_seconds": 600.0, "device": "cpu"}
+        summary = point_summary(spec, point, {**train_summary, "parameters": parameters}, summarize(scores))
+        write_json(summary_path(spec, point), summary)
+        scores.save(spec.results_root / f"{point.name}.per_query.npz")
+
+    paths = {path.name for path in write_report(spec)}
+    assert {"gap_by_parameters.png", "metrics_by_num_layers.png", "report.md"} <= paths
+    report = json.loads((spec.results_root / "report.json").read_text())
+    assert report["points_finished"] == report["points"] == 12
+    rows = {(r["settings"]["num_layers"], r["settings"]["sampling"]): r for r in report["settings"]}
+
+    # per setting over seeds: X-X multi mAP .4, .5, .6 -> mean .5, std .1, t-interval .5 -+ t(2) x .1 / sqrt(3)
+    half_width = T_975_2 * 0.1 / math.sqrt(3)
+    for key, mean in {(1, "xx"): 0.5, (2, "xx"): 0.5, (1, "hybrid"): 0.6, (2, "hybrid"): 0.65}.items():
+        cell = rows[key]["multi_map"]
+        assert cell["mean"] == pytest.approx(mean) and cell["std"] == pytest.approx(0.1) and cell["n"] == 3
+        assert (cell["low"], cell["high"]) == pytest.approx((mean - half_width, mean + half_width))
+        assert rows[key]["unseen"]["multi_map"]["mean"] == pytest.approx(mean)  # th: never trained on
+    assert rows[(1, "xx")]["mono_map"] == {"mean": 1.0, "std": 0.0, "low": 1.0, "high": 1.0, "n": 3}
+    assert rows[(2, "hybrid")]["convergence_step"]["mean"] == 40  # the first evaluation at 95% of the last
+    assert rows[(2, "xx")]["parameters"]["without_word_embeddings"] == OTHER + 2 * LAYER
+
+    # paired tests, one per depth: hybrid minus X-X, seeds averaged
+    tests = {test["at"]["num_layers"]: test for test in report["paired_tests"]}
+    assert sorted(tests) == [1, 2] and all(t["comparison"] == "sampling: hybrid minus xx" for t in tests.values())
+    assert tests[1]["seeds"] == [3, 3] and tests[1]["parameters"]["total"] == WORD_EMBEDDINGS + OTHER + LAYER
+    one, two = tests[1]["multi_map"], tests[2]["multi_map"]
+    assert (one["difference"], one["low"], one["high"]) == pytest.approx((0.1, 0.1, 0.1), abs=1e-6)
+    assert two["difference"] == pytest.approx(0.15, abs=1e-6)
+    assert 0.0 - 1e-6 <= two["low"] < 0.15 < two["high"] <= 0.3 + 1e-6  # within the questions' own gaps
+    assert tests[2]["mono_map"]["difference"] == pytest.approx(0.0)
+
+    # the figure's numbers: the gap against the parameter count, the smaller model first
+    (series,) = report["gap_by_parameters"]
+    assert series["comparison"] == "sampling: hybrid minus xx" and series["metric"] == "multi_map"
+    assert [(p["at"], p["without_word_embeddings"], p["total"]) for p in series["points"]] == [
+        ({"num_layers": 1}, OTHER + LAYER, WORD_EMBEDDINGS + OTHER + LAYER),
+        ({"num_layers": 2}, OTHER + 2 * LAYER, WORD_EMBEDDINGS + OTHER + 2 * LAYER),
+    ]
+    assert [p["difference"] for p in series["points"]] == [one["difference"], two["difference"]]
+    assert [(p["low"], p["high"]) for p in series["points"]] == [(one["low"], one["high"]), (two["low"], two["high"])]
+    markdown = (spec.results_root / "report.md").read_text()
+    assert '| 1 | "xx" | 98.0M (2.0M w/o word emb.) | 3 |' in markdown

@@ -93,7 +93,8 @@ def test_short_run_lowers_the_loss_and_saves_a_loadable_model(tiny_model_dir, ml
 
 
 def test_train_in_process_returns_its_summary_evaluations_and_paths(tiny_model_dir, mlqa_slice, tmp_path):
-    """`train(cfg)` from Python: 3 steps on the tiny model; the returned numbers are the ones written to disk."""
+    """`train(cfg)` from Python: 3 steps on the tiny model cut to its first layer; the returned numbers are the ones
+    written to disk."""
     from hbt_accel.config import parse_config
     from hbt_accel.train import train as train_in_process
 
@@ -104,6 +105,7 @@ def test_train_in_process_returns_its_summary_evaluations_and_paths(tiny_model_d
             *("--model_name_or_path", str(tiny_model_dir), "--output_dir", str(out), "--train_data", str(mlqa_slice)),
             *("--max_steps", "3", "--per_device_train_batch_size", "16", "--mixed_precision", "no"),
             *("--eval_steps", "2", "--eval_languages", "en,de", "--eval_max_queries", "10", "--final_eval", "true"),
+            *("--num_layers", "1"),
         ]
     )
     result = train_in_process(cfg)
@@ -115,6 +117,16 @@ def test_train_in_process_returns_its_summary_evaluations_and_paths(tiny_model_d
     assert all(np.isfinite(record["loss"]) and record["loss"] > 0 for record in summary.history)
     assert [e["step"] for e in summary.evaluations] == [0, 2] and summary.evaluations[1]["n_queries"] == 2 * 10
     assert summary.train_seconds > 0 and summary.eval_seconds > 0
+    # parameters by hand: word embeddings 250,002 x 32; positions 256 x 32, 2 token types, LayerNorm; 1 layer of 8,544
+    rest = 256 * 32 + 2 * 32 + 2 * 32 + 8_544
+    assert summary.parameters == {
+        "total": 250_002 * 32 + rest,
+        "word_embeddings": 250_002 * 32,
+        "without_word_embeddings": rest,
+        "trainable": 250_002 * 32 + rest,  # FAST trains the word embeddings too
+        "layers": 1,
+    }
+    assert json.loads((out / "config.json").read_text())["num_hidden_layers"] == 1  # the saved model is the cut one
     # the final evaluation is the full grid: 11 languages x 1,190 questions
     assert result.results["n_queries"] == 11 * 1190 and 0 < result.results["multi_map"] <= 1
     # paths, and what is on disk says the same as what was returned
@@ -243,6 +255,7 @@ def test_resume_latest_requires_a_checkpoint(tiny_model_dir, tmp_path):
         (["--alpha", "1.2"], "alpha: got 1.2, expected a probability in [0, 1]"),
         (["--sampling", "zz"], "sampling"),
         (["--per_device_train_batch_size", "5000"], "exceeds the 1148 distinct ids"),
+        (["--num_layers", "3"], "num_layers: got 3, expected 0 (all) or 1 to 2"),
     ],
 )
 def test_bad_input_fails_before_training_in_one_line(tiny_model_dir, tmp_path, args, message):
