@@ -47,7 +47,13 @@ from hbt_accel.checkpoints import (
 )
 from hbt_accel.config import HbtConfig, save_config
 from hbt_accel.console import TrainingProgressBar, make_console
-from hbt_accel.data import ParallelCorpus, load_lareqa_benchmark, load_training_corpus
+from hbt_accel.data import (
+    LAREQA_BENCHMARKS,
+    ParallelCorpus,
+    load_lareqa_benchmark,
+    load_training_corpus,
+    resolve_data_dir,
+)
 from hbt_accel.distributed import configure_cpu_threads, make_accelerator
 from hbt_accel.embedded import check_model_name
 from hbt_accel.errors import ConfigError, TrainingDiverged
@@ -167,9 +173,12 @@ def setup(cfg: HbtConfig) -> Session:
     # ==============================================================================================================
     # 0. Accelerator, seed, and the checks that must fail before hours of work
     # ==============================================================================================================
+    cfg = with_data_dir(cfg)
     accelerator, threads, resume = start(cfg)
     console = make_console(accelerator)
     console.print(threads)
+    if cfg.data_dir:
+        console.print(f"LAReQA data from {cfg.data_dir}")
     for warning in cfg.warnings():
         console.print(f"warning: {warning}")
     # ==============================================================================================================
@@ -212,6 +221,15 @@ def setup(cfg: HbtConfig) -> Session:
 # ==================================================================================================================
 # Phases of setup
 # ==================================================================================================================
+def with_data_dir(cfg: HbtConfig) -> HbtConfig:
+    """The config with `data_dir` set to the LAReQA folder actually used (looked up when the recipe leaves it empty
+    and reads LAReQA data), so the log and the saved hbt_config.yaml say where the data came from."""
+    lareqa = [cfg.eval_benchmark, *cfg.train_data]
+    if cfg.data_dir or not any(source in LAREQA_BENCHMARKS for source in lareqa):
+        return cfg
+    return dataclasses.replace(cfg, data_dir=str(resolve_data_dir()))
+
+
 def start(cfg: HbtConfig):
     """-> (accelerator, a log line saying how many CPU threads this process uses and why, the checkpoint to resume
     from with the incomplete ones skipped: `resolve_resume`)."""

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import socket
 from pathlib import Path
 
 import pytest
@@ -88,3 +90,24 @@ def mlqa_slice(tmp_path_factory) -> Path:
                 }
                 handle.write(json.dumps(row, ensure_ascii=False) + "\n")
     return path
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 nobody listens on, for a test's process group."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def join_gloo_world(rank: int, world_size: int, port: int) -> None:
+    """The environment accelerate reads to make this spawned process rank `rank` of a CPU (gloo) group."""
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(world_size),
+        LOCAL_WORLD_SIZE=str(world_size),
+        ACCELERATE_USE_CPU="1",
+        OMP_NUM_THREADS="1",
+    )

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 import os
-import socket
 import subprocess
 import sys
 
@@ -15,6 +14,7 @@ from torch import nn
 
 from hbt_accel.batches import NO_PARALLEL_ID, PADDING_PASSAGE
 from hbt_accel.losses import CachedInfoNCELoss, InfoNCELoss
+from tests.conftest import free_port, join_gloo_world
 
 # ---------------------------------------------------------------- hand-computed toy
 # q rows (1,0), (0,1), (1,1); p rows (1,0), (0,1), (0,0); temperature 0.5 doubles the dot products:
@@ -173,23 +173,8 @@ def _global_embeddings():
     return q, p, keys
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _worker(rank: int, port: int, model_dir: str, out_dir: str) -> None:
-    os.environ.update(
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-        RANK=str(rank),
-        LOCAL_RANK=str(rank),
-        WORLD_SIZE=str(WORLD),
-        LOCAL_WORLD_SIZE=str(WORLD),
-        ACCELERATE_USE_CPU="1",
-        OMP_NUM_THREADS="1",
-    )
+    join_gloo_world(rank, WORLD, port)
     torch.set_num_threads(1)
     from transformers import XLMRobertaTokenizerFast
 
@@ -242,7 +227,7 @@ def _worker(rank: int, port: int, model_dir: str, out_dir: str) -> None:
 @pytest.fixture(scope="module")
 def two_process_results(tiny_model_dir, tmp_path_factory):
     out_dir = tmp_path_factory.mktemp("gloo")
-    mp.spawn(_worker, args=(_free_port(), str(tiny_model_dir), str(out_dir)), nprocs=WORLD, join=True)
+    mp.spawn(_worker, args=(free_port(), str(tiny_model_dir), str(out_dir)), nprocs=WORLD, join=True)
     return [torch.load(out_dir / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
 
 

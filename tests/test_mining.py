@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import math
 import os
-import socket
 
 import numpy as np
 import pytest
@@ -13,6 +12,7 @@ import torch.multiprocessing as mp
 
 from hbt_accel.data import PairExample, ParallelCorpus, read_jsonl_corpus
 from hbt_accel.mining import MinedNegatives, MiningSettings, mine_hard_negatives, same_language_count
+from tests.conftest import free_port, join_gloo_world
 
 
 # ---------------------------------------------------------------- hand-set embeddings
@@ -185,23 +185,8 @@ def test_mining_is_deterministic_given_the_seed_and_the_file_round_trips(slice_c
 WORLD = 2
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _mining_worker(rank: int, port: int, data: str, out_dir: str) -> None:
-    os.environ.update(
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-        RANK=str(rank),
-        LOCAL_RANK=str(rank),
-        WORLD_SIZE=str(WORLD),
-        LOCAL_WORLD_SIZE=str(WORLD),
-        ACCELERATE_USE_CPU="1",
-        OMP_NUM_THREADS="1",
-    )
+    join_gloo_world(rank, WORLD, port)
     import json
 
     from hbt_accel.distributed import make_accelerator
@@ -226,7 +211,7 @@ def test_two_processes_share_the_encoding_and_get_the_negatives_of_one(mlqa_slic
 
     from tests.distributed_eval_script import HashEncoder
 
-    mp.spawn(_mining_worker, args=(_free_port(), str(mlqa_slice), str(tmp_path)), nprocs=WORLD, join=True)
+    mp.spawn(_mining_worker, args=(free_port(), str(mlqa_slice), str(tmp_path)), nprocs=WORLD, join=True)
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(WORLD)]
     encoder = HashEncoder()
     corpus = read_jsonl_corpus(mlqa_slice)

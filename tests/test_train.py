@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file
 
 REPO = Path(__file__).resolve().parents[1]
@@ -138,6 +139,11 @@ def test_train_in_process_returns_its_summary_evaluations_and_paths(tiny_model_d
     progress = json.loads((out / "checkpoint-2" / "training_progress.json").read_text())
     assert progress["global_step"] == 2 and progress["best_checkpoint"] == "checkpoint-2"
     assert progress["evaluations"] == summary.evaluations
+    # the LAReQA folder actually used is recorded (the recipe left data_dir empty)
+    from hbt_accel.data import resolve_data_dir
+
+    saved_config = yaml.safe_load((out / "hbt_config.yaml").read_text())
+    assert cfg.data_dir == "" and saved_config["data_dir"] == str(resolve_data_dir())
 
 
 def test_periodic_evaluation_records_scores_by_step_and_keeps_the_best_checkpoint(
