@@ -23,6 +23,7 @@ import pytest
 import torch
 
 from hbt_accel import embedded
+from hbt_accel.errors import ConfigError
 
 LANGUAGES = ("ar", "de", "el", "en", "es", "hi", "ru", "th", "tr", "vi", "zh")
 
@@ -243,10 +244,16 @@ def test_tokenizer_class_and_special_tokens(hf_tokenizer):
     assert (hf_tokenizer.pad_token_id, hf_tokenizer.mask_token_id) == (1, 250001)
 
 
-def test_resolve_model_path(model_path):
+def test_resolve_model_path(model_path, tmp_path, monkeypatch):
     assert embedded.resolve_model_path(embedded.EMBEDDED) == str(model_path)
     assert embedded.resolve_model_path("intfloat/multilingual-e5-small") == "intfloat/multilingual-e5-small"
-    assert embedded.resolve_model_path("/some/local/folder") == "/some/local/folder"
+    assert embedded.resolve_model_path(str(tmp_path)) == str(tmp_path)  # an existing folder passes through
+    # a path that is clearly local but missing is an error, not a Hub request; `runs/typo` where runs/ exists too
+    (tmp_path / "runs").mkdir()
+    monkeypatch.chdir(tmp_path)
+    for missing in ("/some/local/folder", "./runs/typo", "a/b/c", "runs/typo"):
+        with pytest.raises(ConfigError, match=f"model_name_or_path: {missing} not found"):
+            embedded.resolve_model_path(missing)
 
 
 # ----------------------------------------------------------------------------------------------------------------
