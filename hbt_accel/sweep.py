@@ -302,6 +302,11 @@ def run_sweep(spec: SweepSpec, dry_run: bool = False, echo=print) -> SweepStatus
         if summary_path(spec, point).is_file():
             status.finished.append(point.name)
             continue
+        if ran_to_the_end(spec.run_root / point.name):  # its collection failed or was killed: collect, do not rerun
+            if not dry_run:
+                collect_point(spec, point)
+            status.finished.append(point.name)
+            continue
         resume = latest_checkpoint(spec.run_root / point.name) is not None
         todo.append((point, point_command(spec, point, resume)))
     echo(f"sweep {spec.name}: {len(status.finished)} finished, {len(todo)} to run")
@@ -378,6 +383,11 @@ def _job_error(job) -> str | None:
 
 def _tail(log: Path, lines: int = 20) -> str:
     return "\n".join(log.read_text(errors="replace").splitlines()[-lines:])
+
+
+def ran_to_the_end(run_dir: Path) -> bool:
+    """The run wrote what `collect_point` reads; training writes its summary after the evaluation files."""
+    return all((run_dir / name).is_file() for name in ("eval_results.json", PER_QUERY_FILE, "train_summary.json"))
 
 
 def collect_point(spec: SweepSpec, point: SweepPoint) -> Path:

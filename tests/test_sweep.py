@@ -268,6 +268,14 @@ def test_a_sweep_runs_through_submitit_skips_finished_points_and_resumes_a_kille
     # a second run trains nothing
     again = run_sweep(spec)
     assert again.ran == [] and len(again.finished) == 2
+    # a point that ran to the end but was not collected (the sweep died in between) is collected, not rerun
+    xx_summary = tmp_path / "results" / "sampling-xx__seed-1.json"
+    collected = xx_summary.read_bytes()
+    xx_summary.unlink()
+    assert run_sweep(spec, dry_run=True).finished == ["sampling-xx__seed-1", "sampling-hybrid__seed-1"]
+    assert not xx_summary.exists()  # a dry run writes nothing
+    again = run_sweep(spec)
+    assert again.ran == [] and len(again.finished) == 2 and xx_summary.read_bytes() == collected
 
     # "kill" the hybrid point after its checkpoint at step 2: no summary, no final model; the next run resumes it
     run_dir = tmp_path / "runs" / "sampling-hybrid__seed-1"
