@@ -13,7 +13,6 @@ trains on 85% of the MLQA-R ids and scores the other 15%.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import shutil
 import subprocess
@@ -209,52 +208,13 @@ def plot_by_step(curves: dict[str, list[dict]], panels: dict[str, str], path: Pa
 # ------------------------------------------------------------------------------------------------------------------
 # Tuning on MLQA-R validation ids (never XQuAD-R)
 # ------------------------------------------------------------------------------------------------------------------
-def is_validation_id(example_id: str) -> bool:
-    return hashlib.sha256(example_id.encode()).digest()[0] < 0.15 * 256
-
-
 def tune(runs: Path, docs: Path, trials: list[list[str]], max_steps: int) -> None:
-    from hbt_accel.data import RetrievalBenchmark, lareqa_training_corpus, load_lareqa_benchmark
+    from hbt_accel.data import load_lareqa_benchmark
     from hbt_accel.evaluation import evaluate_grid
     from hbt_accel.modeling import DualEncoder
 
-    mlqa = load_lareqa_benchmark("mlqa-r")
-    corpus = lareqa_training_corpus(mlqa, hard_negatives=True)
-    train_file = runs / "mlqa_train_split.jsonl"
-    with train_file.open("w") as handle:
-        for example_id, by_language in corpus.examples.items():
-            if is_validation_id(example_id):
-                continue
-            for lang, example in by_language.items():
-                handle.write(
-                    json.dumps(
-                        {
-                            "id": example_id,
-                            "lang": lang,
-                            "query": example.query,
-                            "positive": example.positive,
-                            "negatives": list(example.negatives),
-                        },
-                        ensure_ascii=False,
-                    )
-                    + "\n"
-                )
-    # Validation pools: the paragraphs of the held-out questions (a smaller pool than the full file, so the scores
-    # run higher than XQuAD-R's, but every trial is compared on the same pools).
-    validation = RetrievalBenchmark("mlqa-r-validation", {})
-    for lang, pool in mlqa.pools.items():
-        keep = [k for k, i in enumerate(pool.question_ids) if is_validation_id(i)]
-        paragraphs = {pool.context_of[pool.gold[k]] for k in keep}
-        columns = [c for c, paragraph in enumerate(pool.context_of) if paragraph in paragraphs]
-        new_index = {c: n for n, c in enumerate(columns)}
-        validation.pools[lang] = type(pool)(
-            lang,
-            [pool.candidates[c] for c in columns],
-            [pool.question_ids[k] for k in keep],
-            [pool.questions[k] for k in keep],
-            [new_index[pool.gold[k]] for k in keep],
-            [pool.context_of[c] for c in columns],
-        )
+    # Train on 85% of the MLQA-R ids, score the held-out 15% (hbt_accel.data.select_split).
+    validation = load_lareqa_benchmark("mlqa-r:validation")
     log = runs / "tuning.jsonl"
     if not (log.is_file() and '"trial": "untrained"' in log.read_text()):
         base = evaluate_grid(DualEncoder.from_pretrained("embedded"), validation, bf16=True)
@@ -268,7 +228,7 @@ def tune(runs: Path, docs: Path, trials: list[list[str]], max_steps: int) -> Non
             "--output_dir",
             str(runs / name),
             "--train_data",
-            str(train_file),
+            "mlqa-r:train",
             "--eval_benchmark",
             "",
             "--max_steps",

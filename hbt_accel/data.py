@@ -8,6 +8,7 @@ whose gold sentence sits in that pool (LAReQA protocol, `../shared/notes/method.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from collections.abc import Iterable, Iterator, Mapping
@@ -36,6 +37,8 @@ LANGUAGE_NAMES = {
 }  # fmt: skip
 
 LAREQA_BENCHMARKS = {"xquad-r": "xquad-r", "mlqa-r": "mlqa-r"}
+SPLITS = ("train", "validation")  # `mlqa-r:validation`: a benchmark name (or folder) with a split suffix
+VALIDATION_SHARE = 0.15  # of the ids, held out for choosing settings
 LAREQA_DOWNLOAD_HINT = (
     "get the LAReQA files (xquad-r/*.json from github.com/google-research-datasets/lareqa, mlqa-r/*.json as "
     "built in that paper) and point data_dir or HBT_DATA_DIR at the folder holding xquad-r/ and mlqa-r/"
@@ -239,6 +242,22 @@ def resolve_data_dir(value: str | os.PathLike | None = None) -> Path:
     raise DataError(f"no LAReQA data directory found (looked in: {', '.join(tried)}); {LAREQA_DOWNLOAD_HINT}")
 
 
+def is_validation_id(example_id: str) -> bool:
+    """Whether an id is in the held-out 15%: a hash of the id, so every language of an id and every machine agree."""
+    return hashlib.sha256(example_id.encode()).digest()[0] < VALIDATION_SHARE * 256
+
+
+def split_name(name_or_path: str) -> tuple[str, str | None]:
+    """`mlqa-r:validation` -> (`mlqa-r`, `validation`); anything without a known split suffix -> (itself, None)."""
+    base, separator, split = str(name_or_path).rpartition(":")
+    return (base, split) if separator and base and split in SPLITS else (str(name_or_path), None)
+
+
+def is_lareqa_name(source: str) -> bool:
+    """A LAReQA benchmark name, with or without a split suffix (as opposed to a path or a datasets id)."""
+    return split_name(source)[0] in LAREQA_BENCHMARKS
+
+
 def lareqa_files(name_or_path: str, data_dir: str | os.PathLike | None = None) -> dict[str, Path]:
     """language -> JSON file for a benchmark name (xquad-r, mlqa-r) or a folder of <lang>.json files."""
     if name_or_path in LAREQA_BENCHMARKS:
@@ -248,8 +267,11 @@ def lareqa_files(name_or_path: str, data_dir: str | os.PathLike | None = None) -
     if not folder.is_dir():
         if name_or_path not in LAREQA_BENCHMARKS and "/" not in name_or_path:  # a mistyped name, most likely
             known = ", ".join(LAREQA_BENCHMARKS)
-            hint = did_you_mean(name_or_path, list(LAREQA_BENCHMARKS))
-            raise DataError(f"{name_or_path}: not a benchmark name ({known}) nor a folder{hint}")
+            names = [f"{name}{suffix}" for name in LAREQA_BENCHMARKS for suffix in ("", *(f":{s}" for s in SPLITS))]
+            hint = did_you_mean(name_or_path, names)
+            raise DataError(
+                f"{name_or_path}: not a benchmark name ({known}, optionally :train or :validation) nor a folder{hint}"
+            )
         raise DataError(f"{folder}: benchmark folder not found; {LAREQA_DOWNLOAD_HINT}")
     files = {path.stem: path for path in sorted(folder.glob("*.json"))}
     if not files:
@@ -301,7 +323,11 @@ def read_lareqa_pool(path: str | Path, language: str) -> LanguagePool:
 def load_lareqa_benchmark(
     name_or_path: str, languages: Iterable[str] | None = None, data_dir: str | os.PathLike | None = None
 ) -> RetrievalBenchmark:
-    """XQuAD-R / MLQA-R (by name, from the data dir) or a folder of LAReQA files, optionally a language subset."""
+    """XQuAD-R / MLQA-R (by name, from the data dir) or a folder of LAReQA files, optionally a language subset.
+
+    A `:train` / `:validation` suffix (`mlqa-r:validation`) keeps one side of the held-out split (`select_split`).
+    """
+    name_or_path, split = split_name(name_or_path)
     files = lareqa_files(name_or_path, data_dir)
     wanted = list(languages) if languages else list(files)
     missing = [lang for lang in wanted if lang not in files]
@@ -309,7 +335,36 @@ def load_lareqa_benchmark(
         folder = next(iter(files.values())).parent
         raise DataError(f"{folder}: no file for language(s) {', '.join(missing)} (has {', '.join(files)})")
     pools = {lang: read_lareqa_pool(files[lang], lang) for lang in wanted}
-    return RetrievalBenchmark(name=Path(name_or_path).name, pools=pools)
+    benchmark = RetrievalBenchmark(name=Path(name_or_path).name, pools=pools)
+    return select_split(benchmark, split) if split else benchmark
+
+
+def select_split(benchmark: RetrievalBenchmark, split: str) -> RetrievalBenchmark:
+    """One side of the held-out split (`is_validation_id`).
+
+    train: the questions of the other 85% of ids, over the whole pool (their same-paragraph negatives stay).
+    validation: the held-out questions against the sentences of their own paragraphs only; a smaller pool than the
+    full file, so scores run higher than on XQuAD-R, but every setting is compared on the same pools.
+    """
+    held_out = split == "validation"
+    pools = {}
+    for lang, pool in benchmark.pools.items():
+        keep = [k for k, qid in enumerate(pool.question_ids) if is_validation_id(qid) == held_out]
+        if held_out:
+            paragraphs = {pool.context_of[pool.gold[k]] for k in keep}
+            columns = [c for c, paragraph in enumerate(pool.context_of) if paragraph in paragraphs]
+        else:
+            columns = list(range(len(pool.candidates)))
+        new_column = {c: n for n, c in enumerate(columns)}
+        pools[lang] = LanguagePool(
+            lang,
+            [pool.candidates[c] for c in columns],
+            [pool.question_ids[k] for k in keep],
+            [pool.questions[k] for k in keep],
+            [new_column[pool.gold[k]] for k in keep],
+            [pool.context_of[c] for c in columns],
+        )
+    return RetrievalBenchmark(name=f"{benchmark.name}:{split}", pools=pools)
 
 
 def lareqa_training_corpus(benchmark: RetrievalBenchmark, hard_negatives: bool = True) -> ParallelCorpus:
@@ -332,7 +387,8 @@ def load_training_corpus(
 ) -> ParallelCorpus:
     """One `train_data` entry -> ParallelCorpus: a LAReQA name/folder, a .jsonl file, or a datasets id/path."""
     path = Path(source).expanduser()
-    if source in LAREQA_BENCHMARKS or (path.is_dir() and any(path.glob("*.json"))):
+    folder = Path(split_name(source)[0]).expanduser()  # a LAReQA folder may carry a split suffix too
+    if is_lareqa_name(source) or (folder.is_dir() and any(folder.glob("*.json"))):
         benchmark = load_lareqa_benchmark(source, data_dir=data_dir or None)
         return lareqa_training_corpus(benchmark, hard_negatives=hard_negatives)
     if path.suffix in DATA_FILE_TYPES and not path.is_file():

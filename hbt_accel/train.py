@@ -48,8 +48,8 @@ from hbt_accel.checkpoints import (
 from hbt_accel.config import HbtConfig, save_config
 from hbt_accel.console import TrainingProgressBar, make_console
 from hbt_accel.data import (
-    LAREQA_BENCHMARKS,
     ParallelCorpus,
+    is_lareqa_name,
     load_lareqa_benchmark,
     load_training_corpus,
     resolve_data_dir,
@@ -225,7 +225,7 @@ def with_data_dir(cfg: HbtConfig) -> HbtConfig:
     """The config with `data_dir` set to the LAReQA folder actually used (looked up when the recipe leaves it empty
     and reads LAReQA data), so the log and the saved hbt_config.yaml say where the data came from."""
     lareqa = [cfg.eval_benchmark, *cfg.train_data]
-    if cfg.data_dir or not any(source in LAREQA_BENCHMARKS for source in lareqa):
+    if cfg.data_dir or not any(is_lareqa_name(source) for source in lareqa):
         return cfg
     return dataclasses.replace(cfg, data_dir=str(resolve_data_dir()))
 

@@ -305,3 +305,40 @@ def test_progress_line_prints_at_most_every_interval(capsys):
         "encoding passage texts: 40/100 (3 texts/s)",
         "encoding passage texts: 90/100 (3 texts/s)",
     ]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The held-out split (`mlqa-r:train` / `mlqa-r:validation`) that settings are chosen on
+# ---------------------------------------------------------------------------------------------------------------
+@pytest.mark.skipif(not _has_data("mlqa-r"), reason="MLQA-R files not found")
+def test_validation_split_holds_out_whole_ids_with_their_own_paragraphs():
+    full = load_lareqa_benchmark("mlqa-r")
+    train, validation = load_lareqa_benchmark("mlqa-r:train"), load_lareqa_benchmark("mlqa-r:validation")
+    assert (train.name, validation.name) == ("mlqa-r:train", "mlqa-r:validation")
+    ids = {split: {q for p in b.pools.values() for q in p.question_ids} for split, b in [("t", train), ("v", validation)]}
+    assert not ids["t"] & ids["v"]  # an id is on one side in every language
+    assert len(ids["t"]) + len(ids["v"]) == 1148
+    assert 0.10 < len(ids["v"]) / 1148 < 0.20  # the 15% share, by a hash of the id
+    for lang, pool in validation.pools.items():
+        whole = full.pools[lang]
+        gold_text = {q: whole.candidates[g] for q, g in zip(whole.question_ids, whole.gold)}
+        assert [pool.candidates[g] for g in pool.gold] == [gold_text[q] for q in pool.question_ids]
+        paragraphs = {pool.context_of[g] for g in pool.gold}
+        assert set(pool.context_of) == paragraphs  # only the held-out questions' own paragraphs
+        assert len(pool.candidates) == sum(p in paragraphs for p in whole.context_of)
+    assert all(len(train.pools[lang].candidates) == len(full.pools[lang].candidates) for lang in full.pools)
+
+
+@pytest.mark.skipif(not _has_data("mlqa-r"), reason="MLQA-R files not found")
+def test_training_on_the_train_split_never_sees_a_validation_id():
+    from hbt_accel.data import is_validation_id, load_training_corpus
+
+    corpus = load_training_corpus("mlqa-r:train", hard_negatives=True)
+    assert corpus.examples and not any(is_validation_id(example_id) for example_id in corpus.examples)
+    held_out = load_training_corpus("mlqa-r:validation")
+    assert held_out.examples and all(is_validation_id(example_id) for example_id in held_out.examples)
+
+
+def test_a_mistyped_split_is_a_one_line_error():
+    with pytest.raises(DataError, match=r"mlqa-r:valid: not a benchmark name .*did you mean 'mlqa-r:validation'"):
+        load_lareqa_benchmark("mlqa-r:valid")

@@ -414,3 +414,20 @@ def test_multilingual_multi_positive_alignment_and_mining_cached_equals_plain(ti
         for run in ("plain", "cached")
     }
     np.testing.assert_allclose(losses["cached"], losses["plain"], rtol=0, atol=1e-4)
+
+
+def test_a_run_trains_on_the_train_split_and_scores_the_held_out_ids(tiny_model_dir, tmp_path):
+    """How settings are chosen: `mlqa-r:train` for training, `mlqa-r:validation` for every evaluation."""
+    from hbt_accel.data import is_validation_id
+
+    out = tmp_path / "run"
+    train(
+        *("--model_name_or_path", str(tiny_model_dir), "--output_dir", str(out), "--train_data", "mlqa-r:train"),
+        *("--max_steps", "2", "--per_device_train_batch_size", "8", "--eval_benchmark", "mlqa-r:validation"),
+        *("--eval_languages", "en,de", "--final_eval", "true"),
+    )
+    from hbt_accel.evaluation.grid import PER_QUERY_FILE, PerQueryScores
+
+    scores = PerQueryScores.load(out / PER_QUERY_FILE)
+    assert scores.benchmark == "mlqa-r:validation" and len(scores.languages) == 7
+    assert scores.query_ids and all(is_validation_id(query_id) for query_id in scores.query_ids)
