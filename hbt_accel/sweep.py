@@ -99,14 +99,14 @@ class SweepPoint:
     @property
     def name(self) -> str:
         """A folder name from the settings, e.g. `alpha-0.25__seed-1`."""
-        parts = [f"{key}-{_text(value)}" for key, value in self.settings]
+        parts = [f"{key}-{setting_text(value)}" for key, value in self.settings]
         return "__".join(part.replace("/", "_").replace(" ", "") for part in parts)
 
     def as_dict(self) -> dict:
         return dict(self.settings)
 
 
-def _text(value) -> str:
+def setting_text(value) -> str:
     return ",".join(map(str, value)) if isinstance(value, list) else str(value)
 
 
@@ -151,7 +151,32 @@ def load_sweep(path: str | os.PathLike) -> SweepSpec:
             _check_submitit_parameters(path, point_resources(spec, point))
     for point in sweep_points(spec):
         point_config(spec, point)  # every point's config must parse before anything runs
+    _check_compare(path, spec)
     return spec
+
+
+def _check_compare(path, spec: SweepSpec) -> None:
+    """Every comparison names settings the sweep has: a typo would otherwise compare nothing, silently."""
+    settings = [{k: v for k, v in point.settings if k != "seed"} for point in sweep_points(spec)]
+    for index, entry in enumerate(spec.compare):
+        where = f"{path}: compare[{index}]"
+        two_values = isinstance(entry, dict) and set(entry) == {"field", "a", "b"}
+        two_points = (
+            isinstance(entry, dict) and set(entry) == {"a", "b"} and all(isinstance(v, dict) for v in entry.values())
+        )
+        if not (two_values or two_points):
+            raise ConfigError(
+                f"{where}: expected {{field, a, b}} (two values of a setting) or {{a: {{..}}, b: {{..}}}} (two points)"
+            )
+        for side in ("a", "b"):
+            found = (
+                entry[side] in settings
+                if two_points
+                else any(s.get(entry["field"], ...) == entry[side] for s in settings)
+            )
+            if not found:
+                wanted = entry[side] if two_points else f"{entry['field']}: {entry[side]}"
+                raise ConfigError(f"{where}: {side}: no point of the sweep has {wanted}")
 
 
 def _repo_path(path: str) -> str:
@@ -243,7 +268,7 @@ def point_flags(spec: SweepSpec, point: SweepPoint) -> list[str]:
     values["output_dir"] = str(spec.run_root / point.name)
     flags = ["--config", base.recipe]
     for key, value in values.items():
-        flags += [f"--{key}", json.dumps(value) if isinstance(value, dict) else _text(value)]
+        flags += [f"--{key}", json.dumps(value) if isinstance(value, dict) else setting_text(value)]
     return flags
 
 

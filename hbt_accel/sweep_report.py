@@ -23,7 +23,7 @@ import numpy as np
 from hbt_accel.atomic import write_atomic, write_json
 from hbt_accel.evaluation.grid import language_view
 from hbt_accel.evaluation.schema import HEADLINE, MULTI_MAP
-from hbt_accel.sweep import BASE, SweepSpec, sweep_points
+from hbt_accel.sweep import BASE, SweepSpec, setting_text, sweep_points
 
 MLQA_R_LANGUAGES = ("ar", "de", "en", "es", "hi", "vi", "zh")  # what a point trains on unless train_languages says
 
@@ -97,36 +97,55 @@ def _group_languages(summary: dict, group: str) -> list[str]:
 
 
 def paired_tests(spec: SweepSpec, summaries: list[dict], n_resamples: int = 1000) -> list[dict]:
-    """For each `compare` entry {field, a, b}: a minus b (seeds averaged) at every value of the other settings."""
+    """For each `compare` entry, a minus b (seeds averaged) over the same question ids, with its bootstrap interval.
+
+    {field, a, b}: the field's two values, at every value of the other settings (hybrid minus xy at each size).
+    {a: {settings}, b: {settings}}: two listed points (seed aside), e.g. a feature switched on against the base
+    recipe `{}`.
+    """
     from hbt_accel.evaluation.grid import PerQueryScores
     from hbt_accel.evaluation.statistics import paired_difference
 
     tests = []
     for comparison in spec.compare:
-        key, a, b = comparison["field"], comparison["a"], comparison["b"]
-        by_rest: dict[tuple, dict] = defaultdict(lambda: {"a": [], "b": [], "parameters": {}})
-        for summary in summaries:
-            value = summary["settings"].get(key)
-            if value not in (a, b):
-                continue
-            rest = tuple(item for item in setting_of(summary) if item[0] != key)
-            per_query = PerQueryScores.load(spec.results_root / f"{summary['point']}.per_query.npz")
-            by_rest[rest]["a" if value == a else "b"].append(per_query)
-            if value == a:
-                by_rest[rest]["parameters"] = summary.get("parameters") or {}
-        for rest, runs in by_rest.items():
+        label, groups = compared_runs(comparison, summaries)
+        for rest, runs in groups.items():
             if runs["a"] and runs["b"]:
-                difference = paired_difference(runs["a"], runs["b"], n_resamples)
+                a, b = ([PerQueryScores.load(spec.results_root / f"{r['point']}.per_query.npz") for r in runs[side]]
+                        for side in ("a", "b"))  # fmt: skip
                 tests.append(
                     {
-                        "comparison": f"{key}: {a} minus {b}",
+                        "comparison": label,
                         "at": {k: json.loads(v) for k, v in rest},
-                        "seeds": [len(runs["a"]), len(runs["b"])],
-                        "parameters": runs["parameters"],  # of a's model; {} when its runs did not record them
-                        **difference,
+                        "seeds": [len(a), len(b)],
+                        "parameters": runs["a"][0].get("parameters") or {},  # of a's model; {} if not recorded
+                        **paired_difference(a, b, n_resamples),
                     }
                 )
     return tests
+
+
+def compared_runs(comparison: dict, summaries: list[dict]) -> tuple[str, dict[tuple, dict]]:
+    """(the comparison's label, other settings -> {"a": [summaries], "b": [summaries]})."""
+    groups: dict[tuple, dict] = defaultdict(lambda: {"a": [], "b": []})
+    if "field" in comparison:
+        key, a, b = comparison["field"], comparison["a"], comparison["b"]
+        for summary in summaries:
+            value = summary["settings"].get(key)
+            if value in (a, b):
+                rest = tuple(item for item in setting_of(summary) if item[0] != key)
+                groups[rest]["a" if value == a else "b"].append(summary)
+        return f"{key}: {a} minus {b}", groups
+    sides = {side: {k: json.dumps(v) for k, v in comparison[side].items()} for side in ("a", "b")}
+    for summary in summaries:
+        for side, setting in sides.items():
+            if dict(setting_of(summary)) == setting:
+                groups[()][side].append(summary)
+    return f"{_setting_label(comparison['a'])} minus {_setting_label(comparison['b'])}", groups
+
+
+def _setting_label(settings: dict) -> str:
+    return ", ".join(f"{k} {setting_text(v)}" for k, v in settings.items()) or "the base recipe"
 
 
 def parameter_gaps(tests: list[dict], metric: str = MULTI_MAP.key) -> list[dict]:

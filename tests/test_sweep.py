@@ -57,6 +57,15 @@ def test_every_committed_sweep_recipe_parses_and_lists_its_points():
         ({}, "give either axes (a product) or points (a list), not neither"),
         ({"axes": {"alpha": [0.5]}, "executor": "slurmm"}, "executor: got 'slurmm'"),
         ({"axes": {"alpha": [0.5]}, "executor": "submitit", "cluster": "slurmm"}, "cluster: got 'slurmm'"),
+        ({"axes": {"alpha": [0.5]}, "compare": [{"a": 0.5}]}, "compare[0]: expected {field, a, b} (two values"),
+        (
+            {"axes": {"alpha": [0.5, 1.0]}, "compare": [{"field": "alpha", "a": 0.5, "b": 0.3}]},
+            "compare[0]: b: no point of the sweep has alpha: 0.3",
+        ),
+        (
+            {"points": [{"alpha": 0.5}], "compare": [{"a": {"alpha": 0.5}, "b": {"alpah": 0.5}}]},
+            "compare[0]: b: no point of the sweep has {'alpah': 0.5}",
+        ),
     ],
 )
 def test_a_bad_sweep_recipe_fails_in_one_line_before_anything_runs(tmp_path, content, message):
@@ -482,3 +491,35 @@ def test_the_report_of_synthetic_points_gives_hand_computed_statistics_and_the_g
     assert [(p["low"], p["high"]) for p in series["points"]] == [(one["low"], one["high"]), (two["low"], two["high"])]
     markdown = (spec.results_root / "report.md").read_text()
     assert '| 1 | "xx" | 98.0M (2.0M w/o word emb.) | 3 |' in markdown
+
+
+def test_two_listed_points_are_compared_question_by_question(tmp_path):
+    """A feature switched on against the base point: multi AP .6 vs .5 on every question -> a gap of .1, no spread."""
+    from hbt_accel.atomic import write_json
+    from hbt_accel.evaluation.grid import summarize
+    from hbt_accel.sweep import point_summary, summary_path
+    from hbt_accel.sweep_report import write_report
+
+    base, feature = {"sampling": "hybrid"}, {"sampling": "hybrid", "temperature": 0.05}
+    spec = load_sweep(
+        write_sweep(
+            tmp_path,
+            points=[base, feature],
+            seeds=[1, 2],
+            results_dir=str(tmp_path / "results"),
+            compare=[{"a": feature, "b": base}],
+        )
+    )
+    spec.results_root.mkdir()
+    for point in sweep_points(spec):
+        scores = synthetic_scores([0.6 if "temperature" in point.as_dict() else 0.5] * 4)
+        evaluations = [{"step": 40, "multi_map": 0.5}]
+        train_summary = {"evaluations": evaluations, "steps": 40, "train_seconds": 60.0, "device": "cpu"}
+        write_json(summary_path(spec, point), point_summary(spec, point, train_summary, summarize(scores)))
+        scores.save(spec.results_root / f"{point.name}.per_query.npz")
+    write_report(spec)
+    (test,) = json.loads((spec.results_root / "report.json").read_text())["paired_tests"]
+    assert test["comparison"] == "sampling hybrid, temperature 0.05 minus sampling hybrid"
+    assert test["seeds"] == [2, 2] and test["at"] == {}
+    gap = test["multi_map"]
+    assert (gap["difference"], gap["low"], gap["high"]) == pytest.approx((0.1, 0.1, 0.1), abs=1e-6)
