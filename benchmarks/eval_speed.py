@@ -10,6 +10,8 @@ One run with the embedded multilingual-e5-small on XQuAD-R measures
       timed on the first --naive_pairs pairs and extrapolated linearly to all L x L single-pair settings (the
       multilingual settings, which would re-encode the whole union per query language, are left out: a lower bound);
   (d) (b) again under bf16 autocast: time and the largest |fp32 - bf16| of mono / cross / multi mAP;
+  (e) the floor of any evaluator of this model on this CPU: the FLOPs of the encoder's linear layers over every token
+      of (a), divided by this CPU's matrix-product rate measured here (torch.addmm on the model's FFN shape), in bf16;
 and prints (b)/(a) (goal <= 1.15), (c)/(b), and peak memory: the process's max RSS (getrusage) and the tracemalloc
 peak of the scoring step (numpy arrays of the block-wise ranking).
 """
@@ -60,6 +62,38 @@ def naive_pair(encoder, benchmark, query_lang: str, pool_lang: str, wanted: set[
     gold = np.array([g for _, g in chosen])
     ranks = relevant_ranks(scores, scores[np.arange(len(chosen)), gold][:, None])  # (n, 1)
     return float(average_precision(ranks).mean())
+
+
+def linear_layer_flops(encoder, questions: list[str], candidates: list[str]) -> float:
+    """2 x tokens x weights of every linear layer the pooled embedding goes through (attention scores, norms and
+    activations left out: a lower bound on the work of encoding every text once)."""
+    import torch
+
+    tokens = sum(encoder.token_lengths(questions, "query")) + sum(encoder.token_lengths(candidates, "passage"))
+    weights = sum(
+        module.weight.numel()
+        for name, module in encoder.backbone.named_modules()
+        if isinstance(module, torch.nn.Linear) and "pooler" not in name  # mean pooling: the pooler never runs
+    )
+    return 2.0 * tokens * weights
+
+
+def matmul_rate(rows: int, inner: int, outer: int, dtype, repeats: int = 10) -> float:
+    """FLOP/s of torch.addmm (rows x inner) @ (inner x outer) in `dtype` on this machine, best of `repeats`."""
+    import torch
+
+    a, b, bias = (
+        torch.randn(rows, inner, dtype=dtype),
+        torch.randn(inner, outer, dtype=dtype),
+        torch.zeros(outer, dtype=dtype),
+    )
+    torch.addmm(bias, a, b)  # first call: kernel selection and allocation
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        torch.addmm(bias, a, b)
+        best = min(best, time.perf_counter() - start)
+    return 2.0 * rows * inner * outer / best
 
 
 def main(argv=None) -> None:
@@ -143,6 +177,21 @@ def main(argv=None) -> None:
             + ", ".join(f"{fp32[k]:.4f} / {bf16[k]:.4f}" for k in HEADLINE_KEYS)
             + f" (largest mAP difference {diff:.4f})"
         )
+
+    # ---- (e) the floor: the linear layers' FLOPs at this CPU's measured bf16 matrix-product rate
+    import torch
+
+    config = encoder.backbone.config
+    flops = linear_layer_flops(encoder, questions, candidates)
+    rate = matmul_rate(4096, config.hidden_size, config.intermediate_size, torch.bfloat16)
+    floor_seconds = flops / rate
+    print(f"(e) matrix-product floor (bf16):   {floor_seconds:8.1f} s  {flops / 1e12:.1f} TFLOP of linear layers "
+          f"at {rate / 1e9:.0f} GFLOP/s (torch.addmm, bf16, now); 60 s needs {flops / 60e9:.0f} GFLOP/s")  # fmt: skip
+    rows.append(("(e) floor: linear-layer FLOPs at this CPU's measured bf16 matrix-product rate", floor_seconds))
+    notes.append(
+        f"(e) = {flops / 1e12:.1f} TFLOP / {rate / 1e9:.0f} GFLOP/s (torch.addmm {config.hidden_size}x"
+        f"{config.intermediate_size}, bf16); a grid in 60 s would need {flops / 60 / 1e9:.0f} GFLOP/s"
+    )
 
     # ---- memory
     max_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
