@@ -13,6 +13,7 @@ ORDER = (
     "tuning",
     "train_speed",
     "eval_speed",
+    "lir_probe",
 )  # where a section goes when the file does not have it yet
 
 

@@ -315,7 +315,9 @@ def test_validation_split_holds_out_whole_ids_with_their_own_paragraphs():
     full = load_lareqa_benchmark("mlqa-r")
     train, validation = load_lareqa_benchmark("mlqa-r:train"), load_lareqa_benchmark("mlqa-r:validation")
     assert (train.name, validation.name) == ("mlqa-r:train", "mlqa-r:validation")
-    ids = {split: {q for p in b.pools.values() for q in p.question_ids} for split, b in [("t", train), ("v", validation)]}
+    ids = {
+        split: {q for p in b.pools.values() for q in p.question_ids} for split, b in [("t", train), ("v", validation)]
+    }
     assert not ids["t"] & ids["v"]  # an id is on one side in every language
     assert len(ids["t"]) + len(ids["v"]) == 1148
     assert 0.10 < len(ids["v"]) / 1148 < 0.20  # the 15% share, by a hash of the id

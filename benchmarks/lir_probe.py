@@ -1,0 +1,156 @@
+"""Does removing language directions from the embeddings help the multilingual pool? (issue 14, item 4)
+
+    python benchmarks/lir_probe.py --model runs/sweeps/beyond_paper/sampling-hybrid__seed-1
+
+A probe, not a feature: the model's embeddings of MLQA-R validation (`mlqa-r:validation`) are encoded once, then
+scored as they are and after each projection below, with a paired bootstrap interval against "as they are". The
+directions are estimated on passages of the training split (`mlqa-r:train`), never on the scored questions.
+
+- per language, rank r (LIR, Yang et al., EMNLP 2021): the top-r right singular vectors of one language's passage
+  embeddings (uncentred, so the language's mean direction is the first) are projected out of that language's
+  embeddings. This needs each text's language at inference: fine for LAReQA, not a sentence-transformers head.
+- shared, rank r: the top-r principal directions of the seven language means (centred on their mean) are projected
+  out of every embedding, whatever its language: one linear map, what a `Dense` head could ship.
+
+Embeddings are re-normalised after a projection. The result is written to the `lir_probe` section of docs/results.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+from report import write_section
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="embedded", help="model folder or 'embedded'")
+    parser.add_argument("--benchmark", default="mlqa-r:validation", help="what is scored (never XQuAD-R here)")
+    parser.add_argument("--directions_from", default="mlqa-r:train", help="whose passages the directions come from")
+    parser.add_argument("--passages_per_language", type=int, default=1000, help="passages per language, spread evenly")
+    parser.add_argument("--ranks", default="1,2,4,8", help="directions removed, per language or shared")
+    parser.add_argument("--docs_dir", default=str(REPO / "docs"), help="write the table here ('' = print only)")
+    return parser.parse_args(argv)
+
+
+def normalized(vectors: np.ndarray) -> np.ndarray:
+    return vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
+
+
+def top_directions(vectors: np.ndarray, rank: int) -> np.ndarray:
+    """(rank, d) orthonormal: the top right singular vectors of `vectors` (n, d)."""
+    return np.linalg.svd(vectors, full_matrices=False)[2][:rank]
+
+
+def project_out(vectors: np.ndarray, directions: np.ndarray) -> np.ndarray:
+    """`vectors` (n, d) without their components along the orthonormal rows of `directions`, re-normalised."""
+    return normalized(vectors - (vectors @ directions.T) @ directions)
+
+
+def text_languages(encoded) -> tuple[np.ndarray, np.ndarray]:
+    """(language index of every query, of every candidate) of an EncodedBenchmark."""
+    counts = np.diff(encoded.candidate_offsets)
+    return encoded.query_language, np.repeat(np.arange(len(encoded.languages)), counts)
+
+
+def per_language(encoded, directions: dict[str, np.ndarray]):
+    """The EncodedBenchmark with each text's own language's directions projected out."""
+    query_language, candidate_language = text_languages(encoded)
+    queries, candidates = encoded.query_embeddings.copy(), encoded.candidate_embeddings.copy()
+    for j, language in enumerate(encoded.languages):
+        queries[query_language == j] = project_out(queries[query_language == j], directions[language])
+        candidates[candidate_language == j] = project_out(candidates[candidate_language == j], directions[language])
+    return dataclasses.replace(encoded, query_embeddings=queries, candidate_embeddings=candidates)
+
+
+def shared(encoded, directions: np.ndarray):
+    """The EncodedBenchmark with the same directions projected out of every text."""
+    return dataclasses.replace(
+        encoded,
+        query_embeddings=project_out(encoded.query_embeddings, directions),
+        candidate_embeddings=project_out(encoded.candidate_embeddings, directions),
+    )
+
+
+def estimation_passages(name: str, count: int) -> dict[str, list[str]]:
+    """language -> `count` candidate sentences spread evenly over that language's pool."""
+    from hbt_accel.data import load_lareqa_benchmark
+
+    pools = load_lareqa_benchmark(name).pools
+    return {
+        lang: [pool.candidates[i] for i in np.linspace(0, len(pool.candidates) - 1, count).astype(int)]
+        for lang, pool in pools.items()
+    }
+
+
+def main(argv=None) -> None:
+    from hbt_accel.data import load_lareqa_benchmark
+    from hbt_accel.evaluation import encode_benchmark, score_encoded
+    from hbt_accel.evaluation.schema import HEADLINE_KEYS
+    from hbt_accel.evaluation.statistics import paired_difference
+    from hbt_accel.modeling import DualEncoder
+
+    args = parse_args(argv)
+    started = time.perf_counter()
+    encoder = DualEncoder.from_pretrained(args.model)
+    benchmark = load_lareqa_benchmark(args.benchmark)
+    encoded = encode_benchmark(encoder, benchmark, bf16=True)
+    samples = estimation_passages(args.directions_from, args.passages_per_language)
+    passages = {lang: encoder.encode(texts, kind="passage", bf16=True) for lang, texts in samples.items()}
+    missing = [lang for lang in encoded.languages if lang not in passages]
+    if missing:
+        raise SystemExit(f"--directions_from {args.directions_from}: no passages in {', '.join(missing)}")
+
+    ranks = [int(r) for r in args.ranks.split(",")]
+    means = np.stack([passages[lang].mean(axis=0) for lang in encoded.languages])  # (L, d)
+    variants = {"as encoded": encoded}
+    for rank in ranks:
+        directions = {lang: top_directions(vectors, rank) for lang, vectors in passages.items()}
+        variants[f"per language (LIR), rank {rank}"] = per_language(encoded, directions)
+        if rank < len(means):  # L centred means span at most L - 1 directions
+            variants[f"shared, rank {rank}"] = shared(encoded, top_directions(means - means.mean(axis=0), rank))
+
+    scored = {}
+    for name, variant in variants.items():
+        per_query = []
+        scored[name] = (score_encoded(variant, per_query=per_query), per_query[0])
+    baseline = scored["as encoded"][1]
+    rows = []
+    for name, (results, scores) in scored.items():
+        gap = paired_difference(scores, baseline) if name != "as encoded" else None
+        cells = [f"{results[key]:.3f}" if key != "rank_distance" else f"{results[key]:.0f}" for key in HEADLINE_KEYS]
+        multi = gap["multi_map"] if gap else None
+        cells.append(f"{multi['difference']:+.3f} [{multi['low']:+.3f}, {multi['high']:+.3f}]" if multi else "")
+        rows.append("| " + " | ".join([name, *cells]) + " |")
+        print(rows[-1], flush=True)
+    write(args, encoded, rows, time.perf_counter() - started)
+
+
+def write(args, encoded, rows: list[str], seconds: float) -> None:
+    command = "python benchmarks/lir_probe.py " + " ".join(sys.argv[1:])
+    body = [
+        "## Language-information removal probe (issue 14)",
+        "",
+        f"`{command.strip()}` on {time.strftime('%Y-%m-%d')}, {seconds:.0f} s: {len(encoded.query_ids):,} "
+        f"{args.benchmark} questions in {len(encoded.languages)} languages; directions from "
+        f"{args.passages_per_language} {args.directions_from} passages per language. One model, so the interval "
+        "is over questions only (paired bootstrap, 1000 resamples), not over training seeds.",
+        "",
+        "| embeddings | mono | cross | multi | rank distance | multi minus as encoded [95% CI] |",
+        "|---|---|---|---|---|---|",
+        *rows,
+    ]
+    print("\n".join(body))
+    if args.docs_dir:
+        write_section(Path(args.docs_dir) / "results.md", "lir_probe", "\n".join(body))
+
+
+if __name__ == "__main__":
+    main()
