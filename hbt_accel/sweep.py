@@ -75,6 +75,7 @@ class SweepSpec:
     max_parallel: int = 1  # submitit: points queued or running at once (side by side on Slurm); 1 = one at a time
     save_steps: int = 30  # checkpoints a killed point resumes from
     compare: list = field(default_factory=list)  # paired tests: [{field: sampling, a: hybrid, b: xy}, ...]
+    language_groups: dict = field(default_factory=dict)  # report: group name -> languages, e.g. by resource level
 
     @property
     def run_root(self) -> Path:
@@ -152,6 +153,9 @@ def load_sweep(path: str | os.PathLike) -> SweepSpec:
     for point in sweep_points(spec):
         point_config(spec, point)  # every point's config must parse before anything runs
     _check_compare(path, spec)
+    for name, languages in spec.language_groups.items():
+        if not isinstance(languages, list) or not languages:
+            raise ConfigError(f"{path}: language_groups.{name}: expected a non-empty list of language codes")
     return spec
 
 

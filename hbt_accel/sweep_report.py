@@ -22,7 +22,7 @@ import numpy as np
 
 from hbt_accel.atomic import write_atomic, write_json
 from hbt_accel.evaluation.grid import language_view
-from hbt_accel.evaluation.schema import HEADLINE, MULTI_MAP
+from hbt_accel.evaluation.schema import HEADLINE, MULTI_MAP, RECALL_AT_1, RECALL_AT_10
 from hbt_accel.sweep import BASE, SweepSpec, setting_text, sweep_points
 
 MLQA_R_LANGUAGES = ("ar", "de", "en", "es", "hi", "vi", "zh")  # what a point trains on unless train_languages says
@@ -70,18 +70,25 @@ def describe(values: list[float]) -> dict:
     return {"mean": mean, "std": std, "low": float(low), "high": float(high), "n": len(array)}
 
 
-def aggregate(summaries: list[dict]) -> list[dict]:
-    """One row per setting: its settings and, per metric and language group, the over-seed statistics."""
+RECALLS = (RECALL_AT_1, RECALL_AT_10)
+
+
+def aggregate(summaries: list[dict], language_groups: dict[str, list[str]] | None = None) -> list[dict]:
+    """One row per setting: its settings and, per metric and language group (seen, unseen, and the sweep's own
+    `language_groups`), the over-seed statistics."""
     groups: dict[tuple, list[dict]] = defaultdict(list)
     for summary in summaries:
         groups[setting_of(summary)].append(summary)
     rows = []
     for setting, runs in groups.items():
         row = {"settings": {k: json.loads(v) for k, v in setting}, "seeds": [r["settings"].get("seed") for r in runs]}
-        for metric in HEADLINE:
-            row[metric.key] = describe([r["final"][metric.key] for r in runs])
-        for group in ("seen", "unseen"):
-            views = [language_view({**r, **r["final"]}, _group_languages(r, group)) for r in runs]
+        for metric in HEADLINE + RECALLS:
+            if all(metric.key in r["final"] for r in runs):
+                row[metric.key] = describe([r["final"][metric.key] for r in runs])
+        groups = {"seen": None, "unseen": None, **(language_groups or {})}
+        row["groups"] = list(language_groups or {})
+        for group, languages in groups.items():
+            views = [language_view({**r, **r["final"]}, languages or _group_languages(r, group)) for r in runs]
             row[group] = {key: describe([v[key] for v in views]) for key in views[0]}
         steps = [convergence_step(r["evaluations"]) for r in runs]
         row["convergence_step"] = describe([s for s in steps if s is not None]) if any(steps) else None
@@ -170,7 +177,7 @@ def parameter_gaps(tests: list[dict], metric: str = MULTI_MAP.key) -> list[dict]
 def write_report(spec: SweepSpec) -> list[Path]:
     summaries = load_summaries(spec)
     root = spec.results_root
-    rows = aggregate(summaries)
+    rows = aggregate(summaries, spec.language_groups)
     tests = paired_tests(spec, summaries)
     report = {"sweep": spec.name, "points_finished": len(summaries), "points": len(sweep_points(spec))}
     report.update(settings=rows, paired_tests=tests, gap_by_parameters=parameter_gaps(tests))
@@ -238,7 +245,27 @@ def render_markdown(spec: SweepSpec, report: dict) -> str:
                 for m in HEADLINE
             ]
             lines.append(f"| {test['comparison']} | {json.dumps(test['at'])} | " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + _recall_and_groups_table(axes, report["settings"], spec.language_groups)) + "\n"
+
+
+def _recall_and_groups_table(axes: list[str], rows: list[dict], language_groups: dict) -> list[str]:
+    """R@1 / R@10 and, per language group of the sweep, the group's mono and multi mAP."""
+    if not rows or not all(m.key in row for m in RECALLS for row in rows):
+        return []
+    group_headers = [f"{name}: {metric}" for name in language_groups for metric in ("mono mAP", "multi mAP")]
+    lines = ["", "Recall and language groups (" + _groups_text(language_groups) + "):", ""]
+    lines += ["| " + " | ".join([*axes, *(m.label for m in RECALLS), *group_headers]) + " |"]
+    lines += ["|---" * (len(axes) + len(RECALLS) + len(group_headers)) + "|"]
+    for row in rows:
+        cells = [json.dumps(row["settings"].get(axis)) for axis in axes]
+        cells += [_cell(row[m.key], m.digits) for m in RECALLS]
+        cells += [_cell(row[name][key], 3) for name in language_groups for key in ("mono_map", "multi_map")]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def _groups_text(language_groups: dict) -> str:
+    return "; ".join(f"{name} = {', '.join(langs)}" for name, langs in language_groups.items()) or "none defined"
 
 
 def write_figures(spec: SweepSpec, rows: list[dict], summaries: list[dict]) -> list[Path]:

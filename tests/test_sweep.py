@@ -432,6 +432,7 @@ def test_the_report_of_synthetic_points_gives_hand_computed_statistics_and_the_g
             seeds=[1, 2, 3],
             results_dir=str(tmp_path / "results"),
             compare=[{"field": "sampling", "a": "hybrid", "b": "xx"}],
+            language_groups={"thai": ["th"]},
         )
     )
     spec.results_root.mkdir()
@@ -466,6 +467,8 @@ def test_the_report_of_synthetic_points_gives_hand_computed_statistics_and_the_g
         assert cell["mean"] == pytest.approx(mean) and cell["std"] == pytest.approx(0.1) and cell["n"] == 3
         assert (cell["low"], cell["high"]) == pytest.approx((mean - half_width, mean + half_width))
         assert rows[key]["unseen"]["multi_map"]["mean"] == pytest.approx(mean)  # th: never trained on
+        assert rows[key]["thai"]["multi_map"]["mean"] == pytest.approx(mean)  # the sweep's own language group
+        assert rows[key]["recall_at_1"]["mean"] == 1.0  # every gold sentence first in every single-pair pool
     assert rows[(1, "xx")]["mono_map"] == {"mean": 1.0, "std": 0.0, "low": 1.0, "high": 1.0, "n": 3}
     assert rows[(2, "hybrid")]["convergence_step"]["mean"] == 40  # the first evaluation at 95% of the last
     assert rows[(2, "xx")]["parameters"]["without_word_embeddings"] == OTHER + 2 * LAYER
