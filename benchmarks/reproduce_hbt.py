@@ -23,7 +23,9 @@ from pathlib import Path
 from report import write_section
 
 from hbt_accel.atomic import write_atomic
+from hbt_accel.evaluation.grid import RESULTS_FILE
 from hbt_accel.evaluation.schema import HEADLINE, HEADLINE_KEYS
+from hbt_accel.run_summary import SUMMARY_FILE
 
 REPO = Path(__file__).resolve().parents[1]
 UNSEEN = ("el", "ru", "th", "tr")  # XQuAD-R languages absent from MLQA-R
@@ -57,10 +59,10 @@ def finished(output_dir: Path, *files: str) -> bool:
 def train(name: str, runs: Path, overrides: list[str]) -> dict:
     output_dir = runs / name
     command = [sys.executable, str(REPO / "recipes" / "train_hybrid.py"), "--output_dir", str(output_dir), *overrides]
-    reused = finished(output_dir, "train_summary.json", "eval_results.json")
+    reused = finished(output_dir, SUMMARY_FILE, RESULTS_FILE)
     wall = 0.0 if reused else run(command, runs / f"{name}.log")
-    summary = json.loads((output_dir / "train_summary.json").read_text())
-    results = json.loads((output_dir / "eval_results.json").read_text())
+    summary = json.loads((output_dir / SUMMARY_FILE).read_text())
+    results = json.loads((output_dir / RESULTS_FILE).read_text())
     return {
         "results": results,
         "train_seconds": summary["train_seconds"],
@@ -83,8 +85,8 @@ def evaluate_untrained(runs: Path, bf16: bool) -> dict:
         "--output_dir",
         str(output_dir),
     ] + (["--bf16"] if bf16 else [])
-    wall = 0.0 if finished(output_dir, "eval_results.json") else run(command, runs / "untrained.log")
-    results = json.loads((output_dir / "eval_results.json").read_text())
+    wall = 0.0 if finished(output_dir, RESULTS_FILE) else run(command, runs / "untrained.log")
+    results = json.loads((output_dir / RESULTS_FILE).read_text())
     return {"results": results, "train_seconds": 0.0, "wall_seconds": wall, "dir": output_dir}
 
 

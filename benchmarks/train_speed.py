@@ -33,6 +33,7 @@ from pathlib import Path
 from report import write_section
 
 from hbt_accel.atomic import write_atomic
+from hbt_accel.run_summary import SUMMARY_FILE
 
 REPO = Path(__file__).resolve().parents[1]
 BATCH = 32
@@ -136,7 +137,7 @@ def time_command(pairs_path: Path, steps: int, extra: list[str], launcher: list[
         wall = time.perf_counter() - started
         if result.returncode != 0:
             raise RuntimeError(f"hbt_accel run failed ({' '.join(command)}):\n{result.stderr[-2000:]}")
-        summary = json.loads((Path(output_dir) / "train_summary.json").read_text())
+        summary = json.loads((Path(output_dir) / SUMMARY_FILE).read_text())
     return [BATCH / record["samples_per_second"] for record in summary["history"]], wall
 
 

@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 
 from hbt_accel.config import HbtConfig
 
+SUMMARY_FILE = "train_summary.json"  # written last by a finished run
+
 
 @dataclass(frozen=True)
 class BatchArithmetic:

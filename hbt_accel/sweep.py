@@ -33,8 +33,9 @@ from hbt_accel.atomic import write_json
 from hbt_accel.checkpoints import latest_checkpoint
 from hbt_accel.config import HbtConfig, load_yaml, parse_config
 from hbt_accel.errors import ConfigError
-from hbt_accel.evaluation.grid import PER_QUERY_FILE
+from hbt_accel.evaluation.grid import PER_QUERY_FILE, RESULTS_FILE
 from hbt_accel.evaluation.schema import summary_of
+from hbt_accel.run_summary import SUMMARY_FILE
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN_SCRIPT = REPO / "recipes" / "train_hybrid.py"
@@ -416,14 +417,14 @@ def _tail(log: Path, lines: int = 20) -> str:
 
 def ran_to_the_end(run_dir: Path) -> bool:
     """The run wrote what `collect_point` reads; training writes its summary after the evaluation files."""
-    return all((run_dir / name).is_file() for name in ("eval_results.json", PER_QUERY_FILE, "train_summary.json"))
+    return all((run_dir / name).is_file() for name in (RESULTS_FILE, PER_QUERY_FILE, SUMMARY_FILE))
 
 
 def collect_point(spec: SweepSpec, point: SweepPoint) -> Path:
     """RESULTS/<point>.json (+ .per_query.npz) from the point's run folder: settings, final scores, scores by step."""
     run_dir = spec.run_root / point.name
-    train_summary = json.loads((run_dir / "train_summary.json").read_text())
-    results = json.loads((run_dir / "eval_results.json").read_text())
+    train_summary = json.loads((run_dir / SUMMARY_FILE).read_text())
+    results = json.loads((run_dir / RESULTS_FILE).read_text())
     spec.results_root.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(run_dir / PER_QUERY_FILE, spec.results_root / f"{point.name}.per_query.npz")
     return write_json(summary_path(spec, point), point_summary(spec, point, train_summary, results))

@@ -75,10 +75,9 @@ from hbt_accel.modeling import (
     describe_parameters,
     stale_save_folders,
 )
-from hbt_accel.run_summary import BatchArithmetic, TrainSummary
+from hbt_accel.run_summary import SUMMARY_FILE, BatchArithmetic, TrainSummary
 from hbt_accel.sampling import HybridBatchSampler
 
-SUMMARY_FILE = "train_summary.json"
 CONFIG_FILE = "hbt_config.yaml"
 
 
@@ -495,6 +494,8 @@ def mine_negatives(session: Session) -> None:
 def use_negatives(session: Session, mined: MinedNegatives, where: str) -> None:
     session.loader.collate_fn.mined_negatives = mined.for_collator()
     session.console.print(f"{mined.describe()} ({where})")
+    if warning := mined.margin_warning():
+        session.console.print(warning)
 
 
 # ==================================================================================================================

@@ -82,6 +82,7 @@ class EvaluateArguments:
 def main(args: EvaluateArguments) -> None:
     from hbt_accel.distributed import configure_cpu_threads
     from hbt_accel.evaluation import plot_metrics_by_step, print_metrics_by_step
+    from hbt_accel.evaluation.grid import RESULTS_FILE
 
     # ---------------------------------------------------------------- processes (a launch splits the encoding)
     threads = configure_cpu_threads()  # accelerate launch would leave one core per process
@@ -107,7 +108,7 @@ def main(args: EvaluateArguments) -> None:
     if not checkpoints:
         raise DataError(f"{run_dir}: no {PREFIX}<step> folders")
     for checkpoint in checkpoints:
-        if (checkpoint / "eval_results.json").is_file():
+        if (checkpoint / RESULTS_FILE).is_file():
             continue
         folder = model_folder(checkpoint)
         if folder is None:
@@ -119,9 +120,9 @@ def main(args: EvaluateArguments) -> None:
     # ---------------------------------------------------------------- metric-by-step table and plot
     if is_main:
         rows = [
-            (checkpoint_step(c), json.loads((c / "eval_results.json").read_text(encoding="utf-8")))
+            (checkpoint_step(c), json.loads((c / RESULTS_FILE).read_text(encoding="utf-8")))
             for c in checkpoints
-            if (c / "eval_results.json").is_file()
+            if (c / RESULTS_FILE).is_file()
         ]
         print_metrics_by_step(rows)
         print(f"wrote {plot_metrics_by_step(rows, run_dir / 'metrics_by_step.png')}")

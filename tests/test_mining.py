@@ -141,6 +141,7 @@ def test_mined_negatives_are_never_an_answer_of_the_query_id_nor_its_text(slice_
 
 def test_mined_negatives_honour_the_language_shares(slice_corpus, mined_slice):
     _, mined = mined_slice
+    assert mined.margin_warning() is None  # margin 0: no filter, nothing to warn about
     for (_, _, language), picked in mined.for_collator().items():
         languages = [lang for lang, _ in picked]
         assert len(picked) == K
@@ -155,6 +156,12 @@ def test_mined_negatives_score_below_the_margin_of_the_answer(slice_corpus, mine
     margin = 1.0  # nothing scoring above the answer itself: with the tiny random model that is most candidates
     mined = mine_hard_negatives(encoder, [slice_corpus], [["de", "en", "es"]], MiningSettings(K, SHARE, margin))
     assert mined.stats["margin_dropped"] > 0.5 and mined.stats["queries_short"] == 0
+    dropped = mined.stats["margin_dropped"]
+    assert (mined.margin_warning() is not None) == (dropped > 0.9)  # most of the list dropped: the run says so
+    assert mined.margin_warning(worst_share=dropped - 0.01).startswith(
+        f"warning: mining_margin 1.0 dropped {dropped:.1%}"
+    )
+    assert mined.margin_warning(worst_share=dropped) is None
     for (_, example_id, language), picked in list(mined.picks.items())[:40]:
         by_language = slice_corpus.examples[example_id]
         query = encoder.encode([by_language[language].query], "query")[0]

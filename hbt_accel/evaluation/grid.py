@@ -141,7 +141,8 @@ def encode_benchmark(
     )
 
 
-PER_QUERY_FILE = "per_query.npz"  # the name a PerQueryScores is saved under beside eval_results.json
+RESULTS_FILE = "eval_results.json"  # an evaluation's summary numbers
+PER_QUERY_FILE = "per_query.npz"  # the name a PerQueryScores is saved under beside RESULTS_FILE
 
 
 @dataclass

@@ -12,6 +12,7 @@ import os
 from pathlib import Path
 
 from hbt_accel.atomic import write_atomic, write_json
+from hbt_accel.evaluation.grid import RESULTS_FILE
 from hbt_accel.evaluation.schema import MAP_KEYS, METRICS, RANK_DISTANCE, RECALL_AT_1
 
 
@@ -95,7 +96,7 @@ def write_reports(results: dict, output_dir: str | os.PathLike) -> dict[str, Pat
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     paths = {}
-    paths["json"] = write_json(output_dir / "eval_results.json", results, sort_keys=True)
+    paths["json"] = write_json(output_dir / RESULTS_FILE, results, sort_keys=True)
     if "grid" not in results:
         return paths
 
