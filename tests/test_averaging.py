@@ -1,0 +1,101 @@
+"""Weight averaging of finished runs (recipes/average.py): the mean of every tensor, a loadable folder, one-line
+refusals before anything is written."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from hbt_accel.averaging import SOURCES_FILE, average_models
+from hbt_accel.errors import ConfigError, DataError
+from hbt_accel.modeling import SETTINGS_FILE, DualEncoder
+from tests.conftest import load_tiny_encoder
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def two_runs(tmp_path_factory, tiny_model_dir, xlmr_tokenizer) -> list[Path]:
+    """Two saved models of one architecture and settings, their weights moved apart by different noise."""
+    folders = []
+    for seed in (1, 2):
+        encoder = load_tiny_encoder(tiny_model_dir, xlmr_tokenizer)
+        generator = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for parameter in encoder.parameters():
+                parameter.add_(torch.randn(parameter.shape, generator=generator) * 0.05)
+        folder = tmp_path_factory.mktemp(f"run{seed}")
+        encoder.save_pretrained(folder)
+        folders.append(folder)
+    return folders
+
+
+def test_the_average_holds_the_mean_of_every_tensor_and_loads_like_a_trained_model(two_runs, tmp_path):
+    output = average_models(two_runs, tmp_path / "soup")
+    states = [DualEncoder.from_pretrained(run).state_dict() for run in two_runs]
+    averaged = DualEncoder.from_pretrained(output)
+    for name, tensor in averaged.state_dict().items():
+        torch.testing.assert_close(tensor, (states[0][name] + states[1][name]) / 2, rtol=0, atol=1e-7)
+    assert json.loads((output / SOURCES_FILE).read_text())["runs"] == [str(run.resolve()) for run in two_runs]
+    texts = ["Wo liegt Berlin?", "Berlin is the capital of Germany."]
+    from sentence_transformers import SentenceTransformer
+
+    through_st = SentenceTransformer(str(output), device="cpu", local_files_only=True)
+    expected = averaged.encode(texts, kind="passage")
+    torch.testing.assert_close(
+        torch.from_numpy(through_st.encode(texts, prompt_name="passage")),
+        torch.from_numpy(expected),
+        atol=1e-5,
+        rtol=0,
+    )
+
+
+def test_runs_of_different_settings_or_models_are_refused_in_one_line_before_writing(two_runs, tmp_path):
+    other = tmp_path / "other"
+    DualEncoder.from_pretrained(two_runs[0]).save_pretrained(other)
+    settings = json.loads((other / SETTINGS_FILE).read_text())
+    (other / SETTINGS_FILE).write_text(json.dumps({**settings, "pooling": "cls"}))
+    with pytest.raises(DataError, match=r"other: encoder settings differ from .* in pooling"):
+        average_models([two_runs[0], other], tmp_path / "soup")
+    assert not (tmp_path / "soup").exists()
+    shallower = tmp_path / "shallower"
+    DualEncoder.from_pretrained(two_runs[0], num_layers=1).save_pretrained(shallower)
+    with pytest.raises(
+        DataError,
+        match=r"shallower: tensor backbone.encoder.layer.1.\S+ is missing here but \(32, 32\) in .*different model",
+    ):
+        average_models([two_runs[0], shallower], tmp_path / "soup")
+    assert not (tmp_path / "soup").exists()
+    with pytest.raises(ConfigError, match="give two or more model folders"):
+        average_models([two_runs[0]], tmp_path / "soup")
+    taken = tmp_path / "taken"
+    taken.mkdir()
+    (taken / "notes.txt").write_text("user data")
+    with pytest.raises(ConfigError, match="is not empty"):
+        average_models(two_runs, taken)
+    assert [p.name for p in taken.iterdir()] == ["notes.txt"]
+
+
+def test_the_command_line_reports_a_folder_that_is_not_a_model_in_one_line(tmp_path):
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "recipes" / "average.py"),
+            "--runs",
+            f"{tmp_path},{tmp_path}",
+            "--output_dir",
+            "x",
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 2
+    assert (
+        result.stderr.strip()
+        == f"error: {tmp_path}: not a saved hbt_accel model (expected {SETTINGS_FILE} and config.json)"
+    )
