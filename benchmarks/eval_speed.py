@@ -20,13 +20,12 @@ from __future__ import annotations
 
 import argparse
 import resource
-import sys
 import time
 import tracemalloc
 from pathlib import Path
 
 import numpy as np
-from report import write_section
+from report import invocation, write_section
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -211,7 +210,7 @@ def main(argv=None) -> None:
 
 
 def write_docs(docs: Path, setup: str, rows: list[tuple[str, float]], notes: list[str]) -> None:
-    command = "python benchmarks/eval_speed.py " + " ".join(sys.argv[1:])
+    command = invocation()
     body = [
         "## Evaluation speed",
         "",

@@ -19,12 +19,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
-from report import write_section
+from report import invocation, write_section
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -134,7 +133,7 @@ def main(argv=None) -> None:
 
 
 def write(args, encoded, rows: list[str], seconds: float) -> None:
-    command = "python benchmarks/lir_probe.py " + " ".join(sys.argv[1:])
+    command = invocation()
     body = [
         "## Language-information removal probe (issue 14)",
         "",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import sys
 from pathlib import Path
 
 from hbt_accel.atomic import write_atomic
@@ -15,6 +16,11 @@ ORDER = (
     "eval_speed",
     "lir_probe",
 )  # where a section goes when the file does not have it yet
+
+
+def invocation() -> str:
+    """How the running benchmark was called (`python benchmarks/<script>.py <arguments>`): a section's first line."""
+    return " ".join(["python", f"benchmarks/{Path(sys.argv[0]).name}", *sys.argv[1:]])
 
 
 def write_section(path: Path, name: str, body: str) -> None:

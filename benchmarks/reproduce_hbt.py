@@ -20,7 +20,7 @@ import sys
 import time
 from pathlib import Path
 
-from report import write_section
+from report import invocation, write_section
 
 from hbt_accel.atomic import write_atomic
 from hbt_accel.evaluation.grid import RESULTS_FILE
@@ -339,7 +339,7 @@ def main() -> None:
         f"(+{cfg.num_hard_negatives} hard negative each), lr {cfg.learning_rate}, temperature {cfg.temperature}, "
         f"max lengths {cfg.query_max_length}/{cfg.passage_max_length}, {cfg.mixed_precision}, seed {cfg.seed}."
     )
-    command = "python benchmarks/reproduce_hbt.py " + " ".join(sys.argv[1:])
+    command = invocation()
     write_results(entries, Path(args.docs_dir), command.strip(), time.perf_counter() - started, budget, sweep)
     print((Path(args.docs_dir) / "results.md").read_text())
 

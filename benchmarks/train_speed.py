@@ -30,7 +30,7 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
-from report import write_section
+from report import invocation, write_section
 
 from hbt_accel.atomic import write_atomic
 from hbt_accel.run_summary import SUMMARY_FILE
@@ -278,7 +278,7 @@ def main() -> None:
 def write_docs(docs: Path, setup: str, rows, table: list[str], profile_total: float, profile) -> None:
     records = [{"setup": n, "seconds_per_step": s, "samples_per_second": BATCH / s} for n, s, _ in rows]
     write_atomic(docs / "train_speed.json", json.dumps({"setup": setup, "rows": records}, indent=2) + "\n")
-    command = "python benchmarks/train_speed.py " + " ".join(sys.argv[1:])
+    command = invocation()
     body = [
         "## Training speed against sentence-transformers",
         "",
