@@ -11,6 +11,8 @@ import json
 import os
 from pathlib import Path
 
+import torch
+
 from hbt_accel.atomic import write_json
 from hbt_accel.errors import ConfigError, DataError
 from hbt_accel.modeling import SETTINGS_FILE, DualEncoder
@@ -23,6 +25,9 @@ def check_runs(runs: list[str | os.PathLike]) -> list[Path]:
     if len(runs) < 2:
         raise ConfigError(f"--runs: give two or more model folders to average (got {len(runs)})")
     folders = [Path(run) for run in runs]
+    repeated = {str(f) for f in folders if sum(f.resolve() == g.resolve() for g in folders) > 1}
+    if repeated:
+        raise ConfigError(f"--runs: {', '.join(sorted(repeated))} is listed twice (each run once, for a uniform mean)")
     for folder in folders:
         if not (folder / SETTINGS_FILE).is_file() or not (folder / "config.json").is_file():
             raise DataError(f"{folder}: not a saved hbt_accel model (expected {SETTINGS_FILE} and config.json)")
@@ -43,22 +48,34 @@ def average_models(runs: list[str | os.PathLike], output_dir: str | os.PathLike)
     with `averaged_from.json`); the first run provides the tokenizer and the settings."""
     folders = check_runs(runs)
     output_dir = Path(output_dir)
-    if output_dir.exists() and any(output_dir.iterdir()):
-        raise ConfigError(f"--output_dir: {output_dir} is not empty (averaging writes a new model folder)")
+    if output_dir.is_file() or (output_dir.is_dir() and any(output_dir.iterdir())):
+        raise ConfigError(f"--output_dir: {output_dir} is not an empty folder (averaging writes a new model folder)")
     model = DualEncoder.from_pretrained(folders[0])
-    total = {name: tensor.detach().clone().double() for name, tensor in model.state_dict().items()}
+    reference = model.state_dict()
+    total = {name: tensor.detach().to(torch.float64, copy=True) for name, tensor in reference.items()}
     for folder in folders[1:]:
         state = DualEncoder.from_pretrained(folder).state_dict()
+        check_same_tensors(reference, state, folders[0], folder)
         for name, tensor in total.items():
-            other = state.get(name)
-            if other is None or other.shape != tensor.shape:
-                found = "missing" if other is None else f"shape {tuple(other.shape)}"
-                expected = f"{tuple(tensor.shape)} in {folders[0]}"
-                raise DataError(f"{folder}: tensor {name} is {found} here but {expected} (a different model)")
-            tensor += other.double()
-    reference = model.state_dict()
+            tensor += state[name].double()
     model.load_state_dict({name: (tensor / len(folders)).to(reference[name].dtype) for name, tensor in total.items()})
     model.save_pretrained(output_dir)
     sources = {"runs": [str(folder.resolve()) for folder in folders], "weights": "uniform"}
     write_json(output_dir / SOURCES_FILE, sources)
     return output_dir
+
+
+def check_same_tensors(reference: dict, state: dict, reference_folder: Path, folder: Path) -> None:
+    """The same tensor names and shapes both ways; integer buffers (ids, not weights) must be equal: no mean of ids."""
+    for name in sorted(reference.keys() ^ state.keys()):
+        where = "here" if name in state else f"in {reference_folder}"
+        raise DataError(f"{folder}: tensor {name} is only {where} (a different model from {reference_folder})")
+    for name, tensor in reference.items():
+        other = state[name]
+        if other.shape != tensor.shape:
+            raise DataError(
+                f"{folder}: tensor {name} has shape {tuple(other.shape)} here but {tuple(tensor.shape)} in "
+                f"{reference_folder} (a different model)"
+            )
+        if not tensor.is_floating_point() and not torch.equal(tensor, other):
+            raise DataError(f"{folder}: integer tensor {name} differs from {reference_folder} (cannot be averaged)")

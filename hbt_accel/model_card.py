@@ -17,6 +17,7 @@ import yaml
 
 from hbt_accel.atomic import write_atomic
 from hbt_accel.config import HbtConfig
+from hbt_accel.data import split_name
 from hbt_accel.evaluation.schema import METRICS
 from hbt_accel.run_summary import TrainSummary
 from hbt_accel.sampling import STRATEGIES
@@ -199,12 +200,29 @@ def _hardware(summary: TrainSummary) -> tuple[str, str]:
     return long, device
 
 
+def dataset_name(source: str) -> str:
+    """A data source as a card names it: `mlqa-r` -> MLQA-R, `mlqa-r:train` -> MLQA-R (train split), a path as is."""
+    base, split = split_name(source)
+    if base not in BENCHMARK_NAMES:
+        return source
+    return f"{BENCHMARK_NAMES[base]} ({split} split)" if split else BENCHMARK_NAMES[base]
+
+
+def data_licence(source: str) -> str | None:
+    """The licence line of a LAReQA source, split or not (a split has its whole file's licence)."""
+    return DATA_LICENSES.get(split_name(source)[0])
+
+
+def _trains_on_mlqa_r(cfg: HbtConfig) -> bool:
+    return any(split_name(source)[0] == "mlqa-r" for source in cfg.train_data)
+
+
 def _training_data_section(summary: TrainSummary) -> str:
     cfg = summary.config
     corpora = {corpus.get("name"): corpus for corpus in summary.corpora}
     lines = []
     for index, source in enumerate(cfg.train_data):
-        name = BENCHMARK_NAMES.get(source, source)
+        name = dataset_name(source)
         corpus = corpora.get(source, {})
         sizes = []
         if "ids" in corpus:
@@ -279,7 +297,7 @@ def _evaluation_section(cfg: HbtConfig, results: dict | None) -> str:
             "Evaluation was not run for this model (no benchmark configured or `final_eval` off). Score it with "
             "`python recipes/evaluate.py --model <this folder>`."
         )
-    benchmark = BENCHMARK_NAMES.get(results.get("benchmark", cfg.eval_benchmark), cfg.eval_benchmark)
+    benchmark = dataset_name(results.get("benchmark", cfg.eval_benchmark))
     n_queries = results.get("n_queries")
     seconds = results.get("seconds")
     lines = [
@@ -310,13 +328,11 @@ def _evaluation_section(cfg: HbtConfig, results: dict | None) -> str:
 def _licence_section(cfg: HbtConfig) -> str:
     lines = [f"- Base model: see the licence of `{_base_model(cfg)[0]}`."]
     for source in cfg.train_data:
-        if source in DATA_LICENSES:
-            lines.append(f"- Training data {DATA_LICENSES[source]}.")
-        else:
-            lines.append(f"- Training data `{source}`: see its own licence.")
-    if cfg.eval_benchmark in DATA_LICENSES:
-        lines.append(f"- Evaluation data {DATA_LICENSES[cfg.eval_benchmark]}.")
-    if "mlqa-r" in cfg.train_data:
+        licence = data_licence(source)
+        lines.append(f"- Training data {licence}." if licence else f"- Training data `{source}`: see its own licence.")
+    if data_licence(cfg.eval_benchmark):
+        lines.append(f"- Evaluation data {data_licence(cfg.eval_benchmark)}.")
+    if _trains_on_mlqa_r(cfg):
         lines.append(
             "- Because the training data is non-commercial (CC BY-NC 4.0), this card declares cc-by-nc-4.0; check "
             "whether that applies to your use."
@@ -332,7 +348,7 @@ def card_metadata(summary: TrainSummary, results: dict | None, name: str) -> dic
     metadata: dict[str, Any] = {"library_name": "sentence-transformers", "pipeline_tag": "sentence-similarity"}
     if languages:
         metadata["language"] = languages
-    if "mlqa-r" in cfg.train_data:
+    if _trains_on_mlqa_r(cfg):
         metadata["license"] = "cc-by-nc-4.0"
     metadata["tags"] = [
         "sentence-transformers",
@@ -361,7 +377,7 @@ def card_metadata(summary: TrainSummary, results: dict | None, name: str) -> dic
                 "results": [
                     {
                         "task": {"type": "retrieval", "name": "Multilingual answer retrieval (LAReQA)"},
-                        "dataset": {"type": benchmark, "name": BENCHMARK_NAMES.get(benchmark, benchmark)},
+                        "dataset": {"type": benchmark, "name": dataset_name(benchmark)},
                         "metrics": metrics,
                     }
                 ],

@@ -65,29 +65,31 @@ def test_runs_of_different_settings_or_models_are_refused_in_one_line_before_wri
     assert not (tmp_path / "soup").exists()
     shallower = tmp_path / "shallower"
     DualEncoder.from_pretrained(two_runs[0], num_layers=1).save_pretrained(shallower)
-    with pytest.raises(
-        DataError,
-        match=r"shallower: tensor backbone.encoder.layer.1.\S+ is missing here but \(32, 32\) in .*different model",
-    ):
-        average_models([two_runs[0], shallower], tmp_path / "soup")
+    for runs in ([two_runs[0], shallower], [shallower, two_runs[0]]):  # either order
+        with pytest.raises(DataError, match=r"tensor backbone.encoder.layer.1.\S+ is only (here|in .*run1)"):
+            average_models(runs, tmp_path / "soup")
     assert not (tmp_path / "soup").exists()
+    with pytest.raises(ConfigError, match="is listed twice"):
+        average_models([two_runs[0], two_runs[1], two_runs[0]], tmp_path / "soup")
     with pytest.raises(ConfigError, match="give two or more model folders"):
         average_models([two_runs[0]], tmp_path / "soup")
     taken = tmp_path / "taken"
     taken.mkdir()
     (taken / "notes.txt").write_text("user data")
-    with pytest.raises(ConfigError, match="is not empty"):
+    with pytest.raises(ConfigError, match="is not an empty folder"):
         average_models(two_runs, taken)
+    with pytest.raises(ConfigError, match="is not an empty folder"):
+        average_models(two_runs, taken / "notes.txt")
     assert [p.name for p in taken.iterdir()] == ["notes.txt"]
 
 
-def test_the_command_line_reports_a_folder_that_is_not_a_model_in_one_line(tmp_path):
+def test_the_command_line_reports_a_folder_that_is_not_a_model_in_one_line(tmp_path, two_runs):
     result = subprocess.run(
         [
             sys.executable,
             str(REPO / "recipes" / "average.py"),
             "--runs",
-            f"{tmp_path},{tmp_path}",
+            f"{two_runs[0]},{tmp_path}",
             "--output_dir",
             "x",
         ],

@@ -273,9 +273,19 @@ def test_model_card_front_matter_and_grid(tmp_path):
     assert "global batch 64 queries = 32 per device x 2 process(es)" in body
     assert "negatives per query 127 (63 in-batch + 64 hard" in body
     assert "1:02:05 (h:mm:ss)" in body  # 3725 s
+
     assert "arXiv 2408.10536" in body and "2004.05484" in body
     assert "CC BY-NC 4.0" in body and "CC BY-SA 4.0" in body
     assert 'prompt_name="query"' in body
+
+
+def test_a_model_trained_on_a_split_keeps_its_data_licence(tmp_path):
+    cfg = HbtConfig(train_data=["mlqa-r:train"], eval_benchmark="mlqa-r:validation")
+    results = {**RESULTS, "benchmark": "mlqa-r:validation"}
+    metadata, body = split_card(write_model_card(tmp_path, run_summary(cfg), results).read_text())
+    assert metadata["license"] == "cc-by-nc-4.0"  # the split is part of the non-commercial MLQA-R files
+    assert "- Training data MLQA-R: CC BY-NC 4.0 (non-commercial)." in body
+    assert metadata["model-index"][0]["results"][0]["dataset"]["name"] == "MLQA-R (validation split)"
 
 
 def test_model_card_names_the_language_bias_options_only_when_on(tmp_path):
