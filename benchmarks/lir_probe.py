@@ -4,7 +4,8 @@
 
 A probe, not a feature: the model's embeddings of MLQA-R validation (`mlqa-r:validation`) are encoded once, then
 scored as they are and after each projection below, with a paired bootstrap interval against "as they are". The
-directions are estimated on passages of the training split (`mlqa-r:train`), never on the scored questions.
+directions are estimated on sentences of the training split (`mlqa-r:train`) outside the paragraphs of the scored
+questions, so never on a scored candidate.
 
 - per language, rank r (LIR, Yang et al., EMNLP 2021): the top-r right singular vectors of one language's passage
   embeddings (uncentred, so the language's mean direction is the first) are projected out of that language's
@@ -79,14 +80,18 @@ def shared(encoded, directions: np.ndarray):
 
 
 def estimation_passages(name: str, count: int) -> dict[str, list[str]]:
-    """language -> `count` candidate sentences spread evenly over that language's pool."""
-    from hbt_accel.data import load_lareqa_benchmark
+    """language -> `count` sentences spread evenly over that language's pool, leaving out every paragraph that holds
+    a held-out question: those sentences are the candidates being scored (a `:train` split keeps the whole pool)."""
+    from hbt_accel.data import is_validation_id, load_lareqa_benchmark
 
-    pools = load_lareqa_benchmark(name).pools
-    return {
-        lang: [pool.candidates[i] for i in np.linspace(0, len(pool.candidates) - 1, count).astype(int)]
-        for lang, pool in pools.items()
-    }
+    samples = {}
+    for lang, pool in load_lareqa_benchmark(name).pools.items():
+        scored = {pool.context_of[g] for q, g in zip(pool.question_ids, pool.gold) if is_validation_id(q)}
+        kept = [text for text, paragraph in zip(pool.candidates, pool.context_of) if paragraph not in scored]
+        if not kept:
+            raise SystemExit(f"--directions_from {name}: no {lang} sentences outside the held-out paragraphs")
+        samples[lang] = [kept[i] for i in np.linspace(0, len(kept) - 1, min(count, len(kept))).astype(int)]
+    return samples
 
 
 def main(argv=None) -> None:

@@ -364,6 +364,9 @@ def select_split(benchmark: RetrievalBenchmark, split: str) -> RetrievalBenchmar
             [new_column[pool.gold[k]] for k in keep],
             [pool.context_of[c] for c in columns],
         )
+    empty = [lang for lang, pool in pools.items() if not pool.question_ids]
+    if empty:
+        raise DataError(f"{benchmark.name}:{split}: no questions in {', '.join(empty)} on this side of the split")
     return RetrievalBenchmark(name=f"{benchmark.name}:{split}", pools=pools)
 
 

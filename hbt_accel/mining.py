@@ -116,7 +116,7 @@ class MinedNegatives:
         return (
             f"warning: mining_margin {self.settings.margin} dropped {dropped:.1%} of the candidates looked at, so the "
             "mined negatives are far from the top of the list; this model's scores sit too close together for that "
-            "margin (try 0.99, or 0 to rely on the id and text exclusions alone)"
+            "margin (raise it toward 1, or set 0 to rely on the id and text exclusions alone)"
         )
 
     # ---- the file ---------------------------------------------------------------------------------------------------

@@ -154,6 +154,8 @@ def load_sweep(path: str | os.PathLike) -> SweepSpec:
     for point in sweep_points(spec):
         point_config(spec, point)  # every point's config must parse before anything runs
     _check_compare(path, spec)
+    if not isinstance(spec.language_groups, dict):
+        raise ConfigError(f"{path}: language_groups: expected a mapping of group name -> list of language codes")
     for name, languages in spec.language_groups.items():
         if not isinstance(languages, list) or not languages:
             raise ConfigError(f"{path}: language_groups.{name}: expected a non-empty list of language codes")
@@ -174,14 +176,35 @@ def _check_compare(path, spec: SweepSpec) -> None:
                 f"{where}: expected {{field, a, b}} (two values of a setting) or {{a: {{..}}, b: {{..}}}} (two points)"
             )
         for side in ("a", "b"):
-            found = (
-                entry[side] in settings
-                if two_points
-                else any(s.get(entry["field"], ...) == entry[side] for s in settings)
-            )
-            if not found:
-                wanted = entry[side] if two_points else f"{entry['field']}: {entry[side]}"
+            if not any(compared_side(entry, s)[0] == side for s in settings):
+                wanted = (
+                    f"{entry[side]} (every setting but seed and base)"
+                    if two_points
+                    else f"{entry['field']}: {entry[side]}"
+                )
                 raise ConfigError(f"{where}: {side}: no point of the sweep has {wanted}")
+
+
+def compared_side(comparison: dict, settings: dict) -> tuple[str | None, tuple]:
+    """(the side of a `compare` entry a point is on: "a", "b" or None; what the two sides are paired at).
+
+    {field, a, b}: the point's value of the field; paired at its other settings. {a: {..}, b: {..}}: the point's
+    settings but seed and base; paired at the base (a sweep over several bases compares within each). Values compare
+    as JSON, as in the point names: 1, 1.0 and true differ."""
+    settings = {k: v for k, v in settings.items() if k != "seed"}
+    if "field" in comparison:
+        key = comparison["field"]
+        own, at = settings.get(key, ...), {k: v for k, v in settings.items() if k != key}
+        targets = {side: comparison[side] for side in ("a", "b")} if key in settings else {}
+    else:
+        own, at = {k: v for k, v in settings.items() if k != BASE}, {k: v for k, v in settings.items() if k == BASE}
+        targets = {side: comparison[side] for side in ("a", "b")}
+    side = next((s for s, target in targets.items() if _as_json(own) == _as_json(target)), None)
+    return side, tuple((k, json.dumps(v)) for k, v in at.items())
+
+
+def _as_json(value) -> str:
+    return json.dumps(value, sort_keys=True)
 
 
 def _repo_path(path: str) -> str:

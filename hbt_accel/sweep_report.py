@@ -23,7 +23,7 @@ import numpy as np
 from hbt_accel.atomic import write_atomic, write_json
 from hbt_accel.evaluation.grid import language_view
 from hbt_accel.evaluation.schema import HEADLINE, MULTI_MAP, RECALL_AT_1, RECALL_AT_10
-from hbt_accel.sweep import BASE, SweepSpec, setting_text, sweep_points
+from hbt_accel.sweep import BASE, SweepSpec, compared_side, setting_text, sweep_points
 
 MLQA_R_LANGUAGES = ("ar", "de", "en", "es", "hi", "vi", "zh")  # what a point trains on unless train_languages says
 
@@ -85,17 +85,24 @@ def aggregate(summaries: list[dict], language_groups: dict[str, list[str]] | Non
         for metric in HEADLINE + RECALLS:
             if all(metric.key in r["final"] for r in runs):
                 row[metric.key] = describe([r["final"][metric.key] for r in runs])
-        groups = {"seen": None, "unseen": None, **(language_groups or {})}
-        row["groups"] = list(language_groups or {})
-        for group, languages in groups.items():
-            views = [language_view({**r, **r["final"]}, languages or _group_languages(r, group)) for r in runs]
-            row[group] = {key: describe([v[key] for v in views]) for key in views[0]}
+        for group in ("seen", "unseen"):
+            row[group] = _group_statistics(runs, lambda r, group=group: _group_languages(r, group))
+        row["language_groups"] = {
+            name: _group_statistics(runs, lambda r, languages=languages: languages)
+            for name, languages in (language_groups or {}).items()
+        }
         steps = [convergence_step(r["evaluations"]) for r in runs]
         row["convergence_step"] = describe([s for s in steps if s is not None]) if any(steps) else None
         row["train_seconds"] = describe([r["train_seconds"] for r in runs])
         row["parameters"] = runs[0].get("parameters") or {}  # one setting, one model: the seeds agree
         rows.append(row)
     return rows
+
+
+def _group_statistics(runs: list[dict], languages_of) -> dict:
+    """Over-seed statistics of mono / cross / multi mAP and rank distance on the languages `languages_of(run)`."""
+    views = [language_view({**r, **r["final"]}, languages_of(r)) for r in runs]
+    return {key: describe([v[key] for v in views]) for key in views[0]}
 
 
 def _group_languages(summary: dict, group: str) -> list[str]:
@@ -135,19 +142,12 @@ def paired_tests(spec: SweepSpec, summaries: list[dict], n_resamples: int = 1000
 def compared_runs(comparison: dict, summaries: list[dict]) -> tuple[str, dict[tuple, dict]]:
     """(the comparison's label, other settings -> {"a": [summaries], "b": [summaries]})."""
     groups: dict[tuple, dict] = defaultdict(lambda: {"a": [], "b": []})
-    if "field" in comparison:
-        key, a, b = comparison["field"], comparison["a"], comparison["b"]
-        for summary in summaries:
-            value = summary["settings"].get(key)
-            if value in (a, b):
-                rest = tuple(item for item in setting_of(summary) if item[0] != key)
-                groups[rest]["a" if value == a else "b"].append(summary)
-        return f"{key}: {a} minus {b}", groups
-    sides = {side: {k: json.dumps(v) for k, v in comparison[side].items()} for side in ("a", "b")}
     for summary in summaries:
-        for side, setting in sides.items():
-            if dict(setting_of(summary)) == setting:
-                groups[()][side].append(summary)
+        side, at = compared_side(comparison, summary["settings"])
+        if side:
+            groups[at][side].append(summary)
+    if "field" in comparison:
+        return f"{comparison['field']}: {comparison['a']} minus {comparison['b']}", groups
     return f"{_setting_label(comparison['a'])} minus {_setting_label(comparison['b'])}", groups
 
 
@@ -259,7 +259,8 @@ def _recall_and_groups_table(axes: list[str], rows: list[dict], language_groups:
     for row in rows:
         cells = [json.dumps(row["settings"].get(axis)) for axis in axes]
         cells += [_cell(row[m.key], m.digits) for m in RECALLS]
-        cells += [_cell(row[name][key], 3) for name in language_groups for key in ("mono_map", "multi_map")]
+        groups = row["language_groups"]
+        cells += [_cell(groups[name][key], 3) for name in language_groups for key in ("mono_map", "multi_map")]
         lines.append("| " + " | ".join(cells) + " |")
     return lines
 

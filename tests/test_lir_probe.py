@@ -33,3 +33,32 @@ def test_projecting_out_the_span_of_the_centred_language_means_makes_the_means_c
     directions = top_directions(means - means.mean(axis=0), 2)  # 3 centred means span 2 directions
     projected_means = np.stack([(x - (x @ directions.T) @ directions).mean(axis=0) for x in languages])
     np.testing.assert_allclose(projected_means, np.broadcast_to(projected_means[0], (3, 16)), atol=1e-9)
+
+
+def test_each_text_loses_only_its_own_languages_directions():
+    """Two languages with unequal pools (2 en and 3 de candidates), queries in en, de, de: en texts lose axis 0 and
+    keep axis 1, de texts the other way round."""
+    from lir_probe import per_language
+
+    from hbt_accel.evaluation.grid import EncodedBenchmark
+
+    rng = np.random.default_rng(2)
+    encoded = EncodedBenchmark(
+        benchmark="toy",
+        languages=["en", "de"],
+        query_ids=["q0", "q1", "q2"],
+        query_language=np.array([0, 1, 1]),
+        gold_columns=np.array([[0, 2], [1, 3], [0, 4]]),
+        candidate_offsets=np.array([0, 2, 5]),
+        query_embeddings=normalized(rng.normal(size=(3, 4))),
+        candidate_embeddings=normalized(rng.normal(size=(5, 4))),
+        precision="fp32",
+        encode_seconds=0.0,
+    )
+    axes = np.eye(4)
+    projected = per_language(encoded, {"en": axes[:1], "de": axes[1:2]})
+    language_of = {"query": [0, 1, 1], "candidate": [0, 0, 1, 1, 1]}
+    for kind, vectors in (("query", projected.query_embeddings), ("candidate", projected.candidate_embeddings)):
+        for vector, language in zip(vectors, language_of[kind]):
+            assert abs(vector[language]) < 1e-7 and abs(vector[1 - language]) > 1e-3
+    assert encoded.query_embeddings[0, 0] != 0  # the input embeddings are left as they were

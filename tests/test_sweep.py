@@ -467,7 +467,9 @@ def test_the_report_of_synthetic_points_gives_hand_computed_statistics_and_the_g
         assert cell["mean"] == pytest.approx(mean) and cell["std"] == pytest.approx(0.1) and cell["n"] == 3
         assert (cell["low"], cell["high"]) == pytest.approx((mean - half_width, mean + half_width))
         assert rows[key]["unseen"]["multi_map"]["mean"] == pytest.approx(mean)  # th: never trained on
-        assert rows[key]["thai"]["multi_map"]["mean"] == pytest.approx(mean)  # the sweep's own language group
+        assert rows[key]["language_groups"]["thai"]["multi_map"]["mean"] == pytest.approx(
+            mean
+        )  # the sweep's own language group
         assert rows[key]["recall_at_1"]["mean"] == 1.0  # every gold sentence first in every single-pair pool
     assert rows[(1, "xx")]["mono_map"] == {"mean": 1.0, "std": 0.0, "low": 1.0, "high": 1.0, "n": 3}
     assert rows[(2, "hybrid")]["convergence_step"]["mean"] == 40  # the first evaluation at 95% of the last
@@ -526,3 +528,22 @@ def test_two_listed_points_are_compared_question_by_question(tmp_path):
     assert test["seeds"] == [2, 2] and test["at"] == {}
     gap = test["multi_map"]
     assert (gap["difference"], gap["low"], gap["high"]) == pytest.approx((0.1, 0.1, 0.1), abs=1e-6)
+
+
+def test_a_comparison_pairs_two_points_within_each_base_and_compares_values_as_json():
+    from hbt_accel.sweep import compared_side
+
+    two_points = {"a": {"sampling": "hybrid", "temperature": 0.05}, "b": {"sampling": "hybrid"}}
+    assert compared_side(two_points, {"base": "labse", "sampling": "hybrid", "seed": 1}) == (
+        "b",
+        (("base", '"labse"'),),
+    )
+    assert compared_side(two_points, {"base": "e5", "sampling": "hybrid", "temperature": 0.05, "seed": 2}) == (
+        "a",
+        (("base", '"e5"'),),
+    )
+    assert compared_side(two_points, {"sampling": "xy", "seed": 1})[0] is None
+    two_values = {"field": "alpha", "a": 0.5, "b": 0.0}
+    assert compared_side(two_values, {"alpha": 0.0, "num_layers": 3, "seed": 1}) == ("b", (("num_layers", "3"),))
+    assert compared_side(two_values, {"alpha": 0, "seed": 1})[0] is None  # 0 and 0.0 are two points, as in their names
+    assert compared_side(two_values, {"num_layers": 3, "seed": 1})[0] is None
