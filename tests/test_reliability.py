@@ -170,7 +170,8 @@ def bad_inputs(tmp_path_factory, mlqa_slice) -> dict[str, Path]:
         (["--eval_benchmark", "{truncated_benchmark}"], "{truncated_benchmark}/en.json: not valid JSON"),
         (
             ["--eval_benchmark", "xquad-rr"],
-            "xquad-rr: not a benchmark name (xquad-r, mlqa-r) nor a folder; did you mean 'xquad-r'?",
+            "xquad-rr: not a benchmark name (xquad-r, mlqa-r, optionally :train or :validation) nor a folder; "
+            "did you mean 'xquad-r'?",
         ),
         (["--model_name_or_path", "./no/such/model"], "model_name_or_path: ./no/such/model not found (a local model"),
     ],
