@@ -105,21 +105,24 @@ def main(argv=None) -> None:
     started = time.perf_counter()
     encoder = DualEncoder.from_pretrained(args.model)
     benchmark = load_lareqa_benchmark(args.benchmark)
-    encoded = encode_benchmark(encoder, benchmark, bf16=True)
     samples = estimation_passages(args.directions_from, args.passages_per_language)
-    passages = {lang: encoder.encode(texts, kind="passage", bf16=True) for lang, texts in samples.items()}
-    missing = [lang for lang in encoded.languages if lang not in passages]
-    if missing:
+    missing = [lang for lang in benchmark.languages if lang not in samples]
+    if missing:  # checked before any encoding
         raise SystemExit(f"--directions_from {args.directions_from}: no passages in {', '.join(missing)}")
+    encoded = encode_benchmark(encoder, benchmark, bf16=True)
+    passages = {lang: encoder.encode(samples[lang], kind="passage", bf16=True) for lang in encoded.languages}
 
     ranks = [int(r) for r in args.ranks.split(",")]
+    # one SVD per language (and one of the means) at the largest rank; a smaller rank is its leading rows
+    per_language_directions = {lang: top_directions(vectors, max(ranks)) for lang, vectors in passages.items()}
     means = np.stack([passages[lang].mean(axis=0) for lang in encoded.languages])  # (L, d)
+    shared_directions = top_directions(means - means.mean(axis=0), len(means) - 1)  # L centred means: L - 1 at most
     variants = {"as encoded": encoded}
     for rank in ranks:
-        directions = {lang: top_directions(vectors, rank) for lang, vectors in passages.items()}
+        directions = {lang: found[:rank] for lang, found in per_language_directions.items()}
         variants[f"per language (LIR), rank {rank}"] = per_language(encoded, directions)
-        if rank < len(means):  # L centred means span at most L - 1 directions
-            variants[f"shared, rank {rank}"] = shared(encoded, top_directions(means - means.mean(axis=0), rank))
+        if rank < len(means):
+            variants[f"shared, rank {rank}"] = shared(encoded, shared_directions[:rank])
 
     scored = {}
     for name, variant in variants.items():

@@ -194,7 +194,7 @@ def compared_side(comparison: dict, settings: dict) -> tuple[str | None, tuple]:
     settings = {k: v for k, v in settings.items() if k != "seed"}
     if "field" in comparison:
         key = comparison["field"]
-        own, at = settings.get(key, ...), {k: v for k, v in settings.items() if k != key}
+        own, at = settings.get(key), {k: v for k, v in settings.items() if k != key}
         targets = {side: comparison[side] for side in ("a", "b")} if key in settings else {}
     else:
         own, at = {k: v for k, v in settings.items() if k != BASE}, {k: v for k, v in settings.items() if k == BASE}

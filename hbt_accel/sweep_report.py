@@ -125,15 +125,17 @@ def paired_tests(spec: SweepSpec, summaries: list[dict], n_resamples: int = 1000
         label, groups = compared_runs(comparison, summaries)
         for rest, runs in groups.items():
             if runs["a"] and runs["b"]:
-                a, b = ([PerQueryScores.load(spec.results_root / f"{r['point']}.per_query.npz") for r in runs[side]]
-                        for side in ("a", "b"))  # fmt: skip
+                scores = {
+                    side: [PerQueryScores.load(spec.results_root / f"{r['point']}.per_query.npz") for r in runs[side]]
+                    for side in ("a", "b")
+                }
                 tests.append(
                     {
                         "comparison": label,
                         "at": {k: json.loads(v) for k, v in rest},
-                        "seeds": [len(a), len(b)],
+                        "seeds": [len(scores["a"]), len(scores["b"])],
                         "parameters": runs["a"][0].get("parameters") or {},  # of a's model; {} if not recorded
-                        **paired_difference(a, b, n_resamples),
+                        **paired_difference(scores["a"], scores["b"], n_resamples),
                     }
                 )
     return tests
