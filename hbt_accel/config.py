@@ -62,6 +62,16 @@ class HbtConfig:
     freeze_word_embeddings: bool = _field(
         False, "keep the word-embedding matrix fixed (96M of e5-small's 118M parameters): faster optimizer steps"
     )
+    sparse_embedding_gradient: bool = _field(
+        True,
+        "one CPU process with trainable word embeddings: sum the lookups' sparse gradients into one kept buffer "
+        "instead of a fresh dense table per lookup (hbt_accel/sparse_embedding.py); same gradient",
+    )
+    cpu_training_attention: bool = _field(
+        True,
+        "on CPU, train with the math attention and a cheaper dropout mask (hbt_accel/cpu_attention.py): faster "
+        "steps, same distribution; evaluation keeps sdpa",
+    )
 
     # ---- data ----
     data_dir: str = _field("", "folder with xquad-r/ and mlqa-r/; empty = $HBT_DATA_DIR or ../shared/data/lareqa")

@@ -172,12 +172,13 @@ class DualEncoder(nn.Module):
         gradient_checkpointing: bool = False,
         torch_dtype: torch.dtype | None = None,
         num_layers: int = 0,
+        attn_implementation: str | None = None,
     ) -> DualEncoder:
         """Load backbone + tokenizer from a hub id, a folder, or "embedded" (the bundled multilingual-e5-small).
 
         Settings: `settings` if given, else the folder's `hbt_encoder.json` if present, else the defaults.
         `num_layers` > 0 keeps the first that many transformer layers (`keep_first_layers`); checked against the
-        model's config before the weights are read.
+        model's config before the weights are read. `attn_implementation`: transformers' name (None = its default).
         """
         from transformers import AutoConfig, AutoModel, AutoTokenizer
 
@@ -191,6 +192,8 @@ class DualEncoder(nn.Module):
         if settings is None:
             settings = EncoderSettings.from_json(saved) if saved.is_file() else EncoderSettings()
         load_kwargs = {"dtype": torch_dtype} if torch_dtype is not None else {}
+        if attn_implementation is not None:
+            load_kwargs["attn_implementation"] = attn_implementation
         if config.model_type in _HAS_POOLER:
             load_kwargs["add_pooling_layer"] = False  # unused by our pooling; avoids a "newly initialised" warning
         try:

@@ -31,9 +31,10 @@ import time
 from pathlib import Path
 
 import torch
-from accelerate.utils import set_seed
+from accelerate.utils import DistributedType, set_seed
 from transformers import get_scheduler
 
+from hbt_accel import cpu_attention
 from hbt_accel.atomic import write_json
 from hbt_accel.batches import PairCollator, build_loader
 from hbt_accel.checkpoints import (
@@ -77,6 +78,7 @@ from hbt_accel.modeling import (
 )
 from hbt_accel.run_summary import SUMMARY_FILE, BatchArithmetic, TrainSummary
 from hbt_accel.sampling import HybridBatchSampler
+from hbt_accel.sparse_embedding import SparseEmbeddingGradient, sparse_embedding_gradient
 
 CONFIG_FILE = "hbt_config.yaml"
 
@@ -125,6 +127,7 @@ class Session:
     plan: StepPlan
     parameters: dict = dataclasses.field(default_factory=dict)  # DualEncoder.parameter_counts(), before prepare
     progress: TrainingProgress = dataclasses.field(default_factory=TrainingProgress)
+    embedding_gradient: SparseEmbeddingGradient | None = None  # sparse_embedding_gradient, where it applies
     nonfinite_steps: int = 0  # steps skipped for a NaN/inf loss or gradient (skip_nonfinite_steps)
     resumed_from: Path | None = None  # the checkpoint this run continues
 
@@ -188,7 +191,7 @@ def setup(cfg: HbtConfig) -> Session:
     # ==============================================================================================================
     # 2. Model, collator, DataLoader
     # ==============================================================================================================
-    model = build_model(cfg)
+    model = build_model(cfg, on_cpu=accelerator.device.type == "cpu")
     parameters = model.parameter_counts()  # before prepare: wrapped or partitioned models count differently
     console.print(describe_parameters(parameters))
     collator = build_collator(cfg, corpora, model, sampler)
@@ -196,6 +199,8 @@ def setup(cfg: HbtConfig) -> Session:
     # ==============================================================================================================
     # 3. Optimization
     # ==============================================================================================================
+    single_cpu_process = accelerator.device.type == "cpu" and accelerator.distributed_type == DistributedType.NO
+    embedding_gradient = sparse_embedding_gradient(model, cfg.sparse_embedding_gradient, single_cpu_process)
     optimizer = build_optimizer(model, cfg, accelerator)
     loss_fn = build_loss(cfg)
     # ==============================================================================================================
@@ -205,6 +210,7 @@ def setup(cfg: HbtConfig) -> Session:
     session = Session(
         cfg, accelerator, console, corpora, sampler, loader, model, optimizer, scheduler, loss_fn, plan, parameters
     )
+    session.embedding_gradient = embedding_gradient
     # ==============================================================================================================
     # 5. The run folder, and resume
     # ==============================================================================================================
@@ -325,7 +331,7 @@ def plan_steps(cfg: HbtConfig, sampler: HybridBatchSampler, world_size: int) -> 
     return StepPlan(BatchArithmetic.of(cfg, world_size, sampler.answers_per_row), steps_per_epoch, max_steps)
 
 
-def build_model(cfg: HbtConfig) -> DualEncoder:
+def build_model(cfg: HbtConfig, on_cpu: bool = False) -> DualEncoder:
     settings = EncoderSettings(
         pooling=cfg.pooling,
         normalize=cfg.normalize,
@@ -344,6 +350,7 @@ def build_model(cfg: HbtConfig) -> DualEncoder:
         lora=lora,
         gradient_checkpointing=cfg.gradient_checkpointing,
         num_layers=cfg.num_layers,
+        attn_implementation=cpu_attention.register() if on_cpu and cfg.cpu_training_attention else None,
     )
     model.length_buckets = cfg.length_buckets
     if cfg.freeze_word_embeddings:
@@ -511,6 +518,8 @@ def train_step(session: Session, batch: dict) -> torch.Tensor:
     with accelerator.accumulate(model):
         loss = session.loss_fn.training_step(model, batch, accelerator)
         if accelerator.sync_gradients:
+            if session.embedding_gradient is not None:
+                session.embedding_gradient.densify()
             # max_norm inf when clipping is off: the norm is still measured (for the guard), the gradients unchanged
             norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm or math.inf)
             if not _all_finite(accelerator, loss, norm):
