@@ -111,12 +111,10 @@ def time_sentence_transformers(pairs, steps: int, bf16: bool) -> list[float]:
     return [b - a for a, b in zip(stamps, stamps[1:])]
 
 
-def time_peer(pairs_path: Path, steps: int, bf16: bool, huge_pages: bool) -> list[float]:
-    """`time_sentence_transformers` in a fresh process, with torch's default 4 KB pages (as its users run it) or with
-    the huge-page setting hbt_accel makes for itself (`hbt_accel/__init__.py`)."""
+def time_peer(pairs_path: Path, steps: int, bf16: bool) -> list[float]:
+    """`time_sentence_transformers` in a fresh process, like every hbt_accel row."""
     command = [sys.executable, __file__, "--time_peer_here", str(pairs_path), str(steps), str(int(bf16))]
-    env = {**_quiet_env(), "THP_MEM_ALLOC_ENABLE": str(int(huge_pages))}
-    result = subprocess.run(command, capture_output=True, text=True, cwd=REPO, env=env)
+    result = subprocess.run(command, capture_output=True, text=True, cwd=REPO, env=_quiet_env())
     if result.returncode != 0:
         raise RuntimeError(f"sentence-transformers timing failed:\n{result.stderr[-2000:]}")
     return json.loads(result.stdout.strip().splitlines()[-1])
@@ -157,10 +155,10 @@ def time_command(pairs_path: Path, steps: int, extra: list[str], launcher: list[
     return [BATCH / record["samples_per_second"] for record in summary["history"]], wall
 
 
-def time_in_process(pairs_path: Path, steps: int, extra: list[str], env: dict | None = None) -> list[float]:
+def time_in_process(pairs_path: Path, steps: int, extra: list[str]) -> list[float]:
     """Per-step seconds of the library's train_step, timed in a fresh `python` process (see `_time_steps_here`)."""
     command = [sys.executable, __file__, "--time_steps_here", str(pairs_path), str(steps), *extra]
-    result = subprocess.run(command, capture_output=True, text=True, cwd=REPO, env={**_quiet_env(), **(env or {})})
+    result = subprocess.run(command, capture_output=True, text=True, cwd=REPO, env=_quiet_env())
     if result.returncode != 0:
         raise RuntimeError(f"in-process timing failed ({' '.join(extra)}):\n{result.stderr[-2000:]}")
     return json.loads(result.stdout.strip().splitlines()[-1])
@@ -226,10 +224,8 @@ def measure(pairs_path: Path, args) -> list[tuple[str, float, float | None]]:
     for precision in ("fp32", "bf16"):
         flags = ["--mixed_precision", "no" if precision == "fp32" else "bf16"]
         bf16 = precision == "bf16"
-        peer = steady(time_peer(pairs_path, steps, bf16, huge_pages=False), warmup)
+        peer = steady(time_peer(pairs_path, steps, bf16), warmup)
         rows.append((f"sentence-transformers, {precision}", peer, None))
-        with_huge_pages = steady(time_peer(pairs_path, steps, bf16, huge_pages=True), warmup)
-        rows.append((f"sentence-transformers, {precision}, with hbt_accel's huge-page setting", with_huge_pages, None))
         rows.append(
             (
                 f"hbt_accel, {precision}, in-process train_step",
@@ -240,19 +236,15 @@ def measure(pairs_path: Path, args) -> list[tuple[str, float, float | None]]:
         step_seconds, wall = time_command(pairs_path, steps, flags, README_LAUNCHER, _quiet_env())
         name = f"hbt_accel, {precision}, the README's `accelerate launch` command ({wall:.0f} s for {steps} steps)"
         rows.append((name, steady(step_seconds, warmup), peer))
-    peer_fp32, peer_bf16 = rows[0][1], rows[4][1]
+    peer_fp32, peer_bf16 = rows[0][1], rows[3][1]
     speed_paths_off = ["--cpu_training_attention", "false", "--sparse_embedding_gradient", "false"]
-    variants = [  # (row, flags, environment)
-        ("hbt_accel, bf16, length_buckets 1 (no padding savings)", ["--length_buckets", "1"], {}),
-        (
-            "hbt_accel, bf16, CPU speed paths off (sdpa attention, dense embedding gradient, 4 KB pages)",
-            speed_paths_off,
-            {"THP_MEM_ALLOC_ENABLE": "0"},
-        ),
-        ("hbt_accel, bf16 + frozen word embeddings (the default recipe)", ["--freeze_word_embeddings", "true"], {}),
+    variants = [
+        ("hbt_accel, bf16, length_buckets 1 (no padding savings)", ["--length_buckets", "1"]),
+        ("hbt_accel, bf16, CPU speed paths off (sdpa attention, dense embedding gradient)", speed_paths_off),
+        ("hbt_accel, bf16 + frozen word embeddings (the default recipe)", ["--freeze_word_embeddings", "true"]),
     ]
-    for name, flags, env in variants:
-        seconds = steady(time_in_process(pairs_path, steps, ["--mixed_precision", "bf16", *flags], env), warmup)
+    for name, flags in variants:
+        seconds = steady(time_in_process(pairs_path, steps, ["--mixed_precision", "bf16", *flags]), warmup)
         rows.append((name, seconds, peer_bf16))
     if not args.skip_distributed:
         for name, config in (("DDP 2 processes", "cpu_ddp.yaml"), ("ZeRO-2 2 processes", "deepspeed_zero2.yaml")):
@@ -316,9 +308,7 @@ def write_docs(docs: Path, setup: str, rows, table: list[str], profile_total: fl
         f"{_version('sentence-transformers')} (MultipleNegativesRankingLoss through SentenceTransformerTrainer). "
         "Ratios are the peer's seconds per step over ours at the same precision (the DDP and ZeRO-2 rows: "
         "against the peer's fp32). Every hbt_accel row trains all weights like the peer, except the one marked "
-        "frozen word embeddings. The peer's ratios are against it as its users run it (torch's default 4 KB "
-        "pages); its rows with hbt_accel's huge-page setting (`hbt_accel/__init__.py`) show how much of the gap "
-        "that setting alone is.",
+        "frozen word embeddings.",
         "",
         *table,
     ]
