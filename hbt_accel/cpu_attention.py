@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 CPU_TRAINING_ATTENTION = "hbt_cpu_training"
 _RANDOM_LEVELS = 1 << 16
@@ -44,8 +45,6 @@ def cpu_training_attention(
     **kwargs,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """transformers' attention signature: (N, heads, L, d) query/key/value -> ((N, L, heads, d), weights)."""
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
     grouped_heads = key.shape[1] != query.shape[1]  # grouped-query attention: leave it to sdpa's handling
     if not torch.is_grad_enabled() or grouped_heads:
         return sdpa_attention_forward(

@@ -191,7 +191,8 @@ def setup(cfg: HbtConfig) -> Session:
     # ==============================================================================================================
     # 2. Model, collator, DataLoader
     # ==============================================================================================================
-    model = build_model(cfg, on_cpu=accelerator.device.type == "cpu")
+    on_cpu = accelerator.device.type == "cpu"
+    model = build_model(cfg, on_cpu)
     parameters = model.parameter_counts()  # before prepare: wrapped or partitioned models count differently
     console.print(describe_parameters(parameters))
     collator = build_collator(cfg, corpora, model, sampler)
@@ -199,7 +200,7 @@ def setup(cfg: HbtConfig) -> Session:
     # ==============================================================================================================
     # 3. Optimization
     # ==============================================================================================================
-    single_cpu_process = accelerator.device.type == "cpu" and accelerator.distributed_type == DistributedType.NO
+    single_cpu_process = on_cpu and accelerator.distributed_type == DistributedType.NO
     embedding_gradient = sparse_embedding_gradient(model, cfg.sparse_embedding_gradient, single_cpu_process)
     optimizer = build_optimizer(model, cfg, accelerator)
     loss_fn = build_loss(cfg)
@@ -208,9 +209,20 @@ def setup(cfg: HbtConfig) -> Session:
     # ==============================================================================================================
     model, optimizer, scheduler = prepare(accelerator, model, optimizer, cfg, plan.max_steps)
     session = Session(
-        cfg, accelerator, console, corpora, sampler, loader, model, optimizer, scheduler, loss_fn, plan, parameters
+        cfg,
+        accelerator,
+        console,
+        corpora,
+        sampler,
+        loader,
+        model,
+        optimizer,
+        scheduler,
+        loss_fn,
+        plan,
+        parameters,
+        embedding_gradient=embedding_gradient,
     )
-    session.embedding_gradient = embedding_gradient
     # ==============================================================================================================
     # 5. The run folder, and resume
     # ==============================================================================================================
