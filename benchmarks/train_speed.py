@@ -239,7 +239,8 @@ def measure(pairs_path: Path, args) -> list[tuple[str, float, float | None]]:
     peer_fp32, peer_bf16 = rows[0][1], rows[3][1]
     speed_paths_off = ["--cpu_training_attention", "false", "--sparse_embedding_gradient", "false"]
     variants = [
-        ("hbt_accel, bf16, length_buckets 1 (no padding savings)", ["--length_buckets", "1"]),
+        ("hbt_accel, bf16, padded rows in 4 length buckets (pack_sequences off)", ["--pack_sequences", "false"]),
+        ("hbt_accel, bf16, padded rows (no padding savings)", ["--pack_sequences", "false", "--length_buckets", "1"]),
         ("hbt_accel, bf16, CPU speed paths off (sdpa attention, dense embedding gradient)", speed_paths_off),
         ("hbt_accel, bf16 + frozen word embeddings (the default recipe)", ["--freeze_word_embeddings", "true"]),
     ]

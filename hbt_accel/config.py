@@ -59,6 +59,11 @@ class HbtConfig:
     length_buckets: int = _field(
         4, "run each training batch in this many length-sorted groups: same embeddings, less padding compute"
     )
+    pack_sequences: bool = _field(
+        True,
+        "with the CPU training attention and a BERT-type encoder, train on padding-free rows (only the real tokens; "
+        "hbt_accel/cpu_attention.py): same embeddings, no padding compute; length_buckets applies where it cannot",
+    )
     freeze_word_embeddings: bool = _field(
         False, "keep the word-embedding matrix fixed (96M of e5-small's 118M parameters): faster optimizer steps"
     )

@@ -23,6 +23,7 @@ from safetensors import SafetensorError
 from torch import nn
 
 from hbt_accel.atomic import usual_mode
+from hbt_accel.cpu_attention import PackedLayout
 from hbt_accel.encoder_settings import KINDS, POOLINGS, EncoderSettings, LoraSettings
 from hbt_accel.errors import ConfigError, DataError
 from hbt_accel.sentence_transformers_format import write_sentence_transformers_files
@@ -153,7 +154,9 @@ class DualEncoder(nn.Module):
         self.backbone = backbone
         self.tokenizer = tokenizer
         self.settings = settings or EncoderSettings()
-        self.length_buckets = 1  # training-time speed knob (see forward); not part of the saved settings
+        # Training-time speed knobs (see forward); not part of the saved settings.
+        self.length_buckets = 1
+        self.pack_sequences = False
         if tokenizer.pad_token is None:
             # Decoder LLMs (Qwen, Mistral) ship without a pad token; padding is masked out anyway.
             tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
@@ -256,11 +259,17 @@ class DualEncoder(nn.Module):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """`input_ids`, `attention_mask` (N, L) -> embeddings (N, d), L2-normalised if settings.normalize.
 
-        With `length_buckets` > 1 (right padding only) the rows are run in that many length-sorted groups, each cut
-        to its own longest row: the same embeddings with far fewer padded positions to compute (a training batch's
-        rows are fixed by the sampler, so they cannot be length-sorted across batches as `encode` does).
+        Both knobs apply in training with right padding only (a training batch's rows are fixed by the sampler, so
+        they cannot be length-sorted across batches as `encode` does); both give the same embeddings:
+        - `pack_sequences` (set where `cpu_attention.can_pack`): the real tokens only, as one padding-free row,
+          whose attention runs in `length_buckets` length-sorted groups;
+        - else `length_buckets` > 1: the rows in that many length-sorted groups, each cut to its own longest row.
         """
-        if self.length_buckets <= 1 or self.tokenizer.padding_side != "right" or len(input_ids) < 2:
+        if not self.training or self.tokenizer.padding_side != "right":
+            return self._embed(attention_mask, input_ids=input_ids)
+        if self.pack_sequences:
+            return self._embed_packed(input_ids, attention_mask)
+        if self.length_buckets <= 1 or len(input_ids) < 2:
             return self._embed(attention_mask, input_ids=input_ids)
         lengths = attention_mask.sum(dim=1)  # (N,)
         order = torch.argsort(lengths, descending=True)  # (N,)
@@ -284,6 +293,21 @@ class DualEncoder(nn.Module):
         hidden = self.backbone(
             input_ids=input_ids, inputs_embeds=inputs_embeds, attention_mask=attention_mask
         ).last_hidden_state  # (N, L, H)
+        return self._pool(hidden, attention_mask)
+
+    def _embed_packed(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Right-padded (N, L) rows -> (N, d), computing only the T real tokens (hbt_accel/cpu_attention.py)."""
+        real = attention_mask.bool()  # (N, L)
+        positions = torch.arange(input_ids.size(1), device=input_ids.device).expand_as(input_ids)[real]  # (T,)
+        packed = self.backbone(
+            input_ids=input_ids[real].unsqueeze(0),
+            position_ids=positions.unsqueeze(0),
+            packed_layout=PackedLayout.of(attention_mask.sum(dim=1), self.length_buckets),
+        ).last_hidden_state[0]  # (T, H)
+        hidden = packed.new_zeros(*real.shape, packed.shape[-1]).index_put((real,), packed)  # (N, L, H)
+        return self._pool(hidden, attention_mask)
+
+    def _pool(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         embeddings = pool(hidden, attention_mask, self.settings.pooling)  # (N, H)
         if self.settings.normalize:
             embeddings = F.normalize(embeddings, p=2, dim=-1)  # (N, H)

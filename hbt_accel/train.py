@@ -365,6 +365,9 @@ def build_model(cfg: HbtConfig, on_cpu: bool = False) -> DualEncoder:
         attn_implementation=cpu_attention.register() if on_cpu and cfg.cpu_training_attention else None,
     )
     model.length_buckets = cfg.length_buckets
+    model.pack_sequences = cfg.pack_sequences and cpu_attention.can_pack(model.backbone.config)
+    if on_cpu and cfg.cpu_training_attention:
+        cpu_attention.use_cheap_dropout(model.backbone)
     if cfg.freeze_word_embeddings:
         model.backbone.get_input_embeddings().weight.requires_grad_(False)
     return model
