@@ -44,6 +44,8 @@ def cheap_dropout(values: torch.Tensor, p: float) -> torch.Tensor:
     """Dropout with a keep mask drawn from int16 random numbers (see the module docstring); identity at p == 0."""
     if p <= 0.0:
         return values
+    if p >= 1.0:
+        return values * 0.0  # everything dropped (and no 1 / keep rate to divide by)
     dropped_levels = round(p * _RANDOM_LEVELS)
     random = torch.empty(values.shape, dtype=torch.int16, device=values.device).random_(-(1 << 15), 1 << 15)
     keep = random >= dropped_levels - (1 << 15)  # P(keep) = 1 - dropped_levels / 2**16
@@ -163,7 +165,8 @@ def _packed_attention(module, query, key, value, scaling: float, dropout: float,
 
 def can_pack(config) -> bool:
     """Whether a backbone with this config takes padding-free rows (this attention and a packable architecture)."""
-    return config._attn_implementation == CPU_TRAINING_ATTENTION and config.model_type in PACKABLE_MODEL_TYPES
+    packable = config.model_type in PACKABLE_MODEL_TYPES and not getattr(config, "is_decoder", False)
+    return packable and config._attn_implementation == CPU_TRAINING_ATTENTION
 
 
 def register() -> str:

@@ -36,6 +36,7 @@ def test_cheap_dropout_drops_at_rate_p_and_keeps_the_expectation():
     torch.testing.assert_close(kept, torch.full_like(kept, 65536 / (65536 - 6554)))  # 1 / P(keep), exactly
     assert abs(dropped.mean().item() - 1.0) < 0.005
     assert cheap_dropout(values, 0.0) is values
+    assert cheap_dropout(values, 1.0).abs().max() == 0
     torch.manual_seed(3)
     first = cheap_dropout(values, 0.3)
     torch.manual_seed(3)
@@ -111,7 +112,13 @@ def test_packed_rows_give_the_padded_embeddings_and_gradients(tiny_model_dir, xl
     packed = copy.deepcopy(padded)
     packed.pack_sequences = True
     packed.length_buckets = 2
+    packed_calls = []
+    embed_packed = packed._embed_packed
+    packed._embed_packed = lambda *args: packed_calls.append(1) or embed_packed(*args)
     assert can_pack(packed.backbone.config) and not can_pack(_backbone(tiny_model_dir, "sdpa").config)
+    causal = copy.deepcopy(packed.backbone.config)
+    causal.is_decoder = True
+    assert not can_pack(causal)  # a packed row has no causal mask
     batch = padded.tokenize(TEXTS + ["x"], "passage")
     assert batch["attention_mask"].float().mean() < 0.6  # mostly padding: packing has something to skip
     results = []
@@ -120,6 +127,7 @@ def test_packed_rows_give_the_padded_embeddings_and_gradients(tiny_model_dir, xl
         embedding = encoder(**batch)
         embedding.pow(3).sum().backward()
         results.append((embedding.detach(), {n: p.grad for n, p in encoder.named_parameters()}))
+    assert packed_calls == [1]  # the packed path ran
     torch.testing.assert_close(results[1][0], results[0][0], atol=1e-6, rtol=0)
     for name, grad in results[0][1].items():
         torch.testing.assert_close(results[1][1][name], grad, atol=1e-6, rtol=1e-5, msg=name)
