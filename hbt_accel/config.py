@@ -254,10 +254,10 @@ class HbtConfig:
                 "0 unless sampling is multilingual (the term pairs a row's answers in two languages)",
             ),
             (
-                not multilingual or self.multi_positive or self.passage_alignment_weight > 0,
+                not multilingual or self.multi_positive,
                 "sampling",
-                "multilingual only with multi_positive true or passage_alignment_weight > 0 (else the further "
-                "answers it brings are masked and unused)",
+                "multilingual only with multi_positive true (without it every query's positive shares its "
+                "language and the other languages are all negatives, which teaches language bias)",
             ),
         ]
 

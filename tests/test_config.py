@@ -154,6 +154,10 @@ def test_a_missing_hbt_data_dir_is_an_error_not_a_silent_fallback(monkeypatch, t
             ["--sampling", "multilingual"],
             "sampling: got 'multilingual', expected multilingual only with multi_positive",
         ),
+        (
+            ["--sampling", "multilingual", "--passage_alignment_weight", "0.3"],
+            "sampling: got 'multilingual', expected multilingual only with multi_positive",
+        ),
         (["--sampling", "multilingual", "--multi_positive", "--answers_per_query", "1"], "answers_per_query: got 1"),
         (["--answers_per_query", "3"], "answers_per_query: got 3, expected 0 unless sampling is multilingual"),
     ],
