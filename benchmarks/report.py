@@ -15,6 +15,7 @@ ORDER = (
     "train_speed",
     "eval_speed",
     "lir_probe",
+    "beyond_paper",
 )  # where a section goes when the file does not have it yet
 
 

@@ -191,14 +191,24 @@ def write_report(spec: SweepSpec) -> list[Path]:
     return paths
 
 
+def _absent(value: float | None) -> bool:
+    """NaN in a report being built, null in one read back from report.json."""
+    return value is None or math.isnan(value)
+
+
 def _cell(stats: dict | None, digits: int) -> str:
-    if not stats or math.isnan(stats["mean"]):
+    if not stats or _absent(stats["mean"]):
         return "-"
-    text = f"{stats['mean']:.{digits}f} ± {stats['std']:.{digits}f}" if not math.isnan(stats["std"]) else ""
+    text = f"{stats['mean']:.{digits}f} ± {stats['std']:.{digits}f}" if not _absent(stats["std"]) else ""
     text = text or f"{stats['mean']:.{digits}f}"
-    if not math.isnan(stats["low"]):
+    if not _absent(stats["low"]):
         text += f" [{stats['low']:.{digits}f}, {stats['high']:.{digits}f}]"
     return text
+
+
+def _minutes(seconds: dict) -> dict:
+    """Over-seed statistics of seconds, in minutes (every field scales alike; n stays)."""
+    return {key: value / 60 if key != "n" and value is not None else value for key, value in seconds.items()}
 
 
 def _millions(count: int) -> str:
@@ -224,16 +234,25 @@ def render_markdown(spec: SweepSpec, report: dict) -> str:
         "",
         "| "
         + " | ".join(
-            [*axes, *size_header, "seeds", *(m.label for m in HEADLINE), "unseen multi mAP", "converged at step"]
+            [
+                *axes,
+                *size_header,
+                "seeds",
+                *(m.label for m in HEADLINE),
+                "unseen multi mAP",
+                "converged at step",
+                "training minutes",
+            ]
         )
         + " |",
-        "|---" * (len(axes) + len(size_header) + 3 + len(HEADLINE)) + "|",
+        "|---" * (len(axes) + len(size_header) + 4 + len(HEADLINE)) + "|",
     ]
     for row in report["settings"]:
         cells = [json.dumps(row["settings"].get(axis)) for axis in axes]
         cells += [_parameters_cell(row["parameters"])] * sized + [str(len(row["seeds"]))]
         cells += [_cell(row[m.key], m.digits) for m in HEADLINE]
         cells += [_cell(row["unseen"]["multi_map"], 3), _cell(row["convergence_step"], 0)]
+        cells.append(_cell(_minutes(row["train_seconds"]), 1))
         lines.append("| " + " | ".join(cells) + " |")
     if report["paired_tests"]:
         lines += ["", "Paired bootstrap over question ids (1,000 resamples; seeds averaged):", ""]
