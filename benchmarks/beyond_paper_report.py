@@ -23,7 +23,7 @@ from reproduce_hbt import PAPER
 
 from hbt_accel.evaluation.schema import HEADLINE
 from hbt_accel.sweep import load_sweep
-from hbt_accel.sweep_report import render_markdown, write_report
+from hbt_accel.sweep_report import load_summaries, render_markdown, write_report
 
 REPO = Path(__file__).resolve().parents[1]
 GOAL = {"mono_map": 0.817, "cross_map": 0.767, "multi_map": 0.68, "rank_distance": 221.0}  # the LaBSE hybrid row
@@ -40,6 +40,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 def sweep_tables(config: str) -> tuple[dict, str]:
     """Re-render a sweep's report from its summaries; returns report.json's content and its tables (no title)."""
     spec = load_sweep(config)
+    if not load_summaries(spec):  # no empty report or figures in the repository
+        return {"settings": []}, f"Not run yet: `python recipes/sweep.py --config {Path(config).relative_to(REPO)}`."
     write_report(spec)
     report = json.loads((spec.results_root / "report.json").read_text())
     tables = render_markdown(spec, report).split("\n", 2)[2]  # drop the "# Sweep" title and its blank line
