@@ -186,7 +186,7 @@ def write_report(spec: SweepSpec) -> list[Path]:
     paths = [write_json(root / "report.json", report)]
     paths.append(write_atomic(root / "report.md", render_markdown(spec, report)))
     paths += write_figures(spec, rows, summaries)
-    if report["gap_by_parameters"]:
+    if any(len({p["total"] for p in series["points"]}) > 1 for series in report["gap_by_parameters"]):  # a curve
         paths.append(_gap_by_parameters(spec, report["gap_by_parameters"]))
     return paths
 
