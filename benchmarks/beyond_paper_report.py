@@ -18,7 +18,7 @@ import json
 import math
 from pathlib import Path
 
-from report import invocation, write_section
+from report import invocation, publish
 from reproduce_hbt import PAPER
 
 from hbt_accel.evaluation.schema import HEADLINE
@@ -99,9 +99,7 @@ def main(argv=None) -> None:
         "",
         *goal_lines(final),
     ]
-    print("\n".join(body))
-    if args.docs_dir:
-        write_section(Path(args.docs_dir) / "results.md", "beyond_paper", "\n".join(body))
+    publish(args.docs_dir, "beyond_paper", body)
 
 
 if __name__ == "__main__":

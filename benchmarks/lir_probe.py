@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from report import invocation, write_section
+from report import invocation, publish
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -154,9 +154,7 @@ def write(args, encoded, rows: list[str], seconds: float) -> None:
         "|---|---|---|---|---|---|",
         *rows,
     ]
-    print("\n".join(body))
-    if args.docs_dir:
-        write_section(Path(args.docs_dir) / "results.md", "lir_probe", "\n".join(body))
+    publish(args.docs_dir, "lir_probe", body)
 
 
 if __name__ == "__main__":

@@ -41,3 +41,10 @@ def write_section(path: Path, name: str, body: str) -> None:
         at = min(positions, default=len(text))
         text = text[:at].rstrip("\n") + "\n\n" + block + "\n\n" + text[at:].lstrip("\n")
     write_atomic(path, text.rstrip("\n") + "\n")
+
+
+def publish(docs_dir: str, name: str, body: list[str]) -> None:
+    """Print a section, and write it into DOCS_DIR/results.md unless docs_dir is '' (print only)."""
+    print("\n".join(body))
+    if docs_dir:
+        write_section(Path(docs_dir) / "results.md", name, "\n".join(body))
