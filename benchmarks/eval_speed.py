@@ -98,9 +98,7 @@ def matmul_rate(rows: int, inner: int, outer: int, dtype, repeats: int = 10) -> 
 
 def main(argv=None) -> None:
     from hbt_accel.data import load_lareqa_benchmark
-    from hbt_accel.evaluation import encode_benchmark, score_encoded
     from hbt_accel.evaluation.grid import select_languages, select_question_ids
-    from hbt_accel.evaluation.schema import HEADLINE_KEYS, MAP_KEYS
     from hbt_accel.modeling import DualEncoder
 
     args = parse_args(argv)
@@ -117,9 +115,36 @@ def main(argv=None) -> None:
     candidates = [c for lang in languages for c in benchmark.pools[lang].candidates]
     print(f"{len(languages)} languages, {len(questions):,} questions, {len(candidates):,} candidates")
     encoder.encode(questions[:8], kind="query")  # warm-up: first-call allocations are not part of any timing
+    texts = (questions, candidates)
 
-    # ---- (a) the floor and (b) the grid, alternated --repeats times; the minimum of each is kept (a shared
-    # machine only ever adds time)
+    grid_seconds, fp32, rows, notes, score_peak = time_floor_and_grid(args, encoder, benchmark, languages, texts)
+    naive_row, naive_note = time_naive_evaluator(args, encoder, benchmark, languages, wanted, fp32, grid_seconds)
+    rows.append(naive_row)
+    notes[0] += naive_note
+    if not args.skip_bf16:
+        row, note = time_bf16(args, encoder, benchmark, languages, fp32, grid_seconds)
+        rows.append(row)
+        notes.append(note)
+    row, note = matmul_floor(encoder, *texts)
+    rows.append(row)
+    notes.append(note)
+    notes.append(memory_note(score_peak))
+    if args.docs_dir:
+        import torch
+
+        setup = (
+            f"{len(languages)} languages, {len(texts[0]):,} questions, {len(texts[1]):,} candidates, "
+            f"torch {torch.__version__}, {torch.get_num_threads()} threads"
+        )
+        write_docs(Path(args.docs_dir), setup, rows, notes)
+
+
+def time_floor_and_grid(args, encoder, benchmark, languages, texts):
+    """(a) encoding every text once and (b) the grid (encode once + exact ranks), alternated --repeats times; the
+    minimum of each is kept (a shared machine only ever adds time)."""
+    from hbt_accel.evaluation import encode_benchmark, score_encoded
+
+    questions, candidates = texts
     floors, grids = [], []
     for _ in range(max(1, args.repeats)):
         start = time.perf_counter()
@@ -139,8 +164,15 @@ def main(argv=None) -> None:
     print(f"(b) grid evaluation:               {grid_seconds:8.1f} s  (runs: {', '.join(f'{t:.1f}' for t in grids)}; "
           f"last: encode {fp32['encode_seconds']:.1f}, score {fp32['score_seconds']:.1f})  "
           f"(b)/(a) = {grid_seconds / floor:.3f}  (goal <= 1.15)")  # fmt: skip
+    rows = [
+        ("(a) encode every question and candidate once (fp32)", floor),
+        ("(b) full grid evaluation (fp32): encode once + exact ranks of every setting", grid_seconds),
+    ]
+    return grid_seconds, fp32, rows, [f"(b)/(a) = {grid_seconds / floor:.3f}"], score_peak
 
-    # ---- (c) naive: re-encode per language pair, timed on a few pairs, extrapolated linearly
+
+def time_naive_evaluator(args, encoder, benchmark, languages, wanted, fp32, grid_seconds):
+    """(c) re-encoding per language pair, timed on a few pairs (each checked against the grid) and extrapolated."""
     pairs = [(x, y) for x in languages for y in languages][: max(1, args.naive_pairs)]
     start = time.perf_counter()
     for query_lang, pool_lang in pairs:
@@ -151,34 +183,36 @@ def main(argv=None) -> None:
     print(f"(c) naive per-pair evaluator:      {naive:8.1f} s  EXTRAPOLATED: {per_pair:.1f} s/pair measured on "
           f"{len(pairs)} pair(s) x {len(languages) ** 2} pairs, multilingual settings not counted; "
           f"(c)/(b) = {naive / grid_seconds:.2f}")  # fmt: skip
+    row = (f"(c) naive per-pair evaluator, extrapolated from {len(pairs)} pair(s)", naive)
+    return row, f"; (c)/(b) = {naive / grid_seconds:.1f}"
 
-    rows = [
-        ("(a) encode every question and candidate once (fp32)", floor),
-        ("(b) full grid evaluation (fp32): encode once + exact ranks of every setting", grid_seconds),
-        (f"(c) naive per-pair evaluator, extrapolated from {len(pairs)} pair(s)", naive),
-    ]
-    notes = [f"(b)/(a) = {grid_seconds / floor:.3f}; (c)/(b) = {naive / grid_seconds:.1f}"]
-    # ---- (d) bf16
-    if not args.skip_bf16:
-        start = time.perf_counter()
-        bf16 = score_encoded(
-            encode_benchmark(encoder, benchmark, languages, args.max_queries or None, args.batch_size, bf16=True)
-        )
-        bf16_seconds = time.perf_counter() - start
-        diff = max(abs(fp32[k] - bf16[k]) for k in MAP_KEYS)
-        speedup = grid_seconds / bf16_seconds
-        print(f"(d) bf16 grid evaluation:          {bf16_seconds:8.1f} s  fp32/bf16 time = {speedup:.2f}; "
-              f"max |fp32 - bf16| of mono/cross/multi mAP = {diff:.4f}")  # fmt: skip
-        for key in HEADLINE_KEYS:
-            print(f"    {key:14s} fp32 {fp32[key]:.4f}  bf16 {bf16[key]:.4f}")
-        rows.append(("(d) full grid evaluation under bf16 autocast", bf16_seconds))
-        notes.append(
-            "fp32 / bf16 mono, cross, multi mAP, rank distance: "
-            + ", ".join(f"{fp32[k]:.4f} / {bf16[k]:.4f}" for k in HEADLINE_KEYS)
-            + f" (largest mAP difference {diff:.4f})"
-        )
 
-    # ---- (e) the floor: the linear layers' FLOPs at this CPU's measured bf16 matrix-product rate
+def time_bf16(args, encoder, benchmark, languages, fp32, grid_seconds):
+    """(d) the grid again under bf16 autocast: its time and the largest |fp32 - bf16| of the summary mAPs."""
+    from hbt_accel.evaluation import encode_benchmark, score_encoded
+    from hbt_accel.evaluation.schema import HEADLINE_KEYS, MAP_KEYS
+
+    start = time.perf_counter()
+    bf16 = score_encoded(
+        encode_benchmark(encoder, benchmark, languages, args.max_queries or None, args.batch_size, bf16=True)
+    )
+    bf16_seconds = time.perf_counter() - start
+    diff = max(abs(fp32[k] - bf16[k]) for k in MAP_KEYS)
+    speedup = grid_seconds / bf16_seconds
+    print(f"(d) bf16 grid evaluation:          {bf16_seconds:8.1f} s  fp32/bf16 time = {speedup:.2f}; "
+          f"max |fp32 - bf16| of mono/cross/multi mAP = {diff:.4f}")  # fmt: skip
+    for key in HEADLINE_KEYS:
+        print(f"    {key:14s} fp32 {fp32[key]:.4f}  bf16 {bf16[key]:.4f}")
+    note = (
+        "fp32 / bf16 mono, cross, multi mAP, rank distance: "
+        + ", ".join(f"{fp32[k]:.4f} / {bf16[k]:.4f}" for k in HEADLINE_KEYS)
+        + f" (largest mAP difference {diff:.4f})"
+    )
+    return ("(d) full grid evaluation under bf16 autocast", bf16_seconds), note
+
+
+def matmul_floor(encoder, questions, candidates):
+    """(e) the linear layers' FLOPs at this CPU's measured matrix-product rate."""
     import torch
 
     config = encoder.backbone.config
@@ -190,27 +224,18 @@ def main(argv=None) -> None:
     floor_seconds = flops / rate
     print(f"(e) matrix-product floor:          {floor_seconds:8.1f} s  {flops / 1e12:.1f} TFLOP of linear layers "
           f"at {rate / 1e9:.0f} GFLOP/s (addmm, bf16 or fp32); 60 s needs {flops / 60e9:.0f} GFLOP/s")  # fmt: skip
-    rows.append(("(e) floor: linear-layer FLOPs at this CPU's measured matrix-product rate", floor_seconds))
-    notes.append(
+    note = (
         f"(e) = {flops / 1e12:.1f} TFLOP / {rate / 1e9:.0f} GFLOP/s (torch.addmm {config.hidden_size}x"
         f"{config.intermediate_size}, the faster of bf16 and fp32); 60 s would need {flops / 60e9:.0f} GFLOP/s"
     )
+    return ("(e) floor: linear-layer FLOPs at this CPU's measured matrix-product rate", floor_seconds), note
 
-    # ---- memory
+
+def memory_note(score_peak: int) -> str:
     max_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
     print(f"peak memory: max RSS {max_rss_mb:,.0f} MB (whole process, model included); "
           f"scoring step tracemalloc peak {score_peak / 2**20:,.1f} MB")  # fmt: skip
-    notes.append(
-        f"peak memory: max RSS {max_rss_mb:,.0f} MB (whole process), scoring step {score_peak / 2**20:,.1f} MB"
-    )
-    if args.docs_dir:
-        import torch
-
-        setup = (
-            f"{len(languages)} languages, {len(questions):,} questions, {len(candidates):,} candidates, "
-            f"torch {torch.__version__}, {torch.get_num_threads()} threads"
-        )
-        write_docs(Path(args.docs_dir), setup, rows, notes)
+    return f"peak memory: max RSS {max_rss_mb:,.0f} MB (whole process), scoring step {score_peak / 2**20:,.1f} MB"
 
 
 def write_docs(docs: Path, setup: str, rows: list[tuple[str, float]], notes: list[str]) -> None:
