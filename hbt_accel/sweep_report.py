@@ -248,7 +248,7 @@ def render_markdown(spec: SweepSpec, report: dict) -> str:
         "|---" * (len(axes) + len(size_header) + 4 + len(HEADLINE)) + "|",
     ]
     for row in report["settings"]:
-        cells = [json.dumps(row["settings"].get(axis)) for axis in axes]
+        cells = [_setting_cell(row["settings"], axis) for axis in axes]
         cells += [_parameters_cell(row["parameters"])] * sized + [str(len(row["seeds"]))]
         cells += [_cell(row[m.key], m.digits) for m in HEADLINE]
         cells += [_cell(row["unseen"]["multi_map"], 3), _cell(row["convergence_step"], 0)]
@@ -265,7 +265,8 @@ def render_markdown(spec: SweepSpec, report: dict) -> str:
                 f"{test[m.key]['high']:.{m.digits}f}] p={test[m.key]['p_value']:.3f}"
                 for m in HEADLINE
             ]
-            lines.append(f"| {test['comparison']} | {json.dumps(test['at'])} | " + " | ".join(cells) + " |")
+            at = ", ".join(f"{k} {v}" for k, v in test["at"].items()) or "-"
+            lines.append(f"| {test['comparison']} | {at} | " + " | ".join(cells) + " |")
     return "\n".join(lines + _recall_and_groups_table(axes, report["settings"], spec.language_groups)) + "\n"
 
 
@@ -278,12 +279,20 @@ def _recall_and_groups_table(axes: list[str], rows: list[dict], language_groups:
     lines += ["| " + " | ".join([*axes, *(m.label for m in RECALLS), *group_headers]) + " |"]
     lines += ["|---" * (len(axes) + len(RECALLS) + len(group_headers)) + "|"]
     for row in rows:
-        cells = [json.dumps(row["settings"].get(axis)) for axis in axes]
+        cells = [_setting_cell(row["settings"], axis) for axis in axes]
         cells += [_cell(row[m.key], m.digits) for m in RECALLS]
         groups = row["language_groups"]
         cells += [_cell(groups[name][key], 3) for name in language_groups for key in ("mono_map", "multi_map")]
         lines.append("| " + " | ".join(cells) + " |")
     return lines
+
+
+def _setting_cell(settings: dict, axis: str) -> str:
+    """A point's value of one axis as a table cell; '·' where the point leaves the field at its base recipe's value."""
+    if axis not in settings:
+        return "·"
+    value = settings[axis]
+    return ", ".join(map(str, value)) or "[]" if isinstance(value, list) else str(value)
 
 
 def _groups_text(language_groups: dict) -> str:

@@ -495,7 +495,7 @@ def test_the_report_of_synthetic_points_gives_hand_computed_statistics_and_the_g
     assert [p["difference"] for p in series["points"]] == [one["difference"], two["difference"]]
     assert [(p["low"], p["high"]) for p in series["points"]] == [(one["low"], one["high"]), (two["low"], two["high"])]
     markdown = (spec.results_root / "report.md").read_text()
-    assert '| 1 | "xx" | 98.0M (2.0M w/o word emb.) | 3 |' in markdown
+    assert "| 1 | xx | 98.0M (2.0M w/o word emb.) | 3 |" in markdown
 
 
 def test_two_listed_points_are_compared_question_by_question(tmp_path):
