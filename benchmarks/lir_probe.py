@@ -146,7 +146,8 @@ def write(args, encoded, rows: list[str], seconds: float) -> None:
         "## Language-information removal probe (issue 14)",
         "",
         f"`{command.strip()}` on {time.strftime('%Y-%m-%d')}, {seconds:.0f} s: {len(encoded.query_ids):,} "
-        f"{args.benchmark} questions in {len(encoded.languages)} languages; directions from "
+        f"{args.benchmark} queries ({len(set(encoded.query_ids)):,} question ids) in {len(encoded.languages)} "
+        "languages; directions from "
         f"{args.passages_per_language} {args.directions_from} passages per language. One model, so the interval "
         "is over questions only (paired bootstrap, 1000 resamples), not over training seeds.",
         "",

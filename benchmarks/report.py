@@ -14,7 +14,9 @@ ORDER = (
     "tuning",
     "train_speed",
     "eval_speed",
+    "translation_check",
     "lir_probe",
+    "weight_averaging",
     "beyond_paper",
 )  # where a section goes when the file does not have it yet
 

@@ -22,6 +22,7 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -32,6 +33,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--max_ids", type=int, default=0, help="first N ids (file order); 0 = all")
     parser.add_argument("--bf16", action="store_true", help="encode under bf16 autocast")
     parser.add_argument("--output", default="", help="also write the table as JSON here")
+    parser.add_argument("--docs_dir", default=str(REPO / "docs"), help="write the table here ('' = print only)")
     return parser.parse_args(argv)
 
 
@@ -70,7 +72,38 @@ def pair_row(first: dict[str, str], second: dict[str, str], vectors: dict[str, n
     }
 
 
+def section(args: argparse.Namespace, rows: dict[str, dict]) -> list[str]:
+    """The pairs as a markdown table, then the share of same-id answers found as each other's nearest neighbour."""
+    from report import invocation
+
+    lines = [
+        "## Are an MLQA-R id's answers in two languages translations? (issue 14, passage alignment)",
+        "",
+        f"`{invocation()}`, model `{args.model}`{' (bf16)' if args.bf16 else ''}: for each language pair, over "
+        "the ids with an answer in both, the answer in one language retrieves the other among all of that "
+        "language's answers of those ids.",
+        "",
+        "| pair | ids | P@1 -> | P@1 <- | cosine same id | cosine other ids | median length ratio |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for pair, row in rows.items():
+        lines.append(
+            f"| {pair} | {row['ids']:,} | {row['p_at_1_forward']:.3f} | {row['p_at_1_backward']:.3f} | "
+            f"{row['cosine_same_id']:.3f} | {row['cosine_other_ids']:.3f} | {row['median_length_ratio']:.2f} |"
+        )
+    total = sum(row["ids"] for row in rows.values())
+    found = sum(row["ids"] * (row["p_at_1_forward"] + row["p_at_1_backward"]) / 2 for row in rows.values())
+    lines += [
+        "",
+        f"Over all {len(rows)} pairs ({total:,} id pairs), P@1 averaged over both directions: "
+        f"{found / max(total, 1):.3f}.",
+    ]
+    return lines
+
+
 def main(argv=None) -> None:
+    from report import publish
+
     from hbt_accel.evaluation.encoding import encode_texts
     from hbt_accel.modeling import DualEncoder
 
@@ -81,17 +114,12 @@ def main(argv=None) -> None:
     encoder = DualEncoder.from_pretrained(args.model)
     vectors = dict(zip(texts, encode_texts(encoder, texts, "passage", bf16=args.bf16)))  # text -> (d,)
 
-    rows = {}
-    print(f"{'pair':7} {'ids':>5} {'P@1 ->':>7} {'P@1 <-':>7} {'cos same':>9} {'cos other':>9} {'len ratio':>9}")
-    for first, second in itertools.combinations(sorted(answers), 2):
-        row = pair_row(answers[first], answers[second], vectors)
-        if row is None:
-            continue
-        rows[f"{first}-{second}"] = row
-        print(
-            f"{first}-{second:4} {row['ids']:5d} {row['p_at_1_forward']:7.3f} {row['p_at_1_backward']:7.3f} "
-            f"{row['cosine_same_id']:9.3f} {row['cosine_other_ids']:9.3f} {row['median_length_ratio']:9.2f}"
-        )
+    rows = {
+        f"{first}-{second}": row
+        for first, second in itertools.combinations(sorted(answers), 2)
+        if (row := pair_row(answers[first], answers[second], vectors)) is not None
+    }
+    publish(args.docs_dir, "translation_check", section(args, rows))
     if args.output:
         from hbt_accel.atomic import write_json
 

@@ -101,3 +101,49 @@ def test_the_command_line_reports_a_folder_that_is_not_a_model_in_one_line(tmp_p
         result.stderr.strip()
         == f"error: {tmp_path}: not a saved hbt_accel model (expected {SETTINGS_FILE} and config.json)"
     )
+
+
+def test_the_soup_benchmark_scores_the_average_on_the_runs_questions_and_tests_it_paired(two_runs, tmp_path):
+    """benchmarks/weight_averaging.py: the average is scored on exactly the runs' questions, and its paired row
+    against the runs' mean is the average's figure minus the mean of the runs' figures."""
+    import shutil
+
+    import numpy as np
+
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from weight_averaging import main
+
+    from hbt_accel.data import load_lareqa_benchmark
+    from hbt_accel.evaluation import evaluate_grid
+    from hbt_accel.evaluation.grid import PER_QUERY_FILE, PerQueryScores
+    from hbt_accel.evaluation.statistics import weighted_headline
+
+    questions = load_lareqa_benchmark("mlqa-r:validation", languages=["de", "en"])
+    runs = []
+    for run in two_runs:
+        copy = shutil.copytree(run, tmp_path / run.name)
+        per_query: list = []
+        evaluate_grid(DualEncoder.from_pretrained(copy), questions, max_queries=12, bf16=True, per_query=per_query)
+        per_query[0].save(copy / PER_QUERY_FILE)
+        runs.append(copy)
+    missing = shutil.copytree(two_runs[0], tmp_path / "no_scores")
+    with pytest.raises(DataError, match=r"no_scores/per_query.npz: missing"):
+        main(["--runs", f"{runs[0]},{missing}", "--output_dir", str(tmp_path / "never"), "--docs_dir", ""])
+    assert not (tmp_path / "never").exists()
+
+    main(["--runs", ",".join(map(str, runs)), "--output_dir", str(tmp_path / "soup"), "--docs_dir", str(tmp_path)])
+    section = (tmp_path / "results.md").read_text()
+    per_query = []
+    evaluate_grid(
+        DualEncoder.from_pretrained(tmp_path / "soup"), questions, max_queries=12, bf16=True, per_query=per_query
+    )
+    assert len(set(per_query[0].query_ids)) == 12
+
+    def headline(scores):
+        return weighted_headline(scores, np.ones(len(scores.query_ids)))[:, 0]
+
+    average, scores = headline(per_query[0]), [headline(PerQueryScores.load(run / PER_QUERY_FILE)) for run in runs]
+    multi = 2  # mono, cross, multi, rank distance
+    assert f"| **weight average** | {average[0]:.3f} | {average[1]:.3f} | {average[multi]:.3f} |" in section
+    gap = average[multi] - (scores[0][multi] + scores[1][multi]) / 2
+    assert "| the runs' mean | " in section and f" | {gap:+.3f} [" in section.split("the runs' mean")[1]

@@ -1,0 +1,31 @@
+"""benchmarks/translation_check.py: bitext retrieval between two languages' answers of their shared ids."""
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from translation_check import pair_row  # noqa: E402
+
+
+def test_pair_row_counts_nearest_neighbours_over_shared_ids_only():
+    # ids a, b, c in both languages, d in the first only (ignored). German a's nearest English answer is b's.
+    first = {"a": "A-de", "b": "B-de", "c": "C-de", "d": "D-de"}
+    second = {"a": "A-en", "b": "B-en", "c": "C-en"}
+    unit = np.eye(3)
+    vectors = {"A-de": unit[1], "B-de": unit[1], "C-de": unit[2], "D-de": unit[0],
+               "A-en": unit[0], "B-en": unit[1], "C-en": unit[2]}  # fmt: skip
+    row = pair_row(first, second, vectors)
+    assert row["ids"] == 3
+    assert row["p_at_1_forward"] == pytest.approx(2 / 3)  # a -> b wrong, b -> b, c -> c
+    # English a's column is all zeros: argmax takes the first row (a), right; b's column ties a and b -> a, wrong
+    assert row["p_at_1_backward"] == pytest.approx(2 / 3)
+    assert row["cosine_same_id"] == pytest.approx((0 + 1 + 1) / 3)
+    assert row["cosine_other_ids"] == pytest.approx(1 / 6)  # only (a, b) among the 6 other-id cells is 1
+    assert row["median_length_ratio"] == pytest.approx(1.0)
+
+
+def test_pair_row_needs_two_shared_ids():
+    assert pair_row({"a": "x"}, {"a": "y", "b": "z"}, {"x": np.ones(2), "y": np.ones(2), "z": np.ones(2)}) is None
