@@ -48,3 +48,23 @@ def test_a_sweep_cell_renders_a_summary_read_back_from_json_with_nulls():
     assert _cell(_stats(0.6123), 3) == "0.612"
     assert _cell({"mean": 0.6, "std": 0.01, "low": 0.58, "high": 0.62, "n": 3}, 3) == "0.600 ± 0.010 [0.580, 0.620]"
     assert _cell({"mean": None, "std": None, "low": None, "high": None, "n": 0}, 3) == "-"
+
+
+def test_the_unseen_language_table_gives_each_settings_mean_and_spread_next_to_the_untrained_model():
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from beyond_paper_report import unseen_lines
+
+    keys = ("mono_map", "cross_map", "multi_map", "rank_distance")
+    one_seed = {k: _stats(v) for k, v in zip(keys, (0.8, 0.7, 0.6, 250.0))}  # std null, as read back from JSON
+    two_seeds = {k: {**_stats(v), "std": 0.01, "n": 2} for k, v in zip(keys, (0.81, 0.71, 0.61, 240.0))}
+    report = {"settings": [{"settings": {"sampling": "hybrid"}, "seeds": [1, 2], "unseen": two_seeds},
+                           {"settings": {"sampling": "xx"}, "seeds": [1], "unseen": one_seed}]}  # fmt: skip
+    untrained = {"unseen_languages": dict(zip(keys, (0.78, 0.63, 0.3, 1176.4)))}
+    lines = unseen_lines(report, untrained)
+    assert "| hybrid | 2 | 0.810 ± 0.010 | 0.710 ± 0.010 | 0.610 ± 0.010 | 240.0 ± 0.0 |" in lines
+    assert "| xx | 1 | 0.800 | 0.700 | 0.600 | 250.0 |" in lines  # one seed: no spread
+    assert "| untrained | - | 0.780 | 0.630 | 0.300 | 1176.4 |" in lines
+    assert unseen_lines({"settings": []}, untrained) == []
