@@ -101,6 +101,10 @@ Hardware and time: $hardware; world size $world_size; $steps optimizer steps in 
 
 $evaluation
 
+## Limitations
+
+$limitations
+
 ## Usage
 
 With sentence-transformers (the prompts are stored with the model):
@@ -325,6 +329,32 @@ def _evaluation_section(cfg: HbtConfig, results: dict | None) -> str:
     return "\n".join(lines)
 
 
+def _limitations_section(summary: TrainSummary, results: dict | None) -> str:
+    """What the tables do not say: how biased the ranking still is, which languages are zero-shot, seed noise."""
+    lines = []
+    if results and "rank_distance" in results:
+        lines.append(
+            f"- **Language bias.** In the pool of all languages, the right answers to one question (one per language) "
+            f"lie {results['rank_distance']:.1f} ranks apart on average (rank distance: the worst-ranked right answer "
+            "minus the best-ranked one; 0 would mean no language is preferred), so the language of a passage still "
+            "moves it up or down the ranking, beyond its relevance."
+        )
+    trained = set(_training_languages(summary))
+    unseen = [lang for lang in (results or {}).get("languages", []) if trained and lang not in trained]
+    if unseen:
+        lines.append(f"- **Zero-shot languages.** Evaluated but never trained on: {', '.join(unseen)}.")
+    if _trains_on_mlqa_r(summary.config):
+        lines.append(
+            "- **Domain.** Trained on MLQA-R: Wikipedia questions and single answer sentences, in 7 languages."
+        )
+    lines.append(
+        "- **One run, one seed.** Retraining with another seed moves the mAPs by a few thousandths: compare two "
+        "models with a paired test over the same questions (`python recipes/evaluate.py --model A --bootstrap 1000 "
+        "--baseline B/per_query.npz`), not by their single figures."
+    )
+    return "\n".join(lines)
+
+
 def _licence_section(cfg: HbtConfig) -> str:
     lines = [f"- Base model: see the licence of `{_base_model(cfg)[0]}`."]
     for source in cfg.train_data:
@@ -422,6 +452,7 @@ def render_model_card(output_dir: str | os.PathLike, summary: TrainSummary, resu
         steps=summary.steps,
         train_time=_duration(summary.train_seconds),
         evaluation=_evaluation_section(cfg, results),
+        limitations=_limitations_section(summary, results),
         repo_id=cfg.hub_model_id or str(output_dir),
         pooling_code=POOLING_CODE[cfg.pooling]
         + ("\nembeddings = F.normalize(embeddings, dim=-1)" if cfg.normalize else ""),

@@ -277,6 +277,16 @@ def test_model_card_front_matter_and_grid(tmp_path):
     assert "arXiv 2408.10536" in body and "2004.05484" in body
     assert "CC BY-NC 4.0" in body and "CC BY-SA 4.0" in body
     assert 'prompt_name="query"' in body
+    limitations = body.split("## Limitations")[1].split("## Usage")[0]
+    assert "lie 123.4 ranks apart on average" in limitations  # this run's rank distance
+    assert "Zero-shot languages" not in limitations  # this summary records no training languages: nothing claimed
+
+
+def test_model_card_limitations_name_the_languages_never_trained_on(tmp_path):
+    cfg = HbtConfig(train_languages=["de", "en"])
+    body = split_card(write_model_card(tmp_path, run_summary(cfg), RESULTS).read_text())[1]
+    assert "- **Zero-shot languages.** Evaluated but never trained on: th." in body
+    assert "Trained on MLQA-R" in body
 
 
 def test_a_model_trained_on_a_split_keeps_its_data_licence(tmp_path):
