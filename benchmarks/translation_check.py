@@ -110,6 +110,11 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     languages = [lang.strip() for lang in args.languages.split(",") if lang.strip()]
     answers = answers_by_language(args.data_dir, languages, args.max_ids)
+    pairs = itertools.combinations(sorted(answers), 2)
+    if not any(len(answers[first].keys() & answers[second].keys()) >= 2 for first, second in pairs):
+        from hbt_accel.errors import DataError
+
+        raise DataError("--languages / --max_ids: no language pair shares two or more ids; nothing to compare")
     texts = sorted({text for by_id in answers.values() for text in by_id.values()})
     encoder = DualEncoder.from_pretrained(args.model)
     vectors = dict(zip(texts, encode_texts(encoder, texts, "passage", bf16=args.bf16)))  # text -> (d,)

@@ -12,6 +12,7 @@ and against each run. The section `weight_averaging` of docs/results.md is writt
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -55,20 +56,36 @@ def load_run_scores(folders: list[Path], benchmark: str) -> list:
     return scores
 
 
-def score_average(output_dir: str, like, data_dir: str):
-    """The averaged model's per-query ranks on the questions and languages the runs were scored on (`like`: one
-    run's scores; a final evaluation takes the first N question ids), bf16 encoding as in training."""
+def load_questions(like, data_dir: str):
+    """The benchmark the runs were scored on, restricted to their languages; one line, before any weights are
+    averaged, when these files do not hold the runs' questions (`like`: one run's scores; a final evaluation takes
+    the first N question ids)."""
     from hbt_accel.data import load_lareqa_benchmark
+    from hbt_accel.evaluation.grid import select_question_ids
+
+    questions = load_lareqa_benchmark(like.benchmark, languages=like.languages, data_dir=data_dir or None)
+    if select_question_ids(questions, like.languages, len(set(like.query_ids))) != set(like.query_ids):
+        where = f"--data_dir {data_dir}" if data_dir else "the default data lookup"
+        raise DataError(f"{where}: its {like.benchmark} has other question ids than the runs were scored on")
+    return questions
+
+
+def score_average(output_dir: str, questions, like):
+    """The averaged model's per-query ranks on the runs' questions, bf16 encoding as in training."""
     from hbt_accel.evaluation import evaluate_grid
     from hbt_accel.modeling import DualEncoder
 
     per_query: list = []
-    questions = load_lareqa_benchmark(like.benchmark, languages=like.languages, data_dir=data_dir or None)
     encoder = DualEncoder.from_pretrained(output_dir)
     evaluate_grid(encoder, questions, max_queries=len(set(like.query_ids)), bf16=True, per_query=per_query)
-    if per_query[0].query_ids != like.query_ids:
-        raise DataError(f"--data_dir: its {like.benchmark} has other question ids than the runs were scored on")
     return per_query[0]
+
+
+def run_labels(folders: list[Path]) -> list[str]:
+    """Each run's path below the runs' common folder (two runs may share a last name, e.g. .../final)."""
+    resolved = [folder.resolve() for folder in folders]
+    common = Path(os.path.commonpath(resolved))
+    return [str(folder.relative_to(common)) if folder != common else folder.name for folder in resolved]
 
 
 def section(args: argparse.Namespace, folders: list[Path], runs: list, average) -> list[str]:
@@ -97,7 +114,7 @@ def section(args: argparse.Namespace, folders: list[Path], runs: list, average) 
         "",
         header,
         rule,
-        *(f"| {folder.name} | " + " | ".join(headline(run)) + " |" for folder, run in zip(folders, runs)),
+        *(f"| {label} | " + " | ".join(headline(run)) + " |" for label, run in zip(run_labels(folders), runs)),
         "| **weight average** | " + " | ".join(headline(average)) + " |",
         "",
         f"Paired bootstrap over question ids ({args.bootstrap:,} resamples), the average minus:",
@@ -105,7 +122,7 @@ def section(args: argparse.Namespace, folders: list[Path], runs: list, average) 
         header.replace("| model |", "| minus |"),
         rule,
         "| the runs' mean | " + " | ".join(paired(average, runs)) + " |",
-        *(f"| {folder.name} | " + " | ".join(paired(average, run)) + " |" for folder, run in zip(folders, runs)),
+        *(f"| {label} | " + " | ".join(paired(average, run)) + " |" for label, run in zip(run_labels(folders), runs)),
     ]
     return lines
 
@@ -116,8 +133,9 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     folders = check_runs([run for run in args.runs.split(",") if run])
     runs = load_run_scores(folders, args.benchmark)
+    questions = load_questions(runs[0], args.data_dir)
     average_models(folders, args.output_dir)
-    average = score_average(args.output_dir, runs[0], args.data_dir)
+    average = score_average(args.output_dir, questions, runs[0])
     publish(args.docs_dir, "weight_averaging", section(args, folders, runs, average))
 
 

@@ -336,19 +336,20 @@ def _limitations_section(summary: TrainSummary, results: dict | None) -> str:
         lines.append(
             f"- **Language bias.** In the pool of all languages, the right answers to one question (one per language) "
             f"lie {results['rank_distance']:.1f} ranks apart on average (rank distance: the worst-ranked right answer "
-            "minus the best-ranked one; 0 would mean no language is preferred), so the language of a passage still "
-            "moves it up or down the ranking, beyond its relevance."
+            "minus the best-ranked one; with k right answers its floor is k - 1, all of them side by side), so the "
+            "language of a passage still moves it up or down the ranking, beyond its relevance."
         )
     trained = set(_training_languages(summary))
     unseen = [lang for lang in (results or {}).get("languages", []) if trained and lang not in trained]
     if unseen:
         lines.append(f"- **Zero-shot languages.** Evaluated but never trained on: {', '.join(unseen)}.")
     if _trains_on_mlqa_r(summary.config):
+        languages = ", ".join(sorted(trained)) or "its languages"
         lines.append(
-            "- **Domain.** Trained on MLQA-R: Wikipedia questions and single answer sentences, in 7 languages."
+            f"- **Domain.** Trained on Wikipedia questions and single answer sentences (MLQA-R; {languages})."
         )
     lines.append(
-        "- **One run, one seed.** Retraining with another seed moves the mAPs by a few thousandths: compare two "
+        "- **One run, one seed.** Retraining with another seed moves the mAPs by up to about a hundredth: compare two "
         "models with a paired test over the same questions (`python recipes/evaluate.py --model A --bootstrap 1000 "
         "--baseline B/per_query.npz`), not by their single figures."
     )

@@ -265,7 +265,7 @@ def render_markdown(spec: SweepSpec, report: dict) -> str:
                 f"{test[m.key]['high']:.{m.digits}f}] p={test[m.key]['p_value']:.3f}"
                 for m in HEADLINE
             ]
-            at = ", ".join(f"{k} {v}" for k, v in test["at"].items()) or "-"
+            at = ", ".join(f"{k} {setting_text(v)}" for k, v in test["at"].items()) or "-"
             lines.append(f"| {test['comparison']} | {at} | " + " | ".join(cells) + " |")
     return "\n".join(lines + _recall_and_groups_table(axes, report["settings"], spec.language_groups)) + "\n"
 
@@ -291,8 +291,7 @@ def _setting_cell(settings: dict, axis: str) -> str:
     """A point's value of one axis as a table cell; '·' where the point leaves the field at its base recipe's value."""
     if axis not in settings:
         return "·"
-    value = settings[axis]
-    return ", ".join(map(str, value)) or "[]" if isinstance(value, list) else str(value)
+    return setting_text(settings[axis]) or "[]"
 
 
 def _groups_text(language_groups: dict) -> str:

@@ -137,13 +137,39 @@ def test_the_soup_benchmark_scores_the_average_on_the_runs_questions_and_tests_i
     evaluate_grid(
         DualEncoder.from_pretrained(tmp_path / "soup"), questions, max_queries=12, bf16=True, per_query=per_query
     )
-    assert len(set(per_query[0].query_ids)) == 12
 
     def headline(scores):
         return weighted_headline(scores, np.ones(len(scores.query_ids)))[:, 0]
 
     average, scores = headline(per_query[0]), [headline(PerQueryScores.load(run / PER_QUERY_FILE)) for run in runs]
-    multi = 2  # mono, cross, multi, rank distance
-    assert f"| **weight average** | {average[0]:.3f} | {average[1]:.3f} | {average[multi]:.3f} |" in section
-    gap = average[multi] - (scores[0][multi] + scores[1][multi]) / 2
-    assert "| the runs' mean | " in section and f" | {gap:+.3f} [" in section.split("the runs' mean")[1]
+    lines = section.splitlines()
+    soup_row = next(line for line in lines if line.startswith("| **weight average** |")).split(" | ")
+    assert soup_row[1:4] == [f"{average[k]:.3f}" for k in range(3)]  # mono, cross, multi mAP
+    mean_row = next(line for line in lines if line.startswith("| the runs' mean |")).split(" | ")
+    for k in range(3):
+        gap = average[k] - (scores[0][k] + scores[1][k]) / 2
+        assert mean_row[1 + k].startswith(f"{gap:+.3f} [")
+    assert any(line.startswith(f"| {runs[1].name} | ") for line in lines)  # rows named by run
+
+
+def test_the_soup_benchmark_refuses_runs_scored_on_other_questions_before_averaging(two_runs, tmp_path):
+    import shutil
+
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from weight_averaging import main
+
+    from hbt_accel.data import load_lareqa_benchmark
+    from hbt_accel.evaluation import evaluate_grid
+    from hbt_accel.evaluation.grid import PER_QUERY_FILE
+
+    runs = []
+    for run, languages in zip(two_runs, (["de", "en"], ["en"])):
+        copy = shutil.copytree(run, tmp_path / run.name)
+        per_query: list = []
+        questions = load_lareqa_benchmark("mlqa-r:validation", languages=languages)
+        evaluate_grid(DualEncoder.from_pretrained(copy), questions, max_queries=4, per_query=per_query)
+        per_query[0].save(copy / PER_QUERY_FILE)
+        runs.append(copy)
+    with pytest.raises(DataError, match=r"per_query.npz: other questions or languages than .*not pairable"):
+        main(["--runs", ",".join(map(str, runs)), "--output_dir", str(tmp_path / "soup"), "--docs_dir", ""])
+    assert not (tmp_path / "soup").exists()

@@ -286,7 +286,7 @@ def test_model_card_limitations_name_the_languages_never_trained_on(tmp_path):
     cfg = HbtConfig(train_languages=["de", "en"])
     body = split_card(write_model_card(tmp_path, run_summary(cfg), RESULTS).read_text())[1]
     assert "- **Zero-shot languages.** Evaluated but never trained on: th." in body
-    assert "Trained on MLQA-R" in body
+    assert "(MLQA-R; de, en)." in body
 
 
 def test_a_model_trained_on_a_split_keeps_its_data_licence(tmp_path):

@@ -7,7 +7,9 @@ import numpy as np
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-from translation_check import pair_row  # noqa: E402
+from translation_check import main, pair_row  # noqa: E402
+
+from hbt_accel.errors import DataError  # noqa: E402
 
 
 def test_pair_row_counts_nearest_neighbours_over_shared_ids_only():
@@ -29,3 +31,8 @@ def test_pair_row_counts_nearest_neighbours_over_shared_ids_only():
 
 def test_pair_row_needs_two_shared_ids():
     assert pair_row({"a": "x"}, {"a": "y", "b": "z"}, {"x": np.ones(2), "y": np.ones(2), "z": np.ones(2)}) is None
+
+
+def test_a_selection_without_a_shared_pair_is_refused_in_one_line_before_encoding():
+    with pytest.raises(DataError, match=r"^--languages / --max_ids: no language pair shares two or more ids"):
+        main(["--languages", "en", "--model", "/nonexistent", "--docs_dir", ""])  # the model is never loaded
