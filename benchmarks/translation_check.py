@@ -110,8 +110,12 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     languages = [lang.strip() for lang in args.languages.split(",") if lang.strip()]
     answers = answers_by_language(args.data_dir, languages, args.max_ids)
-    pairs = itertools.combinations(sorted(answers), 2)
-    if not any(len(answers[first].keys() & answers[second].keys()) >= 2 for first, second in pairs):
+    pairs = [
+        (first, second)
+        for first, second in itertools.combinations(sorted(answers), 2)
+        if len(answers[first].keys() & answers[second].keys()) >= 2
+    ]
+    if not pairs:
         from hbt_accel.errors import DataError
 
         raise DataError("--languages / --max_ids: no language pair shares two or more ids; nothing to compare")
@@ -119,11 +123,7 @@ def main(argv=None) -> None:
     encoder = DualEncoder.from_pretrained(args.model)
     vectors = dict(zip(texts, encode_texts(encoder, texts, "passage", bf16=args.bf16)))  # text -> (d,)
 
-    rows = {
-        f"{first}-{second}": row
-        for first, second in itertools.combinations(sorted(answers), 2)
-        if (row := pair_row(answers[first], answers[second], vectors)) is not None
-    }
+    rows = {f"{first}-{second}": pair_row(answers[first], answers[second], vectors) for first, second in pairs}
     publish(args.docs_dir, "translation_check", section(args, rows))
     if args.output:
         from hbt_accel.atomic import write_json

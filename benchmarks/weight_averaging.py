@@ -70,14 +70,14 @@ def load_questions(like, data_dir: str):
     return questions
 
 
-def score_average(output_dir: str, questions, like):
+def score_average(output_dir: str, questions, max_queries: int):
     """The averaged model's per-query ranks on the runs' questions, bf16 encoding as in training."""
     from hbt_accel.evaluation import evaluate_grid
     from hbt_accel.modeling import DualEncoder
 
     per_query: list = []
     encoder = DualEncoder.from_pretrained(output_dir)
-    evaluate_grid(encoder, questions, max_queries=len(set(like.query_ids)), bf16=True, per_query=per_query)
+    evaluate_grid(encoder, questions, max_queries=max_queries, bf16=True, per_query=per_query)
     return per_query[0]
 
 
@@ -97,12 +97,9 @@ def section(args: argparse.Namespace, folders: list[Path], runs: list, average) 
 
     def paired(a, b) -> list[str]:
         test = paired_difference(a, b, n_resamples=args.bootstrap)
-        return [
-            f"{test[m.key]['difference']:+.{m.digits}f} [{test[m.key]['low']:.{m.digits}f}, "
-            f"{test[m.key]['high']:.{m.digits}f}]"
-            for m in HEADLINE
-        ]
+        return [m.format_difference(test[m.key]) for m in HEADLINE]
 
+    labels = run_labels(folders)
     header = "| model | " + " | ".join(m.label for m in HEADLINE) + " |"
     rule = "|---" * (len(HEADLINE) + 1) + "|"
     lines = [
@@ -114,7 +111,7 @@ def section(args: argparse.Namespace, folders: list[Path], runs: list, average) 
         "",
         header,
         rule,
-        *(f"| {label} | " + " | ".join(headline(run)) + " |" for label, run in zip(run_labels(folders), runs)),
+        *(f"| {label} | " + " | ".join(headline(run)) + " |" for label, run in zip(labels, runs)),
         "| **weight average** | " + " | ".join(headline(average)) + " |",
         "",
         f"Paired bootstrap over question ids ({args.bootstrap:,} resamples), the average minus:",
@@ -122,7 +119,7 @@ def section(args: argparse.Namespace, folders: list[Path], runs: list, average) 
         header.replace("| model |", "| minus |"),
         rule,
         "| the runs' mean | " + " | ".join(paired(average, runs)) + " |",
-        *(f"| {label} | " + " | ".join(paired(average, run)) + " |" for label, run in zip(run_labels(folders), runs)),
+        *(f"| {label} | " + " | ".join(paired(average, run)) + " |" for label, run in zip(labels, runs)),
     ]
     return lines
 
@@ -135,7 +132,7 @@ def main(argv=None) -> None:
     runs = load_run_scores(folders, args.benchmark)
     questions = load_questions(runs[0], args.data_dir)
     average_models(folders, args.output_dir)
-    average = score_average(args.output_dir, questions, runs[0])
+    average = score_average(args.output_dir, questions, max_queries=len(set(runs[0].query_ids)))
     publish(args.docs_dir, "weight_averaging", section(args, folders, runs, average))
 
 

@@ -260,11 +260,7 @@ def render_markdown(spec: SweepSpec, report: dict) -> str:
         lines += ["|---|---|" + "---|" * (len(size_header) + len(HEADLINE))]
         for test in report["paired_tests"]:
             cells = [_parameters_cell(test.get("parameters") or {})] * sized
-            cells += [
-                f"{test[m.key]['difference']:+.{m.digits}f} [{test[m.key]['low']:.{m.digits}f}, "
-                f"{test[m.key]['high']:.{m.digits}f}] p={test[m.key]['p_value']:.3f}"
-                for m in HEADLINE
-            ]
+            cells += [f"{m.format_difference(test[m.key])} p={test[m.key]['p_value']:.3f}" for m in HEADLINE]
             at = ", ".join(f"{k} {setting_text(v)}" for k, v in test["at"].items()) or "-"
             lines.append(f"| {test['comparison']} | {at} | " + " | ".join(cells) + " |")
     return "\n".join(lines + _recall_and_groups_table(axes, report["settings"], spec.language_groups)) + "\n"

@@ -78,12 +78,7 @@ def summary_table(results: dict):
             cells.append(f"[{metric.format(ci['low'])}, {metric.format(ci['high'])}]" if ci else "")
         if paired:
             d = paired.get(metric.key)
-            cells.append(
-                f"{d['difference']:+.{metric.digits}f} [{metric.format(d['low'])}, {metric.format(d['high'])}], "
-                f"p {d['p_value']:.3f}"
-                if d
-                else ""
-            )
+            cells.append(f"{metric.format_difference(d)}, p {d['p_value']:.3f}" if d else "")
         summary.add_row(*cells)
     summary.add_row("queries / candidates", f"{results.get('n_queries', 0):,} / {results.get('n_candidates', 0):,}")
     summary.add_row("seconds (encode + score)", f"{results.get('seconds', math.nan):.1f}")

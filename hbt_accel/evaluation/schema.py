@@ -25,6 +25,10 @@ class Metric:
         digits = self.digits + extra_digits
         return "n/a" if value is None or math.isnan(value) else f"{value:.{digits}f}"
 
+    def format_difference(self, test: dict) -> str:
+        """A paired test's {difference, low, high} of this metric as '+0.012 [0.004, 0.020]'."""
+        return f"{test['difference']:+.{self.digits}f} [{self.format(test['low'])}, {self.format(test['high'])}]"
+
     def best(self, values: Iterable[float]) -> float | None:
         finite = [v for v in values if v is not None and not math.isnan(v)]
         if not finite:
