@@ -2,11 +2,12 @@
 
     python benchmarks/weight_averaging.py --runs RUN_A,RUN_B[,...] --output_dir runs/soup
 
-The runs are seeds of one recipe whose final evaluation scored `--benchmark` (the beyond_paper sweep's points:
-`mlqa-r:validation`, never XQuAD-R), so each has a per_query.npz of the same questions. The script averages their
-weights (`hbt_accel.averaging`, the code path of `recipes/average.py`), scores the average on the same questions,
-and tests it paired over question ids against the runs' mean (what one would get from a single run, on average)
-and against each run. The section `weight_averaging` of docs/results.md is written from what it measured.
+The runs are seeds of one recipe (e.g. the final_default sweep's hybrid points, trained on `mlqa-r:train`). The
+script averages their weights (`hbt_accel.averaging`, the code path of `recipes/average.py`), then scores every run
+and the average here, on the same questions of `--benchmark` (`mlqa-r:validation` by default, never XQuAD-R: this is
+a choice to make) with the same code, and tests the average paired over question ids against the runs' mean (what one
+would get from a single run, on average) and against each run. The section `weight_averaging` of docs/results.md is
+written from what it measured.
 """
 
 from __future__ import annotations
@@ -22,7 +23,6 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 import numpy as np  # noqa: E402
 from report import invocation, publish  # noqa: E402
 
-from hbt_accel.errors import DataError  # noqa: E402
 from hbt_accel.evaluation.schema import HEADLINE  # noqa: E402
 
 
@@ -30,54 +30,23 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", required=True, help="comma-separated finished run folders of one recipe")
     parser.add_argument("--output_dir", required=True, help="a new folder for the averaged model")
-    parser.add_argument("--benchmark", default="mlqa-r:validation", help="what the runs' final evaluation scored")
+    parser.add_argument("--benchmark", default="mlqa-r:validation", help="score the runs and their average on this")
+    parser.add_argument("--max_queries", type=int, default=0, help="the first N question ids; 0 = all")
     parser.add_argument("--data_dir", default="", help="folder with mlqa-r/ and xquad-r/; empty = default lookup")
     parser.add_argument("--bootstrap", type=int, default=1000, help="resamples of question ids for the paired tests")
     parser.add_argument("--docs_dir", default=str(REPO / "docs"), help="write the section here ('' = print only)")
     return parser.parse_args(argv)
 
 
-def load_run_scores(folders: list[Path], benchmark: str) -> list:
-    """Each run's per-query ranks from its final evaluation; one line naming the run when it is missing or was
-    scored on another benchmark (checked before any weights are averaged)."""
-    from hbt_accel.evaluation.grid import PER_QUERY_FILE, PerQueryScores
-
-    scores = []
-    for folder in folders:
-        path = folder / PER_QUERY_FILE
-        if not path.is_file():
-            raise DataError(f"{path}: missing (the run's final evaluation writes it; was final_eval off?)")
-        run = PerQueryScores.load(path)
-        if run.benchmark != benchmark:
-            raise DataError(f"{path}: scored on {run.benchmark!r}, expected --benchmark {benchmark!r}")
-        if scores and (run.query_ids, run.languages) != (scores[0].query_ids, scores[0].languages):
-            raise DataError(f"{path}: other questions or languages than {folders[0] / PER_QUERY_FILE} (not pairable)")
-        scores.append(run)
-    return scores
-
-
-def load_questions(like, data_dir: str):
-    """The benchmark the runs were scored on, restricted to their languages; one line, before any weights are
-    averaged, when these files do not hold the runs' questions (`like`: one run's scores; a final evaluation takes
-    the first N question ids)."""
-    from hbt_accel.data import load_lareqa_benchmark
-    from hbt_accel.evaluation.grid import select_question_ids
-
-    questions = load_lareqa_benchmark(like.benchmark, languages=like.languages, data_dir=data_dir or None)
-    if select_question_ids(questions, like.languages, len(set(like.query_ids))) != set(like.query_ids):
-        where = f"--data_dir {data_dir}" if data_dir else "the default data lookup"
-        raise DataError(f"{where}: its {like.benchmark} has other question ids than the runs were scored on")
-    return questions
-
-
-def score_average(output_dir: str, questions, max_queries: int):
-    """The averaged model's per-query ranks on the runs' questions, bf16 encoding as in training."""
+def score_model(folder, questions, max_queries: int):
+    """One model's per-query ranks on `questions`, bf16 encoding as in training's final evaluation."""
     from hbt_accel.evaluation import evaluate_grid
     from hbt_accel.modeling import DualEncoder
 
     per_query: list = []
-    encoder = DualEncoder.from_pretrained(output_dir)
-    evaluate_grid(encoder, questions, max_queries=max_queries, bf16=True, per_query=per_query)
+    evaluate_grid(
+        DualEncoder.from_pretrained(folder), questions, max_queries=max_queries, bf16=True, per_query=per_query
+    )
     return per_query[0]
 
 
@@ -126,13 +95,14 @@ def section(args: argparse.Namespace, folders: list[Path], runs: list, average) 
 
 def main(argv=None) -> None:
     from hbt_accel.averaging import average_models, check_runs
+    from hbt_accel.data import load_lareqa_benchmark
 
     args = parse_args(argv)
     folders = check_runs([run for run in args.runs.split(",") if run])
-    runs = load_run_scores(folders, args.benchmark)
-    questions = load_questions(runs[0], args.data_dir)
+    questions = load_lareqa_benchmark(args.benchmark, data_dir=args.data_dir or None)  # bad name: one line, first
     average_models(folders, args.output_dir)
-    average = score_average(args.output_dir, questions, max_queries=len(set(runs[0].query_ids)))
+    runs = [score_model(folder, questions, args.max_queries) for folder in folders]
+    average = score_model(args.output_dir, questions, args.max_queries)
     publish(args.docs_dir, "weight_averaging", section(args, folders, runs, average))
 
 

@@ -103,11 +103,9 @@ def test_the_command_line_reports_a_folder_that_is_not_a_model_in_one_line(tmp_p
     )
 
 
-def test_the_soup_benchmark_scores_the_average_on_the_runs_questions_and_tests_it_paired(two_runs, tmp_path):
-    """benchmarks/weight_averaging.py: the average is scored on exactly the runs' questions, and its paired row
-    against the runs' mean is the average's figure minus the mean of the runs' figures."""
-    import shutil
-
+def test_the_soup_benchmark_scores_runs_and_average_alike_and_tests_the_average_paired(two_runs, tmp_path):
+    """benchmarks/weight_averaging.py: every run and the average are scored on the same questions, and the paired
+    row against the runs' mean is the average's figure minus the mean of the runs' figures."""
     import numpy as np
 
     sys.path.insert(0, str(REPO / "benchmarks"))
@@ -115,61 +113,34 @@ def test_the_soup_benchmark_scores_the_average_on_the_runs_questions_and_tests_i
 
     from hbt_accel.data import load_lareqa_benchmark
     from hbt_accel.evaluation import evaluate_grid
-    from hbt_accel.evaluation.grid import PER_QUERY_FILE, PerQueryScores
     from hbt_accel.evaluation.statistics import weighted_headline
 
-    questions = load_lareqa_benchmark("mlqa-r:validation", languages=["de", "en"])
-    runs = []
-    for run in two_runs:
-        copy = shutil.copytree(run, tmp_path / run.name)
+    def headline(folder):
         per_query: list = []
-        evaluate_grid(DualEncoder.from_pretrained(copy), questions, max_queries=12, bf16=True, per_query=per_query)
-        per_query[0].save(copy / PER_QUERY_FILE)
-        runs.append(copy)
-    missing = shutil.copytree(two_runs[0], tmp_path / "no_scores")
-    with pytest.raises(DataError, match=r"no_scores/per_query.npz: missing"):
-        main(["--runs", f"{runs[0]},{missing}", "--output_dir", str(tmp_path / "never"), "--docs_dir", ""])
-    assert not (tmp_path / "never").exists()
+        questions = load_lareqa_benchmark("mlqa-r:validation")
+        evaluate_grid(DualEncoder.from_pretrained(folder), questions, max_queries=6, bf16=True, per_query=per_query)
+        return weighted_headline(per_query[0], np.ones(len(per_query[0].query_ids)))[:, 0]
 
-    main(["--runs", ",".join(map(str, runs)), "--output_dir", str(tmp_path / "soup"), "--docs_dir", str(tmp_path)])
-    section = (tmp_path / "results.md").read_text()
-    per_query = []
-    evaluate_grid(
-        DualEncoder.from_pretrained(tmp_path / "soup"), questions, max_queries=12, bf16=True, per_query=per_query
-    )
-
-    def headline(scores):
-        return weighted_headline(scores, np.ones(len(scores.query_ids)))[:, 0]
-
-    average, scores = headline(per_query[0]), [headline(PerQueryScores.load(run / PER_QUERY_FILE)) for run in runs]
-    lines = section.splitlines()
+    arguments = ["--runs", ",".join(map(str, two_runs)), "--max_queries", "6", "--bootstrap", "200"]
+    main([*arguments, "--output_dir", str(tmp_path / "soup"), "--docs_dir", str(tmp_path)])
+    lines = (tmp_path / "results.md").read_text().splitlines()
+    average, scores = headline(tmp_path / "soup"), [headline(run) for run in two_runs]
     soup_row = next(line for line in lines if line.startswith("| **weight average** |")).split(" | ")
     assert soup_row[1:4] == [f"{average[k]:.3f}" for k in range(3)]  # mono, cross, multi mAP
+    run_row = next(line for line in lines if line.startswith(f"| {two_runs[1].name} | ")).split(" | ")
+    assert run_row[1:4] == [f"{scores[1][k]:.3f}" for k in range(3)]
     mean_row = next(line for line in lines if line.startswith("| the runs' mean |")).split(" | ")
     for k in range(3):
         gap = average[k] - (scores[0][k] + scores[1][k]) / 2
         assert mean_row[1 + k].startswith(f"{gap:+.3f} [")
-    assert any(line.startswith(f"| {runs[1].name} | ") for line in lines)  # rows named by run
+    assert "mlqa-r:validation` (6 question ids" in "\n".join(lines)
 
 
-def test_the_soup_benchmark_refuses_runs_scored_on_other_questions_before_averaging(two_runs, tmp_path):
-    import shutil
-
+def test_the_soup_benchmark_refuses_an_unknown_benchmark_in_one_line_before_averaging(two_runs, tmp_path):
     sys.path.insert(0, str(REPO / "benchmarks"))
     from weight_averaging import main
 
-    from hbt_accel.data import load_lareqa_benchmark
-    from hbt_accel.evaluation import evaluate_grid
-    from hbt_accel.evaluation.grid import PER_QUERY_FILE
-
-    runs = []
-    for run, languages in zip(two_runs, (["de", "en"], ["en"])):
-        copy = shutil.copytree(run, tmp_path / run.name)
-        per_query: list = []
-        questions = load_lareqa_benchmark("mlqa-r:validation", languages=languages)
-        evaluate_grid(DualEncoder.from_pretrained(copy), questions, max_queries=4, per_query=per_query)
-        per_query[0].save(copy / PER_QUERY_FILE)
-        runs.append(copy)
-    with pytest.raises(DataError, match=r"per_query.npz: other questions or languages than .*not pairable"):
-        main(["--runs", ",".join(map(str, runs)), "--output_dir", str(tmp_path / "soup"), "--docs_dir", ""])
+    arguments = ["--runs", ",".join(map(str, two_runs)), "--benchmark", "xquad-s", "--docs_dir", ""]
+    with pytest.raises(DataError, match=r"^xquad-s: not a benchmark name"):
+        main([*arguments, "--output_dir", str(tmp_path / "soup")])
     assert not (tmp_path / "soup").exists()
