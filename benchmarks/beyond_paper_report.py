@@ -18,7 +18,7 @@ import json
 import math
 from pathlib import Path
 
-from report import invocation, publish
+from report import invocation, publish, run_benchmark
 from reproduce_hbt import PAPER
 
 from hbt_accel.evaluation.schema import HEADLINE
@@ -140,4 +140,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_benchmark(main)

@@ -26,7 +26,7 @@ import tracemalloc
 from pathlib import Path
 
 import numpy as np
-from report import invocation, write_section
+from report import invocation, run_benchmark, write_section
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -255,4 +255,4 @@ def write_docs(docs: Path, setup: str, rows: list[tuple[str, float]], notes: lis
 
 
 if __name__ == "__main__":
-    main()
+    run_benchmark(main)

@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from report import invocation, publish
+from report import invocation, publish, run_benchmark
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -159,4 +159,4 @@ def write(args, encoded, rows: list[str], seconds: float) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_benchmark(main)

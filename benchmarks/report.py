@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from hbt_accel.atomic import write_atomic
+from hbt_accel.errors import ConfigError, DataError
 
 TITLE = "# Results: hybrid batch training of multilingual-e5-small on MLQA-R, zero-shot on XQuAD-R"
 ORDER = (
@@ -24,6 +25,16 @@ ORDER = (
 def invocation() -> str:
     """How the running benchmark was called (`python benchmarks/<script>.py <arguments>`): a section's first line."""
     return " ".join(["python", f"benchmarks/{Path(sys.argv[0]).name}", *sys.argv[1:]])
+
+
+def run_benchmark(main) -> None:
+    """Run a benchmark's `main()`; a bad flag, run folder or data file ends as one line on stderr (exit code 2), as
+    the recipes' errors do, instead of a traceback."""
+    try:
+        main()
+    except (ConfigError, DataError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 def write_section(path: Path, name: str, body: str) -> None:

@@ -20,7 +20,7 @@ import sys
 import time
 from pathlib import Path
 
-from report import invocation, write_section
+from report import invocation, run_benchmark, write_section
 
 from hbt_accel.atomic import write_atomic
 from hbt_accel.evaluation.grid import RESULTS_FILE
@@ -345,4 +345,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_benchmark(main)

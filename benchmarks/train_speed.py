@@ -30,7 +30,7 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
-from report import invocation, write_section
+from report import invocation, run_benchmark, write_section
 
 from hbt_accel.atomic import write_atomic
 from hbt_accel.run_summary import SUMMARY_FILE
@@ -333,4 +333,4 @@ def _version(package: str) -> str:
 
 
 if __name__ == "__main__":
-    main()
+    run_benchmark(main)

@@ -132,4 +132,6 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from report import run_benchmark
+
+    run_benchmark(main)

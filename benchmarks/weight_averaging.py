@@ -21,8 +21,9 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
 
 import numpy as np  # noqa: E402
-from report import invocation, publish  # noqa: E402
+from report import invocation, publish, run_benchmark  # noqa: E402
 
+from hbt_accel.errors import DataError  # noqa: E402
 from hbt_accel.evaluation.schema import HEADLINE  # noqa: E402
 
 
@@ -36,6 +37,26 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--bootstrap", type=int, default=1000, help="resamples of question ids for the paired tests")
     parser.add_argument("--docs_dir", default=str(REPO / "docs"), help="write the section here ('' = print only)")
     return parser.parse_args(argv)
+
+
+def check_held_out(folders: list[Path], benchmark: str) -> None:
+    """One line naming the first run whose training saw questions of `benchmark`, before any averaging: the default
+    recipe trains on all of MLQA-R, so its runs score high on `mlqa-r:validation` and would decide nothing."""
+    import yaml
+
+    from hbt_accel.data import shares_questions
+    from hbt_accel.train import CONFIG_FILE
+
+    for folder in folders:
+        path = folder / CONFIG_FILE
+        if not path.is_file():
+            raise DataError(f"{path}: missing (needed to tell what the run trained on)")
+        train_data = (yaml.safe_load(path.read_text()) or {}).get("train_data") or []
+        if any(shares_questions(source, benchmark) for source in train_data):
+            raise DataError(
+                f"{path}: train_data {', '.join(train_data)} holds questions of --benchmark {benchmark} "
+                "(train on mlqa-r:train to compare on mlqa-r:validation)"
+            )
 
 
 def score_model(folder, questions, max_queries: int):
@@ -99,6 +120,7 @@ def main(argv=None) -> None:
 
     args = parse_args(argv)
     folders = check_runs([run for run in args.runs.split(",") if run])
+    check_held_out(folders, args.benchmark)
     questions = load_lareqa_benchmark(args.benchmark, data_dir=args.data_dir or None)  # bad name: one line, first
     average_models(folders, args.output_dir)
     runs = [score_model(folder, questions, args.max_queries) for folder in folders]
@@ -107,4 +129,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_benchmark(main)

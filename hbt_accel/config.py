@@ -17,6 +17,7 @@ from typing import Any
 import yaml
 
 from hbt_accel.atomic import write_atomic
+from hbt_accel.data import shares_questions
 from hbt_accel.errors import ConfigError, DataError, PushFailed, TrainingDiverged, did_you_mean
 from hbt_accel.sampling import STRATEGIES
 
@@ -201,6 +202,12 @@ class HbtConfig:
                 not self.train_data_weights or len(self.train_data_weights) == len(self.train_data),
                 "train_data_weights",
                 f"{len(self.train_data)} weights, one per train_data entry",
+            ),
+            (
+                not any(shares_questions(source, self.eval_benchmark) for source in self.train_data),
+                "eval_benchmark",
+                f"a benchmark whose questions train_data ({', '.join(self.train_data)}) does not train on; to choose "
+                "settings on MLQA-R: train_data mlqa-r:train with eval_benchmark mlqa-r:validation",
             ),
             *self._language_bias_checks(),
         ]

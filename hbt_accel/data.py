@@ -253,6 +253,14 @@ def split_name(name_or_path: str) -> tuple[str, str | None]:
     return (base, split) if separator and base and split in SPLITS else (str(name_or_path), None)
 
 
+def shares_questions(train_source: str, benchmark: str) -> bool:
+    """Whether training on `train_source` sees questions that `benchmark` scores: the same LAReQA data (by name or
+    folder name) unless one is the `:train` and the other the `:validation` side of the held-out split."""
+    (train_base, train_split), (eval_base, eval_split) = split_name(train_source), split_name(benchmark)
+    same_data = Path(train_base).name == Path(eval_base).name
+    return same_data and {train_split, eval_split} != {"train", "validation"}
+
+
 def is_lareqa_name(source: str) -> bool:
     """A LAReQA benchmark name, with or without a split suffix (as opposed to a path or a datasets id)."""
     return split_name(source)[0] in LAREQA_BENCHMARKS

@@ -14,6 +14,7 @@ import torch
 from hbt_accel.averaging import SOURCES_FILE, average_models
 from hbt_accel.errors import ConfigError, DataError
 from hbt_accel.modeling import SETTINGS_FILE, DualEncoder
+from hbt_accel.train import CONFIG_FILE
 from tests.conftest import load_tiny_encoder
 
 REPO = Path(__file__).resolve().parents[1]
@@ -31,6 +32,7 @@ def two_runs(tmp_path_factory, tiny_model_dir, xlmr_tokenizer) -> list[Path]:
                 parameter.add_(torch.randn(parameter.shape, generator=generator) * 0.05)
         folder = tmp_path_factory.mktemp(f"run{seed}")
         encoder.save_pretrained(folder)
+        (folder / CONFIG_FILE).write_text("train_data: [mlqa-r:train]\n")  # what the soup benchmark checks
         folders.append(folder)
     return folders
 
@@ -143,4 +145,19 @@ def test_the_soup_benchmark_refuses_an_unknown_benchmark_in_one_line_before_aver
     arguments = ["--runs", ",".join(map(str, two_runs)), "--benchmark", "xquad-s", "--docs_dir", ""]
     with pytest.raises(DataError, match=r"^xquad-s: not a benchmark name"):
         main([*arguments, "--output_dir", str(tmp_path / "soup")])
+    assert not (tmp_path / "soup").exists()
+
+
+def test_the_soup_benchmark_refuses_runs_that_trained_on_the_benchmarks_questions(two_runs, tmp_path):
+    """The default recipe trains on all of MLQA-R: its runs cannot be compared on mlqa-r:validation."""
+    import shutil
+
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from weight_averaging import main
+
+    leaky = shutil.copytree(two_runs[1], tmp_path / "leaky")
+    (leaky / CONFIG_FILE).write_text("train_data: [mlqa-r]\n")
+    arguments = ["--runs", f"{two_runs[0]},{leaky}", "--docs_dir", "", "--output_dir", str(tmp_path / "soup")]
+    with pytest.raises(DataError, match=r"leaky/hbt_config.yaml: train_data mlqa-r holds questions of --benchmark"):
+        main(arguments)
     assert not (tmp_path / "soup").exists()

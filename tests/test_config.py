@@ -40,6 +40,8 @@ def test_command_line_overrides_yaml_and_coerces_types(tmp_path):
         (["--lora", "maybe"], "expected true or false"),
         (["--push_to_hub"], "hub_model_id"),
         (["--num_layers", "-2"], "num_layers: got -2, expected 0 (all layers) or a positive layer count"),
+        (["--eval_benchmark", "mlqa-r:validation"], "whose questions train_data (mlqa-r) does not train on"),
+        (["--train_data", "mlqa-r:train", "--eval_benchmark", "mlqa-r"], "train_data (mlqa-r:train) does not"),
     ],
 )
 def test_bad_input_names_the_field(argv, message):
@@ -47,6 +49,14 @@ def test_bad_input_names_the_field(argv, message):
         parse_config(argv)
     assert message in str(error.value)
     assert "\n" not in str(error.value)
+
+
+def test_the_two_sides_of_the_held_out_split_and_other_benchmarks_go_together():
+    from hbt_accel.data import shares_questions
+
+    assert parse_config(["--train_data", "mlqa-r:train", "--eval_benchmark", "mlqa-r:validation"])
+    assert not shares_questions("../shared/data/lareqa/mlqa-r", "xquad-r")
+    assert shares_questions("../shared/data/lareqa/mlqa-r:validation", "mlqa-r:validation")  # a folder, by its name
 
 
 def test_unknown_yaml_key_names_file_and_key(tmp_path):
