@@ -221,8 +221,13 @@ def _parameters_cell(counts: dict) -> str:
     return f"{_millions(counts['total'])} ({_millions(counts['without_word_embeddings'])} w/o word emb.)"
 
 
+def setting_fields(spec: SweepSpec) -> list[str]:
+    """The fields the sweep varies: its axes, or every field its listed points set."""
+    return list(spec.axes) or sorted({k for point in spec.points for k in point})
+
+
 def render_markdown(spec: SweepSpec, report: dict) -> str:
-    axes = ([BASE] if spec.bases else []) + (list(spec.axes) or sorted({k for point in spec.points for k in point}))
+    axes = ([BASE] if spec.bases else []) + setting_fields(spec)
     sized = any(row["parameters"] for row in report["settings"])
     size_header = ["parameters"] if sized else []
     lines = [
@@ -301,21 +306,20 @@ def write_figures(spec: SweepSpec, rows: list[dict], summaries: list[dict]) -> l
     import matplotlib.pyplot as plt
 
     paths = []
-    for axis, values in spec.axes.items():
-        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
-            continue
+    for axis, position in _plotted_settings(spec, rows).items():
+        lines = _lines_along(rows, axis, position)
         figure, panels = plt.subplots(1, len(HEADLINE), figsize=(4 * len(HEADLINE), 3.5))
         for metric, panel in zip(HEADLINE, panels):
-            for label, line in _lines_along(rows, axis).items():
+            for label, line in lines.items():
                 xs = [x for x, _ in line]
                 means = np.array([r[metric.key]["mean"] for _, r in line])
                 stds = np.nan_to_num(np.array([r[metric.key]["std"] for _, r in line]))
                 panel.plot(xs, means, marker="o", label=label or None)
                 panel.fill_between(xs, means - stds, means + stds, alpha=0.2)
-            panel.set_xlabel(axis)
+            panel.set_xlabel(axis if position is _value else f"number of {axis}")
             panel.set_title(metric.label, fontsize=9)
             panel.grid(alpha=0.3)
-        if any(_lines_along(rows, axis)):
+        if any(lines):
             panels[0].legend(fontsize=7)
         paths.append(_save(figure, spec.results_root / f"metrics_by_{axis}.png"))
     paths.append(_pareto(spec, rows))
@@ -323,12 +327,33 @@ def write_figures(spec: SweepSpec, rows: list[dict], summaries: list[dict]) -> l
     return paths
 
 
-def _lines_along(rows: list[dict], axis: str) -> dict[str, list]:
-    """Rows grouped by the other settings, each group sorted along `axis`: one line per group."""
+def _value(value):
+    return value
+
+
+def _plotted_settings(spec: SweepSpec, rows: list[dict]) -> dict:
+    """The settings a curve can run along, each with how a value becomes its x: a numeric axis by its value, a setting
+    that every point lists (train_languages) by the list's length. Listed points count only where every point sets
+    the field to one of 2+ values."""
+    plotted = {}
+    for field in setting_fields(spec):
+        values = [row["settings"].get(field) for row in rows]
+        if None in values or (len({json.dumps(v) for v in values}) < 2 and not spec.axes):
+            continue
+        if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+            plotted[field] = _value
+        elif all(isinstance(v, list) for v in values):
+            plotted[field] = len
+    return plotted
+
+
+def _lines_along(rows: list[dict], axis: str, position) -> dict[str, list]:
+    """Rows grouped by the other settings, each group sorted along `axis` (x = `position(value)`): one line per
+    group."""
     lines: dict[str, list] = defaultdict(list)
     for row in rows:
         rest = ", ".join(f"{k}={v}" for k, v in row["settings"].items() if k != axis)
-        lines[rest].append((row["settings"][axis], row))
+        lines[rest].append((position(row["settings"][axis]), row))
     return {label: sorted(points, key=lambda p: p[0]) for label, points in lines.items()}
 
 

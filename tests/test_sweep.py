@@ -547,3 +547,30 @@ def test_a_comparison_pairs_two_points_within_each_base_and_compares_values_as_j
     assert compared_side(two_values, {"alpha": 0.0, "num_layers": 3, "seed": 1}) == ("b", (("num_layers", "3"),))
     assert compared_side(two_values, {"alpha": 0, "seed": 1})[0] is None  # 0 and 0.0 are two points, as in their names
     assert compared_side(two_values, {"num_layers": 3, "seed": 1})[0] is None
+
+
+def test_a_curve_runs_along_a_numeric_axis_or_the_length_of_a_setting_every_point_lists(tmp_path):
+    """train_languages: the x of a point is how many languages it lists; a field some points leave at the base
+    recipe's value (alpha) or a text field (sampling) gets no curve."""
+    from hbt_accel.sweep_report import _lines_along, _plotted_settings
+
+    points = [
+        {"train_languages": ["en", "de", "es", "ar"], "sampling": "xx"},
+        {"train_languages": ["en"], "sampling": "xx"},
+        {"train_languages": ["en", "de"], "sampling": "hybrid"},
+        {"train_languages": ["en", "de"], "sampling": "hybrid", "alpha": 0.25},
+    ]
+    spec = load_sweep(write_sweep(tmp_path, name="langs", points=points, seeds=[1]))
+    rows = [{"settings": point} for point in points]
+    plotted = _plotted_settings(spec, rows)
+    assert plotted == {"train_languages": len}
+    lines = _lines_along(rows, "train_languages", len)
+    assert {label: [x for x, _ in line] for label, line in lines.items()} == {
+        "sampling=xx": [1, 4],
+        "sampling=hybrid": [2],
+        "sampling=hybrid, alpha=0.25": [2],
+    }
+    axes = load_sweep(write_sweep(tmp_path, name="alphas", axes={"alpha": [0.0, 0.5]}, seeds=[1]))
+    rows = [{"settings": {"alpha": alpha}} for alpha in (0.5, 0.0)]
+    (position,) = _plotted_settings(axes, rows).values()  # a numeric axis: x is the value itself
+    assert [x for x, _ in _lines_along(rows, "alpha", position)[""]] == [0.0, 0.5]
