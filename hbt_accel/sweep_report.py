@@ -112,6 +112,8 @@ def _group_languages(summary: dict, group: str) -> list[str]:
 
 def paired_tests(spec: SweepSpec, summaries: list[dict], n_resamples: int = 1000) -> list[dict]:
     """For each `compare` entry, a minus b (seeds averaged) over the same question ids, with its bootstrap interval.
+    Where both sides have a seed in common, only their common seeds count: the interval resamples questions, not
+    seeds, so one side's extra (lucky or unlucky) seed would otherwise read as a difference between the settings.
 
     {field, a, b}: the field's two values, at every value of the other settings (hybrid minus xy at each size).
     {a: {settings}, b: {settings}}: two listed points (seed aside), e.g. a feature switched on against the base
@@ -124,6 +126,7 @@ def paired_tests(spec: SweepSpec, summaries: list[dict], n_resamples: int = 1000
     for comparison in spec.compare:
         label, groups = compared_runs(comparison, summaries)
         for rest, runs in groups.items():
+            runs = common_seeds(runs)
             if runs["a"] and runs["b"]:
                 scores = {
                     side: [PerQueryScores.load(spec.results_root / f"{r['point']}.per_query.npz") for r in runs[side]]
@@ -139,6 +142,15 @@ def paired_tests(spec: SweepSpec, summaries: list[dict], n_resamples: int = 1000
                     }
                 )
     return tests
+
+
+def common_seeds(runs: dict[str, list[dict]]) -> dict[str, list[dict]]:
+    """Both sides' runs restricted to the seeds they share; unchanged when they share none."""
+    seeds = [{r["settings"].get("seed") for r in runs[side]} for side in ("a", "b")]
+    shared = seeds[0] & seeds[1]
+    if not shared:
+        return runs
+    return {side: [r for r in runs[side] if r["settings"].get("seed") in shared] for side in ("a", "b")}
 
 
 def compared_runs(comparison: dict, summaries: list[dict]) -> tuple[str, dict[tuple, dict]]:
@@ -260,7 +272,7 @@ def render_markdown(spec: SweepSpec, report: dict) -> str:
         cells.append(_cell(_minutes(row["train_seconds"]), 1))
         lines.append("| " + " | ".join(cells) + " |")
     if report["paired_tests"]:
-        lines += ["", "Paired bootstrap over question ids (1,000 resamples; seeds averaged):", ""]
+        lines += ["", "Paired bootstrap over question ids (1,000 resamples; the seeds both sides have, averaged):", ""]
         lines += ["| comparison | at | " + " | ".join([*size_header, *(m.label for m in HEADLINE)]) + " |"]
         lines += ["|---|---|" + "---|" * (len(size_header) + len(HEADLINE))]
         for test in report["paired_tests"]:

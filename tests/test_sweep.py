@@ -574,3 +574,16 @@ def test_a_curve_runs_along_a_numeric_axis_or_the_length_of_a_setting_every_poin
     rows = [{"settings": {"alpha": alpha}} for alpha in (0.5, 0.0)]
     (position,) = _plotted_settings(axes, rows).values()  # a numeric axis: x is the value itself
     assert [x for x, _ in _lines_along(rows, "alpha", position)[""]] == [0.0, 0.5]
+
+
+def test_a_paired_test_counts_only_the_seeds_both_sides_have():
+    """A setting with a third seed is compared with a two-seed setting on seeds 1 and 2 only; with no seed in common
+    every run counts."""
+    from hbt_accel.sweep_report import common_seeds
+
+    def runs(*seeds):
+        return [{"settings": {"seed": seed}} for seed in seeds]
+
+    kept = common_seeds({"a": runs(1, 2, 3), "b": runs(2, 1)})
+    assert [r["settings"]["seed"] for r in kept["a"]] == [1, 2] and len(kept["b"]) == 2
+    assert common_seeds({"a": runs(1), "b": runs(2)}) == {"a": runs(1), "b": runs(2)}
