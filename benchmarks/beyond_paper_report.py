@@ -33,6 +33,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--validation_sweep", default=str(REPO / "recipes/sweeps/beyond_paper.yaml"))
     parser.add_argument("--final_sweep", default=str(REPO / "recipes/sweeps/final_default.yaml"))
+    parser.add_argument("--frontier_sweep", default=str(REPO / "recipes/sweeps/data_ratio.yaml"), help="alpha sweep")
     parser.add_argument("--docs_dir", default=str(REPO / "docs"), help="write the section here ('' = print only)")
     return parser.parse_args(argv)
 
@@ -104,6 +105,20 @@ def goal_lines(report: dict) -> list[str]:
     return lines
 
 
+def frontier_lines(configs: list[str], docs_dir: Path) -> list[str]:
+    """The mono-vs-multi figures of the sweeps that trace the frontier, as each sweep's report drew them; nothing
+    until every one of them has been drawn."""
+    figures = [load_sweep(config).results_root / "mono_vs_multi.png" for config in configs]
+    if not all(path.is_file() for path in figures):
+        return []
+    intro = (
+        "The frontier found (monolingual against multilingual mAP, mean ± std over seeds), by alpha on the first 300 "
+        "XQuAD-R question ids, then the three batch types on the full grid:"
+    )
+    links = [f"![{path.parent.name}: mono vs multi mAP]({path.relative_to(docs_dir)})" for path in figures]
+    return ["", intro, *(line for link in links for line in ("", link))]
+
+
 def _figure(value: float, digits: int) -> str:
     return "-" if value is None or math.isnan(value) else f"{value:.{digits}f}"
 
@@ -135,6 +150,7 @@ def main(argv=None) -> None:
         "",
         *unseen_lines(final, untrained),
         *goal_lines(final),
+        *frontier_lines([args.frontier_sweep, args.final_sweep], REPO / "docs"),
     ]
     publish(args.docs_dir, "beyond_paper", body)
 

@@ -68,3 +68,31 @@ def test_the_unseen_language_table_gives_each_settings_mean_and_spread_next_to_t
     assert "| xx | 1 | 0.800 | 0.700 | 0.600 | 250.0 |" in lines  # one seed: no spread
     assert "| untrained | - | 0.780 | 0.630 | 0.300 | 1176.4 |" in lines
     assert unseen_lines({"settings": []}, untrained) == []
+
+
+def test_the_frontier_links_each_sweeps_figure_relative_to_docs_once_all_are_drawn(tmp_path):
+    import sys
+    from pathlib import Path
+
+    import yaml
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from beyond_paper_report import frontier_lines
+
+    configs = []
+    for name in ("alphas", "final"):
+        config = tmp_path / f"{name}.yaml"
+        results = tmp_path / "docs" / "sweeps" / name
+        content = {"base": "recipes/default.yaml", "axes": {"alpha": [0.5]}, "results_dir": str(results)}
+        config.write_text(yaml.safe_dump(content))
+        results.mkdir(parents=True)
+        configs.append(str(config))
+    (tmp_path / "docs/sweeps/alphas/mono_vs_multi.png").write_bytes(b"png")
+    assert frontier_lines(configs, tmp_path / "docs") == []  # the final sweep has not drawn its figure yet
+    (tmp_path / "docs/sweeps/final/mono_vs_multi.png").write_bytes(b"png")
+    lines = frontier_lines(configs, tmp_path / "docs")
+    links = [line for line in lines if line.startswith("![")]
+    assert links == [
+        "![alphas: mono vs multi mAP](sweeps/alphas/mono_vs_multi.png)",
+        "![final: mono vs multi mAP](sweeps/final/mono_vs_multi.png)",
+    ]
