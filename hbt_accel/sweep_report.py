@@ -316,6 +316,7 @@ def write_figures(spec: SweepSpec, rows: list[dict], summaries: list[dict]) -> l
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     paths = []
     for axis, position in _plotted_settings(spec, rows).items():
@@ -329,6 +330,8 @@ def write_figures(spec: SweepSpec, rows: list[dict], summaries: list[dict]) -> l
                 panel.plot(xs, means, marker="o", label=label or None)
                 panel.fill_between(xs, means - stds, means + stds, alpha=0.2)
             panel.set_xlabel(axis if position is _value else f"number of {axis}")
+            if position is len:  # a count: whole-number ticks
+                panel.xaxis.set_major_locator(MaxNLocator(integer=True))
             panel.set_title(metric.label, fontsize=9)
             panel.grid(alpha=0.3)
         if any(lines):
