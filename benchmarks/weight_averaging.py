@@ -52,7 +52,7 @@ def check_held_out(folders: list[Path], benchmark: str) -> None:
         if not path.is_file():
             raise DataError(f"{path}: missing (needed to tell what the run trained on)")
         train_data = (yaml.safe_load(path.read_text()) or {}).get("train_data") or []
-        if any(shares_questions(source, benchmark) for source in train_data):
+        if shares_questions(train_data, benchmark):
             raise DataError(
                 f"{path}: train_data {', '.join(train_data)} holds questions of --benchmark {benchmark} "
                 "(train on mlqa-r:train to compare on mlqa-r:validation)"

@@ -204,7 +204,7 @@ class HbtConfig:
                 f"{len(self.train_data)} weights, one per train_data entry",
             ),
             (
-                not any(shares_questions(source, self.eval_benchmark) for source in self.train_data),
+                not shares_questions(self.train_data, self.eval_benchmark),
                 "eval_benchmark",
                 f"a benchmark whose questions train_data ({', '.join(self.train_data)}) does not train on; to choose "
                 "settings on MLQA-R: train_data mlqa-r:train with eval_benchmark mlqa-r:validation",

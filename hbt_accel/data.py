@@ -253,12 +253,15 @@ def split_name(name_or_path: str) -> tuple[str, str | None]:
     return (base, split) if separator and base and split in SPLITS else (str(name_or_path), None)
 
 
-def shares_questions(train_source: str, benchmark: str) -> bool:
-    """Whether training on `train_source` sees questions that `benchmark` scores: the same LAReQA data (by name or
-    folder name) unless one is the `:train` and the other the `:validation` side of the held-out split."""
-    (train_base, train_split), (eval_base, eval_split) = split_name(train_source), split_name(benchmark)
-    same_data = Path(train_base).name == Path(eval_base).name
-    return same_data and {train_split, eval_split} != {"train", "validation"}
+def shares_questions(train_data: Iterable[str], benchmark: str) -> bool:
+    """Whether training on any of `train_data` sees questions that `benchmark` scores: the same LAReQA data (by name
+    or folder name) unless one is the `:train` and the other the `:validation` side of the held-out split."""
+    eval_base, eval_split = split_name(benchmark)
+    for source in train_data:
+        train_base, train_split = split_name(source)
+        if Path(train_base).name == Path(eval_base).name and {train_split, eval_split} != {"train", "validation"}:
+            return True
+    return False
 
 
 def is_lareqa_name(source: str) -> bool:

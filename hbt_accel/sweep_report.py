@@ -329,8 +329,9 @@ def write_figures(spec: SweepSpec, rows: list[dict], summaries: list[dict]) -> l
                 stds = np.nan_to_num(np.array([r[metric.key]["std"] for _, r in line]))
                 panel.plot(xs, means, marker="o", label=label or None)
                 panel.fill_between(xs, means - stds, means + stds, alpha=0.2)
-            panel.set_xlabel(axis if position is _value else f"number of {axis}")
-            if position is len:  # a count: whole-number ticks
+            panel.set_xlabel(axis)
+            if position is len:  # a count: its label says so, its ticks are whole numbers
+                panel.set_xlabel(f"number of {axis}")
                 panel.xaxis.set_major_locator(MaxNLocator(integer=True))
             panel.set_title(metric.label, fontsize=9)
             panel.grid(alpha=0.3)

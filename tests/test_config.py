@@ -55,8 +55,8 @@ def test_the_two_sides_of_the_held_out_split_and_other_benchmarks_go_together():
     from hbt_accel.data import shares_questions
 
     assert parse_config(["--train_data", "mlqa-r:train", "--eval_benchmark", "mlqa-r:validation"])
-    assert not shares_questions("../shared/data/lareqa/mlqa-r", "xquad-r")
-    assert shares_questions("../shared/data/lareqa/mlqa-r:validation", "mlqa-r:validation")  # a folder, by its name
+    assert not shares_questions(["../shared/data/lareqa/mlqa-r"], "xquad-r")
+    assert shares_questions(["xquad-r", "../shared/data/lareqa/mlqa-r:validation"], "mlqa-r:validation")  # a folder
 
 
 def test_unknown_yaml_key_names_file_and_key(tmp_path):
