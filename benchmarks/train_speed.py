@@ -188,12 +188,15 @@ def _time_steps_here(pairs_path: Path, steps: int, extra: list[str]) -> None:
     print(json.dumps(seconds))
 
 
-def profile_step(pairs_path: Path, steps: int = 3, top: int = 12) -> tuple[float, list[tuple[str, float]]]:
-    """Where one bf16 step of hbt_accel goes: the top ops by self CPU time (torch.profiler), averaged over `steps`
-    steps after one warm-up step of the library's own `train_step` (see `library_steps`)."""
+def profile_step(
+    pairs_path: Path, precision: str, steps: int = 3, top: int = 12
+) -> tuple[float, list[tuple[str, float]]]:
+    """Where one step of hbt_accel at `precision` goes: the top ops by self CPU time (torch.profiler), averaged over
+    `steps` steps after one warm-up step of the library's own `train_step` (see `library_steps`)."""
     from torch.profiler import ProfilerActivity, profile
 
-    with library_steps(pairs_path, steps + 1, ["--mixed_precision", "bf16"]) as step:
+    flags = ["--mixed_precision", "no" if precision == "fp32" else precision]
+    with library_steps(pairs_path, steps + 1, flags) as step:
         step()
         with profile(activities=[ProfilerActivity.CPU]) as prof:
             for _ in range(steps):
@@ -270,7 +273,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--skip_distributed", action="store_true")
-    parser.add_argument("--profile", action="store_true", help="also break a bf16 step down by op (torch.profiler)")
+    parser.add_argument(
+        "--profile", action="store_true", help="also break a bf16 and an fp32 step down by op (torch.profiler)"
+    )
     parser.add_argument("--docs_dir", default=str(REPO / "docs"), help="write the table here ('' = print only)")
     args = parser.parse_args()
 
@@ -281,9 +286,10 @@ def main() -> None:
         pairs_path = Path(tmp) / "pairs.jsonl"
         write_pairs(pairs, pairs_path)
         rows = measure(pairs_path, args)
-        profile_total, profile = profile_step(pairs_path) if args.profile else (0.0, [])
-    for name, seconds in profile:
-        print(f"profile: {name:50s} {seconds:.3f} s/step")
+        profiles = {precision: profile_step(pairs_path, precision) for precision in ("bf16", "fp32") if args.profile}
+    for precision, (_, ops) in profiles.items():
+        for name, seconds in ops:
+            print(f"profile {precision}: {name:50s} {seconds:.3f} s/step")
     setup = (
         f"torch {torch.__version__}, {os.cpu_count()} cores, batch {BATCH} pairs, max length {MAX_LENGTH}, "
         f"{args.steps} steps (median after {args.warmup})"
@@ -295,10 +301,10 @@ def main() -> None:
         print(f"{name:90s} {seconds:8.3f} s/step {BATCH / seconds:8.1f} samples/s {ratio:>7s}")
         table.append(f"| {name} | {seconds:.3f} | {BATCH / seconds:.1f} | {ratio} |")
     if args.docs_dir:
-        write_docs(Path(args.docs_dir), setup, rows, table, profile_total, profile)
+        write_docs(Path(args.docs_dir), setup, rows, table, profiles)
 
 
-def write_docs(docs: Path, setup: str, rows, table: list[str], profile_total: float, profile) -> None:
+def write_docs(docs: Path, setup: str, rows, table: list[str], profiles: dict) -> None:
     records = [{"setup": n, "seconds_per_step": s, "samples_per_second": BATCH / s} for n, s, _ in rows]
     write_atomic(docs / "train_speed.json", json.dumps({"setup": setup, "rows": records}, indent=2) + "\n")
     command = invocation()
@@ -313,15 +319,15 @@ def write_docs(docs: Path, setup: str, rows, table: list[str], profile_total: fl
         "",
         *table,
     ]
-    if profile:
+    for precision, (total, ops) in profiles.items():
         body += [
             "",
-            "Where a bf16 step of hbt_accel goes (`--profile`: torch.profiler over the library's `train_step`, top "
-            f"ops by self CPU time, in seconds per step, of {profile_total:.2f} s of op time per step):",
+            f"Where a {precision} step of hbt_accel goes (`--profile`: torch.profiler over the library's "
+            f"`train_step`, top ops by self CPU time, in seconds per step, of {total:.2f} s of op time per step):",
             "",
             "| op | s/step |",
             "|---|---|",
-            *[f"| `{name}` | {seconds:.3f} |" for name, seconds in profile],
+            *[f"| `{name}` | {seconds:.3f} |" for name, seconds in ops],
         ]
     write_section(docs / "results.md", "train_speed", "\n".join(body))
 

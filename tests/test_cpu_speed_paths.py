@@ -16,7 +16,9 @@ from hbt_accel.cpu_attention import (
     can_pack,
     cheap_dropout,
     cpu_training_attention,
+    keep_mask,
     register,
+    uniform_int16,
     use_cheap_dropout,
 )
 from hbt_accel.modeling import DualEncoder
@@ -41,6 +43,18 @@ def test_cheap_dropout_drops_at_rate_p_and_keeps_the_expectation():
     first = cheap_dropout(values, 0.3)
     torch.manual_seed(3)
     assert torch.equal(first, cheap_dropout(values, 0.3))  # the global generator: seeds and replays hold
+
+
+def test_uniform_int16_covers_the_range_evenly_in_every_slot_of_a_draw():
+    torch.manual_seed(0)
+    numbers = uniform_int16(torch.Size((3, 133_335)), torch.device("cpu"))  # 400,005: not a multiple of 4
+    assert numbers.shape == (3, 133_335) and numbers.dtype == torch.int16
+    assert numbers.min() == -(1 << 15) and numbers.max() == (1 << 15) - 1
+    slots = numbers.flatten()[:400_000].view(-1, 4).to(torch.int64) + (1 << 15)  # each int64 draw gives 4 numbers
+    for slot in slots.T:  # each slot alone: 16 equal bins, and a low-bit pattern, as a uniform draw would give
+        bins = torch.bincount(slot >> 12, minlength=16).double()
+        assert ((bins - 6250) ** 2 / 6250).sum() < 50  # chi-square, 15 degrees of freedom: p < 1e-5 above 50
+        assert abs((slot % 2).double().mean().item() - 0.5) < 0.01
 
 
 def test_cheap_dropout_modules_replace_every_plain_dropout_and_keep_eval_exact(tiny_model_dir):
@@ -73,11 +87,16 @@ def test_training_attention_is_the_softmax_formula_and_drops_only_in_training():
     torch.testing.assert_close(weights, expected_weights)
     torch.testing.assert_close(output, (expected_weights @ value).transpose(1, 2))
     assert weights[1, :, :, 5:].abs().max() == 0  # padding gets no attention
-    _, dropped = cpu_training_attention(module, query, key, value, None, dropout=0.5)
-    assert 0.3 < (dropped == 0).float().mean().item() < 0.7
+    torch.manual_seed(7)
+    dropped, probabilities = cpu_training_attention(module, query, key, value, None, scaling=0.5, dropout=0.5)
+    torch.manual_seed(7)  # the same draw: the weights' keep mask, its 1 / P(keep) applied to the output
+    keep, rescale = keep_mask(probabilities.shape, 0.5, probabilities.device)
+    assert 0.3 < keep.float().mean().item() < 0.7 and rescale == 2.0
+    torch.testing.assert_close(probabilities, torch.softmax(query @ key.transpose(2, 3) * 0.5, dim=-1))
+    torch.testing.assert_close(dropped, ((probabilities * keep * rescale) @ value).transpose(1, 2))
     module.eval()
-    _, kept = cpu_training_attention(module, query, key, value, None, dropout=0.5)
-    assert (kept == 0).sum() == 0
+    kept, _ = cpu_training_attention(module, query, key, value, None, scaling=0.5, dropout=0.5)
+    torch.testing.assert_close(kept, (probabilities @ value).transpose(1, 2))
 
 
 def _backbone(model_dir, attn_implementation: str) -> BertModel:
