@@ -188,11 +188,19 @@ def _time_steps_here(pairs_path: Path, steps: int, extra: list[str]) -> None:
     print(json.dumps(seconds))
 
 
-def profile_step(
-    pairs_path: Path, precision: str, steps: int = 3, top: int = 12
-) -> tuple[float, list[tuple[str, float]]]:
-    """Where one step of hbt_accel at `precision` goes: the top ops by self CPU time (torch.profiler), averaged over
-    `steps` steps after one warm-up step of the library's own `train_step` (see `library_steps`)."""
+def profile_step(pairs_path: Path, precision: str) -> tuple[float, list[tuple[str, float]]]:
+    """`_profile_here` in a fresh process: accelerate keeps one mixed precision per process."""
+    command = [sys.executable, __file__, "--profile_here", str(pairs_path), precision]
+    result = subprocess.run(command, capture_output=True, text=True, cwd=REPO, env=_quiet_env())
+    if result.returncode != 0:
+        raise RuntimeError(f"profiling failed ({precision}):\n{result.stderr[-2000:]}")
+    total, ops = json.loads(result.stdout.strip().splitlines()[-1])
+    return total, [tuple(op) for op in ops]
+
+
+def _profile_here(pairs_path: Path, precision: str, steps: int = 3, top: int = 12) -> None:
+    """Print (as the last line, JSON) where one step of hbt_accel at `precision` goes: the top ops by self CPU time
+    (torch.profiler), averaged over `steps` steps after one warm-up step of the library's own `train_step`."""
     from torch.profiler import ProfilerActivity, profile
 
     flags = ["--mixed_precision", "no" if precision == "fp32" else precision]
@@ -203,7 +211,7 @@ def profile_step(
                 step()
     events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
     total = sum(e.self_cpu_time_total for e in events) / 1e6 / steps
-    return total, [(e.key, e.self_cpu_time_total / 1e6 / steps) for e in events[:top]]
+    print(json.dumps([total, [(e.key, e.self_cpu_time_total / 1e6 / steps) for e in events[:top]]]))
 
 
 def _quiet_env() -> dict:
@@ -268,6 +276,9 @@ def main() -> None:
         return
     if len(sys.argv) > 1 and sys.argv[1] == "--time_steps_here":
         _time_steps_here(Path(sys.argv[2]), int(sys.argv[3]), sys.argv[4:])
+        return
+    if len(sys.argv) > 1 and sys.argv[1] == "--profile_here":
+        _profile_here(Path(sys.argv[2]), sys.argv[3])
         return
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=12)

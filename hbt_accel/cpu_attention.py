@@ -107,19 +107,24 @@ def use_cheap_dropout(model: nn.Module) -> int:
 
 
 def _math_attention(query, key, value, attention_mask, scaling: float, dropout: float):
-    """softmax(q k^T * scaling + mask) v with `cheap_dropout` on the weights; (N, heads, L, d) -> (N, L, heads, d),
-    and the weights before dropout. Both scalings (1 / sqrt(d), dropout's 1 / P(keep)) go on (N, heads, L, d)
-    tensors rather than the (N, heads, L, L) weights, d / L of the work (a quarter at L = 128, d = 32)."""
-    scores = torch.matmul(query * scaling, key.transpose(2, 3))  # (N, heads, L, L)
-    if attention_mask is not None:
-        scores = scores + attention_mask[:, :, :, : key.shape[-2]]
+    """transformers' layouts around `_attend`: (N, heads, L, d) -> (N, L, heads, d), and the weights."""
+    mask = attention_mask[:, :, :, : key.shape[-2]] if attention_mask is not None else None
+    output, probabilities = _attend(query, key, value, mask, scaling, dropout)
+    return output.transpose(1, 2).contiguous(), probabilities
+
+
+def _attend(query, key, value, additive_mask, scaling: float, dropout: float):
+    """softmax(q k^T * scaling + mask) v with `cheap_dropout` on the weights, over the last two dimensions (any
+    leading ones): (..., L, d) -> (..., L, d), and the weights before dropout. Both scalings (1 / sqrt(d), dropout's
+    1 / P(keep)) go on (..., L, d) tensors rather than the (..., L, L) weights, d / L of the work."""
+    scores = torch.matmul(query * scaling, key.transpose(-1, -2))  # (..., L, L)
+    if additive_mask is not None:
+        scores = scores + additive_mask
     probabilities = nn.functional.softmax(scores, dim=-1).to(value.dtype)
     if 0.0 < dropout < 1.0:
         keep, rescale = keep_mask(probabilities.shape, dropout, probabilities.device)
-        output = torch.matmul(probabilities * keep, value) * rescale  # (N, heads, L, d)
-    else:
-        output = torch.matmul(cheap_dropout(probabilities, dropout), value)
-    return output.transpose(1, 2).contiguous(), probabilities
+        return torch.matmul(probabilities * keep, value) * rescale, probabilities
+    return torch.matmul(cheap_dropout(probabilities, dropout), value), probabilities
 
 
 @dataclass(frozen=True)
@@ -139,7 +144,8 @@ class PackedLayout:
     grows with the square of the longest row of a group), and `order` puts the groups' tokens back in packed order."""
 
     groups: tuple[PackedGroup, ...]
-    order: torch.Tensor
+    grouped: torch.Tensor  # (T,) the packed row's tokens group after group: the groups' `tokens` concatenated
+    order: torch.Tensor  # (T,) grouped position of each packed token: the inverse permutation
 
     @classmethod
     def of(cls, lengths: torch.Tensor, groups: int) -> PackedLayout:
@@ -155,31 +161,45 @@ class PackedLayout:
             position = torch.arange(len(local_row), device=rows.device) - row_starts[local_row]  # (T_g,)
             tokens = starts[rows][local_row] + position  # (T_g,) token index in the packed row
             parts.append(PackedGroup(tokens, local_row * longest + position, len(rows), longest))
-        return cls(tuple(parts), torch.argsort(torch.cat([part.tokens for part in parts])))
+        grouped = torch.cat([part.tokens for part in parts])
+        return cls(tuple(parts), grouped, torch.argsort(grouped))
 
 
 def _packed_attention(module, query, key, value, scaling: float, dropout: float, layout: PackedLayout):
     """Attention of a packed row: (1, heads, T, d) query/key/value -> (1, T, heads, d), each token attending only
-    to the tokens of its own sequence (per group, padded back to (n_g, heads, L_g, d) with a key-padding mask)."""
+    to the tokens of its own sequence (per group, padded back to (heads, n_g, L_g, d) with a key-padding mask).
+
+    The groups are laid out heads first, contiguous, so the matrix products and their backward need no copies; the
+    tokens are gathered once per tensor from the packed row's own (T, heads, d) storage, also in the backward."""
     heads, head_dim = query.shape[1], query.shape[-1]
+    sizes = [len(group.tokens) for group in layout.groups]
     # The additive mask in the dtype the eager mask would have (the parameters'), so scores promote the same way.
     mask_dtype = next(module.parameters()).dtype
+    grouped = [_grouped_tokens(packed, layout).split(sizes) for packed in (query, key, value)]  # (T_g, heads, d)
     outputs = []
-    for group in layout.groups:
+    for group, group_query, group_key, group_value in zip(layout.groups, *grouped):
         padded_size = group.rows * group.longest
 
-        def unpack(packed: torch.Tensor, group=group, padded_size=padded_size) -> torch.Tensor:
-            tokens = packed[0].index_select(1, group.tokens)  # (heads, T_g, d)
-            padded = tokens.new_zeros(heads, padded_size, head_dim).index_copy(1, group.padded_index, tokens)
-            return padded.view(heads, group.rows, group.longest, head_dim).transpose(0, 1)  # (n_g, heads, L_g, d)
+        def unpack(tokens: torch.Tensor, group=group, padded_size=padded_size) -> torch.Tensor:
+            padded = tokens.new_zeros(heads, padded_size, head_dim)
+            padded = padded.index_copy(1, group.padded_index, tokens.transpose(0, 1))
+            return padded.view(heads, group.rows, group.longest, head_dim)  # (heads, n_g, L_g, d)
 
         padding = torch.ones(padded_size, dtype=torch.bool, device=query.device)
         padding = padding.index_fill(0, group.padded_index, False)
-        mask = torch.zeros(group.rows, 1, 1, group.longest, dtype=mask_dtype, device=query.device)
-        mask = mask.masked_fill(padding.view(group.rows, 1, 1, group.longest), torch.finfo(mask_dtype).min)
-        output, _ = _math_attention(unpack(query), unpack(key), unpack(value), mask, scaling, dropout)
-        outputs.append(output.reshape(padded_size, heads, head_dim)[group.padded_index])  # (T_g, heads, d)
-    return torch.cat(outputs)[layout.order].unsqueeze(0), None  # (1, T, heads, d)
+        mask = torch.zeros(1, group.rows, 1, group.longest, dtype=mask_dtype, device=query.device)
+        mask = mask.masked_fill(padding.view(1, group.rows, 1, group.longest), torch.finfo(mask_dtype).min)
+        output, _ = _attend(unpack(group_query), unpack(group_key), unpack(group_value), mask, scaling, dropout)
+        outputs.append(output.reshape(heads, padded_size, head_dim).index_select(1, group.padded_index))
+    packed_output = torch.cat(outputs, dim=1).transpose(0, 1).index_select(0, layout.order)  # (T, heads, d)
+    return packed_output.unsqueeze(0), None
+
+
+def _grouped_tokens(packed: torch.Tensor, layout: PackedLayout) -> torch.Tensor:
+    """(1, heads, T, d), a heads-first view of the linear layer's (1, T, heads, d) output -> (T, heads, d) rows in
+    grouped order, gathered from that storage directly (views only before the gather: their backward copies
+    nothing)."""
+    return packed.transpose(1, 2).squeeze(0).index_select(0, layout.grouped)
 
 
 def can_pack(config) -> bool:

@@ -160,8 +160,8 @@ def test_packed_layout_cuts_length_sorted_groups_out_of_the_packed_row():
     assert longest_two.padded_index.tolist() == [0, 1, 2, 3, 4, 5, 6]
     assert shortest_two.tokens.tolist() == [4, 5, 3]  # sequences 2 then 1
     assert shortest_two.padded_index.tolist() == [0, 1, 2]
-    concatenated = torch.cat([group.tokens for group in layout.groups])
-    assert concatenated[layout.order].tolist() == list(range(10))
+    assert layout.grouped.tolist() == [6, 7, 8, 9, 0, 1, 2, 4, 5, 3]  # the groups' tokens, one group after the other
+    assert layout.grouped[layout.order].tolist() == list(range(10))
 
 
 @pytest.mark.parametrize("pack", [False, True])
