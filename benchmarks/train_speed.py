@@ -111,13 +111,18 @@ def time_sentence_transformers(pairs, steps: int, bf16: bool) -> list[float]:
     return [b - a for a, b in zip(stamps, stamps[1:])]
 
 
-def time_peer(pairs_path: Path, steps: int, bf16: bool) -> list[float]:
-    """`time_sentence_transformers` in a fresh process, like every hbt_accel row."""
-    command = [sys.executable, __file__, "--time_peer_here", str(pairs_path), str(steps), str(int(bf16))]
+def in_fresh_process(task: str, *arguments: str):
+    """The JSON result of `task` (a name in `TASKS`) run in a fresh `python` process: every timed row, the peer's
+    too, gets a process of its own, and accelerate keeps one mixed precision per process."""
+    command = [sys.executable, __file__, "--task", task, *arguments]
     result = subprocess.run(command, capture_output=True, text=True, cwd=REPO, env=_quiet_env())
     if result.returncode != 0:
-        raise RuntimeError(f"sentence-transformers timing failed:\n{result.stderr[-2000:]}")
+        raise RuntimeError(f"{task} failed ({' '.join(arguments)}):\n{result.stderr[-2000:]}")
     return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def time_peer(pairs_path: Path, steps: int, bf16: bool) -> list[float]:
+    return in_fresh_process("time_peer", str(pairs_path), str(steps), str(int(bf16)))
 
 
 def read_pairs(path: Path) -> list[tuple[str, str]]:
@@ -156,12 +161,8 @@ def time_command(pairs_path: Path, steps: int, extra: list[str], launcher: list[
 
 
 def time_in_process(pairs_path: Path, steps: int, extra: list[str]) -> list[float]:
-    """Per-step seconds of the library's train_step, timed in a fresh `python` process (see `_time_steps_here`)."""
-    command = [sys.executable, __file__, "--time_steps_here", str(pairs_path), str(steps), *extra]
-    result = subprocess.run(command, capture_output=True, text=True, cwd=REPO, env=_quiet_env())
-    if result.returncode != 0:
-        raise RuntimeError(f"in-process timing failed ({' '.join(extra)}):\n{result.stderr[-2000:]}")
-    return json.loads(result.stdout.strip().splitlines()[-1])
+    """Per-step seconds of the library's train_step (see `_time_steps_here`)."""
+    return in_fresh_process("time_steps", str(pairs_path), str(steps), *extra)
 
 
 @contextmanager
@@ -177,29 +178,24 @@ def library_steps(pairs_path: Path, steps: int, extra: list[str]):
         yield lambda: train_step(session, next(batches))
 
 
-def _time_steps_here(pairs_path: Path, steps: int, extra: list[str]) -> None:
-    """Print (as the last line, JSON) the seconds of each `steps` steps: next batch + train_step."""
+def _time_steps_here(pairs_path: Path, steps: int, extra: list[str]) -> list[float]:
+    """The seconds of each of `steps` steps: next batch + train_step."""
     seconds = []
     with library_steps(pairs_path, steps, extra) as step:
         for _ in range(steps):
             started = time.perf_counter()
             step()
             seconds.append(time.perf_counter() - started)
-    print(json.dumps(seconds))
+    return seconds
 
 
 def profile_step(pairs_path: Path, precision: str) -> tuple[float, list[tuple[str, float]]]:
-    """`_profile_here` in a fresh process: accelerate keeps one mixed precision per process."""
-    command = [sys.executable, __file__, "--profile_here", str(pairs_path), precision]
-    result = subprocess.run(command, capture_output=True, text=True, cwd=REPO, env=_quiet_env())
-    if result.returncode != 0:
-        raise RuntimeError(f"profiling failed ({precision}):\n{result.stderr[-2000:]}")
-    total, ops = json.loads(result.stdout.strip().splitlines()[-1])
+    total, ops = in_fresh_process("profile", str(pairs_path), precision)
     return total, [tuple(op) for op in ops]
 
 
-def _profile_here(pairs_path: Path, precision: str, steps: int = 3, top: int = 12) -> None:
-    """Print (as the last line, JSON) where one step of hbt_accel at `precision` goes: the top ops by self CPU time
+def _profile_here(pairs_path: Path, precision: str, steps: int = 3, top: int = 12) -> list:
+    """Where one step of hbt_accel at `precision` goes: [op seconds per step, the top ops by self CPU time]
     (torch.profiler), averaged over `steps` steps after one warm-up step of the library's own `train_step`."""
     from torch.profiler import ProfilerActivity, profile
 
@@ -211,7 +207,15 @@ def _profile_here(pairs_path: Path, precision: str, steps: int = 3, top: int = 1
                 step()
     events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
     total = sum(e.self_cpu_time_total for e in events) / 1e6 / steps
-    print(json.dumps([total, [(e.key, e.self_cpu_time_total / 1e6 / steps) for e in events[:top]]]))
+    return [total, [(e.key, e.self_cpu_time_total / 1e6 / steps) for e in events[:top]]]
+
+
+# What `in_fresh_process` runs: name -> function of the command-line arguments after the name.
+TASKS = {
+    "time_peer": lambda args: time_sentence_transformers(read_pairs(Path(args[0])), int(args[1]), args[2] == "1"),
+    "time_steps": lambda args: _time_steps_here(Path(args[0]), int(args[1]), args[2:]),
+    "profile": lambda args: _profile_here(Path(args[0]), args[1]),
+}
 
 
 def _quiet_env() -> dict:
@@ -269,16 +273,8 @@ def measure(pairs_path: Path, args) -> list[tuple[str, float, float | None]]:
 
 
 def main() -> None:
-    if len(sys.argv) > 1 and sys.argv[1] == "--time_peer_here":
-        print(
-            json.dumps(time_sentence_transformers(read_pairs(Path(sys.argv[2])), int(sys.argv[3]), sys.argv[4] == "1"))
-        )
-        return
-    if len(sys.argv) > 1 and sys.argv[1] == "--time_steps_here":
-        _time_steps_here(Path(sys.argv[2]), int(sys.argv[3]), sys.argv[4:])
-        return
-    if len(sys.argv) > 1 and sys.argv[1] == "--profile_here":
-        _profile_here(Path(sys.argv[2]), sys.argv[3])
+    if len(sys.argv) > 2 and sys.argv[1] == "--task":
+        print(json.dumps(TASKS[sys.argv[2]](sys.argv[3:])))
         return
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=12)
