@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from hbt_accel.atomic import write_json
-from hbt_accel.checkpoints import latest_checkpoint
+from hbt_accel.checkpoints import find_checkpoints, latest_checkpoint
 from hbt_accel.config import HbtConfig, load_yaml, parse_config
 from hbt_accel.errors import ConfigError
 from hbt_accel.evaluation.grid import PER_QUERY_FILE, RESULTS_FILE
@@ -75,6 +75,7 @@ class SweepSpec:
     submitit: dict = field(default_factory=dict)  # AutoExecutor.update_parameters(...), e.g. slurm_partition
     max_parallel: int = 1  # submitit: points queued or running at once (side by side on Slurm); 1 = one at a time
     save_steps: int = 30  # checkpoints a killed point resumes from
+    keep_checkpoints: bool = False  # a finished point's checkpoints (~1 GB each here) are deleted; its model stays
     compare: list = field(default_factory=list)  # paired tests: [{field: sampling, a: hybrid, b: xy}, ...]
     language_groups: dict = field(default_factory=dict)  # report: group name -> languages, e.g. by resource level
 
@@ -444,13 +445,19 @@ def ran_to_the_end(run_dir: Path) -> bool:
 
 
 def collect_point(spec: SweepSpec, point: SweepPoint) -> Path:
-    """RESULTS/<point>.json (+ .per_query.npz) from the point's run folder: settings, final scores, scores by step."""
+    """RESULTS/<point>.json (+ .per_query.npz) from the point's run folder: settings, final scores, scores by step.
+    Then the point's checkpoints go, unless the sweep keeps them: they only serve a resume, and a 36-point sweep of
+    the default recipe would otherwise leave ~70 GB behind."""
     run_dir = spec.run_root / point.name
     train_summary = json.loads((run_dir / SUMMARY_FILE).read_text())
     results = json.loads((run_dir / RESULTS_FILE).read_text())
     spec.results_root.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(run_dir / PER_QUERY_FILE, spec.results_root / f"{point.name}.per_query.npz")
-    return write_json(summary_path(spec, point), point_summary(spec, point, train_summary, results))
+    summary = write_json(summary_path(spec, point), point_summary(spec, point, train_summary, results))
+    if not spec.keep_checkpoints:
+        for checkpoint in find_checkpoints(run_dir):
+            shutil.rmtree(checkpoint)
+    return summary
 
 
 def point_summary(spec: SweepSpec, point: SweepPoint, train_summary: dict, results: dict) -> dict:

@@ -4,6 +4,7 @@ base recipes with their own launch settings (the backbones plan), and the report
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -16,8 +17,9 @@ import numpy as np
 import pytest
 import yaml
 
+from hbt_accel.checkpoints import find_checkpoints
 from hbt_accel.config import ConfigError
-from hbt_accel.sweep import load_sweep, point_command, point_resources, run_sweep, sweep_points
+from hbt_accel.sweep import collect_point, load_sweep, point_command, point_resources, run_sweep, sweep_points
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -255,6 +257,7 @@ def tiny_sweep(tmp_path, tiny_model_dir, mlqa_slice) -> Path:
         seeds=[1],
         overrides=overrides,
         save_steps=2,
+        keep_checkpoints=True,  # the resume below needs one; the default deletion is checked at the end
         executor="submitit",
         cluster="local",
         output_dir=str(tmp_path / "runs"),
@@ -296,6 +299,14 @@ def test_a_sweep_runs_through_submitit_skips_finished_points_and_resumes_a_kille
     log = "".join(p.read_text() for p in (tmp_path / "runs" / "submitit").rglob("*.out"))
     assert "resumed from" in log and "at step 2" in log
     assert json.loads((tmp_path / "results" / "sampling-hybrid__seed-1.json").read_text())["steps"] == 4
+
+    # by default, collecting a point deletes its checkpoints (resume-only state) and keeps its model and summary
+    hybrid_summary = (tmp_path / "results" / "sampling-hybrid__seed-1.json").read_bytes()
+    assert find_checkpoints(run_dir)
+    hybrid = next(point for point in sweep_points(spec) if point.name == "sampling-hybrid__seed-1")
+    collect_point(dataclasses.replace(spec, keep_checkpoints=False), hybrid)
+    assert find_checkpoints(run_dir) == [] and (run_dir / "model.safetensors").is_file()
+    assert (tmp_path / "results" / "sampling-hybrid__seed-1.json").read_bytes() == hybrid_summary
 
     # the report: per-setting statistics and the paired test, re-rendered identically from the summaries alone
     shutil.rmtree(tmp_path / "runs")
