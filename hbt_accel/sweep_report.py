@@ -161,7 +161,8 @@ def compared_runs(comparison: dict, summaries: list[dict]) -> tuple[str, dict[tu
         if side:
             groups[at][side].append(summary)
     if "field" in comparison:
-        return f"{comparison['field']}: {comparison['a']} minus {comparison['b']}", groups
+        a, b = setting_text(comparison["a"]), setting_text(comparison["b"])
+        return f"{comparison['field']}: {a} minus {b}", groups
     return f"{_setting_label(comparison['a'])} minus {_setting_label(comparison['b'])}", groups
 
 
