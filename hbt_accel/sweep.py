@@ -133,6 +133,8 @@ def load_sweep(path: str | os.PathLike) -> SweepSpec:
         raise ConfigError(f"{path}: executor: got {spec.executor!r}, expected one of {', '.join(EXECUTORS)}")
     if not isinstance(spec.max_parallel, int) or spec.max_parallel < 1:
         raise ConfigError(f"{path}: max_parallel: got {spec.max_parallel!r}, expected a positive integer")
+    if not isinstance(spec.keep_checkpoints, bool):  # "no" would read as true and keep ~1 GB per point
+        raise ConfigError(f"{path}: keep_checkpoints: got {spec.keep_checkpoints!r}, expected true or false")
     if spec.max_parallel > 1 and spec.executor != "submitit":
         raise ConfigError(f"{path}: max_parallel: {spec.max_parallel} needs executor: submitit")
     if bool(spec.axes) == bool(spec.points):

@@ -60,6 +60,7 @@ def test_every_committed_sweep_recipe_parses_and_lists_its_points():
         ({"axes": {"alpha": [0.5]}, "executor": "slurmm"}, "executor: got 'slurmm'"),
         ({"axes": {"alpha": [0.5]}, "executor": "submitit", "cluster": "slurmm"}, "cluster: got 'slurmm'"),
         ({"axes": {"alpha": [0.5]}, "compare": [{"a": 0.5}]}, "compare[0]: expected {field, a, b} (two values"),
+        ({"axes": {"alpha": [0.5]}, "keep_checkpoints": "no"}, "keep_checkpoints: got 'no', expected true or false"),
         (
             {"axes": {"alpha": [0.5, 1.0]}, "compare": [{"field": "alpha", "a": 0.5, "b": 0.3}]},
             "compare[0]: b: no point of the sweep has alpha: 0.3",
