@@ -351,28 +351,30 @@ def summary_path(spec: SweepSpec, point: SweepPoint) -> Path:
 
 
 def run_sweep(spec: SweepSpec, dry_run: bool = False, echo=print) -> SweepStatus:
-    """Run every unfinished point (resuming killed ones); collect each finished point's summary."""
+    """Run every unfinished point (resuming killed ones); collect each finished point's summary. A dry run lists
+    every point with its command, the finished ones marked."""
     status = SweepStatus()
-    todo = []
+    todo, plan = [], []
     for point in sweep_points(spec):
         if summary_path(spec, point).is_file():
             status.finished.append(point.name)
-            continue
-        if ran_to_the_end(spec.run_root / point.name):  # its collection failed or was killed: collect, do not rerun
+        elif ran_to_the_end(spec.run_root / point.name):  # its collection failed or was killed: collect, not rerun
             if not dry_run:
                 collect_point(spec, point)
             status.finished.append(point.name)
+        else:
+            resume = latest_checkpoint(spec.run_root / point.name) is not None
+            todo.append((point, point_command(spec, point, resume)))
+            plan.append((False, _point_line(spec, point, todo[-1][1], "")))
             continue
-        resume = latest_checkpoint(spec.run_root / point.name) is not None
-        todo.append((point, point_command(spec, point, resume)))
+        plan.append((True, _point_line(spec, point, point_command(spec, point, False), " (finished, skipped)")))
     echo(f"sweep {spec.name}: {len(status.finished)} finished, {len(todo)} to run")
     if todo and spec.executor == "submitit":
         cluster = spec.cluster or "slurm where srun exists, else local"
         echo(f"each point one submitit job, cluster: {cluster}, up to {spec.max_parallel} at once")
-    for point, command in todo:
-        echo(f"{point.name}: {shlex.join(command)}")
-        if spec.executor == "submitit":
-            echo("    submitit: " + ", ".join(f"{k}={v}" for k, v in point_resources(spec, point).items()))
+    for finished, line in plan:
+        if dry_run or not finished:
+            echo(line)
     if dry_run:
         return status
     for point, error in _execute(spec, todo):
@@ -384,6 +386,13 @@ def run_sweep(spec: SweepSpec, dry_run: bool = False, echo=print) -> SweepStatus
             status.failed[point.name] = error
             echo(f"{point.name}: FAILED\n{error}")
     return status
+
+
+def _point_line(spec: SweepSpec, point: SweepPoint, command: list[str], mark: str) -> str:
+    line = f"{point.name}{mark}: {shlex.join(command)}"
+    if spec.executor == "submitit":
+        line += "\n    submitit: " + ", ".join(f"{k}={v}" for k, v in point_resources(spec, point).items())
+    return line
 
 
 def _point_env() -> dict:

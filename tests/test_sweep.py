@@ -232,6 +232,20 @@ def test_points_are_the_product_of_the_axes_times_the_seeds(tmp_path):
     assert ["--seed", "7"] == command[command.index("--seed") : command.index("--seed") + 2]
 
 
+def test_a_dry_run_lists_every_point_with_its_command_and_marks_the_finished_ones(tmp_path):
+    path = write_sweep(tmp_path, axes={"sampling": ["xx", "hybrid"]}, seeds=[1], results_dir=str(tmp_path / "results"))
+    spec = load_sweep(path)
+    (tmp_path / "results").mkdir()
+    (tmp_path / "results" / "sampling-xx__seed-1.json").write_text("{}")
+    lines = []
+    status = run_sweep(spec, dry_run=True, echo=lines.append)
+    assert status.finished == ["sampling-xx__seed-1"] and not status.ran
+    assert lines[0] == f"sweep {spec.name}: 1 finished, 1 to run"
+    assert lines[1].startswith("sampling-xx__seed-1 (finished, skipped): accelerate launch ")
+    assert lines[2].startswith("sampling-hybrid__seed-1: accelerate launch ")
+    assert "--resume_from_checkpoint" not in lines[1] + lines[2]
+
+
 @pytest.fixture
 def tiny_sweep(tmp_path, tiny_model_dir, mlqa_slice) -> Path:
     """2 points (xx, hybrid) x 1 seed of 4 steps on the tiny model, scored on 10 ids in all 11 languages."""
