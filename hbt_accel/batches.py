@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from hbt_accel.data import ParallelCorpus
+from hbt_accel.data import CorpusStore
 from hbt_accel.sampling import BatchRow, HybridBatchSampler, is_monolingual_batch
 
 # `passage_ids` values that are not an example id: a passage answering no question of the corpus, and an empty slot.
@@ -56,7 +56,7 @@ class PairCollator:
 
     def __init__(
         self,
-        corpora: list[ParallelCorpus],
+        corpora: list[CorpusStore],
         encoder,
         num_hard_negatives: int,
         answers_per_row: int = 1,
@@ -65,19 +65,21 @@ class PairCollator:
         self.corpora, self.encoder, self.num_hard_negatives = corpora, encoder, num_hard_negatives
         self.answers_per_row, self.with_passage_ids = answers_per_row, with_passage_ids
         self.mined_negatives: Mapping[tuple[int, str, str], Sequence[tuple[str, str]]] | None = None
-        self._passages_by_language: dict[tuple[int, str], list[str]] = {}
+        self._language_rows: dict[tuple[int, str], np.ndarray] = {}
         self._answer_ids: dict[tuple[int, str], dict[str, int]] = {}
 
     def __call__(self, rows: list[BatchRow]) -> dict:
         # negatives and further answers as (row, language, text); an empty slot has row None
         queries, positives, negatives, answers = [], [], [], []
         for row in rows:
-            by_language = self.corpora[row.corpus_index].examples[row.example_id]
-            queries.append(by_language[row.query_language].query)
-            passage = by_language[row.passage_language]
-            positives.append(passage.positive)
-            negatives += [(row, *negative) for negative in self._hard_negatives(passage.negatives, row)]
-            answers += [(row, language, by_language[language].positive) for language in row.extra_passage_languages]
+            corpus = self.corpora[row.corpus_index]
+            query_row = corpus.row(row.example_index, row.query_language)
+            passage_row = corpus.row(row.example_index, row.passage_language)
+            queries += corpus.queries([query_row])
+            positives += corpus.positives([passage_row])
+            negatives += [(row, *negative) for negative in self._hard_negatives(corpus, passage_row, row)]
+            extra_rows = [corpus.row(row.example_index, language) for language in row.extra_passage_languages]
+            answers += [(row, *pair) for pair in zip(row.extra_passage_languages, corpus.positives(extra_rows))]
             answers += [(None, "", "")] * (self.answers_per_row - len(row.passage_languages))  # empty slots
         passages = positives + [text for *_, text in negatives] + [text for *_, text in answers]
         batch = {
@@ -90,55 +92,63 @@ class PairCollator:
             batch["passage_ids"] = torch.tensor(self._passage_ids(rows, negatives, answers), dtype=torch.long)
         return batch
 
+    def _parallel_id(self, row: BatchRow) -> int:
+        return parallel_id_key(row.corpus_index, self.corpora[row.corpus_index].example_id(row.example_index))
+
     def _passage_ids(self, rows: list[BatchRow], negatives: list[tuple], answers: list[tuple]) -> list[int]:
-        ids = [parallel_id_key(row.corpus_index, row.example_id) for row in rows]
+        ids = [self._parallel_id(row) for row in rows]
         ids += [self._answer_id(row.corpus_index, language, text) for row, language, text in negatives]
         for row, *_ in answers:
-            ids.append(PADDING_PASSAGE if row is None else parallel_id_key(row.corpus_index, row.example_id))
+            ids.append(PADDING_PASSAGE if row is None else self._parallel_id(row))
         return ids
 
     def _answer_id(self, corpus_index: int, language: str, text: str) -> int:
-        """`parallel_id_key` of the (first) example whose answer in `language` is `text`, else NO_PARALLEL_ID."""
+        """`parallel_id_key` of the (first) example whose answer in `language` is `text`, else NO_PARALLEL_ID.
+
+        Built per language on first use from every positive of that language: a pass over the corpus, paid by the
+        multi-positive loss only (`with_passage_ids`)."""
         key = (corpus_index, language)
         if key not in self._answer_ids:
+            corpus = self.corpora[corpus_index]
+            rows = self._rows_in(corpus_index, language)
+            example_ids = corpus.example_ids(corpus.ids_of_rows(rows))
             answer_ids: dict[str, int] = {}
-            for example_id, by_language in self.corpora[corpus_index].examples.items():
-                if language in by_language:
-                    answer_ids.setdefault(by_language[language].positive, parallel_id_key(corpus_index, example_id))
+            for positive, example_id in zip(corpus.positives(rows), example_ids):
+                answer_ids.setdefault(positive, parallel_id_key(corpus_index, example_id))
             self._answer_ids[key] = answer_ids
         return self._answer_ids[key].get(text, NO_PARALLEL_ID)
 
-    def _hard_negatives(self, available: tuple[str, ...], row: BatchRow) -> list[tuple[str, str]]:
+    def _hard_negatives(self, corpus: CorpusStore, passage_row: int, row: BatchRow) -> list[tuple[str, str]]:
         """`num_hard_negatives` (language, text) pairs: the mined ones of the row's query when mining is on, else the
         example's own negatives; random same-language passages when there are none."""
         if not self.num_hard_negatives:
             return []
         rng = np.random.default_rng(row.draw)
-        mined = self.mined_negatives.get(_query_of(row), ()) if self.mined_negatives is not None else ()
+        mined = self.mined_negatives.get(self._query_of(row), ()) if self.mined_negatives is not None else ()
         if mined:
             # all of them in mined order (they honour the language shares); a tiny corpus may have left fewer
             repeats = rng.choice(len(mined), size=max(0, self.num_hard_negatives - len(mined)))
             return list(mined[: self.num_hard_negatives]) + [mined[k] for k in repeats]
-        if not available:  # e.g. a one-sentence LAReQA paragraph
-            available = tuple(self._language_passages(row.corpus_index, row.passage_language))
-        picks = rng.choice(
-            len(available), size=self.num_hard_negatives, replace=len(available) < self.num_hard_negatives
-        )
-        return [(row.passage_language, available[k]) for k in picks]
+        available = corpus.count_negatives(passage_row)
+        if available:
+            picks = rng.choice(available, size=self.num_hard_negatives, replace=available < self.num_hard_negatives)
+            texts = corpus.negative_texts_of(passage_row, picks)
+        else:  # e.g. a one-sentence LAReQA paragraph: the positives of other ids in the language
+            language_rows = self._rows_in(row.corpus_index, row.passage_language)
+            count = len(language_rows)
+            picks = rng.choice(count, size=self.num_hard_negatives, replace=count < self.num_hard_negatives)
+            texts = corpus.positives(language_rows[picks])
+        return [(row.passage_language, text) for text in texts]
 
-    def _language_passages(self, corpus_index: int, language: str) -> list[str]:
+    def _rows_in(self, corpus_index: int, language: str) -> np.ndarray:
         key = (corpus_index, language)
-        if key not in self._passages_by_language:
-            corpus = self.corpora[corpus_index]
-            self._passages_by_language[key] = [
-                by_language[language].positive for by_language in corpus.examples.values() if language in by_language
-            ]
-        return self._passages_by_language[key]
+        if key not in self._language_rows:
+            self._language_rows[key] = self.corpora[corpus_index].rows_in(language)
+        return self._language_rows[key]
 
-
-def _query_of(row: BatchRow) -> tuple[int, str, str]:
-    """The key mined negatives are stored under: (corpus index, example id, query language)."""
-    return row.corpus_index, row.example_id, row.query_language
+    def _query_of(self, row: BatchRow) -> tuple[int, str, str]:
+        """The key mined negatives are stored under: (corpus index, example id, query language)."""
+        return row.corpus_index, self.corpora[row.corpus_index].example_id(row.example_index), row.query_language
 
 
 def build_loader(sampler: HybridBatchSampler, collator: PairCollator, num_workers: int, seed: int) -> DataLoader:

@@ -18,6 +18,12 @@ Strategies:
 An epoch walks a fresh permutation of the ids; each batch takes the next ids that fit its decision (the X-X
 language, or 2+ languages for X-Y). When too few unused ids fit, the batch is topped up with ids already used this
 epoch. An epoch is ``total_ids // global_batch_size`` batches.
+
+Everything here is integer arrays over a `CorpusStore`'s ids (id index, language index, per-id language bitmask):
+memory grows by a few bytes per id, never by text. A batch is drawn from one corpus, chosen per batch. A
+monolingual corpus (MIRACL, Mr. TyDi, MLDR: no id in two languages) can only give X-X batches: under ``hybrid`` its
+batches are X-X whatever the draw, and the parallel corpora give the X-Y ones (so the share of X-X batches is the
+monolingual corpora's weight plus alpha times the rest; `HybridBatchSampler.xx_share` says it).
 """
 
 from __future__ import annotations
@@ -27,7 +33,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from hbt_accel.data import ParallelCorpus
+from hbt_accel.data import CorpusStore
 from hbt_accel.errors import ConfigError
 
 # The one list of sampling strategies (config choices, model card and docs read it from here).
@@ -49,7 +55,7 @@ class SamplingError(ConfigError):
 
 @dataclass(frozen=True)
 class BatchRow:
-    example_id: str
+    example_index: int  # into the corpus's ids (`CorpusStore.example_id` gives the id)
     query_language: str
     passage_language: str
     corpus_index: int = 0
@@ -71,27 +77,62 @@ def is_monolingual_batch(rows: Sequence[BatchRow]) -> bool:
 class _EpochCursor:
     """Ids of one corpus in this epoch's order, with one read pointer per eligibility list (lazy deletion)."""
 
-    def __init__(self, order: list[str], lists: Mapping[str, list[str]]):
-        self.order = order
-        self.lists = lists  # key ("*", "multi", or a language) -> ids in epoch order
+    def __init__(self, lists: Mapping[str, np.ndarray], num_ids: int):
+        self.lists = lists  # key ("*", "multi", or a language) -> id indices in epoch order
         self.pointer = dict.fromkeys(lists, 0)
-        self.used: set[str] = set()
+        self.used = np.zeros(num_ids, dtype=bool)
 
-    def take(self, key: str, count: int, rng: np.random.Generator) -> list[str]:
+    def take(self, key: str, count: int, rng: np.random.Generator) -> list[int]:
         candidates, taken = self.lists[key], []
         position = self.pointer[key]
         while len(taken) < count and position < len(candidates):
-            example_id = candidates[position]
+            example_index = int(candidates[position])
             position += 1
-            if example_id not in self.used:
-                taken.append(example_id)
+            if not self.used[example_index]:
+                taken.append(example_index)
         self.pointer[key] = position
-        self.used.update(taken)
+        self.used[taken] = True
         if len(taken) < count:  # this list is spent for the epoch: top up with already-seen ids, still distinct
-            chosen = set(taken)
-            pool = [i for i in candidates if i not in chosen]
-            taken += [pool[k] for k in rng.choice(len(pool), size=count - len(taken), replace=False)]
+            pool = candidates[~np.isin(candidates, taken)]
+            taken += [int(pool[k]) for k in rng.choice(len(pool), size=count - len(taken), replace=False)]
         return taken
+
+
+class _CorpusIds:
+    """The integer view of one corpus the sampler needs, after the language restriction.
+
+    ids: id indices with at least one training language, in corpus order; language_mask: (num_ids,) uint64 bitmask
+    of each id's training languages (bit k = corpus language k); by_language: language -> id indices."""
+
+    def __init__(self, corpus: CorpusStore, restrict: set[str] | None):
+        self.corpus = corpus
+        self.languages = list(corpus.languages)  # sorted codes: bit k is languages[k]
+        if len(self.languages) > 64:
+            raise SamplingError(f"{corpus.name}: {len(self.languages)} languages; the sampler handles at most 64")
+        allowed = np.array([restrict is None or lang in restrict for lang in self.languages], dtype=bool)
+        row_language = np.asarray(corpus.row_language)
+        kept = allowed[row_language]  # (rows,)
+        bits = np.where(kept, np.left_shift(np.uint64(1), row_language.astype(np.uint64)), np.uint64(0))
+        starts = np.asarray(corpus.id_offsets[:-1])
+        self.language_mask = np.bitwise_or.reduceat(bits, starts) if len(bits) else np.zeros(0, np.uint64)
+        self.language_count = np.add.reduceat(kept.astype(np.int64), starts) if len(bits) else np.zeros(0, int)
+        self.ids = np.flatnonzero(self.language_count > 0)
+        self.xy_ids = np.flatnonzero(self.language_count >= 2)
+        self.by_language = {
+            lang: np.flatnonzero(self.language_mask & np.uint64(1 << k))
+            for k, lang in enumerate(self.languages)
+            if allowed[k]
+        }
+        self.by_language = {lang: ids for lang, ids in self.by_language.items() if len(ids)}
+
+    def languages_of(self, example_index: int) -> list[str]:
+        """The id's training languages, sorted."""
+        mask = int(self.language_mask[example_index])
+        return [lang for k, lang in enumerate(self.languages) if mask >> k & 1]
+
+    def has(self, language: str) -> np.ndarray:
+        """(num_ids,) bool: which ids have `language`."""
+        return (self.language_mask & np.uint64(1 << self.languages.index(language))) != 0
 
 
 class HybridBatchSampler:
@@ -112,7 +153,7 @@ class HybridBatchSampler:
 
     def __init__(
         self,
-        corpora: ParallelCorpus | Sequence[ParallelCorpus],
+        corpora: CorpusStore | Sequence[CorpusStore],
         strategy: str,
         per_device_batch_size: int,
         *,
@@ -133,7 +174,7 @@ class HybridBatchSampler:
             raise SamplingError(f"alpha: got {alpha!r}, expected a probability in [0, 1]")
         if answers_per_query < 0 or answers_per_query == 1:
             raise SamplingError(f"answers_per_query: got {answers_per_query!r}, expected 0 (all) or 2 or more")
-        self.corpora = [corpora] if isinstance(corpora, ParallelCorpus) else list(corpora)
+        self.corpora = [corpora] if isinstance(corpora, CorpusStore) else list(corpora)
         self.strategy, self.alpha, self.seed = strategy, alpha, seed
         self.rank, self.world_size = rank, world_size
         self.per_device_batch_size = per_device_batch_size
@@ -143,30 +184,16 @@ class HybridBatchSampler:
         restrict = set(languages) if languages else None
         if strategy == "en_en":
             restrict = {en_en_language}
-        # per corpus: language -> ids in that language (restricted), and ids usable for X-Y rows
-        self._ids_by_language = []
-        self._languages_of = []
-        for corpus in self.corpora:
-            languages_of = {
-                i: sorted(lang for lang in by_lang if restrict is None or lang in restrict)
-                for i, by_lang in corpus.examples.items()
-            }
-            languages_of = {i: langs for i, langs in languages_of.items() if langs}
-            by_language: dict[str, list[str]] = {}
-            for example_id, langs in languages_of.items():
-                for lang in langs:
-                    by_language.setdefault(lang, []).append(example_id)
-            self._languages_of.append(languages_of)
-            self._ids_by_language.append(by_language)
+        self._ids = [_CorpusIds(corpus, restrict) for corpus in self.corpora]
         if restrict:
-            present = {lang for by_language in self._ids_by_language for lang in by_language}
+            present = {lang for ids in self._ids for lang in ids.by_language}
             missing = sorted(restrict - present)
             if missing:
                 raise SamplingError(f"train_languages/en_en_language: no training data in {', '.join(missing)}")
         self._check_feasible()
         self.answers_per_row = self._answers_per_row(answers_per_query)
         self.target_share = self._target_share(language_weights, language_temperature)
-        sizes = np.array([len(languages_of) for languages_of in self._languages_of], dtype=float)
+        sizes = np.array([len(ids.ids) for ids in self._ids], dtype=float)
         weights = np.asarray(corpus_weights, dtype=float) if corpus_weights else sizes
         if len(weights) != len(self.corpora) or (weights < 0).any() or weights.sum() <= 0:
             raise SamplingError(
@@ -178,50 +205,65 @@ class HybridBatchSampler:
     # ---- set-up -----------------------------------------------------------------------------------------------
     def _xx_languages(self, corpus_index: int) -> list[str]:
         """Languages with enough ids for a whole monolingual global batch."""
-        by_language = self._ids_by_language[corpus_index]
+        by_language = self._ids[corpus_index].by_language
         return sorted(lang for lang, ids in by_language.items() if len(ids) >= self.global_batch_size)
 
-    def _xy_ids(self, corpus_index: int) -> list[str]:
-        return [i for i, langs in self._languages_of[corpus_index].items() if len(langs) >= 2]
+    def _is_parallel(self, corpus_index: int) -> bool:
+        """Whether a corpus can give X-Y batches: a global batch of ids present in 2+ languages."""
+        return len(self._ids[corpus_index].xy_ids) >= self.global_batch_size
 
     def _answers_per_row(self, answers_per_query: int) -> int:
         """Passages of a row's answer: 1, or for multilingual the most languages a row can bring (a fixed width, so
         every rank's passage tensor has one shape for the cross-device gather)."""
         if self.strategy != "multilingual":
             return 1
-        most = max(len(langs) for languages_of in self._languages_of for langs in languages_of.values())
+        most = max(int(ids.language_count.max(initial=0)) for ids in self._ids)
         return min(answers_per_query, most) if answers_per_query else most
 
     def corpus_languages(self, corpus_index: int) -> list[str]:
         """The training languages of one corpus (after `languages` / en_en restrictions)."""
-        return sorted(self._ids_by_language[corpus_index])
+        return sorted(self._ids[corpus_index].by_language)
+
+    @property
+    def xx_share(self) -> float:
+        """The expected share of X-X batches: alpha in parallel corpora, every batch of a monolingual one."""
+        if self.strategy in ("xx", "en_en", "xx_mixed"):
+            return 1.0
+        if self.strategy != "hybrid":
+            return 0.0
+        parallel = np.array([self._is_parallel(k) for k in range(len(self.corpora))])
+        return float(self.corpus_probability[~parallel].sum() + self.alpha * self.corpus_probability[parallel].sum())
 
     def _check_feasible(self) -> None:
         size = self.global_batch_size
         for index, corpus in enumerate(self.corpora):
-            n_ids = len(self._languages_of[index])
+            n_ids = len(self._ids[index].ids)
             if n_ids < size:
                 raise SamplingError(
                     f"per_device_train_batch_size: global batch {size} exceeds the {n_ids} distinct ids of "
                     f"{corpus.name} (a global batch may not repeat an id)"
                 )
+            # hybrid: a monolingual corpus gives X-X batches only, as long as some corpus can give the X-Y ones
+            hybrid_xy_elsewhere = self.strategy == "hybrid" and any(map(self._is_parallel, range(len(self.corpora))))
             needs_xx = self.strategy in ("xx", "en_en") or (self.strategy == "hybrid" and self.alpha > 0)
+            needs_xx = needs_xx or (self.strategy == "hybrid" and not self._is_parallel(index))
             needs_xy = self.strategy in ("xy", "multilingual") or (self.strategy == "hybrid" and self.alpha < 1)
+            needs_xy = needs_xy and not (hybrid_xy_elsewhere and not self._is_parallel(index))
             if needs_xx and not self._xx_languages(index):
                 raise SamplingError(
                     f"sampling: X-X batches of {size} need one language with {size}+ ids in {corpus.name}; none has"
                 )
-            if needs_xy and len(self._xy_ids(index)) < size:
+            if needs_xy and not self._is_parallel(index):
                 kind = "multilingual" if self.strategy == "multilingual" else "X-Y"
                 raise SamplingError(
                     f"sampling: {kind} batches of {size} need {size}+ ids present in 2+ languages; {corpus.name} has "
-                    f"{len(self._xy_ids(index))} (use sampling xx or a parallel corpus)"
+                    f"{len(self._ids[index].xy_ids)} (use sampling xx or hybrid with a parallel corpus beside it)"
                 )
 
     def _target_share(self, weights: Mapping[str, float] | None, tau: float) -> dict[str, float]:
         counts: dict[str, int] = {}
-        for by_language in self._ids_by_language:
-            for lang, ids in by_language.items():
+        for corpus_ids in self._ids:
+            for lang, ids in corpus_ids.by_language.items():
                 counts[lang] = counts.get(lang, 0) + len(ids)
         if weights:
             unknown = sorted(set(weights) - set(counts))
@@ -258,14 +300,12 @@ class HybridBatchSampler:
         """Every global batch of `epoch`, identical on every rank (a function of seed and epoch only)."""
         epoch_rng = np.random.default_rng([self.seed, epoch])
         cursors = []
-        for index in range(len(self.corpora)):
-            order = list(self._languages_of[index])
-            order = [order[k] for k in epoch_rng.permutation(len(order))]
-            position = {example_id: k for k, example_id in enumerate(order)}
-            lists = {"*": order, "multi": sorted(self._xy_ids(index), key=position.__getitem__)}
-            for lang, ids in self._ids_by_language[index].items():
-                lists[lang] = sorted(ids, key=position.__getitem__)
-            cursors.append(_EpochCursor(order, lists))
+        for corpus_ids in self._ids:
+            order = corpus_ids.ids[epoch_rng.permutation(len(corpus_ids.ids))]  # id indices in epoch order
+            lists = {"*": order, "multi": order[corpus_ids.language_count[order] >= 2]}
+            for lang in corpus_ids.by_language:
+                lists[lang] = order[corpus_ids.has(lang)[order]]
+            cursors.append(_EpochCursor(lists, len(corpus_ids.language_mask)))
         for batch_index in range(self.batches_per_epoch):
             rng = np.random.default_rng([self.seed, epoch, batch_index])
             corpus_index = int(rng.choice(len(self.corpora), p=self.corpus_probability))
@@ -274,6 +314,7 @@ class HybridBatchSampler:
     def _draw_batch(self, rng: np.random.Generator, corpus_index: int, cursor: _EpochCursor) -> list[BatchRow]:
         size = self.global_batch_size
         monolingual = self.strategy in ("xx", "en_en") or (self.strategy == "hybrid" and rng.random() < self.alpha)
+        monolingual = monolingual or (self.strategy == "hybrid" and not self._is_parallel(corpus_index))
         if monolingual:
             languages = self._xx_languages(corpus_index)
             share = np.array([self.target_share[lang] for lang in languages])
@@ -285,39 +326,40 @@ class HybridBatchSampler:
         if self.strategy == "xx_mixed":
             ids = cursor.take("*", size, rng)
             rows = []
-            for example_id in ids:
-                language = self._draw_languages(rng, corpus_index, example_id, 1)[0]
-                rows.append(BatchRow(example_id, language, language, corpus_index, self._row_draw(rng)))
+            for example_index in ids:
+                language = self._draw_languages(rng, corpus_index, example_index, 1)[0]
+                rows.append(BatchRow(example_index, language, language, corpus_index, self._row_draw(rng)))
             return rows
         ids = cursor.take("multi", size, rng)
         rows = []
-        for example_id in ids:
-            query_language, passage_language = self._draw_languages(rng, corpus_index, example_id, 2)
-            rows.append(BatchRow(example_id, query_language, passage_language, corpus_index, self._row_draw(rng)))
+        for example_index in ids:
+            query_language, passage_language = self._draw_languages(rng, corpus_index, example_index, 2)
+            rows.append(BatchRow(example_index, query_language, passage_language, corpus_index, self._row_draw(rng)))
         return rows
 
-    def _multilingual_row(self, rng: np.random.Generator, corpus_index: int, example_id: str) -> BatchRow:
+    def _multilingual_row(self, rng: np.random.Generator, corpus_index: int, example_index: int) -> BatchRow:
         """A query in one language of the id; its answer in that language plus up to answers_per_row - 1 others."""
-        query_language = self._draw_languages(rng, corpus_index, example_id, 1)[0]
-        others = [lang for lang in self._languages_of[corpus_index][example_id] if lang != query_language]
+        query_language = self._draw_languages(rng, corpus_index, example_index, 1)[0]
+        others = [lang for lang in self._ids[corpus_index].languages_of(example_index) if lang != query_language]
         if len(others) > self.answers_per_row - 1:
-            others = self._draw_languages(rng, corpus_index, example_id, self.answers_per_row - 1, query_language)
+            others = self._draw_languages(rng, corpus_index, example_index, self.answers_per_row - 1, query_language)
         draw = self._row_draw(rng)
-        return BatchRow(example_id, query_language, query_language, corpus_index, draw, tuple(sorted(others)))
+        return BatchRow(example_index, query_language, query_language, corpus_index, draw, tuple(sorted(others)))
 
     @staticmethod
     def _row_draw(rng: np.random.Generator) -> int:
         return int(rng.integers(2**31))
 
     def _draw_languages(
-        self, rng: np.random.Generator, corpus_index: int, example_id: str, count: int, exclude: str = ""
+        self, rng: np.random.Generator, corpus_index: int, example_index: int, count: int, exclude: str = ""
     ) -> list[str]:
         """Distinct languages of one id (but `exclude`), each weighted by target share / how many ids have it.
 
         Dividing by the count keeps a language present in every id (English in MLQA-R) from dominating X-Y rows.
         """
-        languages = [lang for lang in self._languages_of[corpus_index][example_id] if lang != exclude]
-        by_language = self._ids_by_language[corpus_index]
+        corpus_ids = self._ids[corpus_index]
+        languages = [lang for lang in corpus_ids.languages_of(example_index) if lang != exclude]
+        by_language = corpus_ids.by_language
         weights = np.array([self.target_share[lang] / len(by_language[lang]) for lang in languages])
         weights = weights + 1e-12  # a zero-weight language may still be needed to make a pair
         picked = rng.choice(len(languages), size=count, replace=False, p=weights / weights.sum())
