@@ -42,21 +42,16 @@ MAX_LENGTH = 128
 
 def mlqa_pairs(n: int) -> list[tuple[str, str]]:
     """The first n (query, positive) pairs of hbt_accel's own hybrid sampler over MLQA-R, e5 prefixes applied."""
-    from hbt_accel.data import lareqa_training_corpus, load_lareqa_benchmark
+    from hbt_accel.data import load_training_corpus
     from hbt_accel.sampling import HybridBatchSampler
 
-    corpus = lareqa_training_corpus(load_lareqa_benchmark("mlqa-r"), hard_negatives=False)
+    corpus = load_training_corpus("mlqa-r")
     sampler = HybridBatchSampler(corpus, "hybrid", BATCH, seed=0)
     pairs = []
     for rows in sampler:
-        for row in rows:
-            by_language = corpus.examples[row.example_id]
-            pairs.append(
-                (
-                    "query: " + by_language[row.query_language].query,
-                    "passage: " + by_language[row.passage_language].positive,
-                )
-            )
+        queries = corpus.queries([corpus.row(row.example_index, row.query_language) for row in rows])
+        positives = corpus.positives([corpus.row(row.example_index, row.passage_language) for row in rows])
+        pairs += [("query: " + query, "passage: " + positive) for query, positive in zip(queries, positives)]
         if len(pairs) >= n:
             break
     return pairs[:n]

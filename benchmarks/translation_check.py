@@ -39,15 +39,15 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def answers_by_language(data_dir: str, languages: list[str], max_ids: int) -> dict[str, dict[str, str]]:
     """language -> id -> answer sentence (the gold sentence, exactly as the evaluation reads it)."""
-    from hbt_accel.data import lareqa_training_corpus, load_lareqa_benchmark
+    from hbt_accel.data import lareqa_training_rows, load_lareqa_benchmark
 
     benchmark = load_lareqa_benchmark("mlqa-r", languages=languages or None, data_dir=data_dir or None)
-    corpus = lareqa_training_corpus(benchmark, hard_negatives=False)
-    ids = list(corpus.examples)[: max_ids or None]
+    rows = list(lareqa_training_rows(benchmark, hard_negatives=False))
+    kept = set(list(dict.fromkeys(row["id"] for row in rows))[: max_ids or None])  # the first ids, in file order
     answers: dict[str, dict[str, str]] = {}
-    for example_id in ids:
-        for language, example in corpus.examples[example_id].items():
-            answers.setdefault(language, {})[example_id] = example.positive
+    for row in rows:
+        if row["id"] in kept:
+            answers.setdefault(row["lang"], {})[row["id"]] = row["positive"]
     return answers
 
 

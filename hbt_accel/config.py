@@ -82,11 +82,19 @@ class HbtConfig:
     # ---- data ----
     data_dir: str = _field("", "folder with xquad-r/ and mlqa-r/; empty = $HBT_DATA_DIR or ../shared/data/lareqa")
     train_data: list = _field(
-        ["mlqa-r"], "training corpora: 'mlqa-r', 'xquad-r', a LAReQA folder, a .jsonl file or a datasets id/path"
+        ["mlqa-r"],
+        "training corpora: 'mlqa-r', 'xquad-r', a LAReQA folder, a .jsonl/.jsonl.gz/.csv/.parquet row file, a "
+        "datasets folder/id, or a raw layout: 'mmarco:DIR?languages=en,de&max_triples=N', 'miracl:DIR?languages=sw', "
+        "'mrtydi:DIR', 'mldr:DIR' (README, Training data at scale)",
     )
     train_data_weights: list = _field([], "per-corpus mixing weights (same order as train_data); empty = by size")
     train_data_columns: dict = _field(
         {}, "column mapping for datasets corpora, e.g. {query: question, lang: language}"
+    )
+    data_cache_dir: str = _field(
+        "",
+        "where converted corpora (Arrow stores) are kept; empty = $HBT_CORPUS_CACHE, else hbt_accel_corpora/ in the "
+        "Hugging Face datasets cache ($HF_DATASETS_CACHE or $HF_HOME/datasets)",
     )
     train_languages: list = _field([], "only train on these languages; empty = every language in the data")
     num_hard_negatives: int = _field(0, "hard negatives per query (LAReQA: other sentences of the same paragraph)")

@@ -32,7 +32,7 @@ import numpy as np
 
 from hbt_accel.atomic import write_json
 from hbt_accel.batches import parallel_id_key, passage_key
-from hbt_accel.data import ParallelCorpus
+from hbt_accel.data import CorpusStore
 from hbt_accel.evaluation.encoding import encode_texts
 
 MINED_DIR = "mined_negatives"
@@ -61,14 +61,14 @@ class CandidatePool:
     answer_of: list[tuple[str, ...]] = field(default_factory=list)
 
     @classmethod
-    def of(cls, corpus: ParallelCorpus, language: str) -> CandidatePool:
+    def of(cls, corpus: CorpusStore, language: str) -> CandidatePool:
         answers: dict[str, list[str]] = {}
-        for example_id, by_language in corpus.examples.items():
-            if language in by_language:
-                example = by_language[language]
-                answers.setdefault(example.positive, []).append(example_id)
-                for negative in example.negatives:
-                    answers.setdefault(negative, [])
+        rows = corpus.rows_in(language)
+        example_ids = corpus.example_ids(corpus.ids_of_rows(rows))
+        for row, example_id, positive in zip(rows.tolist(), example_ids, corpus.positives(rows)):
+            answers.setdefault(positive, []).append(example_id)
+            for negative in corpus.negatives_of(row):
+                answers.setdefault(negative, [])
         return cls(language, list(answers), [tuple(ids) for ids in answers.values()])
 
 
@@ -169,7 +169,7 @@ def same_language_count(negatives: int, share: float) -> int:
 # =====================================================================================================================
 def mine_hard_negatives(
     encoder,
-    corpora: Sequence[ParallelCorpus],
+    corpora: Sequence[CorpusStore],
     languages: Sequence[Sequence[str]],
     settings: MiningSettings,
     step: int = 0,
@@ -182,11 +182,15 @@ def mine_hard_negatives(
     """
     started = time.perf_counter()
     pools = [{lang: CandidatePool.of(corpus, lang) for lang in langs} for corpus, langs in zip(corpora, languages)]
+    query_rows = [_query_rows(corpus, langs) for corpus, langs in zip(corpora, languages)]
     queries = [
-        [(i, lang) for i, by_language in corpus.examples.items() for lang in langs if lang in by_language]
-        for corpus, langs in zip(corpora, languages)
+        list(
+            zip(corpus.example_ids(corpus.ids_of_rows(rows)), [corpus.languages[k] for k in corpus.row_language[rows]])
+        )
+        for corpus, rows in zip(corpora, query_rows)
     ]
-    query_vectors, candidate_vectors = _encode(encoder, corpora, pools, queries, settings, accelerator)
+    query_texts = [text for corpus, rows in zip(corpora, query_rows) for text in corpus.queries(rows)]
+    query_vectors, candidate_vectors = _encode(encoder, query_texts, pools, queries, settings, accelerator)
     mined = None
     if accelerator is None or accelerator.is_main_process:
         picks, counters = {}, _Counters()
@@ -202,11 +206,16 @@ def mine_hard_negatives(
     return _from_main_process(mined, accelerator)
 
 
-def _encode(encoder, corpora, pools, queries, settings: MiningSettings, accelerator):
+def _query_rows(corpus: CorpusStore, languages: Sequence[str]) -> np.ndarray:
+    """The rows of `corpus` in `languages`: the queries to mine for, by id and then language."""
+    wanted = np.isin(np.arange(len(corpus.languages)), [corpus.languages.index(lang) for lang in languages])
+    return np.flatnonzero(wanted[np.asarray(corpus.row_language)])
+
+
+def _encode(encoder, query_texts, pools, queries, settings: MiningSettings, accelerator):
     """-> (per corpus the query vectors (Q_c, d), per corpus and language the candidate vectors (N_lang, d)).
 
     Two encode calls in all (queries, candidates), so the length-sorted batches span every corpus and language."""
-    query_texts = [corpora[c].examples[i][lang].query for c in range(len(corpora)) for i, lang in queries[c]]
     candidate_texts = [text for corpus_pools in pools for pool in corpus_pools.values() for text in pool.texts]
     options = {"batch_size": settings.batch_size, "bf16": settings.bf16, "accelerator": accelerator}
     query_vectors = encode_texts(encoder, query_texts, "query", **options)  # (Q, d)
@@ -261,7 +270,7 @@ class _CorpusSearch:
     once (FIRST_SEARCH_DEPTH deep, deeper for a query that needs it), and the per-query filter and pick."""
 
     def __init__(
-        self, corpus_index: int, corpus: ParallelCorpus, pools, candidate_vectors, query_vectors, settings, step
+        self, corpus_index: int, corpus: CorpusStore, pools, candidate_vectors, query_vectors, settings, step
     ):
         import faiss
 
@@ -283,9 +292,9 @@ class _CorpusSearch:
     def pick(self, row: int, example_id: str, language: str) -> list[MinedPassage]:
         """The negatives of query `row`: the same-language quota first, then the round-robin over the others."""
         wanted = self.settings.negatives_per_query
-        exclusion = _Exclusion(self._related_ids(example_id), set(), set())
-        answers = self.corpus.examples[example_id]
-        exclusion.texts.update(passage_key(example.positive) for example in answers.values())
+        answers = self.corpus.answers(self.corpus.index_of(example_id))  # language -> positive text
+        exclusion = _Exclusion(self._related_ids(example_id, answers), set(), set())
+        exclusion.texts.update(passage_key(text) for text in answers.values())
         survivors = {
             lang: self._survivors(row, lang, self._threshold(row, answers, lang, language), exclusion)
             for lang in self.languages
@@ -305,7 +314,7 @@ class _CorpusSearch:
         if self.settings.margin <= 0:
             return np.inf
         reference = language if language in answers else query_language
-        answer_vector = self.vectors[reference][self.position[reference][answers[reference].positive]]  # (d,)
+        answer_vector = self.vectors[reference][self.position[reference][answers[reference]]]  # (d,)
         return self.settings.margin * float(self.queries[row] @ answer_vector)
 
     def _survivors(self, row: int, language: str, threshold: float, exclusion: _Exclusion) -> Iterator[MinedPassage]:
@@ -337,12 +346,12 @@ class _CorpusSearch:
                 if candidate not in seen:
                     yield candidate, score
 
-    def _related_ids(self, example_id: str) -> set[str]:
+    def _related_ids(self, example_id: str, answers: dict[str, str]) -> set[str]:
         """The id and every id sharing an answer text with it in some language (their answers are its answers)."""
         related = {example_id}
-        for lang, example in self.corpus.examples[example_id].items():
+        for lang, text in answers.items():
             if lang in self.position:
-                related.update(self.pools[lang].answer_of[self.position[lang][example.positive]])
+                related.update(self.pools[lang].answer_of[self.position[lang][text]])
         return related
 
 

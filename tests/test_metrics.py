@@ -336,9 +336,11 @@ def test_training_on_the_train_split_never_sees_a_validation_id():
     from hbt_accel.data import is_validation_id, load_training_corpus
 
     corpus = load_training_corpus("mlqa-r:train", hard_negatives=True)
-    assert corpus.examples and not any(is_validation_id(example_id) for example_id in corpus.examples)
+    ids = corpus.example_ids(range(corpus.num_ids))
+    assert ids and not any(is_validation_id(example_id) for example_id in ids)
     held_out = load_training_corpus("mlqa-r:validation")
-    assert held_out.examples and all(is_validation_id(example_id) for example_id in held_out.examples)
+    held_out_ids = held_out.example_ids(range(held_out.num_ids))
+    assert held_out_ids and all(is_validation_id(example_id) for example_id in held_out_ids)
 
 
 def test_a_mistyped_split_is_a_one_line_error():

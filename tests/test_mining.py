@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import math
 import os
+import tempfile
 
 import numpy as np
 import pytest
 import torch.multiprocessing as mp
 
-from hbt_accel.data import PairExample, ParallelCorpus, read_jsonl_corpus
+from hbt_accel.data import CorpusStore, load_training_corpus, store_from_rows
 from hbt_accel.mining import MinedNegatives, MiningSettings, mine_hard_negatives, same_language_count
 from tests.conftest import free_port, join_gloo_world
 
@@ -57,17 +58,22 @@ HAND_VECTORS = {
 }
 
 
-def hand_corpus() -> ParallelCorpus:
-    corpus = ParallelCorpus(name="hand")
+def _row(example_id: str, lang: str, query: str, positive: str, negatives=()) -> dict:
+    return {"id": example_id, "lang": lang, "query": query, "positive": positive, "negatives": list(negatives)}
+
+
+def hand_corpus() -> CorpusStore:
     en_negatives = ("near duplicate en", "en one", "en two", "en three")
-    corpus.add("a", "en", PairExample("q a en", SHARED, en_negatives))
-    # the German paragraph also holds a sentence with exactly the text of a's English answer (a name, a number)
-    corpus.add("a", "de", PairExample("q a de", "A auf Deutsch.", ("de one", "de two", "de three", SHARED)))
-    corpus.add("c", "en", PairExample("q c en", SHARED))
-    corpus.add("c", "de", PairExample("q c de", "C auf Deutsch."))
-    corpus.add("b", "en", PairExample("q b en", "B in English."))
-    corpus.add("b", "es", PairExample("q b es", "B en español.", ("es one", "es two", "es three")))
-    return corpus
+    rows = [
+        _row("a", "en", "q a en", SHARED, en_negatives),
+        # the German paragraph also holds a sentence with exactly the text of a's English answer (a name, a number)
+        _row("a", "de", "q a de", "A auf Deutsch.", ("de one", "de two", "de three", SHARED)),
+        _row("c", "en", "q c en", SHARED),
+        _row("c", "de", "q c de", "C auf Deutsch."),
+        _row("b", "en", "q b en", "B in English."),
+        _row("b", "es", "q b es", "B en español.", ("es one", "es two", "es three")),
+    ]
+    return store_from_rows(rows, tempfile.mkdtemp(prefix="hand_corpus_"), name="hand")
 
 
 def _mine_hand(**settings) -> MinedNegatives:
@@ -116,8 +122,8 @@ K, SHARE = 6, 0.5
 
 
 @pytest.fixture(scope="module")
-def slice_corpus(mlqa_slice) -> ParallelCorpus:
-    return read_jsonl_corpus(mlqa_slice)
+def slice_corpus(mlqa_slice, tmp_path_factory) -> CorpusStore:
+    return load_training_corpus(str(mlqa_slice), cache_dir=str(tmp_path_factory.mktemp("cache")))
 
 
 @pytest.fixture(scope="module")
@@ -134,7 +140,7 @@ def test_mined_negatives_are_never_an_answer_of_the_query_id_nor_its_text(slice_
     negatives = mined.for_collator()
     assert len(negatives) == slice_corpus.num_pairs == 64 * 3
     for (_, example_id, _), picked in negatives.items():
-        answers = {example.positive for example in slice_corpus.examples[example_id].values()}
+        answers = set(slice_corpus.answers(slice_corpus.index_of(example_id)).values())
         assert not answers & {text for _, text in picked}
         assert len({text for _, text in picked}) == len(picked)  # no text twice
 
@@ -163,11 +169,12 @@ def test_mined_negatives_score_below_the_margin_of_the_answer(slice_corpus, mine
     )
     assert mined.margin_warning(worst_share=dropped) is None
     for (_, example_id, language), picked in list(mined.picks.items())[:40]:
-        by_language = slice_corpus.examples[example_id]
-        query = encoder.encode([by_language[language].query], "query")[0]
+        index = slice_corpus.index_of(example_id)
+        by_language = slice_corpus.answers(index)  # language -> answer text
+        query = encoder.encode(slice_corpus.queries([slice_corpus.row(index, language)]), "query")[0]
         for passage in picked:
             # the reference: the answer in the candidate's language, or in the query's when the id lacks that one
-            answer = by_language[passage.language if passage.language in by_language else language].positive
+            answer = by_language[passage.language if passage.language in by_language else language]
             text = mined.candidates[0][passage.language][passage.index]
             candidate, answer_vector = encoder.encode([text, answer], "passage")
             assert passage.score == pytest.approx(float(query @ candidate), abs=1e-5)
@@ -201,7 +208,7 @@ def _mining_worker(rank: int, port: int, data: str, out_dir: str) -> None:
 
     accelerator = make_accelerator()
     encoder = HashEncoder()
-    corpus = read_jsonl_corpus(data)
+    corpus = load_training_corpus(data, cache_dir=os.path.join(out_dir, "cache"))  # both ranks: a race it survives
     mined = mine_hard_negatives(encoder, [corpus], [["de", "en", "es"]], MiningSettings(4, 0.5, 0.95), 0, accelerator)
     result = {
         "encoded": encoder.calls,
@@ -221,7 +228,7 @@ def test_two_processes_share_the_encoding_and_get_the_negatives_of_one(mlqa_slic
     mp.spawn(_mining_worker, args=(free_port(), str(mlqa_slice), str(tmp_path)), nprocs=WORLD, join=True)
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(WORLD)]
     encoder = HashEncoder()
-    corpus = read_jsonl_corpus(mlqa_slice)
+    corpus = load_training_corpus(str(mlqa_slice), cache_dir=str(tmp_path / "cache"))
     single = mine_hard_negatives(encoder, [corpus], [["de", "en", "es"]], MiningSettings(4, 0.5, 0.95))
     expected = {"\t".join(map(str, k)): [list(pair) for pair in v] for k, v in single.for_collator().items()}
     assert ranks[0]["negatives"] == ranks[1]["negatives"] == expected

@@ -9,7 +9,7 @@ import pytest
 from hbt_accel.batches import PairCollator
 from hbt_accel.data import load_training_corpus
 from hbt_accel.sampling import HybridBatchSampler
-from tests.record_sampler_sequences import CONFIGURATIONS, COLLATED, FIXTURE, collated, sequences
+from tests.record_sampler_sequences import COLLATED, CONFIGURATIONS, FIXTURE, collated, sequences
 
 
 @pytest.fixture(scope="module")

@@ -4,13 +4,13 @@ import collections
 
 import pytest
 
-from hbt_accel.data import PairExample, ParallelCorpus, lareqa_training_corpus, load_lareqa_benchmark
+from hbt_accel.data import CorpusStore, load_training_corpus, store_from_rows
 from hbt_accel.sampling import HybridBatchSampler, SamplingError, is_monolingual_batch
 
 
 @pytest.fixture(scope="module")
-def mlqa() -> ParallelCorpus:
-    return lareqa_training_corpus(load_lareqa_benchmark("mlqa-r"), hard_negatives=False)
+def mlqa(tmp_path_factory) -> CorpusStore:
+    return load_training_corpus("mlqa-r", cache_dir=str(tmp_path_factory.mktemp("cache")))
 
 
 def global_batches(corpus, strategy, batch=16, world=1, epochs=1, **kw):
@@ -28,7 +28,7 @@ def test_xy_rows_cross_languages(mlqa):
     for rows in global_batches(mlqa, "xy", epochs=2):
         assert all(row.query_language != row.passage_language for row in rows)
         for row in rows:  # both sides exist for that id
-            assert {row.query_language, row.passage_language} <= set(mlqa.examples[row.example_id])
+            assert {row.query_language, row.passage_language} <= set(mlqa.languages_of(row.example_index))
 
 
 def test_hybrid_share_is_alpha_and_ids_never_repeat(mlqa):
@@ -42,7 +42,7 @@ def test_hybrid_share_is_alpha_and_ids_never_repeat(mlqa):
     share = sum(is_monolingual_batch(rows) for rows in batches) / len(batches)
     assert abs(share - 0.5) < 0.03
     for rows in batches:
-        assert len(rows) == 32 and len({row.example_id for row in rows}) == 32
+        assert len(rows) == 32 and len({row.example_index for row in rows}) == 32
         if not is_monolingual_batch(rows):
             assert all(row.query_language != row.passage_language for row in rows)
 
@@ -74,7 +74,7 @@ def test_ranks_take_disjoint_slices_of_the_same_global_batch(mlqa):
 def test_epoch_covers_ids_and_changes_with_set_epoch(mlqa):
     sampler = HybridBatchSampler(mlqa, "xx_mixed", 16)
     first = list(sampler)
-    seen = {row.example_id for rows in first for row in rows}
+    seen = {row.example_index for rows in first for row in rows}
     assert len(seen) >= 0.95 * (len(first) * 16)  # an epoch walks a permutation: almost no repeats
     sampler.set_epoch(1)
     assert list(sampler) != first
@@ -111,34 +111,56 @@ def test_temperature_and_weights_shift_xx_languages(mlqa):
     assert set(languages) <= {"de", "en"} and languages["de"] > 4 * languages["en"]
 
 
-def _tiny_corpus(multilingual: bool) -> ParallelCorpus:
-    corpus = ParallelCorpus(name="tiny")
-    for i in range(8):
-        corpus.add(str(i), "en", PairExample(f"q{i}", f"p{i}"))
+@pytest.fixture
+def tiny(tmp_path):
+    """tiny(multilingual, ids=8): ids 0..n-1 in English, and in German too when multilingual."""
+    made = []
+
+    def make(multilingual: bool, ids: int = 8, prefix: str = "") -> CorpusStore:
+        rows = [{"id": f"{prefix}{i}", "lang": "en", "query": f"q{i}", "positive": f"p{i}"} for i in range(ids)]
         if multilingual:
-            corpus.add(str(i), "de", PairExample(f"f{i}", f"d{i}"))
-    return corpus
+            rows += [{"id": f"{prefix}{i}", "lang": "de", "query": f"f{i}", "positive": f"d{i}"} for i in range(ids)]
+        made.append(tmp_path / f"tiny{len(made)}")
+        return store_from_rows(rows, made[-1], name="tiny")
+
+    return make
 
 
-def test_clear_errors():
+def test_clear_errors(tiny):
     with pytest.raises(SamplingError, match="per_device_train_batch_size: global batch 16 exceeds the 8 distinct"):
-        HybridBatchSampler(_tiny_corpus(True), "hybrid", 8, world_size=2)
+        HybridBatchSampler(tiny(True), "hybrid", 8, world_size=2)
     with pytest.raises(SamplingError, match="X-Y batches of 4 need 4\\+ ids present in 2\\+ languages"):
-        HybridBatchSampler(_tiny_corpus(False), "xy", 4)
-    HybridBatchSampler(_tiny_corpus(False), "xx", 4)  # monolingual data is fine for X-X
+        HybridBatchSampler(tiny(False), "xy", 4)
+    HybridBatchSampler(tiny(False), "xx", 4)  # monolingual data is fine for X-X
     with pytest.raises(SamplingError, match="alpha"):
-        HybridBatchSampler(_tiny_corpus(True), "hybrid", 4, alpha=-0.1)
+        HybridBatchSampler(tiny(True), "hybrid", 4, alpha=-0.1)
     with pytest.raises(SamplingError, match="sampling: got 'mixed'"):
-        HybridBatchSampler(_tiny_corpus(True), "mixed", 4)
+        HybridBatchSampler(tiny(True), "mixed", 4)
 
 
-def test_several_corpora_mix_by_weight(mlqa):
-    other = _tiny_corpus(True)
-    other.name = "tiny"
+def test_several_corpora_mix_by_weight(mlqa, tiny):
+    other = tiny(True)
     sampler = HybridBatchSampler([mlqa, other], "xx", 4, corpus_weights=[1.0, 1.0], seed=1)
     batches = [rows for epoch in range(2) for rows in sampler.global_batches(epoch)]
     share = sum(rows[0].corpus_index == 1 for rows in batches) / len(batches)
     assert 0.4 < share < 0.6
+
+
+def test_monolingual_corpus_feeds_xx_batches_beside_a_parallel_one(mlqa, tiny):
+    """hybrid over MLQA-R (parallel) + a monolingual corpus: every batch of the monolingual corpus is X-X, the
+    parallel corpus keeps alpha, no id repeats within a batch, and xx_share states the resulting mix."""
+    mono = tiny(False, ids=400, prefix="mono")
+    sampler = HybridBatchSampler([mlqa, mono], "hybrid", 8, world_size=2, alpha=0.25, corpus_weights=[3.0, 1.0])
+    assert sampler.xx_share == pytest.approx(0.25 + 0.75 * 0.25)
+    batches = [rows for epoch in range(6) for rows in sampler.global_batches(epoch)]
+    by_corpus = collections.defaultdict(list)
+    for rows in batches:
+        assert len({row.example_index for row in rows}) == 16
+        by_corpus[rows[0].corpus_index].append(is_monolingual_batch(rows))
+    assert all(by_corpus[1]) and len(by_corpus[1]) > 30
+    assert abs(sum(by_corpus[0]) / len(by_corpus[0]) - 0.25) < 0.08
+    with pytest.raises(SamplingError, match="X-Y batches of 16 need 16\\+ ids present in 2\\+ languages; tiny has 0"):
+        HybridBatchSampler([mono], "hybrid", 8, world_size=2)  # hybrid with no parallel corpus at all
 
 
 # ---------------------------------------------------------------- multilingual (multi-positive) rows
@@ -149,9 +171,9 @@ def test_multilingual_rows_bring_the_answer_in_several_languages_of_their_id(mlq
     batches = [rows for epoch in range(2) for rows in sampler.global_batches(epoch)]
     assert len(batches) == 2 * (1148 // 16)
     for rows in batches:
-        assert len(rows) == 16 and len({row.example_id for row in rows}) == 16  # one row per id, extras ride along
+        assert len(rows) == 16 and len({row.example_index for row in rows}) == 16  # one row per id, extras ride along
         for row in rows:
-            id_languages = set(mlqa.examples[row.example_id])
+            id_languages = set(mlqa.languages_of(row.example_index))
             assert row.passage_language == row.query_language  # the own-language answer is always a positive
             assert len(set(row.passage_languages)) == len(row.passage_languages)  # distinct languages
             assert set(row.passage_languages) <= id_languages
@@ -179,10 +201,10 @@ def test_multilingual_extra_languages_are_spread(mlqa):
     assert counts["en"] / sum(counts.values()) < 0.4
 
 
-def test_multilingual_needs_parallel_ids_and_a_sensible_width():
+def test_multilingual_needs_parallel_ids_and_a_sensible_width(tiny):
     with pytest.raises(SamplingError, match="sampling: multilingual batches of 4 need 4\\+ ids present in 2\\+"):
-        HybridBatchSampler(_tiny_corpus(False), "multilingual", 4)
+        HybridBatchSampler(tiny(False), "multilingual", 4)
     with pytest.raises(SamplingError, match="answers_per_query: got 1"):
-        HybridBatchSampler(_tiny_corpus(True), "multilingual", 4, answers_per_query=1)
-    sampler = HybridBatchSampler(_tiny_corpus(True), "multilingual", 4, answers_per_query=5)
+        HybridBatchSampler(tiny(True), "multilingual", 4, answers_per_query=1)
+    sampler = HybridBatchSampler(tiny(True), "multilingual", 4, answers_per_query=5)
     assert sampler.answers_per_row == 2  # capped at the most languages an id has

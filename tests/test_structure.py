@@ -66,7 +66,7 @@ def test_no_import_circle_in_the_library():
 
 def test_files_are_renamed_into_place_only_by_the_atomic_writer_and_the_folder_builders():
     """`os.replace`/`.rename` make a write atomic; files go through hbt_accel.atomic, folders are staged by the
-    model save, the embedded-model build and the checkpoint save."""
+    model save, the embedded-model build, the checkpoint save and the corpus store conversion."""
     renaming = set()
     for path in [*LIBRARY.rglob("*.py"), *(REPO / "benchmarks").glob("*.py"), *(REPO / "recipes").glob("*.py")]:
         for node in ast.walk(ast.parse(path.read_text())):
@@ -77,6 +77,7 @@ def test_files_are_renamed_into_place_only_by_the_atomic_writer_and_the_folder_b
         "hbt_accel/modeling.py",
         "hbt_accel/embedded.py",
         "hbt_accel/checkpoints.py",
+        "hbt_accel/data/cache.py",
     }
 
 

@@ -28,7 +28,7 @@ from hbt_accel.data.lareqa import (
     shares_questions,
     split_name,
 )
-from hbt_accel.data.sources import iter_jsonl, load_training_corpus, row_from_mapping
+from hbt_accel.data.sources import iter_jsonl, load_training_corpus, row_from_mapping, store_from_rows
 from hbt_accel.data.store import CorpusStore, StoreWriter
 from hbt_accel.errors import DataError
 
@@ -54,5 +54,6 @@ __all__ = [
     "select_split",
     "shares_questions",
     "split_name",
+    "store_from_rows",
     "validate_language",
 ]

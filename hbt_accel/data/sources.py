@@ -13,7 +13,7 @@ Sources:
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 
 import numpy as np
@@ -69,6 +69,17 @@ def load_training_corpus(
         description = {"kind": "rows", "file": file_fingerprint(path), "columns": rename}
         return open_or_build(_stem(path), description, lambda w: _write_row_file(path, rename, w), cache_dir)
     return _datasets_store(source, rename, cache_dir)
+
+
+def store_from_rows(rows: Iterable[Mapping], folder: str | Path, name: str = "corpus") -> CorpusStore:
+    """A store written straight into `folder` from rows `{id, lang, query, positive, negatives?}` (no cache): for
+    corpora built in code, and tests."""
+    writer = StoreWriter(folder, name)
+    validated = (row_from_mapping(row, f"{name} row {k}") for k, row in enumerate(rows))
+    for batch in _batched(validated, BATCH_ROWS):
+        writer.add_row_batch(pa.Table.from_pylist(batch, schema=ROW_SCHEMA))
+    writer.finish({"kind": "rows in memory"})
+    return CorpusStore(folder)
 
 
 def _suffix(path: Path) -> str:
@@ -132,7 +143,9 @@ def _arrow_jsonl_batches(path: Path, rename: dict[str, str]) -> Iterator[pa.Reco
     import pyarrow.json as pa_json
 
     types = {"id": pa.string(), "lang": pa.string(), "query": pa.string(), "positive": pa.string()}
-    schema = pa.schema([(rename[key], kind) for key, kind in types.items()] + [(rename["negatives"], pa.list_(pa.string()))])
+    schema = pa.schema(
+        [(rename[key], kind) for key, kind in types.items()] + [(rename["negatives"], pa.list_(pa.string()))]
+    )
     options = pa_json.ParseOptions(explicit_schema=schema, unexpected_field_behavior="ignore")
     reader = pa_json.open_json(str(path), read_options=pa_json.ReadOptions(block_size=4 << 20), parse_options=options)
     yield from reader
@@ -225,7 +238,9 @@ def normalise_rows(table: pa.RecordBatch | pa.Table, rename: Mapping[str, str], 
             raise DataError(f"{where(0)}: field {source!r} must be text (got {column.type})")
         column = column.cast(pa.string())
         blank = pc.or_kleene(pc.is_null(column), pc.equal(pc.utf8_length(pc.utf8_trim_whitespace(column)), 0))
-        _raise_at_first(blank, lambda row, source=source: f"{where(row)}: missing field {source!r} (expected a non-empty value)")
+        _raise_at_first(
+            blank, lambda row, source=source: f"{where(row)}: missing field {source!r} (expected a non-empty value)"
+        )
         columns[key] = column
     _check_languages(columns["lang"], where)
     columns["negatives"] = _negatives(table, rename["negatives"], where)
@@ -258,8 +273,9 @@ def _check_languages(languages: pa.Array, where) -> None:
     if unknown:
         _raise_at_first(
             pc.equal(languages, unknown[0]),
-            lambda row: f"{where(row)}: unknown language code {unknown[0]!r} (expected an ISO 639-1 code such as "
-            "'en', 'de')",
+            lambda row: (
+                f"{where(row)}: unknown language code {unknown[0]!r} (expected an ISO 639-1 code such as 'en', 'de')"
+            ),
         )
 
 

@@ -105,6 +105,11 @@ class CorpusStore:
             raise KeyError(f"{self.name}: id {self.example_id(index)!r} has no row in {language!r}")
         return start + offset
 
+    def answers(self, index: int) -> dict[str, str]:
+        """language -> the id's positive passage in that language."""
+        start, end = int(self.id_offsets[index]), int(self.id_offsets[index + 1])
+        return dict(zip(self.languages_of(index), self.positives(range(start, end))))
+
     def rows_in(self, language: str) -> np.ndarray:
         """Every row in `language`, in id order (int64)."""
         return np.flatnonzero(np.asarray(self.row_language) == self._language_index[language])
@@ -262,7 +267,9 @@ class StoreWriter:
             negatives = negatives.combine_chunks()
         negatives = negatives.fill_null(pa.scalar([], pa.list_(pa.string()))) if negatives.null_count else negatives
         flat = pc.list_flatten(negatives)
-        first = self.add_texts(pa.concat_arrays([_array(batch.column("query")), _array(batch.column("positive")), flat]))
+        first = self.add_texts(
+            pa.concat_arrays([_array(batch.column("query")), _array(batch.column("positive")), flat])
+        )
         rows = np.arange(count, dtype=np.int64)
         self.add_rows(
             batch.column("id"),
