@@ -52,7 +52,8 @@ def load_training_corpus(
         return raw_corpora.load(source, cache_dir)
     path = Path(source).expanduser()
     folder = Path(split_name(source)[0]).expanduser()  # a LAReQA folder may carry a split suffix too
-    if is_lareqa_name(source) or (folder.is_dir() and any(folder.glob("*.json"))):
+    saved_dataset = (folder / "dataset_info.json").is_file()  # a save_to_disk folder holds .json files too
+    if is_lareqa_name(source) or (folder.is_dir() and not saved_dataset and any(folder.glob("*.json"))):
         return _lareqa_store(source, data_dir, hard_negatives, cache_dir)
     if _suffix(path) in ROW_FILE_SUFFIXES + DATASETS_FILE_SUFFIXES and not path.is_file():
         raise DataError(f"{path}: training data file not found (train_data)")
