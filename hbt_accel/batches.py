@@ -70,16 +70,13 @@ class PairCollator:
 
     def __call__(self, rows: list[BatchRow]) -> dict:
         # negatives and further answers as (row, language, text); an empty slot has row None
-        queries, positives, negatives, answers = [], [], [], []
+        queries = self._texts("queries", [(row, row.query_language) for row in rows])
+        positives = self._texts("positives", [(row, row.passage_language) for row in rows])
+        extra = iter(self._texts("positives", [(row, lang) for row in rows for lang in row.extra_passage_languages]))
+        negatives, answers = [], []
         for row in rows:
-            corpus = self.corpora[row.corpus_index]
-            query_row = corpus.row(row.example_index, row.query_language)
-            passage_row = corpus.row(row.example_index, row.passage_language)
-            queries += corpus.queries([query_row])
-            positives += corpus.positives([passage_row])
-            negatives += [(row, *negative) for negative in self._hard_negatives(corpus, passage_row, row)]
-            extra_rows = [corpus.row(row.example_index, language) for language in row.extra_passage_languages]
-            answers += [(row, *pair) for pair in zip(row.extra_passage_languages, corpus.positives(extra_rows))]
+            negatives += [(row, *negative) for negative in self._hard_negatives(row)]
+            answers += [(row, language, next(extra)) for language in row.extra_passage_languages]
             answers += [(None, "", "")] * (self.answers_per_row - len(row.passage_languages))  # empty slots
         passages = positives + [text for *_, text in negatives] + [text for *_, text in answers]
         batch = {
@@ -91,6 +88,17 @@ class PairCollator:
         if self.with_passage_ids:
             batch["passage_ids"] = torch.tensor(self._passage_ids(rows, negatives, answers), dtype=torch.long)
         return batch
+
+    def _texts(self, kind: str, wanted: list[tuple[BatchRow, str]]) -> list[str]:
+        """The queries or positives of (row, language) pairs, fetched in one read per corpus."""
+        out = [""] * len(wanted)
+        for corpus_index in {row.corpus_index for row, _ in wanted}:
+            corpus = self.corpora[corpus_index]
+            positions = [k for k, (row, _) in enumerate(wanted) if row.corpus_index == corpus_index]
+            store_rows = [corpus.row(wanted[k][0].example_index, wanted[k][1]) for k in positions]
+            for position, text in zip(positions, getattr(corpus, kind)(store_rows)):
+                out[position] = text
+        return out
 
     def _parallel_id(self, row: BatchRow) -> int:
         return parallel_id_key(row.corpus_index, self.corpora[row.corpus_index].example_id(row.example_index))
@@ -118,17 +126,19 @@ class PairCollator:
             self._answer_ids[key] = answer_ids
         return self._answer_ids[key].get(text, NO_PARALLEL_ID)
 
-    def _hard_negatives(self, corpus: CorpusStore, passage_row: int, row: BatchRow) -> list[tuple[str, str]]:
+    def _hard_negatives(self, row: BatchRow) -> list[tuple[str, str]]:
         """`num_hard_negatives` (language, text) pairs: the mined ones of the row's query when mining is on, else the
         example's own negatives; random same-language passages when there are none."""
         if not self.num_hard_negatives:
             return []
+        corpus = self.corpora[row.corpus_index]
         rng = np.random.default_rng(row.draw)
         mined = self.mined_negatives.get(self._query_of(row), ()) if self.mined_negatives is not None else ()
         if mined:
             # all of them in mined order (they honour the language shares); a tiny corpus may have left fewer
             repeats = rng.choice(len(mined), size=max(0, self.num_hard_negatives - len(mined)))
             return list(mined[: self.num_hard_negatives]) + [mined[k] for k in repeats]
+        passage_row = corpus.row(row.example_index, row.passage_language)
         available = corpus.count_negatives(passage_row)
         if available:
             picks = rng.choice(available, size=self.num_hard_negatives, replace=available < self.num_hard_negatives)

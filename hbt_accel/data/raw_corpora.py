@@ -8,17 +8,24 @@ A `train_data` entry `KIND:PATH[?key=value&key=value]` names one of them; it is 
         google/queries/train/{language}_queries.train.tsv   qid<TAB>text
         triples.train.ids.small.tsv                         qid<TAB>pos_pid<TAB>neg_pid, one file for every language
       {language} is the spelled-out English name (english, german, chinese). DATA may also be the folder holding
-      `data/`. Default: every language whose collection is present, every triple, 8 negatives per query.
+      `data/`. Default: every language whose collection is present, every triple, 8 negatives per query. One
+      id per qid (order of first appearance in the triples): positive = the pos_pid of its first triple, hard
+      negatives = its distinct neg_pids in file order. Only the texts those rows use are kept.
     miracl:FOLDER?languages=sw,te&split=train&corpus=CORPUS_FOLDER      (miracl/miracl + miracl/miracl-corpus)
         miracl-v1.0-{l}/topics/topics.miracl-v1.0-{l}-{split}.tsv   qid<TAB>query
         miracl-v1.0-{l}/qrels/qrels.miracl-v1.0-{l}-{split}.tsv     TREC: qid<TAB>Q0<TAB>docid<TAB>relevance (0/1)
         miracl-corpus-v1.0-{l}/docs-{i}.jsonl.gz                    {"docid": "39#0", "title", "text"}
       The corpus folders sit in FOLDER unless `corpus=` names another. Default: every language with topics for
-      the split, split `train`.
+      the split, split `train`. A row per query: its first relevant (rel 1) passage is the positive, its judged
+      non-relevant (rel 0) passages are the hard negatives. Queries with no relevant passage are skipped; how
+      many goes into the store's description (meta.json `source`). Only judged passages are kept from the shards;
+      judged passages the shards lack are left out with a warning (a query left with no relevant one is dropped).
     mrtydi:mrtydi-v1.1-{language}/train.jsonl.gz   (castorini/mr-tydi; {language} spelled out: swahili)
     mldr:mldr-v1.0-{l}/train.jsonl.gz              (Shitao/MLDR; passages have no title)
         {"query_id", "query", "positive_passages": [{"docid", "title", "text"}], "negative_passages": [...]}
-      PATH is the file or its folder; the language comes from the folder name, or from `?language=`.
+      PATH is the file or its folder; the language comes from the folder name, or from `?language=`. Positive =
+      the first positive passage, hard negatives = the negative passages; rows with no positive are skipped (with
+      a warning).
 
 A passage's text is its title + " " + its text (MIRACL's protocol; Mr. TyDi likewise), the text alone where
 there is no title (MLDR).
@@ -67,6 +74,7 @@ MIRACL_SPLITS = ("train", "dev", "test-a")  # the splits MIRACL publishes qrels 
 TRAIN_ROWS_FILE = "train.jsonl.gz"
 TRAIN_ROWS_FOLDER = {"mrtydi": re.compile(r"mrtydi-v1\.1-([a-z]+)"), "mldr": re.compile(r"mldr-v1\.0-([a-z]+)")}
 TRAIN_ROWS_LAYOUT = {"mrtydi": "mrtydi-v1.1-{language}/train.jsonl.gz", "mldr": "mldr-v1.0-{code}/train.jsonl.gz"}
+TRAIN_ROWS_NAME = {"mrtydi": "Mr. TyDi", "mldr": "MLDR"}
 PASSAGE_SCHEMA = pa.schema([("docid", pa.string()), ("title", pa.string()), ("text", pa.string())])
 
 
@@ -105,7 +113,7 @@ class RawSpec:
         value = self.options.get(key)
         if value is None:
             return default
-        if not value.isdigit() or int(value) < minimum:
+        if not (value.isascii() and value.isdigit()) or int(value) < minimum:
             raise DataError(f"{self.source}: option {key}={value!r} (expected a whole number >= {minimum})")
         return int(value)
 
@@ -173,9 +181,7 @@ class MmarcoPlan:
     positive_pids: np.ndarray  # (ids,) the pos_pid of each qid's first triple
     negative_counts: np.ndarray  # (ids,)
     negative_pids: np.ndarray  # distinct neg_pids, grouped by id, in file order within an id
-
-    def needed_pids(self) -> np.ndarray:
-        return np.unique(np.concatenate([self.positive_pids, self.negative_pids]))
+    needed_pids: np.ndarray  # sorted: the passages any row uses
 
 
 def _load_mmarco(spec: RawSpec, cache_dir: str) -> CorpusStore:
@@ -242,32 +248,42 @@ def _read_triples(path: Path, limit: int | None) -> tuple[np.ndarray, np.ndarray
 
 
 def _mmarco_plan(qid: np.ndarray, pos: np.ndarray, neg: np.ndarray, negatives_per_query: int) -> MmarcoPlan:
-    # ids numbered in order of first appearance (np.unique numbers them in sorted order)
-    unique, first_row, inverse = np.unique(qid, return_index=True, return_inverse=True)
-    appearance = np.argsort(first_row)
-    rank = np.empty_like(appearance)
-    rank[appearance] = np.arange(len(appearance))
-    id_of_triple = rank[inverse.reshape(-1)]
-    # the first triple of every distinct (id, neg_pid) pair, then grouped by id in file order
-    rows = np.arange(len(qid))
-    order = np.lexsort((rows, neg, id_of_triple))
-    first = np.ones(len(order), dtype=bool)
-    first[1:] = (id_of_triple[order][1:] != id_of_triple[order][:-1]) | (neg[order][1:] != neg[order][:-1])
-    kept = order[first]
-    kept = kept[np.lexsort((kept, id_of_triple[kept]))]
-    ids_of_kept = id_of_triple[kept]
-    within = np.arange(len(kept)) - np.searchsorted(ids_of_kept, ids_of_kept)  # position within its id
-    kept, ids_of_kept = kept[within < negatives_per_query], ids_of_kept[within < negatives_per_query]
+    query_ids, first_triple, id_of_triple = _number_by_first_appearance(qid)
+    negative_rows = _first_distinct_negatives(id_of_triple, neg, negatives_per_query)
+    positive_pids, negative_pids = pos[first_triple], neg[negative_rows]
     return MmarcoPlan(
-        query_ids=unique[appearance],
-        positive_pids=pos[first_row[appearance]],
-        negative_counts=np.bincount(ids_of_kept, minlength=len(unique)).astype(np.int64),
-        negative_pids=neg[kept],
+        query_ids=query_ids,
+        positive_pids=positive_pids,
+        negative_counts=np.bincount(id_of_triple[negative_rows], minlength=len(query_ids)).astype(np.int64),
+        negative_pids=negative_pids,
+        needed_pids=np.unique(np.concatenate([positive_pids, negative_pids])),
     )
 
 
+def _number_by_first_appearance(values: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(distinct values in order of first appearance, the row each first appears at, each row's number)."""
+    unique, first_row, inverse = np.unique(values, return_index=True, return_inverse=True)  # numbered sorted
+    appearance = np.argsort(first_row)
+    number = np.empty_like(appearance)
+    number[appearance] = np.arange(len(appearance))
+    return unique[appearance], first_row[appearance], number[inverse.reshape(-1)]
+
+
+def _first_distinct_negatives(id_of_triple: np.ndarray, neg: np.ndarray, cap: int) -> np.ndarray:
+    """Triple rows holding each id's first `cap` distinct neg_pids: grouped by id, file order within an id."""
+    order = np.lexsort((np.arange(len(neg)), neg, id_of_triple))  # by id, then neg_pid, then file order
+    sorted_id, sorted_neg = id_of_triple[order], neg[order]
+    first = np.ones(len(order), dtype=bool)
+    first[1:] = (sorted_id[1:] != sorted_id[:-1]) | (sorted_neg[1:] != sorted_neg[:-1])
+    rows = order[first]
+    rows = rows[np.lexsort((rows, id_of_triple[rows]))]  # back to file order within each id
+    ids = id_of_triple[rows]
+    position_in_id = np.arange(len(rows)) - np.searchsorted(ids, ids)
+    return rows[position_in_id < cap]
+
+
 def _write_mmarco_language(writer: StoreWriter, code: str, plan: MmarcoPlan, files: MmarcoFiles) -> None:
-    passages = _store_texts_of(writer, files.collections[code], plan.needed_pids(), "passage")
+    passages = _store_texts_of(writer, files.collections[code], plan.needed_pids, "passage")
     queries = _store_texts_of(writer, files.queries[code], np.unique(plan.query_ids), "query")
     ids = pa.array(plan.query_ids).cast(pa.string())
     negative_offsets = np.concatenate([[0], np.cumsum(plan.negative_counts)])
@@ -530,7 +546,7 @@ def _train_rows_file(spec: RawSpec) -> tuple[Path, str]:
     """(the rows file, its language code): PATH or PATH/train.jsonl.gz; the language from ?language= or the folder."""
     layout = TRAIN_ROWS_LAYOUT[spec.kind]
     path = spec.path / TRAIN_ROWS_FILE if spec.path.is_dir() else spec.path
-    _require_file(path, f"the {spec.kind} training rows, {layout}, or their folder ({spec.source})")
+    _require_file(path, f"{TRAIN_ROWS_NAME[spec.kind]}'s training rows, {layout}, or its folder ({spec.source})")
     if "language" in spec.options:
         return path, language_code(spec.options["language"], f"{spec.source}: option 'language'")
     match = TRAIN_ROWS_FOLDER[spec.kind].fullmatch(path.parent.name)

@@ -171,15 +171,18 @@ class _ChunkedColumn:
         self.starts = np.cumsum([0] + [len(chunk) for chunk in self.chunks])  # (chunks + 1,)
 
     def get(self, indices: Iterable[int]) -> list[str]:
-        indices = np.asarray(list(indices) if not isinstance(indices, np.ndarray) else indices, dtype=np.int64)
+        indices = np.asarray(indices if isinstance(indices, np.ndarray) else list(indices), dtype=np.int64)
         if len(indices) == 0:
             return []
         chunk_of = np.searchsorted(self.starts, indices, side="right") - 1
+        local = indices - self.starts[chunk_of]
+        if len(indices) <= 64:  # a batch's texts: element access beats building take() arrays
+            return [self.chunks[c][i].as_py() for c, i in zip(chunk_of.tolist(), local.tolist())]
         out: list[str] = [""] * len(indices)
         for chunk in np.unique(chunk_of):
             where = np.flatnonzero(chunk_of == chunk)
-            local = pa.array(indices[where] - self.starts[chunk])
-            for position, text in zip(where.tolist(), self.chunks[chunk].take(local).to_pylist()):
+            texts = self.chunks[chunk].take(pa.array(local[where])).to_pylist()
+            for position, text in zip(where.tolist(), texts):
                 out[position] = text
         return out
 
