@@ -55,7 +55,7 @@ def resolve_data_dir(value: str | os.PathLike | None = None) -> Path:
     """The LAReQA folder: the given value, else $HBT_DATA_DIR, else ../shared/data/lareqa beside the checkout."""
     tried = []
     candidates = [value, os.environ.get("HBT_DATA_DIR")]
-    checkout = Path(__file__).resolve().parents[1]
+    checkout = Path(__file__).resolve().parents[2]
     candidates += [checkout.parent / "shared" / "data" / "lareqa", Path.cwd().parent / "shared" / "data" / "lareqa"]
     for candidate in candidates:
         if not candidate:

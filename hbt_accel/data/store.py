@@ -69,6 +69,10 @@ class CorpusStore:
         self._language_index = {language: k for k, language in enumerate(self.languages)}
         self._id_index: dict[str, int] | None = None
 
+    def __reduce__(self):
+        # DataLoader workers started by spawn, and broadcasts, get the folder and map it again: never the arrays
+        return (CorpusStore, (self.folder,))
+
     # ---- sizes -------------------------------------------------------------------------------------------------
     @property
     def num_ids(self) -> int:
