@@ -307,13 +307,15 @@ def _coerce(name: str, value: Any, kind: type, choices: tuple | None) -> Any:
         elif kind is str:
             value = "" if value is None else str(value)
         elif kind is list:
-            if isinstance(value, str):
+            expected[list] = "a list (YAML list, JSON list, or comma-separated)"
+            if isinstance(value, str) and value.strip().startswith("["):
+                value = json.loads(value)  # items that hold commas: raw corpus specs like 'mmarco:D?languages=en,de'
+            elif isinstance(value, str):
                 value = [item.strip() for item in value.split(",") if item.strip()]
             elif value is None:
                 value = []
-            elif not isinstance(value, list):
+            if not isinstance(value, list):
                 raise ValueError
-            expected[list] = "a list (YAML list or comma-separated)"
         elif kind is dict:
             expected[dict] = "a mapping (YAML mapping, JSON, or key=value,key=value)"
             if isinstance(value, str):

@@ -123,6 +123,18 @@ def test_mmarco_rows_are_parallel_and_point_at_shared_texts(tmp_path):
     assert store.meta["source"]["negatives_per_query"] == 8
 
 
+def test_a_raw_spec_survives_the_command_line(tmp_path):
+    """--train_data is comma-separated on the command line: languages join with '+' there, or the list is JSON."""
+    from hbt_accel.config import parse_config
+
+    root = write_mmarco(tmp_path / "mMARCO")
+    plus = parse_config(["--train_data", f"mmarco:{root}?languages=en+german,mlqa-r", "--eval_benchmark", ""])
+    assert plus.train_data == [f"mmarco:{root}?languages=en+german", "mlqa-r"]
+    assert raw_corpora.load(plus.train_data[0]).languages == ["de", "en"]
+    listed = parse_config(["--train_data", f'["mmarco:{root}?languages=en,de", "mlqa-r"]', "--eval_benchmark", ""])
+    assert listed.train_data == [f"mmarco:{root}?languages=en,de", "mlqa-r"]
+
+
 def test_mmarco_negatives_cap_and_triples_cut(tmp_path):
     root = write_mmarco(tmp_path / "mMARCO")
 

@@ -104,7 +104,8 @@ class RawSpec:
         if key not in self.options:
             return None
         where = f"{self.source}: option {key!r}"
-        codes = {language_code(part, where) for part in self.options[key].split(",") if part.strip()}
+        # "en,de", or "en+de" (a comma would split a comma-separated --train_data list; parse_qsl reads + as a space)
+        codes = {language_code(part, where) for part in re.split(r"[,\s]+", self.options[key]) if part.strip()}
         if not codes:
             raise DataError(f"{where} is empty (expected language codes or names such as 'en,de')")
         return sorted(codes)
