@@ -51,3 +51,26 @@ def usual_mode(directory: bool = False) -> int:
     mask = os.umask(0)
     os.umask(mask)
     return (0o777 if directory else 0o666) & ~mask
+
+
+SEAL_FILE = "meta.json"
+
+
+def seal_folder(folder: str | os.PathLike, format_name: str, meta: dict) -> Path:
+    """Write `folder`/meta.json LAST, recording the format and the size of every other file in the folder: a
+    folder without it, or whose files no longer have those sizes, is unfinished or damaged (`is_sealed`)."""
+    folder = Path(folder)
+    files = {p.name: p.stat().st_size for p in sorted(folder.iterdir()) if p.is_file() and p.name != SEAL_FILE}
+    return write_json(folder / SEAL_FILE, {"format": format_name, **meta, "files": files})
+
+
+def is_sealed(folder: str | os.PathLike, format_name: str) -> bool:
+    """Whether `seal_folder` finished this folder and every file still has its recorded size. Contents are not
+    checksummed: reading gigabytes at every start would defeat a cache."""
+    try:
+        meta = json.loads((Path(folder) / SEAL_FILE).read_text(encoding="utf-8"))
+        return meta.get("format") == format_name and all(
+            (Path(folder) / name).stat().st_size == size for name, size in meta["files"].items()
+        )
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return False

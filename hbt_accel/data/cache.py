@@ -58,10 +58,23 @@ def open_or_build(
     """The store of a source: re-opened when its fingerprint is in the cache, else built by `write(writer)`.
 
     `description` is JSON-able and holds everything the content depends on (it also goes into meta.json)."""
-    root = cache_root(cache_dir)
+
+    def build(partial: Path) -> None:
+        writer = StoreWriter(partial, name)
+        write(writer)
+        writer.finish(description)
+
+    return CorpusStore(build_once(cache_root(cache_dir), name, description, build, is_complete))
+
+
+def build_once(
+    root: Path, name: str, description: dict, build: Callable[[Path], None], complete: Callable[[Path], bool]
+) -> Path:
+    """`root/<name>-<fingerprint>`: returned as it is when `complete`, else built by `build(partial folder)` and
+    renamed into place. The one way a cached folder is made (corpus stores, passage stores, embeddings)."""
     folder = root / f"{_slug(name)}-{fingerprint(description)}"
-    if is_complete(folder):
-        return CorpusStore(folder)
+    if complete(folder):
+        return folder
     root.mkdir(parents=True, exist_ok=True)
     if folder.exists():  # half-written or damaged: keep it out of the way, then remove it
         stale = folder.with_name(f".{folder.name}.stale-{_owner()}")
@@ -71,17 +84,16 @@ def open_or_build(
     partial = folder.with_name(f".{folder.name}.partial-{_owner()}")
     shutil.rmtree(partial, ignore_errors=True)
     try:
-        writer = StoreWriter(partial, name)
-        write(writer)
-        writer.finish(description)
+        partial.mkdir(parents=True)
+        build(partial)
         try:
             os.rename(partial, folder)
         except OSError:  # another machine sharing this file system finished first: use theirs
-            if not is_complete(folder):
+            if not complete(folder):
                 raise
     finally:
         shutil.rmtree(partial, ignore_errors=True)
-    return CorpusStore(folder)
+    return folder
 
 
 def _owner() -> str:

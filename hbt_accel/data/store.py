@@ -29,11 +29,12 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from hbt_accel.atomic import is_sealed, seal_folder
 from hbt_accel.data.languages import LANGUAGE_NAMES, validate_language
 from hbt_accel.errors import DataError
 
 FORMAT = "hbt-accel corpus store v1"
-META_FILE = "meta.json"
+META_FILE = "meta.json"  # atomic.SEAL_FILE: written last
 ARRAY_FILES = ("id_offsets", "row_language", "row_query", "row_positive", "negative_offsets", "negative_texts")
 ROW_SCHEMA = pa.schema(
     [
@@ -192,15 +193,8 @@ class _ChunkedColumn:
 
 
 def is_complete(folder: Path) -> bool:
-    """A finished store: meta.json of this format, and every file at the size it recorded (a killed or truncated
-    write fails this). Contents are not checksummed: reading gigabytes at every start would defeat the cache."""
-    try:
-        meta = json.loads((folder / META_FILE).read_text(encoding="utf-8"))
-        return meta.get("format") == FORMAT and all(
-            (folder / name).stat().st_size == size for name, size in meta["files"].items()
-        )
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
-        return False
+    """A finished store: sealed in this format, every file at its recorded size (`atomic.is_sealed`)."""
+    return is_sealed(folder, FORMAT)
 
 
 # =====================================================================================================================
@@ -334,18 +328,15 @@ class StoreWriter:
         _write_column(self.folder / "ids.arrow", "id", ids)
         for temporary in self.folder.glob("*.tmp.*"):
             temporary.unlink()
-        files = sorted(p.name for p in self.folder.iterdir())
         meta = {
-            "format": FORMAT,
             "name": self.name,
             "languages": languages,
             "ids": len(ids),
             "rows": int(len(order)),
             "texts": self.num_texts,
             "source": source,
-            "files": {name: (self.folder / name).stat().st_size for name in files},
         }
-        (self.folder / META_FILE).write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        seal_folder(self.folder, FORMAT, meta)
         return self.folder
 
     def _id_indices(self) -> tuple[np.ndarray, pa.Array]:
