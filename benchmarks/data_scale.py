@@ -50,17 +50,17 @@ def write_corpus(path: Path, rows: int, seed: int = 0) -> Path:
     """`rows` JSONL rows, 7 languages per id (written once; re-used while its row count matches)."""
     import numpy as np
 
-    marker = path.with_suffix(".rows")
+    marker = path.with_suffix(".rows")  # written last: the file is complete
     if path.is_file() and marker.is_file() and marker.read_text() == str(rows):
         return path
+    marker.unlink(missing_ok=True)
     rng = np.random.default_rng(seed)
     vocabulary = [
         "".join(rng.choice(list("abcdefghijklmnopqrstuvwxyz"), size=rng.integers(3, 9))) for _ in range(5000)
     ]
     queries = [" ".join(rng.choice(vocabulary, size=9)) for _ in range(4096)]
     passages = [" ".join(rng.choice(vocabulary, size=39)) for _ in range(4096)]
-    tmp = path.with_suffix(".tmp")
-    with tmp.open("w", buffering=1 << 24) as handle:
+    with path.open("w", buffering=1 << 24) as handle:
         for row in range(rows):
             example, language = divmod(row, len(LANGUAGES))
             pick = (example * 7919 + language * 104729) % 4096
@@ -68,7 +68,6 @@ def write_corpus(path: Path, rows: int, seed: int = 0) -> Path:
                 f'{{"id": "q{example}", "lang": "{LANGUAGES[language]}", "query": "{queries[pick]} {example}", '
                 f'"positive": "{passages[pick]} {example}"}}\n'
             )
-    tmp.rename(path)
     marker.write_text(str(rows))
     return path
 

@@ -12,6 +12,7 @@ Nothing outside this package reads a corpus's files: the sampler works on `Corpu
 `row_language` (integers), the collator fetches the texts of one batch by row.
 """
 
+from hbt_accel.data.jsonl import iter_jsonl
 from hbt_accel.data.languages import LANGUAGE_NAMES, language_code, validate_language
 from hbt_accel.data.lareqa import (
     LAREQA_BENCHMARKS,
@@ -28,7 +29,7 @@ from hbt_accel.data.lareqa import (
     shares_questions,
     split_name,
 )
-from hbt_accel.data.sources import iter_jsonl, load_training_corpus, row_from_mapping, store_from_rows
+from hbt_accel.data.sources import load_training_corpus, row_from_mapping, store_from_rows
 from hbt_accel.data.store import CorpusStore, StoreWriter
 from hbt_accel.errors import DataError
 

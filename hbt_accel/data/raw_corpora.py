@@ -53,8 +53,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from hbt_accel.data.cache import file_fingerprint, open_or_build
+from hbt_accel.data.jsonl import iter_jsonl
 from hbt_accel.data.languages import CODE_OF_NAME, LANGUAGE_NAMES, language_code
-from hbt_accel.data.sources import iter_jsonl
 from hbt_accel.data.store import CorpusStore, StoreWriter
 from hbt_accel.errors import DataError, did_you_mean
 

@@ -12,7 +12,6 @@ Sources:
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 
@@ -20,7 +19,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from hbt_accel.data import raw_corpora
 from hbt_accel.data.cache import file_fingerprint, open_or_build
+from hbt_accel.data.jsonl import iter_jsonl
 from hbt_accel.data.languages import LANGUAGE_NAMES, validate_language
 from hbt_accel.data.lareqa import (
     is_lareqa_name,
@@ -46,8 +47,6 @@ def load_training_corpus(
     cache_dir: str = "",
 ) -> CorpusStore:
     """One `train_data` entry -> its store (converted on first use, re-opened from the cache after)."""
-    from hbt_accel.data import raw_corpora
-
     if raw_corpora.is_raw_spec(source):
         return raw_corpora.load(source, cache_dir)
     path = Path(source).expanduser()
@@ -172,33 +171,6 @@ def _arrow_file_batches(path: Path) -> Iterator[tuple[int, pa.RecordBatch]]:
     for batch in batches:
         yield start, batch
         start += len(batch)
-
-
-def iter_jsonl(path: str | Path) -> Iterator[tuple[dict, str]]:
-    """(row, "file:line") for each non-blank line of a JSON-lines file (.jsonl or .jsonl.gz); bad JSON names the
-    file and line."""
-    import gzip
-
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: file not found")
-    opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rb") as handle:  # bytes, so a bad encoding is reported with its line
-        for line_no, raw in enumerate(handle, 1):
-            where = f"{path}:{line_no}"
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as error:
-                raise DataError(f"{where}: not UTF-8 text (byte {raw[error.start]:#04x} at column {error.start + 1})")
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise DataError(f"{where}: not valid JSON ({error.msg})") from None
-            if not isinstance(row, dict):
-                raise DataError(f"{where}: expected a JSON object per line")
-            yield row, where
 
 
 def row_from_mapping(row: Mapping, where: str, rename: Mapping[str, str] | None = None) -> dict:
