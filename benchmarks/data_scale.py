@@ -76,7 +76,12 @@ def write_corpus(path: Path, rows: int, seed: int = 0) -> Path:
 # Measurements, each in its own process (`--measure`), API-compatible with the in-memory code
 # =====================================================================================================================
 def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+    """This process's peak resident memory (VmHWM). Not ru_maxrss: Linux carries that across exec, so a child
+    would report at least its parent's peak."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024  # kB
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def measure_load(source: str) -> dict:

@@ -75,64 +75,76 @@ def is_monolingual_batch(rows: Sequence[BatchRow]) -> bool:
 
 
 class _EpochCursor:
-    """Ids of one corpus in this epoch's order, with one read pointer per eligibility list (lazy deletion)."""
+    """One corpus's ids in this epoch's order, with one read pointer per eligibility key ("*", "multi", or a
+    language): a key's list is the epoch order filtered by that key, walked lazily (lazy deletion of used ids)."""
 
-    def __init__(self, lists: Mapping[str, np.ndarray], num_ids: int):
-        self.lists = lists  # key ("*", "multi", or a language) -> id indices in epoch order
-        self.pointer = dict.fromkeys(lists, 0)
-        self.used = np.zeros(num_ids, dtype=bool)
+    SCAN = 4096  # ids looked at per step of a walk
+
+    def __init__(self, order: np.ndarray, corpus_ids: _CorpusIds):
+        self.order, self.corpus_ids = order, corpus_ids
+        self.pointer: dict[str, int] = {}
+        self.used = np.zeros(len(corpus_ids.language_mask), dtype=bool)
 
     def take(self, key: str, count: int, rng: np.random.Generator) -> list[int]:
-        candidates, taken = self.lists[key], []
-        position = self.pointer[key]
-        while len(taken) < count and position < len(candidates):
-            example_index = int(candidates[position])
-            position += 1
-            if not self.used[example_index]:
-                taken.append(example_index)
+        taken: list[int] = []
+        position = self.pointer.get(key, 0)
+        while len(taken) < count and position < len(self.order):
+            block = self.order[position : position + self.SCAN]
+            free = self.corpus_ids.eligible(key, block) & ~self.used[block]
+            found = np.flatnonzero(free)[: count - len(taken)]
+            taken += block[found].tolist()
+            # a full take stops just after its last id; otherwise the whole block was looked at
+            position += int(found[-1]) + 1 if len(taken) == count else len(block)
         self.pointer[key] = position
         self.used[taken] = True
         if len(taken) < count:  # this list is spent for the epoch: top up with already-seen ids, still distinct
+            candidates = self.order[self.corpus_ids.eligible(key, self.order)]
             pool = candidates[~np.isin(candidates, taken)]
             taken += [int(pool[k]) for k in rng.choice(len(pool), size=count - len(taken), replace=False)]
         return taken
 
 
 class _CorpusIds:
-    """The integer view of one corpus the sampler needs, after the language restriction.
+    """The integer view of one corpus the sampler needs, after the language restriction: a few bytes per id.
 
     ids: id indices with at least one training language, in corpus order; language_mask: (num_ids,) uint64 bitmask
-    of each id's training languages (bit k = corpus language k); by_language: language -> id indices."""
+    of each id's training languages (bit k = corpus language k); language_count: (num_ids,) int8; id_count:
+    language -> how many ids have it."""
 
     def __init__(self, corpus: CorpusStore, restrict: set[str] | None):
         self.corpus = corpus
         self.languages = list(corpus.languages)  # sorted codes: bit k is languages[k]
         if len(self.languages) > 64:
             raise SamplingError(f"{corpus.name}: {len(self.languages)} languages; the sampler handles at most 64")
-        allowed = np.array([restrict is None or lang in restrict for lang in self.languages], dtype=bool)
-        row_language = np.asarray(corpus.row_language)
-        kept = allowed[row_language]  # (rows,)
-        bits = np.where(kept, np.left_shift(np.uint64(1), row_language.astype(np.uint64)), np.uint64(0))
         starts = np.asarray(corpus.id_offsets[:-1])
-        self.language_mask = np.bitwise_or.reduceat(bits, starts) if len(bits) else np.zeros(0, np.uint64)
-        self.language_count = np.add.reduceat(kept.astype(np.int64), starts) if len(bits) else np.zeros(0, int)
+        row_language = np.asarray(corpus.row_language)
+        self.language_mask = np.zeros(corpus.num_ids, dtype=np.uint64)
+        self.language_count = np.zeros(corpus.num_ids, dtype=np.int8)
+        self.id_count: dict[str, int] = {}
+        for k, language in enumerate(self.languages):
+            if restrict is not None and language not in restrict:
+                continue
+            has = np.logical_or.reduceat(row_language == k, starts) if corpus.num_ids else np.zeros(0, bool)
+            self.language_mask |= has.astype(np.uint64) << np.uint64(k)
+            self.language_count += has
+            if has.any():
+                self.id_count[language] = int(has.sum())
         self.ids = np.flatnonzero(self.language_count > 0)
-        self.xy_ids = np.flatnonzero(self.language_count >= 2)
-        self.by_language = {
-            lang: np.flatnonzero(self.language_mask & np.uint64(1 << k))
-            for k, lang in enumerate(self.languages)
-            if allowed[k]
-        }
-        self.by_language = {lang: ids for lang, ids in self.by_language.items() if len(ids)}
+        self.num_xy_ids = int(np.count_nonzero(self.language_count >= 2))
 
     def languages_of(self, example_index: int) -> list[str]:
         """The id's training languages, sorted."""
         mask = int(self.language_mask[example_index])
         return [lang for k, lang in enumerate(self.languages) if mask >> k & 1]
 
-    def has(self, language: str) -> np.ndarray:
-        """(num_ids,) bool: which ids have `language`."""
-        return (self.language_mask & np.uint64(1 << self.languages.index(language))) != 0
+    def eligible(self, key: str, ids: np.ndarray) -> np.ndarray:
+        """(len(ids),) bool: which of `ids` belong to the list `key` ("*", "multi" = 2+ languages, a language)."""
+        if key == "*":
+            return np.ones(len(ids), dtype=bool)
+        if key == "multi":
+            return self.language_count[ids] >= 2
+        bit = np.uint64(1 << self.languages.index(key))
+        return (self.language_mask[ids] & bit) != 0
 
 
 class HybridBatchSampler:
@@ -186,7 +198,7 @@ class HybridBatchSampler:
             restrict = {en_en_language}
         self._ids = [_CorpusIds(corpus, restrict) for corpus in self.corpora]
         if restrict:
-            present = {lang for ids in self._ids for lang in ids.by_language}
+            present = {lang for ids in self._ids for lang in ids.id_count}
             missing = sorted(restrict - present)
             if missing:
                 raise SamplingError(f"train_languages/en_en_language: no training data in {', '.join(missing)}")
@@ -205,12 +217,12 @@ class HybridBatchSampler:
     # ---- set-up -----------------------------------------------------------------------------------------------
     def _xx_languages(self, corpus_index: int) -> list[str]:
         """Languages with enough ids for a whole monolingual global batch."""
-        by_language = self._ids[corpus_index].by_language
-        return sorted(lang for lang, ids in by_language.items() if len(ids) >= self.global_batch_size)
+        id_count = self._ids[corpus_index].id_count
+        return sorted(lang for lang, count in id_count.items() if count >= self.global_batch_size)
 
     def _is_parallel(self, corpus_index: int) -> bool:
         """Whether a corpus can give X-Y batches: a global batch of ids present in 2+ languages."""
-        return len(self._ids[corpus_index].xy_ids) >= self.global_batch_size
+        return self._ids[corpus_index].num_xy_ids >= self.global_batch_size
 
     def _answers_per_row(self, answers_per_query: int) -> int:
         """Passages of a row's answer: 1, or for multilingual the most languages a row can bring (a fixed width, so
@@ -222,7 +234,7 @@ class HybridBatchSampler:
 
     def corpus_languages(self, corpus_index: int) -> list[str]:
         """The training languages of one corpus (after `languages` / en_en restrictions)."""
-        return sorted(self._ids[corpus_index].by_language)
+        return sorted(self._ids[corpus_index].id_count)
 
     @property
     def xx_share(self) -> float:
@@ -257,14 +269,14 @@ class HybridBatchSampler:
                 kind = "multilingual" if self.strategy == "multilingual" else "X-Y"
                 raise SamplingError(
                     f"sampling: {kind} batches of {size} need {size}+ ids present in 2+ languages; {corpus.name} has "
-                    f"{len(self._ids[index].xy_ids)} (use sampling xx or hybrid with a parallel corpus beside it)"
+                    f"{self._ids[index].num_xy_ids} (use sampling xx or hybrid with a parallel corpus beside it)"
                 )
 
     def _target_share(self, weights: Mapping[str, float] | None, tau: float) -> dict[str, float]:
         counts: dict[str, int] = {}
         for corpus_ids in self._ids:
-            for lang, ids in corpus_ids.by_language.items():
-                counts[lang] = counts.get(lang, 0) + len(ids)
+            for lang, count in corpus_ids.id_count.items():
+                counts[lang] = counts.get(lang, 0) + count
         if weights:
             unknown = sorted(set(weights) - set(counts))
             if unknown:
@@ -302,10 +314,7 @@ class HybridBatchSampler:
         cursors = []
         for corpus_ids in self._ids:
             order = corpus_ids.ids[epoch_rng.permutation(len(corpus_ids.ids))]  # id indices in epoch order
-            lists = {"*": order, "multi": order[corpus_ids.language_count[order] >= 2]}
-            for lang in corpus_ids.by_language:
-                lists[lang] = order[corpus_ids.has(lang)[order]]
-            cursors.append(_EpochCursor(lists, len(corpus_ids.language_mask)))
+            cursors.append(_EpochCursor(order, corpus_ids))
         for batch_index in range(self.batches_per_epoch):
             rng = np.random.default_rng([self.seed, epoch, batch_index])
             corpus_index = int(rng.choice(len(self.corpora), p=self.corpus_probability))
@@ -359,8 +368,7 @@ class HybridBatchSampler:
         """
         corpus_ids = self._ids[corpus_index]
         languages = [lang for lang in corpus_ids.languages_of(example_index) if lang != exclude]
-        by_language = corpus_ids.by_language
-        weights = np.array([self.target_share[lang] / len(by_language[lang]) for lang in languages])
+        weights = np.array([self.target_share[lang] / corpus_ids.id_count[lang] for lang in languages])
         weights = weights + 1e-12  # a zero-weight language may still be needed to make a pair
         picked = rng.choice(len(languages), size=count, replace=False, p=weights / weights.sum())
         return [languages[k] for k in picked]
