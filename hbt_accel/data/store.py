@@ -307,24 +307,24 @@ class StoreWriter:
             handle.close()
         if self.num_rows == 0:
             raise DataError(f"{self.name}: no training examples found")
-        raw = {key: np.fromfile(self.folder / f"{key}.tmp.bin", dtype=_RAW_ROW_ARRAYS[key]) for key in self._raw}
+        # memory-mapped, and each output written before the next is made: the peak is a few arrays of one row each
+        raw = {key: _map(self.folder / f"{key}.tmp.bin", kind) for key, kind in _RAW_ROW_ARRAYS.items()}
         id_of_row, ids = self._id_indices()
         languages = sorted(self._language_codes)
         to_sorted = np.empty(len(languages), dtype=np.int16)
         to_sorted[[self._language_codes[code] for code in languages]] = np.arange(len(languages), dtype=np.int16)
         language = to_sorted[raw["language"]]
-        order = _last_row_per_pair(id_of_row, language)
+        order = _last_row_per_pair(id_of_row, language, len(languages))
+        np.save(self.folder / "id_offsets.npy", np.searchsorted(id_of_row[order], np.arange(len(ids) + 1)))
+        del id_of_row
+        np.save(self.folder / "row_language.npy", language[order])
+        del language
+        for name, key in (("row_query", "query"), ("row_positive", "positive")):
+            np.save(self.folder / f"{name}.npy", raw[key][order])
         negative_offsets, negative_texts = _regroup(raw["negative_count"], raw["negative_text"], order)
-        arrays = {
-            "id_offsets": np.searchsorted(id_of_row[order], np.arange(len(ids) + 1)).astype(np.int64),
-            "row_language": language[order],
-            "row_query": raw["query"][order],
-            "row_positive": raw["positive"][order],
-            "negative_offsets": negative_offsets,
-            "negative_texts": negative_texts,
-        }
-        for name, values in arrays.items():
-            np.save(self.folder / f"{name}.npy", values)
+        np.save(self.folder / "negative_offsets.npy", negative_offsets)
+        np.save(self.folder / "negative_texts.npy", negative_texts)
+        del raw, negative_offsets, negative_texts
         _write_column(self.folder / "ids.arrow", "id", ids)
         for temporary in self.folder.glob("*.tmp.*"):
             temporary.unlink()
@@ -332,7 +332,7 @@ class StoreWriter:
             "name": self.name,
             "languages": languages,
             "ids": len(ids),
-            "rows": int(len(order)),
+            "rows": len(order),
             "texts": self.num_texts,
             "source": source,
         }
@@ -343,7 +343,8 @@ class StoreWriter:
         """(per row its id index, the distinct ids): indices in order of first appearance, as a dict would give."""
         with pa.memory_map(str(self.folder / "row_ids.tmp.arrow")) as source:
             column = pa.ipc.open_file(source).read_all().column(0).combine_chunks()
-        encoded = pc.dictionary_encode(column)
+            encoded = pc.dictionary_encode(column)
+            del column
         return encoded.indices.to_numpy(zero_copy_only=False).astype(np.int64), encoded.dictionary
 
 
@@ -356,12 +357,18 @@ _RAW_ROW_ARRAYS = {
 }
 
 
-def _last_row_per_pair(id_of_row: np.ndarray, language: np.ndarray) -> np.ndarray:
+def _map(path: Path, kind) -> np.ndarray:
+    return np.memmap(path, dtype=kind, mode="r") if path.stat().st_size else np.zeros(0, dtype=kind)
+
+
+def _last_row_per_pair(id_of_row: np.ndarray, language: np.ndarray, num_languages: int) -> np.ndarray:
     """Row numbers sorted by (id, language), keeping only the last row written for each pair."""
-    order = np.lexsort((np.arange(len(id_of_row)), language, id_of_row))  # stable: later rows last within a pair
-    key_id, key_language = id_of_row[order], language[order]
+    pair = id_of_row * num_languages + language  # (rows,) int64: one sort key
+    order = np.argsort(pair, kind="stable")  # stable: later rows last within a pair
+    sorted_pair = pair[order]
+    del pair
     last = np.ones(len(order), dtype=bool)
-    last[:-1] = (key_id[1:] != key_id[:-1]) | (key_language[1:] != key_language[:-1])
+    last[:-1] = sorted_pair[1:] != sorted_pair[:-1]
     return order[last]
 
 
