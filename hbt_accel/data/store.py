@@ -383,27 +383,41 @@ def _regroup(counts: np.ndarray, texts: np.ndarray, order: np.ndarray) -> tuple[
 
 
 class _IpcWriter:
-    """One string column appended batch by batch to an Arrow IPC file."""
+    """One string column appended to an Arrow IPC file, in record batches of about FLUSH_BYTES: few batches, so
+    opening the file touches few pages (each batch's metadata is read at open)."""
+
+    FLUSH_BYTES = 64 << 20
 
     def __init__(self, path: Path, column: str):
         self.schema = pa.schema([(column, pa.string())])
         self.sink = pa.OSFile(str(path), "wb")
         self.writer = pa.ipc.new_file(self.sink, self.schema)
+        self.pending: list[pa.Array] = []
+        self.pending_bytes = 0
 
     def write(self, array) -> None:
         array = _array(array)
         if array.type != pa.string():
             array = array.cast(pa.string())
-        self.writer.write_batch(pa.record_batch([array], schema=self.schema))
+        self.pending.append(array)
+        self.pending_bytes += array.nbytes
+        if self.pending_bytes >= self.FLUSH_BYTES:
+            self._flush()
+
+    def _flush(self) -> None:
+        if self.pending:
+            self.writer.write_batch(pa.record_batch([pa.concat_arrays(self.pending)], schema=self.schema))
+        self.pending, self.pending_bytes = [], 0
 
     def close(self) -> None:
+        self._flush()
         self.writer.close()
         self.sink.close()
 
 
 def _write_column(path: Path, column: str, values: pa.Array) -> None:
     writer = _IpcWriter(path, column)
-    for start in range(0, len(values), 1 << 20):  # chunks of 1M: a string chunk must stay under 2 GB
+    for start in range(0, len(values), 1 << 20):  # slices of 1M strings: a batch must stay under 2 GB
         writer.write(values.slice(start, 1 << 20))
     if len(values) == 0:
         writer.write(pa.array([], pa.string()))
