@@ -104,32 +104,39 @@ class _EpochCursor:
         return taken
 
 
+def _mask_type(languages: int) -> type:
+    """The narrowest unsigned integer with a bit per language."""
+    return next(kind for kind in (np.uint8, np.uint16, np.uint32, np.uint64) if np.iinfo(kind).bits >= languages)
+
+
 class _CorpusIds:
     """The integer view of one corpus the sampler needs, after the language restriction: a few bytes per id.
 
-    ids: id indices with at least one training language, in corpus order; language_mask: (num_ids,) uint64 bitmask
-    of each id's training languages (bit k = corpus language k); language_count: (num_ids,) int8; id_count:
-    language -> how many ids have it."""
+    ids: id indices with at least one training language, in corpus order; language_mask: (num_ids,) bitmask of each
+    id's training languages (bit k = corpus language k; uint8 up to 8 languages); language_count: (num_ids,) int8;
+    id_count: language -> how many ids have it."""
 
     def __init__(self, corpus: CorpusStore, restrict: set[str] | None):
         self.corpus = corpus
         self.languages = list(corpus.languages)  # sorted codes: bit k is languages[k]
         if len(self.languages) > 64:
             raise SamplingError(f"{corpus.name}: {len(self.languages)} languages; the sampler handles at most 64")
-        starts = np.asarray(corpus.id_offsets[:-1])
-        row_language = np.asarray(corpus.row_language)
-        self.language_mask = np.zeros(corpus.num_ids, dtype=np.uint64)
+        self.language_mask = np.zeros(corpus.num_ids, dtype=_mask_type(len(self.languages)))
         self.language_count = np.zeros(corpus.num_ids, dtype=np.int8)
-        self.id_count: dict[str, int] = {}
-        for k, language in enumerate(self.languages):
-            if restrict is not None and language not in restrict:
-                continue
-            has = np.logical_or.reduceat(row_language == k, starts) if corpus.num_ids else np.zeros(0, bool)
-            self.language_mask |= has.astype(np.uint64) << np.uint64(k)
-            self.language_count += has
-            if has.any():
-                self.id_count[language] = int(has.sum())
-        self.ids = np.flatnonzero(self.language_count > 0)
+        wanted = [k for k, lang in enumerate(self.languages) if restrict is None or lang in restrict]
+        for first_id, end_id, first_row, end_row in corpus.id_blocks():  # blocks: small temporaries at any size
+            language = np.asarray(corpus.row_language[first_row:end_row])
+            starts = np.asarray(corpus.id_offsets[first_id:end_id]) - first_row
+            for k in wanted:
+                has = np.logical_or.reduceat(language == k, starts)
+                self.language_mask[first_id:end_id] |= has.astype(self.language_mask.dtype) << k
+                self.language_count[first_id:end_id] += has
+        self.id_count = {}
+        for k in wanted:
+            count = int(np.count_nonzero(self.language_mask & self._bit(k)))
+            if count:
+                self.id_count[self.languages[k]] = count
+        self.ids = np.flatnonzero(self.language_count > 0).astype(np.int32)  # < 2**31 ids: half the memory
         self.num_xy_ids = int(np.count_nonzero(self.language_count >= 2))
 
     def languages_of(self, example_index: int) -> list[str]:
@@ -143,8 +150,10 @@ class _CorpusIds:
             return np.ones(len(ids), dtype=bool)
         if key == "multi":
             return self.language_count[ids] >= 2
-        bit = np.uint64(1 << self.languages.index(key))
-        return (self.language_mask[ids] & bit) != 0
+        return (self.language_mask[ids] & self._bit(self.languages.index(key))) != 0
+
+    def _bit(self, k: int):
+        return self.language_mask.dtype.type(1 << k)
 
 
 class HybridBatchSampler:

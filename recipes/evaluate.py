@@ -4,6 +4,9 @@
     python recipes/evaluate.py --model embedded --benchmark xquad-r --bf16 false --output_dir /tmp/ev_fp32
     python recipes/evaluate.py --model runs/default/final --benchmark mlqa-r --languages en,de,zh --max_queries 200
     python recipes/evaluate.py --model embedded --benchmark /data/miracl-sw   # corpus.jsonl, queries.jsonl, qrels/
+    python recipes/evaluate.py --model runs/a/final --benchmark /data/miracl --languages sw,te --split dev
+    python recipes/evaluate.py --model embedded --benchmark /data/mkqa.jsonl.gz --corpus /data/beir/nq --languages de
+    python recipes/evaluate.py --model embedded --benchmark /data/mrtydi   # Pyserini's topics/ + qrels/ + corpus
     python recipes/evaluate.py --run_dir runs/default          # every checkpoint-* without eval_results.json yet
     python recipes/evaluate.py --model runs/a --bootstrap 1000 --output_dir runs/a/eval    # + 95% CIs, per_query.npz
     python recipes/evaluate.py --model runs/b --bootstrap 1000 --baseline runs/a/eval/per_query.npz  # b minus a
@@ -55,6 +58,16 @@ class EvaluateArguments:
         default="", metadata={"help": "per_query.npz of another model on the same questions: paired difference"}
     )
     beir_split: str = field(default="test", metadata={"help": "BEIR folders: which qrels/<split>.tsv"})
+    split: str = field(
+        default="",
+        metadata={"help": "MIRACL (dev, test-a), Mr. TyDi and MLDR (test, dev): the split; empty = default"},
+    )
+    corpus: str = field(
+        default="", metadata={"help": "the corpus folder where it lives apart: MIRACL's corpus, MKQA's BEIR corpus"}
+    )
+    cache_dir: str = field(
+        default="", metadata={"help": "passage stores and embeddings of large benchmarks; empty = the corpus cache"}
+    )
     beir_index: str = field(
         default="flat", metadata={"help": "BEIR folders: faiss index", "choices": ("flat", "ivf", "hnsw")}
     )
@@ -133,11 +146,15 @@ def evaluate_model(args: EvaluateArguments, model: str, output_dir: Path | None,
     from hbt_accel.evaluation import encode_benchmark, print_report, save_encoded, score_encoded, write_reports
     from hbt_accel.evaluation.beir import evaluate_beir, is_beir_folder
     from hbt_accel.evaluation.grid import PER_QUERY_FILE
+    from hbt_accel.evaluation.published import recognised_kind
     from hbt_accel.modeling import DualEncoder
 
     # ---- data first: a bad language or file fails before the model is loaded
-    beir = is_beir_folder(args.benchmark)
-    if not beir:
+    published = recognised_kind(args.benchmark) not in (None, "beir")
+    if published:
+        tasks_found = load_published(args)  # reads topics and qrels: a bad file fails here
+    beir = not published and is_beir_folder(args.benchmark)
+    if not beir and not published:
         benchmark = load_lareqa_benchmark(
             args.benchmark, languages=args.languages or None, data_dir=args.data_dir or None
         )
@@ -151,6 +168,21 @@ def evaluate_model(args: EvaluateArguments, model: str, output_dir: Path | None,
         raise DataError(f"{model}: cannot load the model ({str(error).strip().splitlines()[0]})") from None
     if accelerator is not None:
         encoder.to(accelerator.device)
+
+    # ---- a benchmark in its published layout, at any corpus size
+    if published:
+        from hbt_accel.embedded import resolve_model_path
+        from hbt_accel.evaluation.at_scale import model_key, score_task
+
+        key = model_key(resolve_model_path(model), encoder, args.bf16)
+        options = {"cache_dir": args.cache_dir, "batch_size": args.batch_size, "bf16": args.bf16}
+        tasks = [score_task(encoder, task, key, accelerator=accelerator, **options) for task in tasks_found]
+        results = published_results(tasks_found, tasks, model)
+        if is_main:
+            print(json.dumps(results, indent=2))
+            if output_dir is not None:
+                print(f"wrote {write_reports(results, output_dir)['json']}")
+        return results
 
     # ---- BEIR-style folder
     if beir:
@@ -183,6 +215,25 @@ def evaluate_model(args: EvaluateArguments, model: str, output_dir: Path | None,
                 paths["per_query"] = per_query[0].save(output_dir / PER_QUERY_FILE)
             print("wrote " + ", ".join(str(p) for p in paths.values()))
     return results
+
+
+def load_published(args: EvaluateArguments) -> list:
+    from hbt_accel.evaluation.published import load_task
+
+    languages = args.languages or [None]
+    split, corpus = args.split or None, args.corpus or None
+    return [
+        task for lang in languages for task in load_task(args.benchmark, language=lang, split=split, corpus=corpus)
+    ]
+
+
+def published_results(tasks: list, scored: list[dict], model: str) -> dict:
+    """Per-task results (each with its protocol) and the macro average over tasks of every metric."""
+    from hbt_accel.evaluation.published import macro_average
+
+    metrics = [{name: result[name] for name in task.metrics} for task, result in zip(tasks, scored)]
+    return {"model": model, "benchmark": scored[0]["protocol"]["benchmark"], "macro_average": macro_average(metrics),
+            "tasks": scored}  # fmt: skip
 
 
 def add_statistics(results: dict, scores, args: EvaluateArguments) -> None:

@@ -208,3 +208,22 @@ def test_multilingual_needs_parallel_ids_and_a_sensible_width(tiny):
         HybridBatchSampler(tiny(True), "multilingual", 4, answers_per_query=1)
     sampler = HybridBatchSampler(tiny(True), "multilingual", 4, answers_per_query=5)
     assert sampler.answers_per_row == 2  # capped at the most languages an id has
+
+
+def test_blockwise_id_scan_equals_the_whole_scan(mlqa, monkeypatch):
+    """The sampler and the summary read rows in id blocks (small temporaries at any size): tiny blocks must give
+    the same batches and counts as one block."""
+    whole = global_batches(mlqa, "hybrid", epochs=2, languages=["en", "de", "ar", "zh"])
+    from rich.console import Console
+
+    def render(store):
+        console = Console(width=120, record=True)
+        console.print(store.summary_table())
+        return console.export_text()
+
+    whole_table = render(mlqa)
+    scan = CorpusStore.id_blocks
+    monkeypatch.setattr(CorpusStore, "id_blocks", lambda self, max_rows=0: scan(self, 37))
+    assert len(list(mlqa.id_blocks())) > 100
+    assert global_batches(mlqa, "hybrid", epochs=2, languages=["en", "de", "ar", "zh"]) == whole
+    assert render(mlqa) == whole_table

@@ -142,23 +142,37 @@ class CorpusStore:
         start = int(self._negative_offsets[row])
         return self._texts.get(self._negative_texts[start + np.asarray(picks, dtype=np.int64)])
 
+    def id_blocks(self, max_rows: int = 1 << 22):
+        """(first id, end id, first row, end row) of consecutive id ranges of about `max_rows` rows: per-row work in
+        blocks keeps its temporary arrays small whatever the corpus size."""
+        first_id = 0
+        while first_id < self.num_ids:
+            target = int(self.id_offsets[first_id]) + max_rows
+            end_id = max(first_id + 1, int(np.searchsorted(self.id_offsets, target, side="right")) - 1)
+            end_id = min(end_id, self.num_ids)
+            yield first_id, end_id, int(self.id_offsets[first_id]), int(self.id_offsets[end_id])
+            first_id = end_id
+
     def summary_table(self):
         """A rich table: pairs per language and how many ids exist in 2+ languages."""
         from rich.table import Table
 
-        per_id = np.diff(self.id_offsets)
+        pairs = np.zeros(len(self.languages), dtype=np.int64)
+        shared = np.zeros(len(self.languages), dtype=np.int64)
+        multilingual_ids = 0
+        for first_id, end_id, first_row, end_row in self.id_blocks():
+            language = np.asarray(self.row_language[first_row:end_row])
+            per_id = np.diff(self.id_offsets[first_id : end_id + 1])
+            pairs += np.bincount(language, minlength=len(self.languages))
+            shared += np.bincount(language[np.repeat(per_id >= 2, per_id)], minlength=len(self.languages))
+            multilingual_ids += int(np.count_nonzero(per_id >= 2))
         table = Table(title=f"{self.name}: {self.num_ids:,} ids, {self.num_pairs:,} pairs")
         table.add_column("language")
         table.add_column("pairs", justify="right")
         table.add_column("ids also in another language", justify="right")
-        multilingual_rows = np.repeat(per_id >= 2, per_id)
-        language = np.asarray(self.row_language)
         for code, name in enumerate(self.languages):
-            in_language = language == code
-            shared = int(np.count_nonzero(in_language & multilingual_rows))
-            label = f"{name} ({LANGUAGE_NAMES[name]})"
-            table.add_row(label, f"{int(in_language.sum()):,}", f"{shared:,}")
-        table.add_row("all", f"{self.num_pairs:,}", f"{int((per_id >= 2).sum()):,} ids in 2+ languages")
+            table.add_row(f"{name} ({LANGUAGE_NAMES[name]})", f"{int(pairs[code]):,}", f"{int(shared[code]):,}")
+        table.add_row("all", f"{self.num_pairs:,}", f"{multilingual_ids:,} ids in 2+ languages")
         return table
 
     def describe(self) -> dict:

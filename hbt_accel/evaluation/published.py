@@ -407,6 +407,14 @@ def load_task(
     return LOADERS[kind](root, language or folder_language, split, corpus_path)
 
 
+def recognised_kind(path: str) -> str | None:
+    """The benchmark whose published layout `path` has (miracl, mrtydi, mldr, mkqa, beir), or None."""
+    try:
+        return _recognise(Path(path).expanduser())[0] if Path(path).expanduser().exists() else None
+    except DataError:
+        return None
+
+
 def _recognise(root: Path) -> tuple[str, Path, str | None]:
     """(kind, the folder or file it reads from, the language a per-language folder implies)."""
     if root.is_file():

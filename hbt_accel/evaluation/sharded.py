@@ -79,6 +79,10 @@ class PassageStore:
     def docids(self, indices: Iterable[int]) -> list[str]:
         return self._docids.get(indices)
 
+    def texts_at(self, indices: Iterable[int]) -> list[str]:
+        """The texts of the given rows (a search's hits)."""
+        return self._texts.get(indices)
+
 
 def open_passages(
     name: str,
