@@ -75,6 +75,13 @@ def write_corpus(path: Path, rows: int, seed: int = 0) -> Path:
 # =====================================================================================================================
 # Measurements, each in its own process (`--measure`), API-compatible with the in-memory code
 # =====================================================================================================================
+def memory_now_mb() -> dict:
+    """Resident memory now, split into anonymous (this process's own) and file-backed (mapped files: shared)."""
+    wanted = ("RssAnon", "RssFile", "RssShmem")
+    lines = Path("/proc/self/status").read_text().splitlines()
+    return {line.split(":")[0]: int(line.split()[1]) / 1024 for line in lines if line.startswith(wanted)}
+
+
 def peak_rss_mb() -> float:
     """This process's peak resident memory (VmHWM). Not ru_maxrss: Linux carries that across exec, so a child
     would report at least its parent's peak."""
@@ -154,9 +161,20 @@ def launch_worker(source: str, model: str, out_dir: str) -> None:
         loss = step(session, batch)
         if not first_step_end:
             first_step_end.append(time.time())
+            stages["peak_rss_mb_after_first_step"] = peak_rss_mb()
         return loss
 
     train.train_step = timed_step
+    stages: dict[str, float] = {}
+    load_data = train.load_data
+
+    def measured_load_data(*args, **kwargs):
+        stages["peak_rss_mb_before_data"] = peak_rss_mb()
+        loaded = load_data(*args, **kwargs)
+        stages["peak_rss_mb_after_data"] = peak_rss_mb()
+        return loaded
+
+    train.load_data = measured_load_data
     cfg = HbtConfig(
         model_name_or_path=model,
         train_data=[source],
@@ -171,7 +189,8 @@ def launch_worker(source: str, model: str, out_dir: str) -> None:
     )
     train.train(cfg)
     rank = int(os.environ.get("RANK", 0))
-    record = {"first_step_seconds": first_step_end[0] - launched, "peak_rss_mb": peak_rss_mb()}
+    record = {"first_step_seconds": first_step_end[0] - launched, "peak_rss_mb": peak_rss_mb(), **memory_now_mb()}
+    record |= stages
     (Path(out_dir) / f"rank{rank}.json").write_text(json.dumps(record))
 
 
@@ -216,6 +235,10 @@ def run_launch(source: str, code: Path, cache: Path, work: Path, model: Path) ->
         "first_step_seconds": max(r["first_step_seconds"] for r in ranks),
         "peak_rss_mb_per_process": max(r["peak_rss_mb"] for r in ranks),
         "peak_rss_mb_by_rank": [round(r["peak_rss_mb"], 1) for r in ranks],
+        "rss_at_end_mb_by_rank": [{key: round(r[key], 1) for key in ("RssAnon", "RssFile")} for r in ranks],
+        "peak_rss_mb_by_stage_by_rank": [
+            {key: round(r[key], 1) for key in r if key.startswith("peak_rss_mb_")} for r in ranks
+        ],
     }
 
 

@@ -65,6 +65,9 @@ class EvaluateArguments:
     corpus: str = field(
         default="", metadata={"help": "the corpus folder where it lives apart: MIRACL's corpus, MKQA's BEIR corpus"}
     )
+    chunk_rows: int = field(
+        default=16384, metadata={"help": "large benchmarks: passages per embedding file (the unit of resume)"}
+    )
     cache_dir: str = field(
         default="", metadata={"help": "passage stores and embeddings of large benchmarks; empty = the corpus cache"}
     )
@@ -79,6 +82,8 @@ class EvaluateArguments:
             raise ConfigError(f"--max_queries: got {self.max_queries}, expected 0 (all) or a positive integer")
         if self.save_embeddings and not self.output_dir:
             raise ConfigError("--save_embeddings needs --output_dir")
+        if self.chunk_rows < 1:
+            raise ConfigError(f"--chunk_rows: got {self.chunk_rows}, expected a positive number of passages")
         if self.bootstrap < 0:
             raise ConfigError(f"--bootstrap: got {self.bootstrap}, expected 0 (off) or a number of resamples (1000)")
         if self.baseline and self.bootstrap == 0:
@@ -176,6 +181,7 @@ def evaluate_model(args: EvaluateArguments, model: str, output_dir: Path | None,
 
         key = model_key(resolve_model_path(model), encoder, args.bf16)
         options = {"cache_dir": args.cache_dir, "batch_size": args.batch_size, "bf16": args.bf16}
+        options["chunk_rows"] = args.chunk_rows
         tasks = [score_task(encoder, task, key, accelerator=accelerator, **options) for task in tasks_found]
         results = published_results(tasks_found, tasks, model)
         if is_main:

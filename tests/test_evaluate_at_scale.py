@@ -1,0 +1,106 @@
+"""`recipes/evaluate.py --benchmark PATH` on a benchmark in its published layout: the official metric equals a
+brute-force reference, a re-score encodes nothing, and a 2-process launch gives the same numbers."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import ir_measures
+import numpy as np
+import pytest
+from ir_measures import R, nDCG
+
+from tests.conftest import free_port
+
+REPO = Path(__file__).resolve().parents[1]
+WORDS = ["mto", "mlima", "kitabu", "shule", "mvua", "jua", "chakula", "maji", "nyumba", "gari", "mti", "ndege"]
+
+
+def write_miracl_sw(root: Path, passages: int = 90) -> Path:
+    """MIRACL's published layout, one language: topics + TREC qrels (judged 0 and 1) + a gzipped corpus shard."""
+    rng = np.random.default_rng(0)
+    base = root / "miracl-v1.0-sw"
+    (base / "topics").mkdir(parents=True)
+    (base / "qrels").mkdir(parents=True)
+    docs = [
+        {"docid": f"{i // 3}#{i % 3}", "title": f"Makala {i // 3}", "text": " ".join(rng.choice(WORDS, size=12))}
+        for i in range(passages)
+    ]
+    queries = {str(q): " ".join(rng.choice(WORDS, size=4)) for q in range(1, 9)}
+    topics = "".join(f"{qid}\t{text}\n" for qid, text in queries.items())
+    (base / "topics" / "topics.miracl-v1.0-sw-dev.tsv").write_text(topics)
+    qrels = [f"{qid}\tQ0\t{docs[int(qid) * 7 + j]['docid']}\t{int(j < 2)}\n" for qid in queries for j in range(3)]
+    (base / "qrels" / "qrels.miracl-v1.0-sw-dev.tsv").write_text("".join(qrels))
+    corpus = root / "miracl-corpus-v1.0-sw"
+    corpus.mkdir()
+    for shard, part in enumerate((docs[:50], docs[50:])):  # two shards, read in number order
+        with gzip.open(corpus / f"docs-{shard}.jsonl.gz", "wt", encoding="utf-8") as handle:
+            handle.writelines(json.dumps(doc) + "\n" for doc in part)
+    return root
+
+
+def evaluate(args: list[str], launch: bool = False) -> dict:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    command = [sys.executable, str(REPO / "recipes" / "evaluate.py"), *args]
+    if launch:
+        config = ["--config_file", str(REPO / "accelerate_configs" / "cpu_ddp.yaml"), "--main_process_port"]
+        command = [sys.executable, "-m", "accelerate.commands.launch", *config, str(free_port()), *command[1:]]
+    result = subprocess.run(command, capture_output=True, text=True, cwd=REPO, env=env, timeout=600)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    output = Path(args[args.index("--output_dir") + 1])
+    return json.loads((output / "eval_results.json").read_text())
+
+
+def reference(model_dir: Path, root: Path) -> dict[str, float]:
+    """Brute force: every text encoded in one call, passages fp16-rounded like the chunks, scored by ir_measures."""
+    from hbt_accel.evaluation.published import load_task
+    from hbt_accel.modeling import DualEncoder
+
+    task = load_task(str(root), language="sw", split="dev")[0]
+    encoder = DualEncoder.from_pretrained(model_dir)
+    docids, texts = [], []
+    for batch in task.corpus.batches():
+        docids += batch.column("docid").to_pylist()
+        texts += batch.column("text").to_pylist()
+    passages = encoder.encode(texts, "passage", batch_size=64, bf16=False).astype(np.float16).astype(np.float32)
+    queries = encoder.encode([text for _, text in task.queries], "query", batch_size=64, bf16=False)
+    scores = queries @ passages.T  # (Q, N)
+    run = {
+        qid: {docids[j]: float(scores[i, j]) for j in range(len(docids))} for i, (qid, _) in enumerate(task.queries)
+    }
+    measures = ir_measures.calc_aggregate([nDCG @ 10, R @ 100], task.qrels, run)
+    return {"ndcg_at_10": measures[nDCG @ 10], "recall_at_100": measures[R @ 100]}
+
+
+@pytest.mark.distributed
+def test_miracl_layout_scores_like_brute_force_is_cached_and_agrees_under_a_launch(tmp_path, tiny_model_dir):
+    root = write_miracl_sw(tmp_path / "miracl")
+    common = ["--model", str(tiny_model_dir), "--benchmark", str(root), "--languages", "sw", "--split", "dev"]
+    common += ["--bf16", "false", "--chunk_rows", "32", "--cache_dir", str(tmp_path / "cache")]
+    first = evaluate(common + ["--output_dir", str(tmp_path / "one")])
+    task = first["tasks"][0]
+    assert task["task"] == "miracl-sw-dev" and task["n_queries"] == 8
+    assert task["protocol"]["corpus_size"] == 90 and task["protocol"]["precision"] == "fp32"
+    assert task["protocol"]["passage_max_length"] == 128 and task["protocol"]["split"] == "dev"
+    expected = reference(tiny_model_dir, root)
+    for metric, value in expected.items():
+        assert task[metric] == pytest.approx(value, abs=1e-4), metric
+    assert task["encoded_passages"] == 90
+    assert first["macro_average"]["ndcg_at_10"] == pytest.approx(task["ndcg_at_10"])
+
+    again = evaluate(common + ["--output_dir", str(tmp_path / "again")])  # the same checkpoint: nothing encoded
+    assert again["tasks"][0]["encoded_passages"] == 0
+    assert again["tasks"][0]["ndcg_at_10"] == task["ndcg_at_10"]
+
+    launched = common[:-1] + [str(tmp_path / "cache_launch"), "--output_dir", str(tmp_path / "launched")]
+    two = evaluate(launched, launch=True)["tasks"][0]
+    for metric in expected:
+        assert two[metric] == pytest.approx(task[metric], abs=1e-4), metric
+    chunks = sorted((tmp_path / "cache_launch" / "embeddings").glob("*/chunk-*.npy"))
+    assert [np.load(chunk).shape[0] for chunk in chunks] == [32, 32, 26]  # each embedding written once
+    assert two["encoded_passages"] in (64, 26)  # the rank reporting encoded its own chunks only
