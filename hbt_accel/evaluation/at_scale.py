@@ -47,18 +47,26 @@ def score_task(
     accelerator=None,
     chunk_rows: int = 16384,
 ) -> dict:
-    """One task: its metrics, its protocol, how many passages this call encoded and how long it took."""
-    started = time.perf_counter()
+    """One task: its metrics, its protocol, how many passages this call encoded and the seconds of each phase."""
+    clock = [time.perf_counter()]
+
+    def lap() -> float:
+        clock.append(time.perf_counter())
+        return clock[-1] - clock[-2]
+
     identity = {"files": task.corpus.fingerprint(), "format": task.protocol.get("passage_format")}
     passages = open_passages(task.name.rsplit("-", 1)[0], identity, task.corpus.batches, cache_dir, accelerator)
+    store_seconds = lap()
     shards = encode_corpus(
         encoder, passages, key=key, cache_dir=cache_dir, chunk_rows=chunk_rows, batch_size=batch_size, bf16=bf16,
         accelerator=accelerator,
     )  # fmt: skip
-    encoded_at = time.perf_counter()
+    encode_seconds = lap()
     texts = [text for _, text in task.queries]
     queries = encode_texts(encoder, texts, "query", batch_size, bf16, accelerator)  # (Q, d)
+    lap()
     scores, rows = search(shards, queries, k=task.depth, accelerator=accelerator)  # (Q, k) each
+    search_seconds = lap()
     run, row_of = _run(task, passages, scores, rows)
     results = task.score(run, passage_text=lambda doc_ids: passages.texts_at([row_of[d] for d in doc_ids]))
     protocol = task.protocol | {
@@ -73,8 +81,10 @@ def score_task(
         **results,
         "protocol": protocol,
         "encoded_passages": shards.encoded_now,
-        "encode_seconds": encoded_at - started,
-        "seconds": time.perf_counter() - started,
+        "passage_store_seconds": store_seconds,
+        "encode_seconds": encode_seconds,
+        "search_seconds": search_seconds,
+        "seconds": clock[-1] - clock[0] + lap(),
     }
 
 
