@@ -179,7 +179,7 @@ def measure(root: Path, passages: int, processes: int, model: Path, work: Path, 
         "search_seconds": round(first["search_seconds"], 3),
         "first_run_seconds": round(first["seconds"], 2),
         "cached_rerun_seconds": round(again["seconds"], 2),
-        "cached_rerun_encoded_passages": again["encoded_passages"],
+        "cached_rerun_encoded_passages": again["encoded_passages_this_process"],
         "ndcg_at_10": first["ndcg_at_10"],
         "ndcg_at_10_rerun": again["ndcg_at_10"],
     }

@@ -80,7 +80,7 @@ def score_task(
         "task": task.name,
         **results,
         "protocol": protocol,
-        "encoded_passages": shards.encoded_now,
+        "encoded_passages_this_process": shards.encoded_now,
         "passage_store_seconds": store_seconds,
         "encode_seconds": encode_seconds,
         "search_seconds": search_seconds,
