@@ -11,6 +11,15 @@ def did_you_mean(word: str, options: list[str]) -> str:
     return f"; did you mean '{close[0]}'?" if close else ""
 
 
+def require_file(path, expected: str):
+    """`path` if it is a file, else a DataError naming it and what belongs there."""
+    from pathlib import Path
+
+    if not Path(path).is_file():
+        raise DataError(f"{path}: not found (expected {expected})")
+    return path
+
+
 class ConfigError(ValueError):
     """A bad key or value; the message is one line naming the field and what was expected."""
 

@@ -56,7 +56,7 @@ from hbt_accel.data.cache import file_fingerprint, open_or_build
 from hbt_accel.data.jsonl import iter_jsonl
 from hbt_accel.data.languages import CODE_OF_NAME, LANGUAGE_NAMES, language_code
 from hbt_accel.data.store import CorpusStore, StoreWriter
-from hbt_accel.errors import DataError, did_you_mean
+from hbt_accel.errors import DataError, did_you_mean, require_file
 
 RAW_KINDS = ("mmarco", "miracl", "mrtydi", "mldr")
 OPTIONS = {
@@ -149,12 +149,6 @@ def parse_spec(source: str) -> RawSpec:
     return RawSpec(source, kind, Path(path).expanduser(), options)
 
 
-def _require_file(path: Path, expected: str) -> Path:
-    if not path.is_file():
-        raise DataError(f"{path}: not found (expected {expected})")
-    return path
-
-
 def _require_folder(path: Path, expected: str) -> Path:
     if not path.is_dir():
         raise DataError(f"{path}: folder not found (expected {expected})")
@@ -209,16 +203,16 @@ def _load_mmarco(spec: RawSpec, cache_dir: str) -> CorpusStore:
 def _mmarco_files(spec: RawSpec) -> MmarcoFiles:
     root = _require_folder(spec.path, f"mMARCO's data/ folder, holding google/ and {MMARCO_TRIPLES}")
     data = root / "data" if (root / "data").is_dir() and not (root / "google").is_dir() else root
-    triples = _require_file(data / MMARCO_TRIPLES, "mMARCO's training triples, qid<TAB>pos_pid<TAB>neg_pid lines")
+    triples = require_file(data / MMARCO_TRIPLES, "mMARCO's training triples, qid<TAB>pos_pid<TAB>neg_pid lines")
     languages = spec.languages("languages") or _mmarco_languages_present(data)
     collections, queries = {}, {}
     for code in languages:
         name = LANGUAGE_NAMES[code].lower()
-        collections[code] = _require_file(
+        collections[code] = require_file(
             data / "google" / "collections" / f"{name}_collection.tsv",
             f"mMARCO's {LANGUAGE_NAMES[code]} passages, pid<TAB>text lines ({spec.source})",
         )
-        queries[code] = _require_file(
+        queries[code] = require_file(
             data / "google" / "queries" / "train" / f"{name}_queries.train.tsv",
             f"mMARCO's {LANGUAGE_NAMES[code]} training queries, qid<TAB>text lines ({spec.source})",
         )
@@ -394,8 +388,8 @@ def _miracl_files(spec: RawSpec, split: str) -> dict[str, MiraclFiles]:
         topics = base / "topics" / f"topics.miracl-v1.0-{code}-{split}.tsv"
         qrels = base / "qrels" / f"qrels.miracl-v1.0-{code}-{split}.tsv"
         corpus = corpus_root / f"miracl-corpus-v1.0-{code}"
-        _require_file(topics, f"MIRACL's {split} topics, qid<TAB>query lines ({spec.source})")
-        _require_file(qrels, f"MIRACL's {split} qrels, qid<TAB>Q0<TAB>docid<TAB>relevance lines ({spec.source})")
+        require_file(topics, f"MIRACL's {split} topics, qid<TAB>query lines ({spec.source})")
+        require_file(qrels, f"MIRACL's {split} qrels, qid<TAB>Q0<TAB>docid<TAB>relevance lines ({spec.source})")
         shards = sorted(corpus.glob("docs-*.jsonl.gz"), key=_shard_number)
         if not shards:
             raise DataError(f"{corpus}: no docs-*.jsonl.gz shards (expected MIRACL's {code} corpus, {spec.source})")
@@ -547,7 +541,7 @@ def _train_rows_file(spec: RawSpec) -> tuple[Path, str]:
     """(the rows file, its language code): PATH or PATH/train.jsonl.gz; the language from ?language= or the folder."""
     layout = TRAIN_ROWS_LAYOUT[spec.kind]
     path = spec.path / TRAIN_ROWS_FILE if spec.path.is_dir() else spec.path
-    _require_file(path, f"{TRAIN_ROWS_NAME[spec.kind]}'s training rows, {layout}, or its folder ({spec.source})")
+    require_file(path, f"{TRAIN_ROWS_NAME[spec.kind]}'s training rows, {layout}, or its folder ({spec.source})")
     if "language" in spec.options:
         return path, language_code(spec.options["language"], f"{spec.source}: option 'language'")
     match = TRAIN_ROWS_FOLDER[spec.kind].fullmatch(path.parent.name)

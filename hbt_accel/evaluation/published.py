@@ -51,7 +51,7 @@ import pyarrow.compute as pc
 from hbt_accel.data.cache import file_fingerprint
 from hbt_accel.data.languages import LANGUAGE_NAMES, language_code
 from hbt_accel.data.sources import iter_jsonl
-from hbt_accel.errors import DataError, did_you_mean
+from hbt_accel.errors import DataError, did_you_mean, require_file
 from hbt_accel.evaluation.beir import BEIR_MEASURES
 
 Run = Mapping[str, Sequence[tuple[str, float]]]
@@ -455,12 +455,6 @@ def _choose_languages(language: str | None, present: list[str], where: str, what
     return present
 
 
-def _require_file(path: Path, expected: str) -> Path:
-    if not path.is_file():
-        raise DataError(f"{path}: file not found (expected {expected})")
-    return path
-
-
 def _protocol(benchmark: str, split: str, language: str | None, corpus: CorpusSource, **extra) -> dict:
     return {
         "benchmark": benchmark,
@@ -559,8 +553,8 @@ def _load_miracl(root: Path, language: str | None, split: str | None, corpus: Pa
 
 def _miracl_task(root: Path, code: str, split: str, corpus_root: Path) -> RetrievalTask:
     base = root / f"miracl-v1.0-{code}"
-    topics_path = _require_file(base / "topics" / f"topics.miracl-v1.0-{code}-{split}.tsv", "MIRACL topics")
-    qrels_path = _require_file(base / "qrels" / f"qrels.miracl-v1.0-{code}-{split}.tsv", "MIRACL qrels, TREC")
+    topics_path = require_file(base / "topics" / f"topics.miracl-v1.0-{code}-{split}.tsv", "MIRACL topics")
+    qrels_path = require_file(base / "qrels" / f"qrels.miracl-v1.0-{code}-{split}.tsv", "MIRACL qrels, TREC")
     topics = read_topics(topics_path)
     qrels = read_trec_qrels(qrels_path, topics, topics_path)
     source = CorpusSource(_miracl_shards(corpus_root, code))
@@ -609,8 +603,8 @@ def _load_mrtydi(root: Path, language: str | None, split: str | None, corpus: Pa
 def _mrtydi_task(root: Path, code: str, split: str, corpus_root: Path) -> RetrievalTask:
     stem = f"topics.mrtydi-v1.1-{code}.{split}.txt"
     topics_path = root / "topics" / f"{stem}.gz"
-    topics_path = topics_path if topics_path.is_file() else _require_file(root / "topics" / stem, "qid<TAB>query")
-    qrels_path = _require_file(root / "qrels" / f"qrels.mrtydi-v1.1-{code}.{split}.txt", "TREC qid Q0 docid rel")
+    topics_path = topics_path if topics_path.is_file() else require_file(root / "topics" / stem, "qid<TAB>query")
+    qrels_path = require_file(root / "qrels" / f"qrels.mrtydi-v1.1-{code}.{split}.txt", "TREC qid Q0 docid rel")
     topics = read_topics(topics_path)
     qrels = read_trec_qrels(qrels_path, topics, topics_path)
     source = CorpusSource([_mrtydi_corpus(corpus_root, code)])
@@ -660,8 +654,8 @@ def _load_mldr(root: Path, language: str | None, split: str | None, corpus: Path
 
 def _mldr_task(root: Path, code: str, split: str, corpus_root: Path) -> RetrievalTask:
     base = root / f"mldr-v1.0-{code}"
-    rows_path = _require_file(base / f"{split}.jsonl.gz", '{"query_id", "query", "positive_passages"} rows')
-    corpus_path = _require_file(corpus_root / f"mldr-v1.0-{code}" / "corpus.jsonl.gz", '{"docid", "text"} lines')
+    rows_path = require_file(base / f"{split}.jsonl.gz", '{"query_id", "query", "positive_passages"} rows')
+    corpus_path = require_file(corpus_root / f"mldr-v1.0-{code}" / "corpus.jsonl.gz", '{"docid", "text"} lines')
     topics, row_qrels = _read_mldr_rows(rows_path)
     qrels_path = root / "qrels" / f"qrels.mldr-v1.0-{code}-{split}.tsv"
     qrels = read_trec_qrels(qrels_path, topics, rows_path) if qrels_path.is_file() else row_qrels
@@ -846,7 +840,7 @@ def _beir_qrels_file(folder: Path, split: str) -> Path:
 
 
 def _read_beir_queries(path: Path) -> dict[str, str]:
-    _require_file(path, 'BEIR queries, {"_id", "text"} lines')
+    require_file(path, 'BEIR queries, {"_id", "text"} lines')
     topics: dict[str, str] = {}
     for row, where in iter_jsonl(path):
         qid, text = row.get("_id"), row.get("text")
