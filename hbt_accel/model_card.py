@@ -221,6 +221,25 @@ def _trains_on_mlqa_r(cfg: HbtConfig) -> bool:
     return any(split_name(source)[0] == "mlqa-r" for source in cfg.train_data)
 
 
+# Public benchmarks whose test data a training source contains (or shares its corpus with): where a model's scores
+# on them would be read, the card must say so (benchmarks-at-scale.md, "Contamination").
+BENCHMARK_OVERLAPS = {
+    "mlqa-r": "MMTEB's `MLQARetrieval` (its validation split is MLQA dev, which MLQA-R is built from) and MLQA-R "
+    "itself, including XTREME-R's LAReQA MLQA-R",
+    "xquad-r": "XQuAD-R (also XTREME-R's LAReQA XQuAD-R) and MMTEB's `XQuADRetrieval` (the same XQuAD questions)",
+    "mmarco": "mMARCO and MS MARCO passage ranking: the same passage collection (the dev queries are not trained on)",
+    "miracl": "MIRACL dev / test: the same Wikipedia passage corpus (other queries)",
+    "mrtydi": "Mr. TyDi and MIRACL: passages from the same Wikipedia corpora (other queries)",
+    "mldr": "MLDR dev / test: the same document corpus (other queries)",
+}
+
+
+def overlapping_benchmarks(train_data: list[str]) -> list[str]:
+    """One line per training source that overlaps a public benchmark."""
+    kinds = {split_name(source)[0].split(":", 1)[0] for source in train_data}
+    return [f"{kind}: {BENCHMARK_OVERLAPS[kind]}" for kind in BENCHMARK_OVERLAPS if kind in kinds]
+
+
 def _training_data_section(summary: TrainSummary) -> str:
     cfg = summary.config
     corpora = {corpus.get("name"): corpus for corpus in summary.corpora}
@@ -347,6 +366,12 @@ def _limitations_section(summary: TrainSummary, results: dict | None) -> str:
         languages = ", ".join(sorted(trained)) or "its languages"
         lines.append(
             f"- **Domain.** Trained on Wikipedia questions and single answer sentences (MLQA-R; {languages})."
+        )
+    overlaps = overlapping_benchmarks(list(summary.config.train_data))
+    if overlaps:
+        lines.append(
+            "- **Overlap with public benchmarks.** The training data overlaps these, so scores on them are not "
+            "held-out: " + "; ".join(overlaps) + "."
         )
     lines.append(
         "- **One run, one seed.** Retraining with another seed moves the mAPs by up to about a hundredth: compare two "

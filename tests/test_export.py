@@ -287,6 +287,20 @@ def test_model_card_limitations_name_the_languages_never_trained_on(tmp_path):
     body = split_card(write_model_card(tmp_path, run_summary(cfg), RESULTS).read_text())[1]
     assert "- **Zero-shot languages.** Evaluated but never trained on: th." in body
     assert "(MLQA-R; de, en)." in body
+    # MMTEB's MLQARetrieval validation split is MLQA dev = the training data: the card must say so
+    assert (
+        "**Overlap with public benchmarks.**" in body and "`MLQARetrieval` (its validation split is MLQA dev" in body
+    )
+
+
+def test_overlapping_benchmarks_are_named_per_training_source():
+    from hbt_accel.model_card import overlapping_benchmarks
+
+    assert [line.split(":")[0] for line in overlapping_benchmarks(["mlqa-r:train", "mmarco:/d?languages=en"])] == [
+        "mlqa-r",
+        "mmarco",
+    ]
+    assert overlapping_benchmarks(["/data/rows.jsonl"]) == []
 
 
 def test_a_model_trained_on_a_split_keeps_its_data_licence(tmp_path):
