@@ -191,6 +191,7 @@ class HbtConfig:
     def validate(self) -> HbtConfig:
         """Range checks that types cannot express; raises ConfigError naming the field."""
         checks = [
+            (bool(self.output_dir.strip()), "output_dir", "a folder (empty would write the run into the current one)"),
             (0.0 <= self.alpha <= 1.0, "alpha", "a probability in [0, 1]"),
             (self.temperature > 0, "temperature", "a positive number"),
             (self.per_device_train_batch_size >= 1, "per_device_train_batch_size", "a positive integer"),

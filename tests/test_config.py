@@ -187,3 +187,11 @@ def test_language_bias_fields_are_off_by_default_and_combine():
         + ["--hard_negative_mining", "--mining_every_steps", "40"]
     )
     assert cfg.multi_positive and cfg.passage_alignment_weight == 0.3 and cfg.mining_every_steps == 40
+
+
+def test_an_empty_output_dir_is_refused():
+    """An empty output_dir would write the model, card and summary into the current folder (the checkout)."""
+    from hbt_accel.config import parse_config
+
+    with pytest.raises(ConfigError, match="output_dir: got '', expected a folder"):
+        parse_config(["--output_dir", "", "--eval_benchmark", ""])

@@ -193,3 +193,19 @@ def test_embedded_model_agrees_with_trec_eval():
     for lang, value in multi.items():
         assert ours["multi_map_per_language"][lang] == pytest.approx(value, abs=1e-6)
     assert ours["mono_map"] > 0.6  # multilingual-e5-small: ~0.77-0.8 on these questions
+
+
+@pytest.mark.parametrize(
+    ("qrels", "message"),
+    [
+        (b"query-id\tcorpus-id\tscore\nq1\td1\thigh\n", r"qrels/test.tsv:2: score 'high' is not a number"),
+        (b"query-id\tcorpus-id\tscore\nq1\td1\t1\nq1\td\xff2\t1\n", r"qrels/test.tsv:3: not UTF-8 text \(byte 0xff\)"),
+    ],
+)
+def test_bad_beir_qrels_are_one_line_naming_the_line(tmp_path, qrels, message):
+    from hbt_accel.evaluation.beir import read_beir
+
+    folder = _write_beir(tmp_path / "toy")
+    (folder / "qrels" / "test.tsv").write_bytes(qrels)
+    with pytest.raises(DataError, match=message):
+        read_beir(folder, "test")

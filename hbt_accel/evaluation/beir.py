@@ -38,25 +38,36 @@ def read_beir(folder: str | os.PathLike, split: str = "test"):
     if not qrels_path.is_file():
         raise DataError(f"{qrels_path}: file not found (BEIR layout: qrels/<split>.tsv)")
     qrels: dict[str, dict[str, int]] = {}
-    with qrels_path.open(encoding="utf-8", newline="") as handle:
-        reader = csv.reader(handle, delimiter="\t")
-        header = next(reader, None)
-        if header is None or len(header) < 3:
-            raise DataError(f"{qrels_path}: expected a header 'query-id<TAB>corpus-id<TAB>score'")
-        for line_no, row in enumerate(reader, 2):
-            if not row:
-                continue
-            if len(row) < 3:
-                raise DataError(f"{qrels_path}:{line_no}: expected 3 tab-separated fields, got {len(row)}")
-            query_id, doc_id, score = row[0], row[1], row[2]
-            if query_id not in queries:
-                raise DataError(f"{qrels_path}:{line_no}: query id {query_id!r} is not in queries.jsonl")
-            if doc_id not in corpus:
-                raise DataError(f"{qrels_path}:{line_no}: corpus id {doc_id!r} is not in corpus.jsonl")
-            qrels.setdefault(query_id, {})[doc_id] = int(float(score))
+    try:
+        lines = qrels_path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as error:
+        line_no = qrels_path.read_bytes()[: error.start].count(b"\n") + 1
+        raise DataError(f"{qrels_path}:{line_no}: not UTF-8 text (byte {error.object[error.start]:#04x})") from None
+    reader = csv.reader(lines, delimiter="\t")
+    header = next(reader, None)
+    if header is None or len(header) < 3:
+        raise DataError(f"{qrels_path}: expected a header 'query-id<TAB>corpus-id<TAB>score'")
+    for line_no, row in enumerate(reader, 2):
+        if not row:
+            continue
+        if len(row) < 3:
+            raise DataError(f"{qrels_path}:{line_no}: expected 3 tab-separated fields, got {len(row)}")
+        query_id, doc_id, score = row[0], row[1], row[2]
+        if query_id not in queries:
+            raise DataError(f"{qrels_path}:{line_no}: query id {query_id!r} is not in queries.jsonl")
+        if doc_id not in corpus:
+            raise DataError(f"{qrels_path}:{line_no}: corpus id {doc_id!r} is not in corpus.jsonl")
+        qrels.setdefault(query_id, {})[doc_id] = _grade(score, f"{qrels_path}:{line_no}")
     if not qrels:
         raise DataError(f"{qrels_path}: no relevance judgements")
     return corpus, queries, qrels
+
+
+def _grade(score: str, where: str) -> int:
+    try:
+        return int(float(score))
+    except ValueError:
+        raise DataError(f"{where}: score {score!r} is not a number (expected an integer relevance grade)") from None
 
 
 def _jsonl(path: Path, required: tuple[str, ...]):
