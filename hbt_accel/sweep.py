@@ -32,7 +32,7 @@ from pathlib import Path
 from hbt_accel.atomic import write_json
 from hbt_accel.checkpoints import find_checkpoints, latest_checkpoint
 from hbt_accel.config import HbtConfig, load_yaml, parse_config
-from hbt_accel.errors import ConfigError
+from hbt_accel.errors import ConfigError, DataError
 from hbt_accel.evaluation.grid import PER_QUERY_FILE, RESULTS_FILE
 from hbt_accel.evaluation.schema import summary_of
 from hbt_accel.run_summary import SUMMARY_FILE
@@ -350,9 +350,28 @@ def summary_path(spec: SweepSpec, point: SweepPoint) -> Path:
     return spec.results_root / f"{point.name}.json"
 
 
+def read_summary(path: Path) -> dict:
+    """A finished point's summary; a damaged one (a killed copy, a bad merge) is a one-line error naming it."""
+    try:
+        summary = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        reason = getattr(error, "msg", "not UTF-8 text")
+        raise DataError(f"{path}: damaged point summary ({reason}); delete it to run that point again") from None
+    if not isinstance(summary, dict):
+        raise DataError(f"{path}: damaged point summary (not a JSON object); delete it to run that point again")
+    return summary
+
+
+def _check_summaries(spec: SweepSpec) -> None:
+    for point in sweep_points(spec):
+        if summary_path(spec, point).is_file():
+            read_summary(summary_path(spec, point))
+
+
 def run_sweep(spec: SweepSpec, dry_run: bool = False, echo=print) -> SweepStatus:
     """Run every unfinished point (resuming killed ones); collect each finished point's summary. A dry run lists
     every point with its command, the finished ones marked."""
+    _check_summaries(spec)  # before anything runs: a damaged summary would otherwise count as finished
     status = SweepStatus()
     todo, plan = [], []
     for point in sweep_points(spec):

@@ -613,3 +613,20 @@ def test_a_paired_test_counts_only_the_seeds_both_sides_have():
     kept = common_seeds({"a": runs(1, 2, 3), "b": runs(2, 1)})
     assert [r["settings"]["seed"] for r in kept["a"]] == [1, 2] and len(kept["b"]) == 2
     assert common_seeds({"a": runs(1), "b": runs(2)}) == {"a": runs(1), "b": runs(2)}
+
+
+def test_a_damaged_point_summary_is_one_line_naming_it_before_anything_runs(tmp_path):
+    """A half-copied summary must not count the point as finished, nor end a report in a JSONDecodeError."""
+    from hbt_accel.errors import DataError
+    from hbt_accel.sweep_report import load_summaries
+
+    path = write_sweep(tmp_path, axes={"sampling": ["xx", "hybrid"]}, seeds=[1], results_dir=str(tmp_path / "results"))
+    spec = load_sweep(path)
+    (tmp_path / "results").mkdir()
+    damaged = tmp_path / "results" / "sampling-hybrid__seed-1.json"
+    damaged.write_text('{"settings": {"sampling": "hyb')
+    message = rf"{damaged}: damaged point summary \(.*\); delete it to run that point again"
+    with pytest.raises(DataError, match=message):
+        run_sweep(spec, dry_run=True, echo=lambda line: None)
+    with pytest.raises(DataError, match=message):
+        load_summaries(spec)
