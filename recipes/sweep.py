@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from hbt_accel.errors import ConfigError
+from hbt_accel.errors import ConfigError, DataError
 from hbt_accel.sweep import load_sweep, run_sweep
 from hbt_accel.sweep_report import write_report
 
@@ -25,10 +25,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--report", action="store_true", help="only re-render the report from the summaries")
     args = parser.parse_args(argv)
     try:
-        spec = load_sweep(args.config)
-    except ConfigError as error:
+        return run(args)
+    except (ConfigError, DataError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+
+
+def run(args: argparse.Namespace) -> int:
+    spec = load_sweep(args.config)
     failed = {}
     if not args.report:
         status = run_sweep(spec, dry_run=args.dry_run)
