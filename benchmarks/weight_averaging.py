@@ -45,7 +45,7 @@ def check_held_out(folders: list[Path], benchmark: str) -> None:
     import yaml
 
     from hbt_accel.data import shares_questions
-    from hbt_accel.train import CONFIG_FILE
+    from hbt_accel.run_summary import CONFIG_FILE
 
     for folder in folders:
         path = folder / CONFIG_FILE
@@ -119,8 +119,9 @@ def main(argv=None) -> None:
     from hbt_accel.data import load_lareqa_benchmark
 
     args = parse_args(argv)
-    folders = check_runs([run for run in args.runs.split(",") if run])
-    check_held_out(folders, args.benchmark)
+    runs = [run for run in args.runs.split(",") if run]
+    check_held_out([Path(run) for run in runs], args.benchmark)  # the sharper diagnosis comes first
+    folders = check_runs(runs)
     questions = load_lareqa_benchmark(args.benchmark, data_dir=args.data_dir or None)  # bad name: one line, first
     average_models(folders, args.output_dir)
     runs = [score_model(folder, questions, args.max_queries) for folder in folders]

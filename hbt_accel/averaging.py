@@ -16,6 +16,7 @@ import torch
 from hbt_accel.atomic import write_json
 from hbt_accel.errors import ConfigError, DataError
 from hbt_accel.modeling import SETTINGS_FILE, DualEncoder
+from hbt_accel.run_summary import CONFIG_FILE
 
 SOURCES_FILE = "averaged_from.json"  # which runs the weights are the mean of
 
@@ -40,7 +41,33 @@ def check_runs(runs: list[str | os.PathLike]) -> list[Path]:
                 f"{folder}: encoder settings differ from {folders[0]} in {', '.join(differing)} (only runs of one "
                 "model and recipe can be averaged)"
             )
+    check_same_recipe(folders)
     return folders
+
+
+# A soup averages seeds of one recipe: these may differ between its runs, nothing else.
+MAY_DIFFER = {"seed", "output_dir"}
+
+
+def check_same_recipe(folders: list[Path]) -> None:
+    """The runs' training configs (hbt_config.yaml) agree in everything but MAY_DIFFER; a folder without one (a
+    model not trained here) is checked by its encoder settings and tensors only."""
+    import yaml
+
+    configs = {f: yaml.safe_load((f / CONFIG_FILE).read_text()) or {} for f in folders if (f / CONFIG_FILE).is_file()}
+    if len(configs) < 2:
+        return
+    (first, reference), *others = configs.items()
+    for folder, config in others:
+        differing = sorted(
+            k for k in (reference.keys() | config.keys()) - MAY_DIFFER if reference.get(k) != config.get(k)
+        )
+        if differing:
+            changes = ", ".join(f"{k} {reference.get(k)!r} -> {config.get(k)!r}" for k in differing)
+            raise DataError(
+                f"{folder}: trained with another recipe than {first} ({changes}); only runs differing in "
+                f"{' and '.join(sorted(MAY_DIFFER))} can be averaged"
+            )
 
 
 def average_models(runs: list[str | os.PathLike], output_dir: str | os.PathLike) -> Path:

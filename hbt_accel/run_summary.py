@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from hbt_accel.config import HbtConfig
 
 SUMMARY_FILE = "train_summary.json"  # written last by a finished run
+CONFIG_FILE = "hbt_config.yaml"  # the run's whole config, written at its start
 
 
 @dataclass(frozen=True)

@@ -76,11 +76,9 @@ from hbt_accel.modeling import (
     describe_parameters,
     stale_save_folders,
 )
-from hbt_accel.run_summary import SUMMARY_FILE, BatchArithmetic, TrainSummary
+from hbt_accel.run_summary import CONFIG_FILE, SUMMARY_FILE, BatchArithmetic, TrainSummary
 from hbt_accel.sampling import HybridBatchSampler
 from hbt_accel.sparse_embedding import SparseEmbeddingGradient, sparse_embedding_gradient
-
-CONFIG_FILE = "hbt_config.yaml"
 
 
 @dataclasses.dataclass

@@ -34,8 +34,7 @@ def main(args: PushArguments) -> str | None:
     from accelerate import PartialState
 
     from hbt_accel.hub import check_hub_access, push_finished_run
-    from hbt_accel.run_summary import SUMMARY_FILE
-    from hbt_accel.train import CONFIG_FILE
+    from hbt_accel.run_summary import CONFIG_FILE, SUMMARY_FILE
 
     run_dir = Path(args.run_dir)
     missing = [name for name in (CONFIG_FILE, SUMMARY_FILE, "model.safetensors") if not (run_dir / name).is_file()]

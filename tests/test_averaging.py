@@ -14,7 +14,7 @@ import torch
 from hbt_accel.averaging import SOURCES_FILE, average_models
 from hbt_accel.errors import ConfigError, DataError
 from hbt_accel.modeling import SETTINGS_FILE, DualEncoder
-from hbt_accel.train import CONFIG_FILE
+from hbt_accel.run_summary import CONFIG_FILE
 from tests.conftest import load_tiny_encoder
 
 REPO = Path(__file__).resolve().parents[1]
@@ -83,6 +83,24 @@ def test_runs_of_different_settings_or_models_are_refused_in_one_line_before_wri
     with pytest.raises(ConfigError, match="is not an empty folder"):
         average_models(two_runs, taken / "notes.txt")
     assert [p.name for p in taken.iterdir()] == ["notes.txt"]
+
+
+def test_runs_of_another_recipe_are_refused_naming_the_fields(two_runs, tmp_path):
+    """Only the seed and the output folder may differ between the runs of a soup (the README's promise)."""
+    import shutil
+
+    other = tmp_path / "other_recipe"
+    shutil.copytree(two_runs[1], other)
+    (two_runs[0] / CONFIG_FILE).write_text("train_data: [mlqa-r:train]\nseed: 1\noutput_dir: runs/a\n")
+    (other / CONFIG_FILE).write_text("train_data: [mlqa-r:train]\nseed: 2\noutput_dir: runs/b\nalpha: 0.25\n")
+    with pytest.raises(
+        DataError, match=r"other_recipe: trained with another recipe than .*run1.* \(alpha None -> 0.25\)"
+    ):
+        average_models([two_runs[0], other], tmp_path / "soup")
+    assert not (tmp_path / "soup").exists()
+    (other / CONFIG_FILE).write_text("train_data: [mlqa-r:train]\nseed: 2\noutput_dir: runs/b\n")
+    assert average_models([two_runs[0], other], tmp_path / "soup").is_dir()  # seed and output_dir may differ
+    (two_runs[0] / CONFIG_FILE).write_text("train_data: [mlqa-r:train]\n")
 
 
 def test_the_command_line_reports_a_folder_that_is_not_a_model_in_one_line(tmp_path, two_runs):
