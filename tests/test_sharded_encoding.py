@@ -151,6 +151,19 @@ def test_passage_store_reads_by_index_and_is_built_once(tmp_path):
     assert again.folder == passages.folder and calls == [1]  # re-opened, batches not read again
 
 
+def test_passage_texts_read_across_the_files_record_batches(tmp_path, monkeypatch):
+    """The sequential pass reads texts.arrow batch by batch (not mapped): ranges across batch borders still match."""
+    from hbt_accel.data.store import _IpcWriter
+
+    monkeypatch.setattr(_IpcWriter, "FLUSH_BYTES", 200)  # a record batch every few texts
+    passages = toy_passages(tmp_path)
+    texts = passage_texts(50)
+    assert len(passages._texts.chunks) > 5
+    for start, stop in ((0, 50), (3, 29), (17, 18), (40, 80), (49, 50)):
+        assert passages.texts(start, stop) == texts[start:stop], (start, stop)
+    assert passages.texts_at([49, 0, 22]) == [texts[49], texts[0], texts[22]]
+
+
 def test_a_truncated_passage_file_is_not_sealed_and_is_rebuilt(tmp_path):
     calls = []
     folder = toy_passages(tmp_path, calls=calls).folder

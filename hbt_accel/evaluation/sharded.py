@@ -61,20 +61,36 @@ class PassageStore:
         self.meta = json.loads((self.folder / "meta.json").read_text(encoding="utf-8"))
         self.name: str = self.meta["name"]
         self._docids = _ChunkedColumn(self.folder / "docids.arrow")
-        self._texts = _ChunkedColumn(self.folder / "texts.arrow")
-        self._text_column = pa.chunked_array(self._texts.chunks, type=pa.string())  # zero-copy view for slices
+        self._texts = _ChunkedColumn(self.folder / "texts.arrow")  # mapped: a search's hits, by row
+        self._batch_reader = None  # plain reads for the sequential pass (`texts`), opened on first use
+        self._cached_batch: tuple[int, pa.Array] | None = None
 
     def __reduce__(self):
         # spawned workers and broadcasts get the folder and map it again, never the columns
         return (PassageStore, (self.folder,))
 
+    def _record_batch(self, index: int) -> pa.Array:
+        """Record batch `index` of texts.arrow read into memory (not mapped: a pass over a mapped corpus would leave
+        every page it read resident in this process); the last one is kept, the pass reads them in order."""
+        if self._cached_batch is None or self._cached_batch[0] != index:
+            if self._batch_reader is None:
+                self._batch_reader = pa.ipc.open_file(pa.OSFile(str(self.folder / "texts.arrow")))
+            self._cached_batch = (index, self._batch_reader.get_batch(index).column(0))
+        return self._cached_batch[1]
+
     def __len__(self) -> int:
         return int(self.meta["passages"])
 
     def texts(self, start: int, stop: int) -> list[str]:
-        """The texts of rows start..stop-1 (only those are read from the mapping)."""
+        """The texts of rows start..stop-1, read from the file batch by batch (memory stays one batch)."""
         start, stop = max(0, start), min(len(self), stop)
-        return self._text_column.slice(start, max(0, stop - start)).to_pylist()
+        starts, texts = self._texts.starts, []
+        for batch in range(int(np.searchsorted(starts, start, side="right")) - 1, len(starts) - 1):
+            if starts[batch] >= stop:
+                break
+            first, last = max(start, starts[batch]) - starts[batch], min(stop, starts[batch + 1]) - starts[batch]
+            texts += self._record_batch(batch).slice(first, last - first).to_pylist()
+        return texts
 
     def docids(self, indices: Iterable[int]) -> list[str]:
         return self._docids.get(indices)
