@@ -75,19 +75,13 @@ def write_corpus(root: Path, passages: int, seed: int = 0) -> Path:
     return root
 
 
-def peak_rss_mb() -> float:
-    """Peak resident memory of this process (VmHWM; ru_maxrss would carry a parent's peak across exec)."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return 0.0
-
-
 # =====================================================================================================================
 # Measurements in their own processes
 # =====================================================================================================================
 def evaluate_worker(argv: list[str], out_dir: str) -> None:
     """recipes/evaluate.py in this process (one rank of a launch, or alone), then this rank's peak RSS."""
+    from data_scale import peak_rss_mb  # benchmarks/ is this script's folder: the first entry of sys.path
+
     spec = importlib.util.spec_from_file_location("evaluate_recipe", REPO / "recipes" / "evaluate.py")
     recipe = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = recipe  # its dataclass looks its module up while being made

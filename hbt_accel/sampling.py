@@ -117,7 +117,6 @@ class _CorpusIds:
     id_count: language -> how many ids have it."""
 
     def __init__(self, corpus: CorpusStore, restrict: set[str] | None):
-        self.corpus = corpus
         self.languages = list(corpus.languages)  # sorted codes: bit k is languages[k]
         if len(self.languages) > 64:
             raise SamplingError(f"{corpus.name}: {len(self.languages)} languages; the sampler handles at most 64")
@@ -257,6 +256,9 @@ class HybridBatchSampler:
 
     def _check_feasible(self) -> None:
         size = self.global_batch_size
+        parallel = [self._is_parallel(index) for index in range(len(self.corpora))]
+        # hybrid: a monolingual corpus gives X-X batches only, as long as some corpus can give the X-Y ones
+        hybrid_xy_elsewhere = self.strategy == "hybrid" and any(parallel)
         for index, corpus in enumerate(self.corpora):
             n_ids = len(self._ids[index].ids)
             if n_ids < size:
@@ -264,17 +266,15 @@ class HybridBatchSampler:
                     f"per_device_train_batch_size: global batch {size} exceeds the {n_ids} distinct ids of "
                     f"{corpus.name} (a global batch may not repeat an id)"
                 )
-            # hybrid: a monolingual corpus gives X-X batches only, as long as some corpus can give the X-Y ones
-            hybrid_xy_elsewhere = self.strategy == "hybrid" and any(map(self._is_parallel, range(len(self.corpora))))
             needs_xx = self.strategy in ("xx", "en_en") or (self.strategy == "hybrid" and self.alpha > 0)
-            needs_xx = needs_xx or (self.strategy == "hybrid" and not self._is_parallel(index))
+            needs_xx = needs_xx or (self.strategy == "hybrid" and not parallel[index])
             needs_xy = self.strategy in ("xy", "multilingual") or (self.strategy == "hybrid" and self.alpha < 1)
-            needs_xy = needs_xy and not (hybrid_xy_elsewhere and not self._is_parallel(index))
+            needs_xy = needs_xy and not (hybrid_xy_elsewhere and not parallel[index])
             if needs_xx and not self._xx_languages(index):
                 raise SamplingError(
                     f"sampling: X-X batches of {size} need one language with {size}+ ids in {corpus.name}; none has"
                 )
-            if needs_xy and not self._is_parallel(index):
+            if needs_xy and not parallel[index]:
                 kind = "multilingual" if self.strategy == "multilingual" else "X-Y"
                 raise SamplingError(
                     f"sampling: {kind} batches of {size} need {size}+ ids present in 2+ languages; {corpus.name} has "

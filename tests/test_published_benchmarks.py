@@ -16,6 +16,7 @@ import ir_measures
 import pytest
 from ir_measures import AP, RR, R, nDCG
 
+from hbt_accel.data import published_files
 from hbt_accel.errors import DataError
 from hbt_accel.evaluation import published
 from hbt_accel.evaluation.published import (
@@ -426,7 +427,7 @@ def test_corpus_batches_are_bounded_ordered_and_deterministic(tmp_path):
 def test_corpus_falls_back_to_python_mid_file_and_for_integer_ids(tmp_path, monkeypatch):
     rows = [{"docid": f"d{i}", "title": "T" if i % 2 else "", "text": "x" * (7 * i)} for i in range(30)]
     source = CorpusSource([write_jsonl(tmp_path / "corpus.jsonl", rows)])
-    monkeypatch.setattr(published, "JSON_BLOCK_BYTES", 200)  # Arrow stops at a line straddling two blocks
+    monkeypatch.setattr(published_files, "JSON_BLOCK_BYTES", 200)  # Arrow stops at a line straddling two blocks
     ids = [docid for batch in source.batches(rows=4) for docid in batch.column("docid").to_pylist()]
     assert ids == [f"d{i}" for i in range(30)]  # each passage once, in order, across the switch
     numbered = CorpusSource([write_jsonl(tmp_path / "ints.jsonl", [{"_id": 7, "text": "seven"}])], id_field="_id")

@@ -55,6 +55,7 @@ import pyarrow.compute as pc
 from hbt_accel.data.cache import file_fingerprint, open_or_build
 from hbt_accel.data.jsonl import iter_jsonl
 from hbt_accel.data.languages import CODE_OF_NAME, LANGUAGE_NAMES, language_code
+from hbt_accel.data.published_files import arrow_jsonl_batches, passage_texts, read_topics, read_trec_qrels
 from hbt_accel.data.store import CorpusStore, StoreWriter
 from hbt_accel.errors import DataError, did_you_mean, require_file
 
@@ -419,43 +420,16 @@ def _shard_number(path: Path) -> tuple[int, str]:
 
 def _judged_queries(files: MiraclFiles) -> tuple[list[JudgedQuery], int]:
     """The topics with at least one relevant passage, in topics order, and how many have none (skipped)."""
-    judged = _read_qrels(files.qrels)
+    judged = read_trec_qrels(files.qrels)  # qid -> docid -> relevance, file order
     queries, skipped = [], 0
-    for qid, text in _read_topics(files.topics):
-        positives, negatives = judged.get(qid, ([], []))
+    for qid, text in read_topics(files.topics).items():
+        positives = [docid for docid, relevance in judged.get(qid, {}).items() if relevance > 0]
+        negatives = [docid for docid, relevance in judged.get(qid, {}).items() if relevance <= 0]
         if positives:
             queries.append(JudgedQuery(qid, text, positives, negatives))
         else:
             skipped += 1
     return queries, skipped
-
-
-def _read_topics(path: Path) -> Iterator[tuple[str, str]]:
-    with path.open(encoding="utf-8") as handle:
-        for line_no, line in enumerate(handle, 1):
-            line = line.rstrip("\r\n")
-            if not line.strip():
-                continue
-            qid, tab, text = line.partition("\t")
-            if not tab or not text.strip():
-                raise DataError(f"{path}:{line_no}: expected qid<TAB>query (got {line[:80]!r})")
-            yield qid, text
-
-
-def _read_qrels(path: Path) -> dict[str, tuple[list[str], list[str]]]:
-    """qid -> (relevant docids, judged non-relevant docids), each in file order."""
-    judged: dict[str, tuple[list[str], list[str]]] = {}
-    with path.open(encoding="utf-8") as handle:
-        for line_no, line in enumerate(handle, 1):
-            fields = line.split()
-            if not fields:
-                continue
-            if len(fields) != 4 or not fields[3].lstrip("-").isdigit():
-                raise DataError(f"{path}:{line_no}: expected qid<TAB>Q0<TAB>docid<TAB>relevance (got {line[:80]!r})")
-            qid, _, docid, relevance = fields
-            positives, negatives = judged.setdefault(qid, ([], []))
-            (positives if int(relevance) > 0 else negatives).append(docid)
-    return judged
 
 
 def _write_miracl_language(writer: StoreWriter, code: str, shards: list[Path], queries: list[JudgedQuery]) -> dict:
@@ -484,7 +458,7 @@ def _store_judged_passages(writer: StoreWriter, shards: list[Path], wanted: list
             hits = batch.filter(pc.is_in(batch.column("docid"), value_set=value_set))
             if not len(hits):
                 continue
-            first = writer.add_texts(_passage_texts(hits.column("title"), hits.column("text")))
+            first = writer.add_texts(passage_texts(hits.column("title"), hits.column("text")))
             for offset, docid in enumerate(hits.column("docid").to_pylist()):
                 passage_index.setdefault(docid, first + offset)
         if len(passage_index) == len(wanted):  # the rest of the shards hold nothing judged
@@ -492,20 +466,10 @@ def _store_judged_passages(writer: StoreWriter, shards: list[Path], wanted: list
     return passage_index
 
 
-def _passage_texts(title: pa.Array, text: pa.Array) -> pa.Array:
-    """title + " " + text, the text alone where there is no title."""
-    title, text = pc.fill_null(title, ""), pc.fill_null(text, "")
-    return pc.if_else(pc.equal(pc.utf8_length(title), 0), text, pc.binary_join_element_wise(title, text, " "))
-
-
 def _jsonl_batches(path: Path, schema: pa.Schema) -> Iterator[pa.RecordBatch]:
-    """A JSON-lines file (.gz read as such), streamed by Arrow; fields outside `schema` are ignored."""
-    import pyarrow.json as pa_json
-
-    read = pa_json.ReadOptions(block_size=16 << 20)  # a block must hold a whole line
-    parse = pa_json.ParseOptions(explicit_schema=schema, unexpected_field_behavior="ignore")
+    """A JSON-lines file streamed by Arrow; a value of another type is one line naming the file."""
     try:
-        yield from pa_json.open_json(str(path), read_options=read, parse_options=parse)
+        yield from arrow_jsonl_batches(path, schema)
     except pa.ArrowInvalid as error:
         fields, reason = ", ".join(schema.names), str(error).splitlines()[0]
         raise DataError(f"{path}: expected JSON lines with string fields {fields} ({reason})") from None

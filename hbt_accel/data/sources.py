@@ -30,6 +30,7 @@ from hbt_accel.data.lareqa import (
     load_lareqa_benchmark,
     split_name,
 )
+from hbt_accel.data.published_files import arrow_jsonl_batches
 from hbt_accel.data.store import ROW_SCHEMA, CorpusStore, StoreWriter
 from hbt_accel.errors import DataError
 
@@ -140,15 +141,11 @@ def _write_row_file(path: Path, rename: dict[str, str], writer: StoreWriter) -> 
 
 
 def _arrow_jsonl_batches(path: Path, rename: dict[str, str]) -> Iterator[pa.RecordBatch]:
-    import pyarrow.json as pa_json
-
     types = {"id": pa.string(), "lang": pa.string(), "query": pa.string(), "positive": pa.string()}
     schema = pa.schema(
         [(rename[key], kind) for key, kind in types.items()] + [(rename["negatives"], pa.list_(pa.string()))]
     )
-    options = pa_json.ParseOptions(explicit_schema=schema, unexpected_field_behavior="ignore")
-    reader = pa_json.open_json(str(path), read_options=pa_json.ReadOptions(block_size=4 << 20), parse_options=options)
-    yield from reader
+    yield from arrow_jsonl_batches(path, schema, block_bytes=4 << 20)
 
 
 def _python_jsonl_rows(path: Path, rename: dict[str, str]) -> Iterator[dict]:

@@ -175,10 +175,6 @@ class CorpusStore:
         table.add_row("all", f"{self.num_pairs:,}", f"{multilingual_ids:,} ids in 2+ languages")
         return table
 
-    def describe(self) -> dict:
-        """What a run summary records of its corpus."""
-        return {"ids": self.num_ids, "pairs": self.num_pairs, "languages": self.languages, "store": str(self.folder)}
-
 
 class _ChunkedColumn:
     """The one column of an Arrow IPC file, memory-mapped, read by global row index without copying the column."""
@@ -229,7 +225,7 @@ class StoreWriter:
         self._row_ids = _IpcWriter(self.folder / "row_ids.tmp.arrow", "id")
         self._raw = {key: (self.folder / f"{key}.tmp.bin").open("wb") for key in _RAW_ROW_ARRAYS}
         self._language_codes: dict[str, int] = {}  # in order of arrival; remapped to sorted order in `finish`
-        self.num_texts = self.num_rows = self.num_negatives = 0
+        self.num_texts = self.num_rows = 0
 
     def restart(self) -> None:
         """Drop everything written so far (a source that must start over another way)."""
@@ -272,7 +268,6 @@ class StoreWriter:
         for key, values in columns.items():
             values.tofile(self._raw[key])
         self.num_rows += count
-        self.num_negatives += len(columns["negative_text"])
 
     def add_row_batch(self, batch: pa.RecordBatch | pa.Table) -> None:
         """Rows in ROW_SCHEMA (validated by the source): each text stored once per field."""

@@ -38,7 +38,6 @@ Every bad input is one `DataError` line naming the file (and line) and what was 
 
 from __future__ import annotations
 
-import gzip
 import re
 import unicodedata
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -46,11 +45,18 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pyarrow as pa
-import pyarrow.compute as pc
 
 from hbt_accel.data.cache import file_fingerprint
+from hbt_accel.data.jsonl import iter_jsonl
 from hbt_accel.data.languages import LANGUAGE_NAMES, language_code
-from hbt_accel.data.sources import iter_jsonl
+from hbt_accel.data.published_files import (
+    arrow_jsonl_batches,
+    passage_texts,
+    read_topics,
+    read_trec_qrels,
+    relevance_grade,
+    text_lines,
+)
 from hbt_accel.errors import DataError, did_you_mean, require_file
 from hbt_accel.evaluation.beir import BEIR_MEASURES
 
@@ -60,7 +66,6 @@ PassageText = Callable[[list[str]], list[str]]
 DEPTH = 100  # hits every metric here needs (Recall@100, MRR@100); FlagEmbedding searches 1,000 but scores <= 100
 PASSAGE_FORMAT = "title + ' ' + text (the text alone where the title is empty)"
 PASSAGE_SCHEMA = pa.schema([("docid", pa.string()), ("text", pa.string())])
-JSON_BLOCK_BYTES = 16 << 20  # Arrow's JSON block must hold a whole line; a longer one falls back to Python
 PYTHON_BATCH_ROWS = 4096
 
 MIRACL_SPLITS = ("dev", "test-a", "train")
@@ -114,7 +119,7 @@ class CorpusSource:
     def _file_batches(self, path: Path) -> Iterator[pa.RecordBatch]:
         done = 0
         try:
-            for batch in _arrow_jsonl(path, self._source_schema()):
+            for batch in arrow_jsonl_batches(path, self._source_schema()):
                 passages = self._passages(batch)
                 done += len(passages)
                 yield passages
@@ -133,7 +138,7 @@ class CorpusSource:
         if docid.null_count or text.null_count:
             raise _NotArrowReadable
         if self.title_field:
-            text = _join_title(batch.column(self.title_field), text)
+            text = passage_texts(batch.column(self.title_field), text)
         return pa.RecordBatch.from_arrays([docid, text], schema=PASSAGE_SCHEMA)
 
     def _python_batches(self, path: Path, skip: int) -> Iterator[pa.RecordBatch]:
@@ -168,19 +173,6 @@ class CorpusSource:
 def passage_text(title: str | None, text: str) -> str:
     """The text a passage is encoded (and MKQA-matched) as: title + " " + text, the text alone without a title."""
     return f"{title} {text}" if title else text
-
-
-def _join_title(title: pa.Array, text: pa.Array) -> pa.Array:
-    title = pc.fill_null(title, "")
-    return pc.if_else(pc.equal(pc.utf8_length(title), 0), text, pc.binary_join_element_wise(title, text, " "))
-
-
-def _arrow_jsonl(path: Path, schema: pa.Schema) -> Iterator[pa.RecordBatch]:
-    import pyarrow.json as pa_json
-
-    read = pa_json.ReadOptions(block_size=JSON_BLOCK_BYTES)
-    parse = pa_json.ParseOptions(explicit_schema=schema, unexpected_field_behavior="ignore")
-    yield from pa_json.open_json(str(path), read_options=read, parse_options=parse)
 
 
 def _rebatch(batches: Iterable[pa.RecordBatch], rows: int) -> Iterator[pa.RecordBatch]:
@@ -465,70 +457,6 @@ def _protocol(benchmark: str, split: str, language: str | None, corpus: CorpusSo
         "depth": DEPTH,
         **extra,
     }
-
-
-# =====================================================================================================================
-# Text files: topics and qrels, read line by line so a fault names its line
-# =====================================================================================================================
-def _lines(path: Path) -> Iterator[tuple[str, str]]:
-    """("file:line", the line without its ending) for each non-blank line; .gz is read as such."""
-    opener = gzip.open if path.suffix == ".gz" else open
-    try:
-        with opener(path, "rb") as handle:
-            for line_no, raw in enumerate(handle, 1):
-                where = f"{path}:{line_no}"
-                try:
-                    line = raw.decode("utf-8").rstrip("\r\n")
-                except UnicodeDecodeError as error:
-                    byte = f"byte {raw[error.start]:#04x} at column {error.start + 1}"
-                    raise DataError(f"{where}: not UTF-8 text ({byte})") from None
-                if line.strip():
-                    yield where, line
-    except (OSError, EOFError) as error:
-        raise DataError(f"{path}: cannot be read ({error})") from None
-
-
-def read_topics(path: Path) -> dict[str, str]:
-    """qid<TAB>query lines -> {qid: query}, file order."""
-    topics: dict[str, str] = {}
-    for where, line in _lines(path):
-        qid, tab, text = line.partition("\t")
-        if not tab or not qid.strip() or not text.strip():
-            raise DataError(f"{where}: expected qid<TAB>query (got {line[:80]!r})")
-        if qid in topics:
-            raise DataError(f"{where}: query id {qid!r} appears twice (expected one line per query)")
-        topics[qid] = text
-    return topics
-
-
-def read_trec_qrels(path: Path, topics: Mapping[str, str], topics_path: Path) -> dict[str, dict[str, int]]:
-    """TREC `qid Q0 docid grade` lines -> {qid: {docid: grade}}; every qid must have a topic."""
-    qrels: dict[str, dict[str, int]] = {}
-    for where, line in _lines(path):
-        fields = line.split()
-        if len(fields) != 4:
-            raise DataError(f"{where}: expected 4 fields qid Q0 docid relevance, got {len(fields)} ({line[:80]!r})")
-        qid, _, docid, grade = fields
-        if qid not in topics:
-            raise DataError(f"{where}: query id {qid!r} has no topic in {topics_path}")
-        qrels.setdefault(qid, {})[docid] = _grade(grade, where)
-    if not qrels:
-        raise DataError(f"{path}: no relevance judgements (expected qid Q0 docid relevance lines)")
-    return qrels
-
-
-def _grade(value: str, where: str) -> int:
-    try:
-        return int(value)
-    except ValueError:
-        pass
-    try:
-        number = float(value)
-    except ValueError:
-        number = float("nan")
-    if not number.is_integer():
-        raise DataError(f"{where}: relevance {value!r} is not an integer grade (expected 0, 1, 2, ...)")
-    return int(number)
 
 
 def _judged_queries(topics: Mapping[str, str], qrels: Mapping[str, dict]) -> list[tuple[str, str]]:
@@ -853,7 +781,7 @@ def _read_beir_queries(path: Path) -> dict[str, str]:
 def _read_beir_qrels(path: Path, topics: Mapping[str, str], queries_path: Path) -> dict[str, dict[str, int]]:
     """A header line, then query-id<TAB>corpus-id<TAB>score lines (as BEIR's GenericDataLoader reads them)."""
     qrels: dict[str, dict[str, int]] = {}
-    for number, (where, line) in enumerate(_lines(path)):
+    for number, (where, line) in enumerate(text_lines(path)):
         fields = line.split("\t")
         if len(fields) != 3:
             raise DataError(f"{where}: expected 3 tab-separated fields query-id corpus-id score, got {len(fields)}")
@@ -863,7 +791,7 @@ def _read_beir_qrels(path: Path, topics: Mapping[str, str], queries_path: Path) 
         qid, docid, grade = fields
         if qid not in topics:
             raise DataError(f"{where}: query id {qid!r} has no query in {queries_path}")
-        qrels.setdefault(qid, {})[docid] = _grade(grade, where)
+        qrels.setdefault(qid, {})[docid] = relevance_grade(grade, where)
     if not qrels:
         raise DataError(f"{path}: no relevance judgements after the header")
     return qrels
