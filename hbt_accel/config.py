@@ -97,6 +97,11 @@ class HbtConfig:
         "Hugging Face datasets cache ($HF_DATASETS_CACHE or $HF_HOME/datasets)",
     )
     train_languages: list = _field([], "only train on these languages; empty = every language in the data")
+    train_id_fraction: float = _field(
+        1.0,
+        "train on this share of each corpus's ids, every language of an id kept together; the subsets are nested "
+        "(a fixed id order, whatever the seed), so 0.1 is inside 0.25: the data-size axis",
+    )
     num_hard_negatives: int = _field(0, "hard negatives per query (LAReQA: other sentences of the same paragraph)")
 
     # ---- sampling ----
@@ -193,6 +198,7 @@ class HbtConfig:
         checks = [
             (bool(self.output_dir.strip()), "output_dir", "a folder (empty would write the run into the current one)"),
             (0.0 <= self.alpha <= 1.0, "alpha", "a probability in [0, 1]"),
+            (0.0 < self.train_id_fraction <= 1.0, "train_id_fraction", "a share of the ids in (0, 1]"),
             (self.temperature > 0, "temperature", "a positive number"),
             (self.per_device_train_batch_size >= 1, "per_device_train_batch_size", "a positive integer"),
             (self.gradient_accumulation_steps >= 1, "gradient_accumulation_steps", "a positive integer"),

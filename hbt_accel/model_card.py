@@ -258,6 +258,8 @@ def _training_data_section(summary: TrainSummary) -> str:
         lines.append(f"- {name}" + (f": {'; '.join(sizes)}" if sizes else "") + weight)
     if cfg.train_languages:
         lines.append(f"- restricted to the languages {', '.join(cfg.train_languages)}")
+    if cfg.train_id_fraction < 1.0:
+        lines.append(f"- restricted to a fixed {cfg.train_id_fraction:.0%} of each corpus's ids (train_id_fraction)")
     if cfg.num_hard_negatives:
         lines.append(f"- {cfg.num_hard_negatives} hard negative(s) per query (other sentences of the same paragraph)")
     lines.append(

@@ -49,6 +49,10 @@ STRATEGIES = {
 }
 
 
+# The id order behind `train_id_fraction`: fixed, so every seed of a data-size point trains on the same ids.
+ID_SUBSET_SEED = 20240820
+
+
 class SamplingError(ConfigError):
     """A sampling request the data cannot satisfy; the message says which field and why."""
 
@@ -116,7 +120,7 @@ class _CorpusIds:
     id's training languages (bit k = corpus language k; uint8 up to 8 languages); language_count: (num_ids,) int8;
     id_count: language -> how many ids have it."""
 
-    def __init__(self, corpus: CorpusStore, restrict: set[str] | None):
+    def __init__(self, corpus: CorpusStore, restrict: set[str] | None, id_fraction: float = 1.0):
         self.languages = list(corpus.languages)  # sorted codes: bit k is languages[k]
         if len(self.languages) > 64:
             raise SamplingError(f"{corpus.name}: {len(self.languages)} languages; the sampler handles at most 64")
@@ -130,6 +134,8 @@ class _CorpusIds:
                 has = np.logical_or.reduceat(language == k, starts)
                 self.language_mask[first_id:end_id] |= has.astype(self.language_mask.dtype) << k
                 self.language_count[first_id:end_id] += has
+        if id_fraction < 1.0:
+            self._keep_subset(id_fraction)
         self.id_count = {}
         for k in wanted:
             count = int(np.count_nonzero(self.language_mask & self._bit(k)))
@@ -137,6 +143,15 @@ class _CorpusIds:
                 self.id_count[self.languages[k]] = count
         self.ids = np.flatnonzero(self.language_count > 0).astype(np.int32)  # < 2**31 ids: half the memory
         self.num_xy_ids = int(np.count_nonzero(self.language_count >= 2))
+
+    def _keep_subset(self, id_fraction: float) -> None:
+        """Drop every id outside the first `id_fraction` of a fixed order of the ids with a training language."""
+        candidates = np.flatnonzero(self.language_count > 0)
+        order = np.random.default_rng(ID_SUBSET_SEED).permutation(len(candidates))
+        keep = max(1, round(id_fraction * len(candidates)))
+        dropped = candidates[order[keep:]]
+        self.language_mask[dropped] = 0
+        self.language_count[dropped] = 0
 
     def languages_of(self, example_index: int) -> list[str]:
         """The id's training languages, sorted."""
@@ -167,6 +182,8 @@ class HybridBatchSampler:
         language_temperature: if > 0 and no weights, target share proportional to n_ids(lang) ** tau.
         corpus_weights: per-corpus batch probability; default proportional to the number of ids.
         languages: restrict training to these languages.
+        id_fraction: train on this share of each corpus's ids (all their languages), a prefix of a fixed order of
+            the ids (`ID_SUBSET_SEED`, not `seed`), so smaller shares are nested in larger ones.
         answers_per_query: multilingual only, answer languages per row (its own included); 0 = every language the
             id has. `answers_per_row` is the width every row is padded to by the collator.
     """
@@ -185,6 +202,7 @@ class HybridBatchSampler:
         language_temperature: float = 0.0,
         corpus_weights: Sequence[float] | None = None,
         languages: Sequence[str] | None = None,
+        id_fraction: float = 1.0,
         en_en_language: str = "en",
         answers_per_query: int = 0,
     ):
@@ -204,7 +222,9 @@ class HybridBatchSampler:
         restrict = set(languages) if languages else None
         if strategy == "en_en":
             restrict = {en_en_language}
-        self._ids = [_CorpusIds(corpus, restrict) for corpus in self.corpora]
+        if not 0.0 < id_fraction <= 1.0:
+            raise SamplingError(f"train_id_fraction: got {id_fraction!r}, expected a share of the ids in (0, 1]")
+        self._ids = [_CorpusIds(corpus, restrict, id_fraction) for corpus in self.corpora]
         if restrict:
             present = {lang for ids in self._ids for lang in ids.id_count}
             missing = sorted(restrict - present)

@@ -501,6 +501,7 @@ def point_summary(spec: SweepSpec, point: SweepPoint, train_summary: dict, resul
         "rank_distance_per_language": results["rank_distance_per_language"],
         "grid": results["grid"],
         "evaluations": train_summary["evaluations"],
+        "loss_curve": [{"step": entry["step"], "loss": entry["loss"]} for entry in train_summary.get("history", [])],
         "steps": train_summary["steps"],
         "train_seconds": train_summary["train_seconds"],
         "device": train_summary["device"],

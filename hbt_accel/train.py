@@ -321,6 +321,7 @@ def load_data(cfg: HbtConfig, accelerator, console) -> tuple[list[CorpusStore], 
         language_temperature=cfg.language_temperature,
         corpus_weights=[float(w) for w in cfg.train_data_weights] or None,
         languages=cfg.train_languages or None,
+        id_fraction=cfg.train_id_fraction,
         en_en_language=cfg.en_en_language,
         answers_per_query=cfg.answers_per_query,
     )

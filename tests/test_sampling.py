@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import collections
 
+import numpy as np
 import pytest
 
 from hbt_accel.data import CorpusStore, load_training_corpus, store_from_rows
@@ -227,3 +228,24 @@ def test_blockwise_id_scan_equals_the_whole_scan(mlqa, monkeypatch):
     assert len(list(mlqa.id_blocks())) > 100
     assert global_batches(mlqa, "hybrid", epochs=2, languages=["en", "de", "ar", "zh"]) == whole
     assert render(mlqa) == whole_table
+
+
+def test_id_fraction_trains_on_nested_subsets_whatever_the_seed(mlqa):
+    def ids_drawn(fraction, seed):
+        sampler = HybridBatchSampler(mlqa, "hybrid", 16, id_fraction=fraction, seed=seed)
+        return {row.example_index for epoch in range(4) for rows in sampler.global_batches(epoch) for row in rows}
+
+    small, large = ids_drawn(0.1, 1), ids_drawn(0.5, 2)
+    assert small <= large  # nested: the 10% ids are among the 50% ones
+    assert small == ids_drawn(0.1, 7)  # the subset does not move with the seed
+    assert abs(len(small) - round(0.1 * mlqa.num_ids)) <= 1  # 4 epochs visit every id of the subset
+    assert len(ids_drawn(1.0, 1)) > 0.9 * mlqa.num_ids
+
+
+def test_id_fraction_keeps_every_language_of_an_id(mlqa):
+    full = HybridBatchSampler(mlqa, "xy", 16)
+    part = HybridBatchSampler(mlqa, "xy", 16, id_fraction=0.25)
+    kept = np.flatnonzero(part._ids[0].language_count > 0)
+    assert np.array_equal(part._ids[0].language_mask[kept], full._ids[0].language_mask[kept])
+    with pytest.raises(SamplingError, match="train_id_fraction: got 0"):
+        HybridBatchSampler(mlqa, "xy", 16, id_fraction=0)
