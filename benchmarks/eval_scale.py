@@ -150,7 +150,18 @@ def evaluate_once(root: Path, model: Path, cache: Path, work: Path, processes: i
     out = work / "evaluate_out"
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
-    argv = ["--model", str(model), "--benchmark", str(root), "--languages", "sw", "--split", "dev", "--bf16", "false"]
+    argv = [
+        "--model",
+        str(model),
+        "--benchmark",
+        str(root),
+        "--languages",
+        "sw",
+        "--split",
+        "dev",
+        "--precision",
+        "no",
+    ]
     argv += ["--cache_dir", str(cache), "--output_dir", str(out / "results")]
     child(["--measure", "evaluate", "--out", str(out), "--", *argv], launch=processes > 1)
     task = json.loads((out / "results" / "eval_results.json").read_text())["tasks"][0]

@@ -84,7 +84,7 @@ def evaluate_untrained(runs: Path, bf16: bool) -> dict:
         "xquad-r",
         "--output_dir",
         str(output_dir),
-    ] + (["--bf16"] if bf16 else [])
+    ] + ["--precision", "bf16" if bf16 else "no"]
     wall = 0.0 if finished(output_dir, RESULTS_FILE) else run(command, runs / "untrained.log")
     results = json.loads((output_dir / RESULTS_FILE).read_text())
     return {"results": results, "train_seconds": 0.0, "wall_seconds": wall, "dir": output_dir}
@@ -322,7 +322,7 @@ def main() -> None:
         return
 
     started = time.perf_counter()
-    eval_flags = PERIODIC_EVAL + ([] if args.fp32_eval else ["--eval_bf16", "true"])
+    eval_flags = PERIODIC_EVAL + ([] if args.fp32_eval else ["--eval_precision", "bf16"])
     entries = {"untrained": evaluate_untrained(runs, bf16=not args.fp32_eval)}
     for strategy in args.strategies.split(","):
         entries[strategy] = train(strategy, runs, ["--sampling", strategy, *eval_flags, *extra])

@@ -76,6 +76,7 @@ from hbt_accel.modeling import (
     describe_parameters,
     stale_save_folders,
 )
+from hbt_accel.precision import choose_precision, device_capabilities, eval_choice
 from hbt_accel.run_summary import CONFIG_FILE, SUMMARY_FILE, BatchArithmetic, TrainSummary
 from hbt_accel.sampling import HybridBatchSampler
 from hbt_accel.sparse_embedding import SparseEmbeddingGradient, sparse_embedding_gradient
@@ -174,9 +175,10 @@ def setup(cfg: HbtConfig) -> Session:
     # 0. Accelerator, seed, and the checks that must fail before hours of work
     # ==============================================================================================================
     cfg = with_data_dir(cfg)
-    accelerator, threads, resume = start(cfg)
+    cfg, accelerator, start_lines, resume = start(cfg)
     console = make_console(accelerator)
-    console.print(threads)
+    for line in start_lines:
+        console.print(line)
     if cfg.data_dir:
         console.print(f"LAReQA data from {cfg.data_dir}")
     for warning in cfg.warnings():
@@ -246,9 +248,10 @@ def with_data_dir(cfg: HbtConfig) -> HbtConfig:
 
 
 def start(cfg: HbtConfig):
-    """-> (accelerator, a log line saying how many CPU threads this process uses and why, the checkpoint to resume
-    from with the incomplete ones skipped: `resolve_resume`)."""
+    """-> (the config with its precisions chosen, the accelerator, log lines (CPU threads and precisions, and why),
+    the checkpoint to resume from with the incomplete ones skipped: `resolve_resume`)."""
     threads = configure_cpu_threads()  # before any work: accelerate launch would leave one core per process
+    cfg, precision_lines = with_precision(cfg)  # after the threads: the bf16 probe runs on them
     accelerator = make_accelerator(
         mixed_precision=cfg.mixed_precision,
         gradient_accumulation_steps=cfg.gradient_accumulation_steps,
@@ -265,7 +268,18 @@ def start(cfg: HbtConfig):
         from hbt_accel.hub import check_hub_access
 
         check_hub_access(cfg)
-    return accelerator, threads, resume
+    return cfg, accelerator, [threads, *precision_lines], resume
+
+
+def with_precision(cfg: HbtConfig) -> tuple[HbtConfig, list[str]]:
+    """The config with `auto` precisions replaced by what this device runs best (hbt_accel.precision), so the saved
+    hbt_config.yaml and a resume say what was run; and the log lines that say why."""
+    needs_probe = {cfg.mixed_precision, cfg.eval_precision} & {"auto", "bf16"}
+    caps = device_capabilities(probe=bool(needs_probe))
+    training = choose_precision(cfg.mixed_precision, caps)
+    evaluation = eval_choice(cfg.eval_precision, caps)
+    cfg = dataclasses.replace(cfg, mixed_precision=training.precision, eval_precision=evaluation.precision)
+    return cfg, [f"training precision: {training.reason}", f"evaluation precision: {evaluation.reason}"]
 
 
 def check_output_dir(cfg: HbtConfig) -> None:
@@ -505,7 +519,11 @@ def mine_negatives(session: Session) -> None:
     """Every rank encodes its share; the main process picks and writes RUN/mined_negatives/step-<N>.json."""
     cfg, accelerator, step = session.cfg, session.accelerator, session.progress.global_step
     settings = MiningSettings(
-        cfg.num_hard_negatives, cfg.mining_same_language_share, cfg.mining_margin, cfg.seed, bf16=cfg.eval_bf16
+        cfg.num_hard_negatives,
+        cfg.mining_same_language_share,
+        cfg.mining_margin,
+        cfg.seed,
+        bf16=cfg.eval_precision == "bf16",
     )
     languages = [session.sampler.corpus_languages(index) for index in range(len(session.corpora))]
     encoder = accelerator.unwrap_model(session.model)
@@ -673,7 +691,7 @@ def run_evaluation(session: Session, full: bool, per_query: list | None = None) 
         encoder,
         benchmark,
         max_queries=max_queries or None,
-        bf16=cfg.eval_bf16,
+        bf16=cfg.eval_precision == "bf16",
         accelerator=session.accelerator,
         per_query=per_query,
     )

@@ -1,7 +1,7 @@
 """Score a retriever on the LAReQA grid (XQuAD-R / MLQA-R) or a BEIR-style folder; or every checkpoint of a run.
 
     python recipes/evaluate.py --model embedded --benchmark xquad-r --output_dir /tmp/ev
-    python recipes/evaluate.py --model embedded --benchmark xquad-r --bf16 false --output_dir /tmp/ev_fp32
+    python recipes/evaluate.py --model embedded --benchmark xquad-r --precision no --output_dir /tmp/ev_fp32
     python recipes/evaluate.py --model runs/default/final --benchmark mlqa-r --languages en,de,zh --max_queries 200
     python recipes/evaluate.py --model embedded --benchmark /data/miracl-sw   # corpus.jsonl, queries.jsonl, qrels/
     python recipes/evaluate.py --model runs/a/final --benchmark /data/miracl --languages sw,te --split dev
@@ -21,6 +21,7 @@ encodes a shard of the texts; the numbers equal a single process. Errors in the 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from dataclasses import dataclass, field
@@ -42,8 +43,13 @@ class EvaluateArguments:
     languages: list = field(default_factory=list, metadata={"help": "comma-separated languages; empty = all"})
     max_queries: int = field(default=0, metadata={"help": "first N question ids (same in every language); 0 = all"})
     output_dir: str = field(default="", metadata={"help": "where to write the reports of --model; empty = none"})
-    bf16: bool = field(
-        default=True, metadata={"help": "encode under bf16 autocast (scores stay fp32); false = fp32 encoding"}
+    precision: str = field(
+        default="auto",
+        metadata={
+            "help": "encode under bf16 autocast (scores stay fp32) or in fp32 ('no'); auto = bf16 where the device "
+            "computes it natively and faster, else fp32",
+            "choices": ("auto", "bf16", "no"),
+        },
     )
     batch_size: int = field(default=64, metadata={"help": "texts per encoder forward"})
     block_size: int = field(default=256, metadata={"help": "queries scored at once against the whole pool"})
@@ -75,6 +81,10 @@ class EvaluateArguments:
         default="flat", metadata={"help": "BEIR folders: faiss index", "choices": ("flat", "ivf", "hnsw")}
     )
 
+    @property
+    def bf16(self) -> bool:
+        return self.precision == "bf16"  # after `main` has turned auto into a choice
+
     def validate(self) -> EvaluateArguments:
         if bool(self.model) == bool(self.run_dir):
             raise ConfigError("give exactly one of --model PATH_OR_ID or --run_dir RUN")
@@ -101,6 +111,7 @@ def main(args: EvaluateArguments) -> None:
     from hbt_accel.distributed import configure_cpu_threads
     from hbt_accel.evaluation import plot_metrics_by_step, print_metrics_by_step
     from hbt_accel.evaluation.grid import RESULTS_FILE
+    from hbt_accel.precision import device_capabilities, eval_choice
 
     # ---------------------------------------------------------------- processes (a launch splits the encoding)
     threads = configure_cpu_threads()  # accelerate launch would leave one core per process
@@ -110,8 +121,10 @@ def main(args: EvaluateArguments) -> None:
 
         accelerator = make_accelerator()
     is_main = accelerator is None or accelerator.is_main_process
+    choice = eval_choice(args.precision, device_capabilities(probe=args.precision != "no"))
+    args = dataclasses.replace(args, precision=choice.precision)
     if is_main:
-        print(threads)
+        print(f"{threads}\nprecision: {choice.reason}")
 
     # ---------------------------------------------------------------- one model
     if args.model:

@@ -81,7 +81,7 @@ def reference(model_dir: Path, root: Path) -> dict[str, float]:
 def test_miracl_layout_scores_like_brute_force_is_cached_and_agrees_under_a_launch(tmp_path, tiny_model_dir):
     root = write_miracl_sw(tmp_path / "miracl")
     common = ["--model", str(tiny_model_dir), "--benchmark", str(root), "--languages", "sw", "--split", "dev"]
-    common += ["--bf16", "false", "--chunk_rows", "32", "--cache_dir", str(tmp_path / "cache")]
+    common += ["--precision", "no", "--chunk_rows", "32", "--cache_dir", str(tmp_path / "cache")]
     first = evaluate(common + ["--output_dir", str(tmp_path / "one")])
     task = first["tasks"][0]
     assert task["task"] == "miracl-sw-dev" and task["n_queries"] == 8
