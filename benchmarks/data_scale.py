@@ -29,13 +29,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from hbt_accel.precision import machine_description
 
 REPO = Path(__file__).resolve().parents[1]
 IN_MEMORY_COMMIT = "66a1b86"  # the last commit that kept every text as a Python object in every process
@@ -314,23 +315,6 @@ def measure_layer(kind: str, source: str, code: Path, work: Path, model: Path, l
     return {key: round(value, 3) if isinstance(value, float) else value for key, value in figures.items()}
 
 
-def cpu_name() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor()
-
-
-def machine() -> dict:
-    flags = Path("/proc/cpuinfo").read_text().split()
-    return {
-        "cpu": cpu_name(),
-        "cores": os.cpu_count(),
-        "bf16_flags": sorted({flag for flag in flags if flag in ("avx512_bf16", "amx_bf16")}),
-        "memory_gb": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
-    }
-
-
 def fit_45m(rows: list[dict]) -> dict:
     """Linear extrapolation to 45M rows from the two largest measured sizes (when 45M was not measured). The
     data layer's own share is the peak once the data is loaded (`peak_rss_mb_after_data`)."""
@@ -383,7 +367,7 @@ def main(argv=None) -> None:
     work = Path(args.work_dir)
     work.mkdir(parents=True, exist_ok=True)
     model = tiny_model(work / "tiny_model")
-    results: dict = {"machine": machine(), "date": time.strftime("%Y-%m-%d"), "arrow": [], "in_memory": []}
+    results: dict = {"machine": machine_description(), "date": time.strftime("%Y-%m-%d"), "arrow": [], "in_memory": []}
     if not args.skip_launch:
         results["mlqa_r_launch"] = {"arrow": run_launch("mlqa-r", REPO, work / "cache_mlqa", work, model)}
     for layer, sizes, code in (

@@ -244,20 +244,24 @@ def main(argv=None) -> None:
         print(json.dumps(figures))
         return
     sys.path.insert(0, str(REPO / "benchmarks"))
-    from data_scale import machine, tiny_model
+    from data_scale import tiny_model
 
     from hbt_accel.atomic import write_json
+    from hbt_accel.precision import machine_description
 
     work = Path(args.work_dir)
     work.mkdir(parents=True, exist_ok=True)
     if args.search_only:
         results = json.loads(Path(args.output).read_text()) if Path(args.output).is_file() else {}
-        results["search_1m_384d"] = search_384d(work) | {"machine": machine(), "date": time.strftime("%Y-%m-%d")}
+        results["search_1m_384d"] = search_384d(work) | {
+            "machine": machine_description(),
+            "date": time.strftime("%Y-%m-%d"),
+        }
         print(json.dumps(results["search_1m_384d"]))
         write_json(args.output, results)
         return
     model = tiny_model(work / "tiny_model")
-    results: dict = {"machine": machine(), "date": time.strftime("%Y-%m-%d"), "runs": []}
+    results: dict = {"machine": machine_description(), "date": time.strftime("%Y-%m-%d"), "runs": []}
     for passages in args.passages:
         root = write_corpus(work / f"miracl_{passages}", passages)
         rate_output = child(["--measure", "encoder_only", "--root", str(root), "--model", str(model)]).stdout

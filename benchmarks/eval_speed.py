@@ -26,7 +26,7 @@ import tracemalloc
 from pathlib import Path
 
 import numpy as np
-from report import invocation, run_benchmark, write_section
+from report import invocation, machine_line, run_benchmark, write_section
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -134,7 +134,7 @@ def main(argv=None) -> None:
 
         setup = (
             f"{len(languages)} languages, {len(texts[0]):,} questions, {len(texts[1]):,} candidates, "
-            f"torch {torch.__version__}, {torch.get_num_threads()} threads"
+            f"torch {torch.__version__}; {machine_line()}"
         )
         write_docs(Path(args.docs_dir), setup, rows, notes)
 

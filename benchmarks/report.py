@@ -14,6 +14,7 @@ ORDER = (
     "reproduction",
     "tuning",
     "train_speed",
+    "precision_auto",
     "eval_speed",
     "translation_check",
     "lir_probe",
@@ -25,6 +26,18 @@ ORDER = (
 def invocation() -> str:
     """How the running benchmark was called (`python benchmarks/<script>.py <arguments>`): a section's first line."""
     return " ".join(["python", f"benchmarks/{Path(sys.argv[0]).name}", *sys.argv[1:]])
+
+
+def machine_line() -> str:
+    """The machine a benchmark's figures come from, for its section: CPU, bf16 flags, threads, GPU, what auto chose."""
+    from hbt_accel.precision import machine_description
+
+    machine = machine_description()
+    flags = ", ".join(machine["cpu_bf16_flags"]) or "no native bf16"
+    return (
+        f"{machine['cpu']} ({flags}), {machine['torch_threads']} threads, GPU {machine['gpu'] or 'none'}; "
+        f"mixed_precision auto here: {machine['auto_training']}"
+    )
 
 
 def run_benchmark(main) -> None:

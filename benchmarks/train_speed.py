@@ -30,7 +30,7 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
-from report import invocation, run_benchmark, write_section
+from report import invocation, machine_line, run_benchmark, write_section
 
 from hbt_accel.atomic import write_atomic
 from hbt_accel.run_summary import SUMMARY_FILE
@@ -57,8 +57,11 @@ def mlqa_pairs(n: int) -> list[tuple[str, str]]:
     return pairs[:n]
 
 
-def time_sentence_transformers(pairs, steps: int, bf16: bool) -> list[float]:
-    """Per-step seconds of SentenceTransformerTrainer + MultipleNegativesRankingLoss."""
+def time_sentence_transformers(
+    pairs, steps: int, bf16: bool, model_path: str = "", device: str = "cpu"
+) -> list[float]:
+    """Per-step seconds of SentenceTransformerTrainer + MultipleNegativesRankingLoss (the embedded model unless
+    `model_path` names another)."""
     import datasets
     from sentence_transformers import (
         SentenceTransformer,
@@ -70,7 +73,7 @@ def time_sentence_transformers(pairs, steps: int, bf16: bool) -> list[float]:
 
     from hbt_accel.embedded import embedded_model_path
 
-    model = SentenceTransformer(str(embedded_model_path()), device="cpu")
+    model = SentenceTransformer(model_path or str(embedded_model_path()), device=device)
     model.max_seq_length = MAX_LENGTH
     dataset = datasets.Dataset.from_dict({"anchor": [q for q, _ in pairs], "positive": [p for _, p in pairs]})
     stamps: list[float] = []
@@ -87,7 +90,7 @@ def time_sentence_transformers(pairs, steps: int, bf16: bool) -> list[float]:
             learning_rate=2e-5,
             warmup_steps=0,
             bf16=bf16,
-            use_cpu=True,
+            use_cpu=device == "cpu",
             save_strategy="no",
             report_to="none",
             logging_steps=10_000,
@@ -293,7 +296,7 @@ def main() -> None:
         for name, seconds in ops:
             print(f"profile {precision}: {name:50s} {seconds:.3f} s/step")
     setup = (
-        f"torch {torch.__version__}, {os.cpu_count()} cores, batch {BATCH} pairs, max length {MAX_LENGTH}, "
+        f"{machine_line()}; torch {torch.__version__}, batch {BATCH} pairs, max length {MAX_LENGTH}, "
         f"{args.steps} steps (median after {args.warmup})"
     )
     table = ["| setup | s/step | samples/s | vs peer |", "|---|---|---|---|"]

@@ -205,3 +205,21 @@ def _read_cache(path: Path) -> dict:
     except (OSError, ValueError):
         return {}
     return cache if isinstance(cache, dict) else {}
+
+
+def machine_description() -> dict:
+    """What a benchmark records beside its timings: the CPU, its native-bf16 flags, the GPU if any, and what
+    `auto` chooses here for training and evaluation (with the reason)."""
+    caps = device_capabilities()
+    cpu, flags = cpu_description()
+    return {
+        "cpu": cpu,
+        "cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        "memory_gb": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
+        "cpu_bf16_flags": sorted(flag for flag in flags if flag in NATIVE_BF16_FLAGS),
+        "gpu": caps.name if caps.device == "cuda" else None,
+        "torch_threads": torch.get_num_threads(),
+        "bf16_probe_speedup": caps.bf16_speedup,
+        "auto_training": choose_precision("auto", caps).reason,
+        "auto_evaluation": eval_choice("auto", caps).reason,
+    }
