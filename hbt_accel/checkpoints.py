@@ -12,14 +12,16 @@ Training, evaluation, the Hub upload and the recipes all go through this module 
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
 import os
 import re
 import shutil
 from pathlib import Path
 
+from hbt_accel import faults
 from hbt_accel.atomic import write_json
-from hbt_accel.errors import DataError
+from hbt_accel.errors import DataError, DiskFull
 from hbt_accel.evaluation.schema import selection_score, summary_of
 
 PREFIX = "checkpoint-"
@@ -201,6 +203,20 @@ def save_model(accelerator, model, directory: Path) -> None:
     accelerator.wait_for_everyone()
 
 
+def disk_full(output_dir: Path, staging: Path, name: str) -> DiskFull:
+    """Remove the half-written checkpoint; the error names the folder, the space a checkpoint takes against what is
+    free, and the checkpoint a resume would use."""
+    previous = latest_checkpoint(output_dir)
+    needed = sum(f.stat().st_size for f in previous.rglob("*") if f.is_file()) if previous else None
+    shutil.rmtree(staging, ignore_errors=True)
+    free = shutil.disk_usage(output_dir).free
+    size = f"a checkpoint takes {needed / 2**20:,.0f} MB, " if needed else ""
+    return DiskFull(
+        f"{output_dir}: no space left on the device while saving {name} ({size}{free / 2**20:,.0f} MB free); the "
+        f"half-written {name} was removed; last good checkpoint: {previous or 'none'}"
+    )
+
+
 def save_checkpoint(accelerator, model, progress: TrainingProgress, output_dir: Path, total_limit: int) -> Path:
     """save_state + model + progress into checkpoint-<step> via a temp folder and a rename; keep the last
     `total_limit` (and the best)."""
@@ -209,8 +225,14 @@ def save_checkpoint(accelerator, model, progress: TrainingProgress, output_dir: 
     if accelerator.is_main_process and tmp.exists():
         shutil.rmtree(tmp)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
-    save_model(accelerator, model, tmp / MODEL_DIR)
+    try:
+        accelerator.save_state(str(tmp))
+        faults.at("save_checkpoint")
+        save_model(accelerator, model, tmp / MODEL_DIR)
+    except OSError as error:
+        if error.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        raise disk_full(output_dir, tmp, final.name) from None
     if accelerator.is_main_process:
         progress.save(tmp)
         write_manifest(tmp)

@@ -20,6 +20,13 @@ from hbt_accel.atomic import write_atomic
 from hbt_accel.data import shares_questions
 from hbt_accel.errors import ConfigError, DataError, PushFailed, TrainingDiverged, did_you_mean
 from hbt_accel.precision import PRECISIONS
+from hbt_accel.preemption import (
+    DEFAULT_SIGNALS,
+    INTERRUPT_EXIT_CODE,
+    REQUEUE_EXIT_CODE,
+    StopRequested,
+    check_signal_names,
+)
 from hbt_accel.sampling import STRATEGIES
 
 RECIPES_DIR = Path(__file__).resolve().parents[1] / "recipes"
@@ -176,6 +183,14 @@ class HbtConfig:
     save_steps: int = _field(0, "save a checkpoint every N steps; 0 = only at the end")
     save_total_limit: int = _field(2, "checkpoints to keep (the best one is kept on top when tracked)")
     resume_from_checkpoint: str = _field("", "'latest' or a checkpoint folder to resume from")
+    allow_config_change: bool = _field(
+        False, "resume although settings that define the run (batch, model, data, loss) differ from the checkpoint's"
+    )
+    preemption_signals: list = _field(
+        list(DEFAULT_SIGNALS),
+        "signals that make every rank save a checkpoint at the next step boundary (or between evaluation batches) and "
+        f"exit {REQUEUE_EXIT_CODE} to be requeued; Ctrl-C does the same with exit {INTERRUPT_EXIT_CODE}; [] = off",
+    )
     report_to: str = _field("none", "experiment tracker", choices=("none", "tensorboard"))
     dataloader_num_workers: int = _field(0, "tokenising workers; 0 = in the main process")
 
@@ -207,6 +222,7 @@ class HbtConfig:
             (bool(self.output_dir.strip()), "output_dir", "a folder (empty would write the run into the current one)"),
             (0.0 <= self.alpha <= 1.0, "alpha", "a probability in [0, 1]"),
             (0.0 < self.train_id_fraction <= 1.0, "train_id_fraction", "a share of the ids in (0, 1]"),
+            (_signal_names_valid(self.preemption_signals), "preemption_signals", "signal names such as SIGTERM"),
             (self.temperature > 0, "temperature", "a positive number"),
             (self.per_device_train_batch_size >= 1, "per_device_train_batch_size", "a positive integer"),
             (self.gradient_accumulation_steps >= 1, "gradient_accumulation_steps", "a positive integer"),
@@ -295,6 +311,46 @@ class HbtConfig:
 # --------------------------------------------------------------------------------------------------------------------
 # The parser
 # --------------------------------------------------------------------------------------------------------------------
+# Settings a resumed run may change: where things go, how often it logs, saves and evaluates, how long it trains.
+# Every other field defines the run (model, data, sampling, batch, loss, optimizer, precision, lengths): a resume
+# with another value would make the saved config and summary describe a run that never happened.
+RESUMABLE_CHANGES = frozenset(
+    {
+        "output_dir", "overwrite_output_dir", "resume_from_checkpoint", "allow_config_change", "preemption_signals",
+        "data_dir", "data_cache_dir", "max_steps", "num_train_epochs", "logging_steps", "save_steps",
+        "save_total_limit", "report_to", "dataloader_num_workers", "skip_nonfinite_steps", "eval_benchmark",
+        "eval_steps", "eval_languages", "eval_max_queries", "final_eval", "final_eval_max_queries", "eval_precision",
+        "metric_for_best_model", "push_to_hub", "hub_model_id", "hub_private", "hub_revision", "hub_push_checkpoints",
+    }
+)  # fmt: skip
+
+
+def check_resume_config(cfg: HbtConfig, saved_config: Path) -> None:
+    """ConfigError listing every run-defining field that differs from the checkpoint's run (old -> new)."""
+    if cfg.allow_config_change or not saved_config.is_file():
+        return
+    saved = dataclasses.asdict(parse_dataclass(HbtConfig, [], default_yaml=saved_config))
+    now = dataclasses.asdict(cfg)
+    changed = [
+        f"{key} {saved[key]!r} -> {now[key]!r}"
+        for key in now
+        if key not in RESUMABLE_CHANGES and saved[key] != now[key]
+    ]
+    if changed:
+        raise ConfigError(
+            f"resume_from_checkpoint: this run differs from the checkpoint's ({saved_config}): {'; '.join(changed)}; "
+            "resume with the same settings, or pass --allow_config_change true to continue anyway"
+        )
+
+
+def _signal_names_valid(names: list) -> bool:
+    try:
+        check_signal_names(names)
+    except ValueError:
+        return False
+    return True
+
+
 # Fields renamed since run folders were first saved: key -> (the field now, the old value turned into its value).
 RENAMED_KEYS = {
     "eval_bf16": ("eval_precision", lambda value: "bf16" if _coerce("eval_bf16", value, bool, None) else "no")
@@ -454,6 +510,14 @@ def run_cli(main, cls: type, argv: list[str] | None = None, default_yaml: str | 
     except (ConfigError, DataError) as error:
         print(f"error: {error}", file=sys.stderr)
         raise SystemExit(2) from None
+    except StopRequested as stop:
+        if stop.message:  # the main process: where the checkpoint is and how to resume
+            print(stop.message, file=sys.stderr)
+        raise SystemExit(stop.exit_code) from None
+    except KeyboardInterrupt:  # before training's own handler is in place, or a second Ctrl-C
+        print("error: interrupted (Ctrl-C); files are written whole or not at all, so nothing half-written remains",
+              file=sys.stderr)  # fmt: skip
+        raise SystemExit(INTERRUPT_EXIT_CODE) from None
     except TrainingDiverged as error:
         print(f"error: {error}", file=sys.stderr)
         raise SystemExit(3) from None

@@ -24,6 +24,15 @@ def _world_size() -> int:
     return dist.get_world_size()
 
 
+def all_ranks_agree(accelerator, ok: bool) -> bool:
+    """True when `ok` holds on every rank (one all-reduce); every rank must call it at the same point."""
+    if accelerator.num_processes == 1:
+        return ok
+    flag = torch.tensor([1 if ok else 0], dtype=torch.int64, device=accelerator.device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag.item())
+
+
 def all_gather_with_grad(t: torch.Tensor) -> torch.Tensor:
     """Concatenate `t` (N, ...) from every rank along dim 0 -> (W*N, ...), rank order.
 

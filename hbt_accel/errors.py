@@ -28,6 +28,11 @@ class DataError(ValueError):
     """Bad or missing data; the message names the file, field or language."""
 
 
+class DiskFull(DataError):
+    """No space left while saving: the message names the folder, the space needed and free, and the last good
+    checkpoint; nothing half-written is left to be picked up later."""
+
+
 class TrainingDiverged(RuntimeError):
     """A non-finite loss or gradient norm: the run stops at once; the message names the step, the value, the likely
     cause and the last good checkpoint. Entry points end it as one line with exit code 3."""

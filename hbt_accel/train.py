@@ -34,11 +34,12 @@ import torch
 from accelerate.utils import DistributedType, set_seed
 from transformers import get_scheduler
 
-from hbt_accel import cpu_attention
+from hbt_accel import cpu_attention, faults
 from hbt_accel.atomic import write_json
 from hbt_accel.batches import PairCollator, build_loader
 from hbt_accel.checkpoints import (
     TrainingProgress,
+    checkpoint_name,
     find_checkpoints,
     latest_checkpoint,
     resolve_resume,
@@ -46,7 +47,7 @@ from hbt_accel.checkpoints import (
     save_model,
     stale_staging_folders,
 )
-from hbt_accel.config import HbtConfig, save_config
+from hbt_accel.config import HbtConfig, check_resume_config, save_config
 from hbt_accel.console import TrainingProgressBar, make_console
 from hbt_accel.data import (
     CorpusStore,
@@ -55,9 +56,10 @@ from hbt_accel.data import (
     load_training_corpus,
     resolve_data_dir,
 )
-from hbt_accel.distributed import configure_cpu_threads, make_accelerator
+from hbt_accel.distributed import all_ranks_agree, configure_cpu_threads, make_accelerator
 from hbt_accel.embedded import check_model_name
 from hbt_accel.errors import ConfigError, TrainingDiverged
+from hbt_accel.evaluation.encoding import between_batches
 from hbt_accel.evaluation.schema import MAP_KEYS, check_selection_metric
 from hbt_accel.losses import CachedInfoNCELoss, InfoNCELoss, TrainingStep
 from hbt_accel.mining import (
@@ -77,6 +79,8 @@ from hbt_accel.modeling import (
     stale_save_folders,
 )
 from hbt_accel.precision import choose_precision, device_capabilities, eval_choice
+from hbt_accel.preemption import StopRequested, StopRequests
+from hbt_accel.run_lock import folder_in_use, lock_run_folder
 from hbt_accel.run_summary import CONFIG_FILE, SUMMARY_FILE, BatchArithmetic, TrainSummary
 from hbt_accel.sampling import HybridBatchSampler
 from hbt_accel.sparse_embedding import SparseEmbeddingGradient, sparse_embedding_gradient
@@ -129,6 +133,9 @@ class Session:
     embedding_gradient: SparseEmbeddingGradient | None = None  # sparse_embedding_gradient, where it applies
     nonfinite_steps: int = 0  # steps skipped for a NaN/inf loss or gradient (skip_nonfinite_steps)
     resumed_from: Path | None = None  # the checkpoint this run continues
+    stops: StopRequests | None = None  # preemption signals and Ctrl-C, while the loop runs
+    saved_step: int = -1  # the step of the newest checkpoint this process saved
+    run_lock: object = None  # the run folder's lock (hbt_accel.run_lock), held while the session lives
 
     @property
     def output_dir(self) -> Path:
@@ -160,10 +167,35 @@ class LoopClock:
 
 
 def train(cfg: HbtConfig) -> TrainResult:
-    """Train, save, evaluate; returns the summary, the final evaluation results and the output paths."""
+    """Train, save, evaluate; returns the summary, the final evaluation results and the output paths.
+
+    A stop signal (`preemption_signals`, Ctrl-C) is agreed on by every rank at the next step boundary or encoder
+    batch; they save checkpoint-<step> together and `StopRequested` ends the run (the CLI exits 75, or 130)."""
     session = setup(cfg)
-    run_loop(session)
-    return finalize(session)
+    with StopRequests(cfg.preemption_signals, session.accelerator.device) as stops, between_batches(stops.check):
+        session.stops = stops
+        try:
+            run_loop(session)
+            return finalize(session)
+        except StopRequested as stop:
+            save_for_resume(session, stop)
+            raise
+
+
+def save_for_resume(session: Session, stop: StopRequested) -> None:
+    """Every rank saves the current step's checkpoint together (unless it was just saved); the main process's
+    exception says where and how to resume."""
+    started, step = time.perf_counter(), session.progress.global_step
+    checkpoint = session.output_dir / checkpoint_name(step)
+    if session.saved_step != step:
+        checkpoint = save_checkpoint(
+            session.accelerator, session.model, session.progress, session.output_dir, session.cfg.save_total_limit
+        )
+    if session.accelerator.is_main_process:
+        stop.message = (
+            f"{stop.describe()} at step {step} of {session.plan.max_steps}: saved {checkpoint} "
+            f"({time.perf_counter() - started:.1f} s); resume: the same command with --resume_from_checkpoint latest"
+        )
 
 
 main = train  # the recipes' entry point
@@ -262,6 +294,11 @@ def start(cfg: HbtConfig):
     check_output_dir(cfg)
     check_model_name(cfg.model_name_or_path)
     resume = resolve_resume(cfg.resume_from_checkpoint, Path(cfg.output_dir))
+    if resume[0] is not None:
+        check_resume_config(cfg, resume[0].parent / CONFIG_FILE)
+    in_use = folder_in_use(Path(cfg.output_dir)) if accelerator.is_main_process else None
+    if not all_ranks_agree(accelerator, in_use is None):
+        raise ConfigError(in_use or f"output_dir: {cfg.output_dir} is in use by another run")
     check_selection_metric(cfg.metric_for_best_model)
     check_num_layers(cfg.model_name_or_path, cfg.num_layers)  # the model's config only, not its weights
     if cfg.push_to_hub:
@@ -466,6 +503,15 @@ def open_run_folder(session: Session, resume: tuple[Path | None, list[str]]) -> 
         if skipped:
             session.console.print(f"skipped incomplete checkpoint(s): {'; '.join(skipped)}")
         output_dir.mkdir(parents=True, exist_ok=True)
+    lost = None
+    if accelerator.is_main_process:
+        try:
+            session.run_lock = lock_run_folder(output_dir)  # two runs that passed the early check at once: one wins
+        except ConfigError as error:
+            lost = str(error)
+    if not all_ranks_agree(accelerator, lost is None):
+        raise ConfigError(lost or f"output_dir: {output_dir} is in use by another run")
+    if accelerator.is_main_process:
         save_config(cfg, output_dir / CONFIG_FILE)
     if cfg.report_to != "none":
         accelerator.init_trackers("hbt", config={k: str(v) for k, v in dataclasses.asdict(cfg).items()})
@@ -553,6 +599,7 @@ def train_step(session: Session, batch: dict) -> torch.Tensor:
     accelerator, model, cfg = session.accelerator, session.model, session.cfg
     with accelerator.accumulate(model):
         loss = session.loss_fn.training_step(model, batch, accelerator)
+        faults.at("train_step")
         if accelerator.sync_gradients:
             if session.embedding_gradient is not None:
                 session.embedding_gradient.densify()
@@ -612,6 +659,8 @@ def run_loop(session: Session) -> None:
             progress.global_step += 1
             log_step(session, clock, bar, losses)
             clock.update_train_seconds()
+            if session.stops is not None:
+                session.stops.check()
             checkpoint_and_evaluate(session)
             refresh_negatives(session)
             if progress.global_step >= session.plan.max_steps:
@@ -656,6 +705,7 @@ def checkpoint_and_evaluate(session: Session) -> None:
     session.progress.eval_seconds += time.perf_counter() - eval_started
     progress, limit = session.progress, cfg.save_total_limit
     checkpoint = save_checkpoint(accelerator, session.model, progress, session.output_dir, limit)
+    session.saved_step = step
     if results is not None:
         _report_periodic(session, results, checkpoint)
     if cfg.hub_push_checkpoints and cfg.push_to_hub:
@@ -682,6 +732,8 @@ def run_evaluation(session: Session, full: bool, per_query: list | None = None) 
     from hbt_accel.evaluation import evaluate_grid
 
     cfg = session.cfg
+    if not full:
+        faults.at("evaluation")
     languages = None if full else (cfg.eval_languages or None)
     max_queries = cfg.final_eval_max_queries if full else cfg.eval_max_queries
     benchmark = load_lareqa_benchmark(cfg.eval_benchmark, languages=languages, data_dir=cfg.data_dir or None)
