@@ -137,6 +137,25 @@ def check_model_name(name_or_path: str, field: str = "model_name_or_path") -> No
     local = name_or_path.startswith((".", "/", "~")) or len(parts) > 2 or (len(parts) == 2 and Path(parts[0]).is_dir())
     if local:
         raise ConfigError(f"{field}: {name_or_path} not found (a local model folder; a Hub id looks like org/name)")
+    check_hub_model_reachable(name_or_path, field)
+
+
+def check_hub_model_reachable(model_id: str, field: str) -> None:
+    """A Hub id must be in the local cache or downloadable now: its config (a few kB) is fetched, so a missing
+    network, HF_HUB_OFFLINE=1 without the files or a wrong id fails in one line before data or weights load."""
+    from transformers import AutoConfig
+
+    from hbt_accel.errors import ConfigError
+
+    try:
+        AutoConfig.from_pretrained(model_id)
+    except (OSError, ValueError) as error:
+        offline = " (HF_HUB_OFFLINE is set)" if os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0") else ""
+        reason = str(error).strip().splitlines()[0]
+        raise ConfigError(
+            f"{field}: cannot get the Hub model {model_id}{offline}: {reason} Download it where the network works "
+            "(it is then cached in $HF_HOME), or give a local folder."
+        ) from None
 
 
 # ----------------------------------------------------------------------------------------------------------------

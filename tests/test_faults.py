@@ -174,3 +174,16 @@ def test_an_evaluation_interrupted_by_ctrl_c_is_one_line(tiny_model_dir, tmp_pat
     )
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "ev").exists()
+
+
+def test_a_hub_model_without_network_or_cache_is_one_line_before_the_data_loads(tmp_path):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "empty_hf_home")}
+    command = [sys.executable, "recipes/train_hybrid.py", "--model_name_or_path", "someone/no-such-model"]
+    result = subprocess.run([*command, "--output_dir", str(tmp_path / "run")], capture_output=True, text=True,
+                            cwd=REPO, env=env)  # fmt: skip
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(
+        "error: model_name_or_path: cannot get the Hub model someone/no-such-model (HF_HUB_OFFLINE is set)"
+    )
+    assert "query-passage pairs" not in result.stdout and not (tmp_path / "run").exists()
