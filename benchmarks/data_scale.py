@@ -29,13 +29,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+from hbt_accel.distributed import process_memory_mb
 from hbt_accel.precision import machine_description
 
 REPO = Path(__file__).resolve().parents[1]
@@ -88,12 +88,7 @@ def memory_now_mb() -> dict:
 
 
 def peak_rss_mb() -> float:
-    """This process's peak resident memory (VmHWM). Not ru_maxrss: Linux carries that across exec, so a child
-    would report at least its parent's peak."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024  # kB
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return process_memory_mb()["peak"]
 
 
 def measure_load(source: str) -> dict:

@@ -119,7 +119,7 @@ def in_fresh_process(task: str, *arguments: str):
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
-def time_peer(pairs_path: Path, steps: int, bf16: bool) -> list[float]:
+def time_peer(pairs_path: Path, steps: int, bf16: bool) -> dict:
     return in_fresh_process("time_peer", str(pairs_path), str(steps), str(int(bf16)))
 
 
@@ -144,8 +144,9 @@ def hbt_flags(pairs_path: Path, steps: int, output_dir: str, extra: list[str]) -
 README_LAUNCHER = ["accelerate", "launch"]  # the README's first command, no accelerate config
 
 
-def time_command(pairs_path: Path, steps: int, extra: list[str], launcher: list[str], env: dict) -> tuple[list, float]:
-    """(per-step seconds from the run's own log, wall seconds of the whole command) of recipes/train_hybrid.py."""
+def time_command(pairs_path: Path, steps: int, extra: list[str], launcher: list[str], env: dict) -> dict:
+    """{seconds: per-step seconds from the run's own log, wall: seconds of the whole command, peak_rss_mb: the main
+    training process's peak memory from its summary} of recipes/train_hybrid.py."""
     with tempfile.TemporaryDirectory() as output_dir:
         script = str(REPO / "recipes" / "train_hybrid.py")
         command = [*launcher, script, *hbt_flags(pairs_path, steps, output_dir, extra)]
@@ -155,10 +156,11 @@ def time_command(pairs_path: Path, steps: int, extra: list[str], launcher: list[
         if result.returncode != 0:
             raise RuntimeError(f"hbt_accel run failed ({' '.join(command)}):\n{result.stderr[-2000:]}")
         summary = json.loads((Path(output_dir) / SUMMARY_FILE).read_text())
-    return [BATCH / record["samples_per_second"] for record in summary["history"]], wall
+    seconds = [BATCH / record["samples_per_second"] for record in summary["history"]]
+    return {"seconds": seconds, "wall": wall, "peak_rss_mb": summary.get("peak_rss_mb")}
 
 
-def time_in_process(pairs_path: Path, steps: int, extra: list[str]) -> list[float]:
+def time_in_process(pairs_path: Path, steps: int, extra: list[str]) -> dict:
     """Per-step seconds of the library's train_step (see `_time_steps_here`)."""
     return in_fresh_process("time_steps", str(pairs_path), str(steps), *extra)
 
@@ -210,10 +212,19 @@ def _profile_here(pairs_path: Path, precision: str, steps: int = 3, top: int = 1
 
 # What `in_fresh_process` runs: name -> function of the command-line arguments after the name.
 TASKS = {
-    "time_peer": lambda args: time_sentence_transformers(read_pairs(Path(args[0])), int(args[1]), args[2] == "1"),
-    "time_steps": lambda args: _time_steps_here(Path(args[0]), int(args[1]), args[2:]),
+    "time_peer": lambda args: with_peak_memory(
+        time_sentence_transformers(read_pairs(Path(args[0])), int(args[1]), args[2] == "1")
+    ),
+    "time_steps": lambda args: with_peak_memory(_time_steps_here(Path(args[0]), int(args[1]), args[2:])),
     "profile": lambda args: _profile_here(Path(args[0]), args[1]),
 }
+
+
+def with_peak_memory(seconds: list[float]) -> dict:
+    """A fresh process's step times with its peak resident memory (VmHWM), for the table's memory column."""
+    from hbt_accel.distributed import process_memory_mb
+
+    return {"seconds": seconds, "peak_rss_mb": process_memory_mb().get("peak")}
 
 
 def _quiet_env() -> dict:
@@ -231,24 +242,25 @@ def steady(seconds: list[float], warmup: int) -> float:
     return statistics.median(seconds[warmup:])
 
 
-def measure(pairs_path: Path, args) -> list[tuple[str, float, float | None]]:
-    """(setup, seconds per step, the peer's seconds per step at the same precision or None) for every row."""
+def row(name: str, timed: dict, warmup: int, peer: float | None) -> tuple:
+    """(setup, seconds per step, the peer's seconds per step at the same precision or None, peak memory MB)."""
+    return name, steady(timed["seconds"], warmup), peer, timed.get("peak_rss_mb")
+
+
+def measure(pairs_path: Path, args) -> list[tuple]:
+    """A `row` for every setup."""
     rows, steps, warmup = [], args.steps, args.warmup
     for precision in ("fp32", "bf16"):
         flags = ["--mixed_precision", "no" if precision == "fp32" else "bf16"]
-        bf16 = precision == "bf16"
-        peer = steady(time_peer(pairs_path, steps, bf16), warmup)
-        rows.append((f"sentence-transformers, {precision}", peer, None))
-        rows.append(
-            (
-                f"hbt_accel, {precision}, in-process train_step",
-                steady(time_in_process(pairs_path, steps, flags), warmup),
-                peer,
-            )
-        )
-        step_seconds, wall = time_command(pairs_path, steps, flags, README_LAUNCHER, _quiet_env())
-        name = f"hbt_accel, {precision}, the README's `accelerate launch` command ({wall:.0f} s for {steps} steps)"
-        rows.append((name, steady(step_seconds, warmup), peer))
+        rows.append(row(f"sentence-transformers, {precision}", time_peer(pairs_path, steps, precision == "bf16"),
+                        warmup, None))  # fmt: skip
+        peer = rows[-1][1]
+        in_process = time_in_process(pairs_path, steps, flags)
+        rows.append(row(f"hbt_accel, {precision}, in-process train_step", in_process, warmup, peer))
+        launched = time_command(pairs_path, steps, flags, README_LAUNCHER, _quiet_env())
+        wall = f"{launched['wall']:.0f} s for {steps} steps"
+        name = f"hbt_accel, {precision}, the README's `accelerate launch` command ({wall})"
+        rows.append(row(name, launched, warmup, peer))
     peer_fp32, peer_bf16 = rows[0][1], rows[3][1]
     speed_paths_off = ["--cpu_training_attention", "false", "--sparse_embedding_gradient", "false"]
     variants = [
@@ -258,15 +270,16 @@ def measure(pairs_path: Path, args) -> list[tuple[str, float, float | None]]:
         ("hbt_accel, bf16 + frozen word embeddings (the default recipe)", ["--freeze_word_embeddings", "true"]),
     ]
     for name, flags in variants:
-        seconds = steady(time_in_process(pairs_path, steps, ["--mixed_precision", "bf16", *flags]), warmup)
-        rows.append((name, seconds, peer_bf16))
+        rows.append(
+            row(name, time_in_process(pairs_path, steps, ["--mixed_precision", "bf16", *flags]), warmup, peer_bf16)
+        )
     if not args.skip_distributed:
         for name, config in (("DDP 2 processes", "cpu_ddp.yaml"), ("ZeRO-2 2 processes", "deepspeed_zero2.yaml")):
             launcher = ["accelerate", "launch", "--config_file", str(REPO / "accelerate_configs" / config)]
             # global batch 32 = 16 per process, so the work per step equals the single-process runs
             flags = ["--mixed_precision", "no", "--per_device_train_batch_size", str(BATCH // 2)]
-            step_seconds, _ = time_command(pairs_path, steps, flags, launcher, _quiet_env())
-            rows.append((f"hbt_accel, fp32, {name}", steady(step_seconds, warmup), peer_fp32))
+            launched = time_command(pairs_path, steps, flags, launcher, _quiet_env())
+            rows.append(row(f"hbt_accel, fp32, {name}", launched, warmup, peer_fp32))
     return rows
 
 
@@ -299,18 +312,21 @@ def main() -> None:
         f"{machine_line()}; torch {torch.__version__}, batch {BATCH} pairs, max length {MAX_LENGTH}, "
         f"{args.steps} steps (median after {args.warmup})"
     )
-    table = ["| setup | s/step | samples/s | vs peer |", "|---|---|---|---|"]
+    table = ["| setup | s/step | samples/s | vs peer | peak memory MB |", "|---|---|---|---|---|"]
     print(f"\n{setup}")
-    for name, seconds, peer in rows:
+    for name, seconds, peer, peak in rows:
         ratio = f"{peer / seconds:.2f}x" if peer else ""
-        print(f"{name:90s} {seconds:8.3f} s/step {BATCH / seconds:8.1f} samples/s {ratio:>7s}")
-        table.append(f"| {name} | {seconds:.3f} | {BATCH / seconds:.1f} | {ratio} |")
+        memory = f"{peak:,.0f}" if peak else ""
+        print(f"{name:90s} {seconds:8.3f} s/step {BATCH / seconds:8.1f} samples/s {ratio:>7s} {memory:>8s} MB")
+        table.append(f"| {name} | {seconds:.3f} | {BATCH / seconds:.1f} | {ratio} | {memory} |")
     if args.docs_dir:
         write_docs(Path(args.docs_dir), setup, rows, table, profiles)
 
 
 def write_docs(docs: Path, setup: str, rows, table: list[str], profiles: dict) -> None:
-    records = [{"setup": n, "seconds_per_step": s, "samples_per_second": BATCH / s} for n, s, _ in rows]
+    records = [
+        {"setup": n, "seconds_per_step": s, "samples_per_second": BATCH / s, "peak_rss_mb": m} for n, s, _, m in rows
+    ]
     write_atomic(docs / "train_speed.json", json.dumps({"setup": setup, "rows": records}, indent=2) + "\n")
     command = invocation()
     body = [

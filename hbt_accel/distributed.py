@@ -102,6 +102,21 @@ def configure_cpu_threads() -> str:
     return f"{torch.get_num_threads()} CPU threads per process ({why})"
 
 
+# =====================================================================================================================
+# Process memory
+# =====================================================================================================================
+def process_memory_mb() -> dict:
+    """This process's resident memory now (`rss`) and its peak so far (`peak`, VmHWM), in MB, from /proc (Linux);
+    {} elsewhere. Not ru_maxrss for the peak: Linux carries that across exec, so a child would report at least its
+    parent's peak."""
+    try:
+        lines = Path("/proc/self/status").read_text().splitlines()
+    except OSError:
+        return {}
+    fields = {line.split(":")[0]: int(line.split()[1]) / 1024 for line in lines if line.startswith(("VmRSS", "VmHWM"))}
+    return {"rss": fields.get("VmRSS", 0.0), "peak": fields.get("VmHWM", 0.0)}
+
+
 def _flag(name: str) -> bool:
     return os.environ.get(name, "").strip().lower() in {"1", "true", "yes", "y", "on"}
 

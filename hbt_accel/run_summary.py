@@ -76,6 +76,7 @@ class TrainSummary:
     history: list = field(default_factory=list)  # one record per logging step
     evaluations: list = field(default_factory=list)  # periodic scores by step
     parameters: dict = field(default_factory=dict)  # DualEncoder.parameter_counts() of the model as trained
+    peak_rss_mb: float | None = None  # the main process's peak resident memory, evaluation included
 
     def to_json(self) -> dict:
         """The train_summary.json content (the config itself is saved beside it as hbt_config.yaml)."""
@@ -93,4 +94,5 @@ class TrainSummary:
             "evaluations": self.evaluations,
             "eval_seconds": self.eval_seconds,
             "parameters": self.parameters,
+            "peak_rss_mb": self.peak_rss_mb,
         }

@@ -25,7 +25,6 @@ import dataclasses
 import json
 import math
 import os
-import platform
 import shutil
 import time
 from pathlib import Path
@@ -56,7 +55,7 @@ from hbt_accel.data import (
     load_training_corpus,
     resolve_data_dir,
 )
-from hbt_accel.distributed import all_ranks_agree, configure_cpu_threads, make_accelerator
+from hbt_accel.distributed import all_ranks_agree, configure_cpu_threads, make_accelerator, process_memory_mb
 from hbt_accel.embedded import check_model_name
 from hbt_accel.errors import ConfigError, TrainingDiverged
 from hbt_accel.evaluation.encoding import between_batches
@@ -78,7 +77,7 @@ from hbt_accel.modeling import (
     describe_parameters,
     stale_save_folders,
 )
-from hbt_accel.precision import choose_precision, device_capabilities, eval_choice
+from hbt_accel.precision import choose_precision, cpu_description, device_capabilities, eval_choice
 from hbt_accel.preemption import StopRequested, StopRequests
 from hbt_accel.run_lock import folder_in_use, lock_run_folder
 from hbt_accel.run_summary import CONFIG_FILE, SUMMARY_FILE, BatchArithmetic, TrainSummary
@@ -682,6 +681,7 @@ def log_step(session: Session, clock: LoopClock, bar: TrainingProgressBar, losse
     bar.update(step, loss=mean_loss, lr=lr, throughput=throughput, counts=counts, log_line=log_now)
     if log_now:
         entry = {"step": step, "loss": mean_loss, "lr": lr, "samples_per_second": throughput, **counts}
+        entry["rss_mb"] = round(process_memory_mb().get("rss", 0.0))  # memory must stay flat over the steps
         progress.history.append(entry)
         accelerator.log({"train/loss": mean_loss, "train/lr": lr, "train/samples_per_second": throughput}, step=step)
         clock.new_window()
@@ -803,8 +803,7 @@ def build_summary(session: Session) -> TrainSummary:
         for source, c in zip(session.cfg.train_data, session.corpora)
     ]
     device = (
-        f"{session.accelerator.device.type} ({platform.processor() or platform.machine()}, "
-        f"{torch.get_num_threads()} threads per process)"
+        f"{session.accelerator.device.type} ({cpu_description()[0]}, {torch.get_num_threads()} threads per process)"
     )
     return TrainSummary(
         config=session.cfg,
@@ -819,4 +818,5 @@ def build_summary(session: Session) -> TrainSummary:
         history=progress.history,
         evaluations=progress.evaluations,
         parameters=session.parameters,
+        peak_rss_mb=process_memory_mb().get("peak"),
     )

@@ -305,9 +305,8 @@ def test_a_diverging_run_stops_in_one_line_naming_the_last_good_checkpoint(tiny_
     shutil.rmtree(out / "checkpoint-3")
     good = load_file(out / "checkpoint-2" / "model" / "model.safetensors")
     # temperature 1e-40: scores / temperature overflow, the loss is NaN from the first step after the resume
-    result = train(
-        *common, "--max_steps", "4", "--temperature", "1e-40", "--resume_from_checkpoint", "latest", check=False
-    )
+    diverging = ["--temperature", "1e-40", "--allow_config_change", "true"]  # a deliberate change of settings
+    result = train(*common, "--max_steps", "4", *diverging, "--resume_from_checkpoint", "latest", check=False)
     assert result.returncode == 3, result.stderr[-2000:]
     assert "warning: temperature 1e-40 is far below the usual 0.01-0.1: scores are multiplied by 1e+40" in (
         result.stdout
