@@ -85,6 +85,18 @@ def choose_cpu_threads(
     return max(1, cores // local_processes), f"{cores} cores / {local_processes} process(es) on this machine"
 
 
+ONEDNN_KERNEL_CACHE = 64  # kernels oneDNN keeps (its default, 1,024, grew a training process by ~60 MB a step)
+
+
+def bound_onednn_kernel_cache() -> None:
+    """Cap oneDNN's per-shape kernel cache unless the user set ONEDNN_PRIMITIVE_CACHE_CAPACITY. Each cached kernel
+    keeps its reordered weights; with a new packed shape per step (bf16 on CPU) the default cache held GBs after a
+    hundred steps. Measured (default recipe, 40 steps, bf16, Intel Xeon with AMX): 5.9 GB and growing by default,
+    a flat ~4.0 GB with 64 kernels and packed rows filled to 128 tokens, at the same speed. Must run before the
+    process's first oneDNN kernel is built (it is read once, when the cache is created)."""
+    os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", str(ONEDNN_KERNEL_CACHE))
+
+
 def configure_cpu_threads() -> str:
     """Set torch's intra-op threads for this process (see `choose_cpu_threads`); returns a line for the log."""
     launcher = Path(f"/proc/{os.getppid()}")

@@ -146,6 +146,16 @@ def describe_parameters(counts: dict[str, int]) -> str:
     )
 
 
+PACKED_TOKEN_MULTIPLE = 128  # packed rows are filled up to a multiple of this many tokens (`_embed_packed`)
+
+
+def filler_lengths(tokens: int, longest: int, multiple: int = PACKED_TOKEN_MULTIPLE) -> list[int]:
+    """Lengths of the filler sequences that bring `tokens` to a multiple of `multiple`, none longer than `longest`
+    (a longer one would widen its attention group's padding)."""
+    missing = -tokens % multiple
+    return [longest] * (missing // longest) + ([missing % longest] if missing % longest else [])
+
+
 class DualEncoder(nn.Module):
     """Shared-weight encoder: `forward(input_ids, attention_mask) -> (N, d)` pooled (+ L2 normalised)."""
 
@@ -296,14 +306,27 @@ class DualEncoder(nn.Module):
         return self._pool(hidden, attention_mask)
 
     def _embed_packed(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """Right-padded (N, L) rows -> (N, d), computing only the T real tokens (hbt_accel/cpu_attention.py)."""
+        """Right-padded (N, L) rows -> (N, d), computing only the T real tokens (hbt_accel/cpu_attention.py).
+
+        The packed row is filled up to a multiple of `PACKED_TOKEN_MULTIPLE` with filler sequences (no longer than the
+        longest real one, attending only to themselves, dropped after): the linear layers then see a few dozen shapes
+        in a run instead of a new one every step, and oneDNN's per-shape kernel cache (up to 1,024 kernels, each with
+        its reordered weights) stops growing with the steps; the real tokens' values do not change."""
         real = attention_mask.bool()  # (N, L)
+        lengths = attention_mask.sum(dim=1)  # (N,)
+        ids = input_ids[real]  # (T,)
         positions = torch.arange(input_ids.size(1), device=input_ids.device).expand_as(input_ids)[real]  # (T,)
+        total, fill = len(ids), filler_lengths(len(ids), int(lengths.max()))
+        if fill:
+            filler_positions = torch.cat([torch.arange(n, device=ids.device) for n in fill])
+            ids = torch.cat([ids, ids.new_full((sum(fill),), int(input_ids[0, 0]))])  # any token: nothing reads it
+            positions = torch.cat([positions, filler_positions])
+            lengths = torch.cat([lengths, lengths.new_tensor(fill)])
         packed = self.backbone(
-            input_ids=input_ids[real].unsqueeze(0),
+            input_ids=ids.unsqueeze(0),
             position_ids=positions.unsqueeze(0),
-            packed_layout=PackedLayout.of(attention_mask.sum(dim=1), self.length_buckets),
-        ).last_hidden_state[0]  # (T, H)
+            packed_layout=PackedLayout.of(lengths, self.length_buckets),
+        ).last_hidden_state[0, :total]  # (T, H)
         hidden = packed.new_zeros(*real.shape, packed.shape[-1]).index_put((real,), packed)  # (N, L, H)
         return self._pool(hidden, attention_mask)
 

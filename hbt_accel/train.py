@@ -55,7 +55,13 @@ from hbt_accel.data import (
     load_training_corpus,
     resolve_data_dir,
 )
-from hbt_accel.distributed import all_ranks_agree, configure_cpu_threads, make_accelerator, process_memory_mb
+from hbt_accel.distributed import (
+    all_ranks_agree,
+    bound_onednn_kernel_cache,
+    configure_cpu_threads,
+    make_accelerator,
+    process_memory_mb,
+)
 from hbt_accel.embedded import check_model_name
 from hbt_accel.errors import ConfigError, TrainingDiverged
 from hbt_accel.evaluation.encoding import between_batches
@@ -282,6 +288,7 @@ def start(cfg: HbtConfig):
     """-> (the config with its precisions chosen, the accelerator, log lines (CPU threads and precisions, and why),
     the checkpoint to resume from with the incomplete ones skipped: `resolve_resume`)."""
     threads = configure_cpu_threads()  # before any work: accelerate launch would leave one core per process
+    bound_onednn_kernel_cache()  # before the first bf16 kernel (the precision probe's)
     cfg, precision_lines = with_precision(cfg)  # after the threads: the bf16 probe runs on them
     accelerator = make_accelerator(
         mixed_precision=cfg.mixed_precision,

@@ -108,13 +108,14 @@ class EvaluateArguments:
 
 
 def main(args: EvaluateArguments) -> None:
-    from hbt_accel.distributed import configure_cpu_threads
+    from hbt_accel.distributed import bound_onednn_kernel_cache, configure_cpu_threads
     from hbt_accel.evaluation import plot_metrics_by_step, print_metrics_by_step
     from hbt_accel.evaluation.grid import RESULTS_FILE
     from hbt_accel.precision import device_capabilities, eval_choice
 
     # ---------------------------------------------------------------- processes (a launch splits the encoding)
     threads = configure_cpu_threads()  # accelerate launch would leave one core per process
+    bound_onednn_kernel_cache()
     accelerator = None
     if "LOCAL_RANK" in os.environ:
         from hbt_accel.distributed import make_accelerator

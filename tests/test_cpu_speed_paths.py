@@ -152,6 +152,16 @@ def test_packed_rows_give_the_padded_embeddings_and_gradients(tiny_model_dir, xl
         torch.testing.assert_close(results[1][1][name], grad, atol=1e-6, rtol=1e-5, msg=name)
 
 
+def test_filler_brings_the_packed_row_to_a_multiple_without_longer_rows():
+    from hbt_accel.modeling import PACKED_TOKEN_MULTIPLE, filler_lengths
+
+    for tokens, longest in [(5000, 96), (5120, 96), (129, 10), (1, 1), (4999, 200)]:
+        fill = filler_lengths(tokens, longest)
+        assert (tokens + sum(fill)) % PACKED_TOKEN_MULTIPLE == 0 and sum(fill) < PACKED_TOKEN_MULTIPLE
+        assert all(0 < n <= longest for n in fill)
+    assert filler_lengths(5120, 96) == [] and filler_lengths(5000, 96) == [96, 24]
+
+
 def test_packed_layout_cuts_length_sorted_groups_out_of_the_packed_row():
     layout = PackedLayout.of(torch.tensor([3, 1, 2, 4]), groups=2)  # tokens 0-2, 3, 4-5, 6-9
     longest_two, shortest_two = layout.groups
