@@ -302,8 +302,8 @@ def test_progress_line_prints_at_most_every_interval(capsys):
     line(50, 100)  # t=20: 5 s after the last line
     line(90, 100)  # t=31: printed
     assert capsys.readouterr().out.splitlines() == [
-        "encoding passage texts: 40/100 (3 texts/s)",
-        "encoding passage texts: 90/100 (3 texts/s)",
+        "encoding passage texts: 40/100 (3 texts/s, about 22s left)",
+        "encoding passage texts: 90/100 (3 texts/s, about 3s left)",
     ]
 
 

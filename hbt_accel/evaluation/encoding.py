@@ -49,8 +49,19 @@ class ProgressLine:
         now = self.clock()
         if self.enabled and now - self.last >= self.every:
             rate = done / max(now - self.start, 1e-9)
-            print(f"encoding {self.kind} texts: {done:,}/{total:,} ({rate:.0f} texts/s)", flush=True)
+            left = time_left((total - done) / rate) if rate > 0 else "unknown time"
+            line = f"encoding {self.kind} texts: {done:,}/{total:,} ({rate:.0f} texts/s, about {left} left)"
+            print(line, flush=True)
             self.last = now
+
+
+def time_left(seconds: float) -> str:
+    """A duration for a progress line: 45s, 3m 07s, 2h 05m."""
+    seconds = int(max(0.0, seconds))
+    hours, minutes = seconds // 3600, seconds // 60 % 60
+    if hours:
+        return f"{hours}h {minutes:02d}m"
+    return f"{minutes}m {seconds % 60:02d}s" if minutes else f"{seconds}s"
 
 
 def encode_texts(

@@ -35,6 +35,7 @@ from hbt_accel.atomic import is_sealed, seal_folder, write_atomic
 from hbt_accel.data.cache import _slug, build_once, cache_root, fingerprint
 from hbt_accel.data.store import _ChunkedColumn, _IpcWriter
 from hbt_accel.errors import DataError
+from hbt_accel.evaluation.encoding import time_left
 
 PASSAGES_FORMAT = "hbt-accel passage store v1"
 EMBEDDINGS_FORMAT = "hbt-accel embedding shards v1"
@@ -361,16 +362,8 @@ class CorpusProgress:
             return
         self.last = now
         rate = (done - self.already_done) / max(now - self.start, 1e-9)
-        left = _duration((self.total - done) / rate) if rate > 0 else "unknown time"
+        left = time_left((self.total - done) / rate) if rate > 0 else "unknown time"
         self.log(f"encoding passages: {done:,}/{self.total:,} texts ({rate:,.0f} texts/s, about {left} left)")
-
-
-def _duration(seconds: float) -> str:
-    seconds = int(max(0.0, seconds))
-    hours, minutes = seconds // 3600, seconds // 60 % 60
-    if hours:
-        return f"{hours}h {minutes:02d}m"
-    return f"{minutes}m {seconds % 60:02d}s" if minutes else f"{seconds}s"
 
 
 # =====================================================================================================================
