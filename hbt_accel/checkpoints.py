@@ -132,9 +132,13 @@ def rotate_checkpoints(run_dir: Path, limit: int, keep: str = "") -> None:
 
 def resolve_resume(value: str, output_dir: Path) -> tuple[Path | None, list[str]]:
     """`resume_from_checkpoint` -> (the checkpoint folder, the newer incomplete checkpoints skipped on the way):
-    '' = none, 'latest' = the newest complete one in output_dir, else a path that must be complete."""
-    if not value:
+    '' = none, 'latest' = the newest complete one in output_dir, 'auto' = 'latest' when output_dir has a checkpoint,
+    else none (a requeued job's one command for its first start and every restart), else a path that must be
+    complete."""
+    if not value or (value == "auto" and not find_checkpoints(output_dir)):
         return None, []
+    if value == "auto":
+        value = "latest"
     if value == "latest":
         latest, skipped = latest_complete_checkpoint(output_dir)
         if latest is None:

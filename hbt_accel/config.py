@@ -182,7 +182,9 @@ class HbtConfig:
     logging_steps: int = _field(10, "log loss/lr/throughput every N steps")
     save_steps: int = _field(0, "save a checkpoint every N steps; 0 = only at the end")
     save_total_limit: int = _field(2, "checkpoints to keep (the best one is kept on top when tracked)")
-    resume_from_checkpoint: str = _field("", "'latest' or a checkpoint folder to resume from")
+    resume_from_checkpoint: str = _field(
+        "", "'latest', a checkpoint folder, or 'auto' (latest if output_dir has a checkpoint, else a fresh start)"
+    )
     allow_config_change: bool = _field(
         False, "resume although settings that define the run (batch, model, data, loss) differ from the checkpoint's"
     )

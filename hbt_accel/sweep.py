@@ -29,6 +29,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import submitit
+
 from hbt_accel.atomic import write_json
 from hbt_accel.checkpoints import find_checkpoints, latest_checkpoint
 from hbt_accel.config import HbtConfig, load_yaml, parse_config
@@ -450,11 +452,29 @@ def _execute(spec: SweepSpec, todo: list[tuple[SweepPoint, list[str]]]):
 
 def _submit(spec: SweepSpec, point: SweepPoint, command: list[str]):
     """One point as a submitit job (Slurm, or submitit's local executor where there is no Slurm)."""
-    import submitit
-
     executor = submitit.AutoExecutor(folder=spec.run_root / "submitit" / "%j", cluster=spec.cluster or None)
     executor.update_parameters(**point_resources(spec, point))
-    return executor.submit(submitit.helpers.CommandFunction(command, cwd=str(REPO), env=_point_env()))
+    return executor.submit(RequeueablePoint(command, str(REPO), _point_env()))
+
+
+class RequeueablePoint(submitit.helpers.Checkpointable):
+    """A sweep point as a submitit job that submitit requeues when Slurm preempts it or its time runs out: Slurm
+    signals the job (USR2 by default), training saves a checkpoint on that signal (hbt_accel.preemption), and
+    `checkpoint` resubmits the command with `--resume_from_checkpoint auto`, so the point goes on by itself."""
+
+    def __init__(self, command: list[str], cwd: str, env: dict):
+        self.command, self.cwd, self.env = command, cwd, env
+
+    def __call__(self) -> str:
+        return submitit.helpers.CommandFunction(self.command, cwd=self.cwd, env=self.env)()
+
+    def checkpoint(self, *args, **kwargs) -> submitit.helpers.DelayedSubmission:
+        command = list(self.command)
+        if "--resume_from_checkpoint" in command:
+            command[command.index("--resume_from_checkpoint") + 1] = "auto"
+        else:
+            command += ["--resume_from_checkpoint", "auto"]
+        return submitit.helpers.DelayedSubmission(RequeueablePoint(command, self.cwd, self.env))
 
 
 def _job_error(job) -> str | None:

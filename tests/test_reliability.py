@@ -57,6 +57,15 @@ def test_a_damaged_checkpoint_names_what_is_wrong(tmp_path, damage, problem):
     assert checkpoint_problem(folder) == problem
 
 
+def test_auto_resumes_where_there_is_a_checkpoint_and_starts_fresh_where_there_is_none(tmp_path):
+    run = tmp_path / "run"
+    assert resolve_resume("auto", run) == (None, [])  # no folder yet: the first start of a requeued job
+    run.mkdir()
+    assert resolve_resume("auto", run) == (None, [])
+    _fake_checkpoint(run, 2)
+    assert resolve_resume("auto", run) == (run / "checkpoint-2", [])
+
+
 def test_latest_falls_back_to_the_newest_complete_checkpoint_and_says_which_it_skipped(tmp_path):
     _fake_checkpoint(tmp_path, 2)
     _fake_checkpoint(tmp_path, 10, manifest=False)  # written before manifests existed: accepted

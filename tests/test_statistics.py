@@ -121,3 +121,56 @@ def test_paired_difference_of_a_model_with_itself_and_with_a_worse_one():
     # several seeds a side: mean over a's runs minus mean over b's runs
     seeds = paired_difference([good, good], [worse, good], n_resamples=100)["mono_map"]
     assert seeds["difference"] == pytest.approx(gap["difference"] / 2)
+
+
+def _scores(multi_ap_per_id: np.ndarray, ids: list[str]) -> PerQueryScores:
+    """One language; ranks 1 everywhere, the multilingual AP given per question id."""
+    count = len(ids)
+    return PerQueryScores(
+        benchmark="t",
+        languages=["en"],
+        query_ids=list(ids),
+        query_language=np.zeros(count, dtype=np.int64),
+        pair_ranks=np.ones((count, 1)),
+        multi_ap=np.asarray(multi_ap_per_id, dtype=np.float64),
+        multi_distance=np.zeros(count),
+    )
+
+
+def test_hierarchical_interval_over_seeds_by_hand():
+    """a's two seeds score .5 and 1 on every question, b's .5: a resample's seed draw is {.5,.5}, {.5,1} twice or
+    {1,1}, so the difference is 0, .25 or .5 with chances 1/4, 1/2, 1/4; the questions add nothing."""
+    from hbt_accel.evaluation.statistics import hierarchical_difference
+
+    ids = [f"q{i}" for i in range(20)]
+    a = [_scores(np.full(20, 0.5), ids), _scores(np.full(20, 1.0), ids)]
+    b = [_scores(np.full(20, 0.5), ids)] * 2
+    result = hierarchical_difference(a, b, {}, n_resamples=4000, seed=1)["multi_map"]
+    assert result["difference"] == pytest.approx(0.25)
+    assert (result["low"], result["high"]) == (0.0, 0.5)
+    assert result["p_value"] == pytest.approx(0.5, abs=0.04)  # twice the 1/4 of draws at 0
+
+
+def test_clustering_by_article_widens_the_interval():
+    """10 articles of 10 questions; a beats b by +d on every question of half the articles and loses by d on the
+    other half. Resampling 100 questions as if independent gives an interval ~sqrt(10) narrower than resampling the
+    10 articles that really vary."""
+    from hbt_accel.evaluation.statistics import hierarchical_difference, paired_difference
+
+    ids = [f"q{i}" for i in range(100)]
+    article_of = {q: f"article{i // 10}" for i, q in enumerate(ids)}
+    sign = np.array([1.0 if (i // 10) % 2 else -1.0 for i in range(100)])
+    a, b = _scores(0.5 + 0.1 * sign, ids), _scores(np.full(100, 0.5), ids)
+    by_id = paired_difference(a, b, n_resamples=2000)["multi_map"]
+    by_article = hierarchical_difference([a], [b], article_of, n_resamples=2000)["multi_map"]
+    assert by_id["difference"] == pytest.approx(0.0, abs=1e-12) == by_article["difference"]
+    width_id, width_article = by_id["high"] - by_id["low"], by_article["high"] - by_article["low"]
+    assert 2.2 < width_article / width_id < 4.5  # sqrt(10) = 3.2 expected
+    assert width_article == pytest.approx(2 * 1.96 * 0.1 / np.sqrt(10), rel=0.2)  # the mean of 10 values of +-.1
+
+
+def test_holm_adjustment_by_hand():
+    from hbt_accel.evaluation.statistics import holm_adjusted
+
+    assert holm_adjusted([0.01, 0.04, 0.03]) == pytest.approx([0.03, 0.06, 0.06])
+    assert holm_adjusted([0.5, 0.9]) == pytest.approx([1.0, 1.0])

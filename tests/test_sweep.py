@@ -510,6 +510,13 @@ def test_the_report_of_synthetic_points_gives_hand_computed_statistics_and_the_g
     assert two["difference"] == pytest.approx(0.15, abs=1e-6)
     assert 0.0 - 1e-6 <= two["low"] < 0.15 < two["high"] <= 0.3 + 1e-6  # within the questions' own gaps
     assert tests[2]["mono_map"]["difference"] == pytest.approx(0.0)
+    # the default interval also resamples seeds: at depth 1 every seed and question gives .1, so still no spread
+    deep = tests[1]["hierarchical"]["multi_map"]
+    assert (deep["difference"], deep["low"], deep["high"]) == pytest.approx((0.1, 0.1, 0.1), abs=1e-6)
+    # Holm over the two comparisons: the larger raw p is kept, the smaller doubled (capped at 1)
+    raw = sorted(t["hierarchical"]["multi_map"]["p_value"] for t in tests.values())
+    holm = sorted(t["hierarchical"]["multi_map"]["p_holm"] for t in tests.values())
+    assert holm == pytest.approx([min(1.0, max(2 * raw[0], raw[0])), min(1.0, max(2 * raw[0], raw[1]))])
 
     # the figure's numbers: the gap against the parameter count, the smaller model first
     (series,) = report["gap_by_parameters"]
@@ -630,3 +637,20 @@ def test_a_damaged_point_summary_is_one_line_naming_it_before_anything_runs(tmp_
         run_sweep(spec, dry_run=True, echo=lambda line: None)
     with pytest.raises(DataError, match=message):
         load_summaries(spec)
+
+
+def test_a_preempted_submitit_point_is_resubmitted_resuming_from_its_checkpoint():
+    """What submitit calls when Slurm signals the job: the same command, resuming (`auto`: a point preempted before
+    its first checkpoint starts again)."""
+    import submitit
+
+    from hbt_accel.sweep import RequeueablePoint
+
+    fresh = RequeueablePoint(["accelerate", "launch", "train.py", "--seed", "1"], "/repo", {"A": "1"})
+    delayed = fresh.checkpoint()
+    assert isinstance(delayed, submitit.helpers.DelayedSubmission)
+    again = delayed.function
+    assert again.command == ["accelerate", "launch", "train.py", "--seed", "1", "--resume_from_checkpoint", "auto"]
+    assert (again.cwd, again.env) == ("/repo", {"A": "1"})
+    resumed = RequeueablePoint([*fresh.command, "--resume_from_checkpoint", "latest"], "/repo", {})
+    assert resumed.checkpoint().function.command == again.command  # one resume flag, never two

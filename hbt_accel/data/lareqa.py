@@ -11,7 +11,7 @@ import hashlib
 import json
 import os
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from hbt_accel.data.languages import validate_language
@@ -39,6 +39,7 @@ class LanguagePool:
     questions: list[str]
     gold: list[int]  # index into candidates of the sentence holding each question's answer_start
     context_of: list[int]  # candidate index -> paragraph index, so hard negatives can come from the same paragraph
+    question_article: list[str] = field(default_factory=list)  # question index -> its article's title (clustering)
 
 
 @dataclass
@@ -154,6 +155,7 @@ def read_lareqa_pool(path: str | Path, language: str) -> LanguagePool:
                 if sentence is None:  # an answer in the gap between two breaks belongs to the sentence before it
                     sentence = max(k for k, (s, _) in enumerate(breaks) if s <= answer_start)
                 pool.question_ids.append(qa["id"])
+                pool.question_article.append(str(article.get("title", "")))
                 pool.questions.append(qa["question"])
                 pool.gold.append(first + sentence)
             paragraph_index += 1
@@ -203,11 +205,23 @@ def select_split(benchmark: RetrievalBenchmark, split: str) -> RetrievalBenchmar
             [pool.questions[k] for k in keep],
             [new_column[pool.gold[k]] for k in keep],
             [pool.context_of[c] for c in columns],
+            [pool.question_article[k] for k in keep] if pool.question_article else [],
         )
     empty = [lang for lang, pool in pools.items() if not pool.question_ids]
     if empty:
         raise DataError(f"{benchmark.name}:{split}: no questions in {', '.join(empty)} on this side of the split")
     return RetrievalBenchmark(name=f"{benchmark.name}:{split}", pools=pools)
+
+
+def article_of_question(benchmark: RetrievalBenchmark) -> dict[str, str]:
+    """Question id -> the title of its article (any language's file names it; the ids are shared), for bootstraps
+    that resample whole articles: questions on one passage are not independent."""
+    return {
+        question_id: title
+        for pool in benchmark.pools.values()
+        for question_id, title in zip(pool.question_ids, pool.question_article)
+        if title
+    }
 
 
 def lareqa_training_rows(benchmark: RetrievalBenchmark, hard_negatives: bool = True) -> Iterator[dict]:

@@ -142,3 +142,80 @@ def paired_difference(
         }
         for k, key in enumerate(CI_KEYS)
     }
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Two-level (hierarchical) bootstrap: seeds, then whole articles
+# ----------------------------------------------------------------------------------------------------------------
+def hierarchical_difference(
+    a: Sequence[PerQueryScores],
+    b: Sequence[PerQueryScores],
+    article_of: dict[str, str],
+    n_resamples: int = 1000,
+    confidence: float = 0.95,
+    seed: int = 0,
+) -> dict[str, dict]:
+    """{metric: {difference, low, high, p_value}} of a's seeds minus b's seeds, resampling the two sources of noise:
+    each resample draws seeds with replacement (retraining noise; by seed index, the same draw for both sides when
+    they have as many seeds, since seed k of both settings shares its data order), then whole articles with
+    replacement (questions of one article are not independent: they share a context), each drawn article bringing
+    all its questions in every language. `article_of`: question id -> article; an id without one is its own article.
+
+    Written here rather than with `scipy.stats.bootstrap`, which resamples one level only. Percentile interval;
+    p_value as in `paired_difference`."""
+    reference = a[0]
+    for run in [*a, *b]:
+        if run.query_ids != reference.query_ids or run.languages != reference.languages:
+            raise ValueError("hierarchical_difference: the evaluations must cover the same questions and languages")
+    articles, query_article = np.unique(
+        [article_of.get(q, f"id:{q}") for q in reference.query_ids], return_inverse=True
+    )
+    rng = np.random.default_rng(seed)
+    point = _seed_means(a, b, np.ones((1, len(reference.query_ids))), None, None)[:, 0]
+    draws = []
+    for start in range(0, n_resamples, 100):
+        size = min(100, n_resamples - start)
+        article_counts = rng.multinomial(len(articles), np.full(len(articles), 1 / len(articles)), size=size)
+        seeds_a = rng.integers(0, len(a), size=(size, len(a)))
+        seeds_b = seeds_a if len(a) == len(b) else rng.integers(0, len(b), size=(size, len(b)))
+        draws.append(_seed_means(a, b, article_counts[:, query_article].astype(np.float64), seeds_a, seeds_b))
+    draws = np.concatenate(draws, axis=1)  # (K, n_resamples)
+    tail = (1 - confidence) / 2
+    with warnings.catch_warnings():  # a metric with no value (cross mAP of one language): NaN, no warning
+        warnings.filterwarnings("ignore", message="All-NaN slice", category=RuntimeWarning)
+        low, high = np.nanquantile(draws, tail, axis=1), np.nanquantile(draws, 1 - tail, axis=1)
+    p_values = np.minimum(1.0, 2 * np.minimum((draws <= 0).mean(axis=1), (draws >= 0).mean(axis=1)))
+    return {
+        key: {
+            "difference": float(point[k]),
+            "low": float(low[k]),
+            "high": float(high[k]),
+            "p_value": float(p_values[k]),
+        }
+        for k, key in enumerate(CI_KEYS)
+    }
+
+
+def _seed_means(a, b, weights: np.ndarray, seeds_a, seeds_b) -> np.ndarray:
+    """(K, B): mean over each resample's drawn seeds of a's headline minus b's, under question weights (B, Q);
+    seeds None = every seed once."""
+
+    def side(runs, drawn) -> np.ndarray:
+        headline = np.stack([weighted_headline(run, weights) for run in runs])  # (R, K, B)
+        if drawn is None:
+            return headline.mean(axis=0)
+        counts = np.stack([np.bincount(row, minlength=len(runs)) for row in drawn]).T / drawn.shape[1]  # (R, B)
+        return np.einsum("rkb,rb->kb", headline, counts)
+
+    return side(a, seeds_a) - side(b, seeds_b)
+
+
+def holm_adjusted(p_values: Sequence[float]) -> list[float]:
+    """Holm's step-down adjustment of a family of p-values (the family-wise error rate), in the input order.
+    By hand: scipy has only the Benjamini-Hochberg false discovery rate, and statsmodels is not a dependency."""
+    order = np.argsort(p_values)
+    adjusted, running = np.empty(len(p_values)), 0.0
+    for rank, index in enumerate(order):
+        running = max(running, (len(p_values) - rank) * p_values[index])
+        adjusted[index] = min(1.0, running)
+    return adjusted.tolist()
