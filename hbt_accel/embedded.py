@@ -137,16 +137,18 @@ def check_model_name(name_or_path: str, field: str = "model_name_or_path") -> No
     local = name_or_path.startswith((".", "/", "~")) or len(parts) > 2 or (len(parts) == 2 and Path(parts[0]).is_dir())
     if local:
         raise ConfigError(f"{field}: {name_or_path} not found (a local model folder; a Hub id looks like org/name)")
-    check_hub_model_reachable(name_or_path, field)
 
 
-def check_hub_model_reachable(model_id: str, field: str) -> None:
-    """A Hub id must be in the local cache or downloadable now: its config (a few kB) is fetched, so a missing
-    network, HF_HUB_OFFLINE=1 without the files or a wrong id fails in one line before data or weights load."""
+def check_hub_model_reachable(model_id: str, field: str = "model_name_or_path") -> None:
+    """A Hub id (neither the embedded model nor an existing folder) must be in the local cache or downloadable now:
+    its config (a few kB) is fetched, so a missing network, HF_HUB_OFFLINE=1 without the files or a wrong id fails in
+    one line before data or weights load."""
     from transformers import AutoConfig
 
     from hbt_accel.errors import ConfigError
 
+    if model_id == EMBEDDED or Path(model_id).expanduser().exists():
+        return
     try:
         AutoConfig.from_pretrained(model_id)
     except (OSError, ValueError) as error:

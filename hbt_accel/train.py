@@ -62,7 +62,7 @@ from hbt_accel.distributed import (
     make_accelerator,
     process_memory_mb,
 )
-from hbt_accel.embedded import check_model_name
+from hbt_accel.embedded import check_hub_model_reachable, check_model_name
 from hbt_accel.errors import ConfigError, TrainingDiverged
 from hbt_accel.evaluation.encoding import between_batches
 from hbt_accel.evaluation.schema import MAP_KEYS, check_selection_metric
@@ -299,6 +299,7 @@ def start(cfg: HbtConfig):
     set_seed(cfg.seed)
     check_output_dir(cfg)
     check_model_name(cfg.model_name_or_path)
+    check_hub_model_reachable(cfg.model_name_or_path)  # a config's few kB now, not a traceback after the data
     resume = resolve_resume(cfg.resume_from_checkpoint, Path(cfg.output_dir))
     if resume[0] is not None:
         check_resume_config(cfg, resume[0].parent / CONFIG_FILE)

@@ -130,17 +130,16 @@ def paired_difference(
 
     point = difference(np.ones((1, len(reference.query_ids))))[:, 0]
     result = _bootstrap(difference, reference, n_resamples, confidence, seed)
-    low, high = result.confidence_interval
-    draws = result.bootstrap_distribution  # (K, n_resamples)
+    return _gaps(point, *result.confidence_interval, result.bootstrap_distribution)
+
+
+def _gaps(point: np.ndarray, low: np.ndarray, high: np.ndarray, draws: np.ndarray) -> dict[str, dict]:
+    """{metric: {difference, low, high, p_value}}; p_value two-sided from the draws (K, n_resamples): twice the
+    smaller share of resamples on either side of 0."""
     p_values = np.minimum(1.0, 2 * np.minimum((draws <= 0).mean(axis=1), (draws >= 0).mean(axis=1)))
+    rows = zip(point, low, high, p_values)
     return {
-        key: {
-            "difference": float(point[k]),
-            "low": float(low[k]),
-            "high": float(high[k]),
-            "p_value": float(p_values[k]),
-        }
-        for k, key in enumerate(CI_KEYS)
+        key: dict(zip(("difference", "low", "high", "p_value"), map(float, row))) for key, row in zip(CI_KEYS, rows)
     }
 
 
@@ -184,16 +183,7 @@ def hierarchical_difference(
     with warnings.catch_warnings():  # a metric with no value (cross mAP of one language): NaN, no warning
         warnings.filterwarnings("ignore", message="All-NaN slice", category=RuntimeWarning)
         low, high = np.nanquantile(draws, tail, axis=1), np.nanquantile(draws, 1 - tail, axis=1)
-    p_values = np.minimum(1.0, 2 * np.minimum((draws <= 0).mean(axis=1), (draws >= 0).mean(axis=1)))
-    return {
-        key: {
-            "difference": float(point[k]),
-            "low": float(low[k]),
-            "high": float(high[k]),
-            "p_value": float(p_values[k]),
-        }
-        for k, key in enumerate(CI_KEYS)
-    }
+    return _gaps(point, low, high, draws)
 
 
 def _seed_means(a, b, weights: np.ndarray, seeds_a, seeds_b) -> np.ndarray:
