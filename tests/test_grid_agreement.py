@@ -22,6 +22,7 @@ import pytrec_eval
 
 from hbt_accel.data import DataError, load_lareqa_benchmark, resolve_data_dir
 from hbt_accel.evaluation import encode_benchmark, evaluate_beir, evaluate_grid, score_encoded
+from tests.conftest import free_port
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from distributed_eval_script import HashEncoder  # noqa: E402
@@ -154,7 +155,7 @@ def test_two_process_encoding_equals_single_process(tmp_path):
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
     command = [
         "accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-        "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29517",
+        "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
         str(TESTS / "distributed_eval_script.py"), str(output), "en,de,zh", "101",
     ]  # fmt: skip
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
