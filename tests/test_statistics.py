@@ -174,3 +174,17 @@ def test_holm_adjustment_by_hand():
 
     assert holm_adjusted([0.01, 0.04, 0.03]) == pytest.approx([0.03, 0.06, 0.06])
     assert holm_adjusted([0.5, 0.9]) == pytest.approx([1.0, 1.0])
+
+
+def test_saturating_fit_recovers_a_known_curve_and_says_when_the_target_is_out_of_reach():
+    from hbt_accel.evaluation.statistics import saturating_fit
+
+    sizes = [100, 250, 500, 1000]
+    a, b, c = 0.70, 2.0, 0.6
+    exact = [[a - b * size**-c] * 3 for size in sizes]  # three identical seeds: no spread
+    fit = saturating_fit(sizes, exact, target=0.68, n_resamples=50)
+    assert (fit["a"], fit["b"], fit["c"]) == pytest.approx((a, b, c), rel=1e-3)
+    assert fit["size_for_target"] == pytest.approx((b / (a - 0.68)) ** (1 / c), rel=1e-2)  # 2,154 ids by hand
+    assert fit["a_interval"] == pytest.approx([a, a], rel=1e-3)
+    unreachable = saturating_fit(sizes, exact, target=0.75, n_resamples=50)
+    assert unreachable["size_for_target"] is None and unreachable["share_of_refits_reaching_target"] == 0.0

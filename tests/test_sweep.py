@@ -654,3 +654,31 @@ def test_a_preempted_submitit_point_is_resubmitted_resuming_from_its_checkpoint(
     assert (again.cwd, again.env) == ("/repo", {"A": "1"})
     resumed = RequeueablePoint([*fresh.command, "--resume_from_checkpoint", "latest"], "/repo", {})
     assert resumed.checkpoint().function.command == again.command  # one resume flag, never two
+
+
+def test_a_data_size_sweep_reports_the_saturating_fit_in_training_ids(tmp_path):
+    """Multilingual AP .70 - .02 x fraction^-.5 on every question, both seeds: the fit must give back the ceiling
+    .70 and exponent .5, and reach .68 at fraction (.02 / .02)^2 = 1, i.e. all the corpus's ids."""
+    from hbt_accel.atomic import write_json
+    from hbt_accel.evaluation.grid import summarize
+    from hbt_accel.sweep import point_summary, summary_path
+    from hbt_accel.sweep_report import write_report
+
+    fractions = [0.1, 0.25, 0.5, 1.0]
+    spec = load_sweep(write_sweep(tmp_path, name="size", axes={"train_id_fraction": fractions}, seeds=[1, 2],
+                                  results_dir=str(tmp_path / "results")))  # fmt: skip
+    spec.results_root.mkdir()
+    for point in sweep_points(spec):
+        fraction = point.as_dict()["train_id_fraction"]
+        scores = synthetic_scores([0.70 - 0.02 * fraction**-0.5] * 4)
+        train_summary = {"evaluations": [], "steps": 120, "train_seconds": 60.0, "device": "cpu"}
+        write_json(summary_path(spec, point), point_summary(spec, point, train_summary, summarize(scores)))
+        scores.save(spec.results_root / f"{point.name}.per_query.npz")
+    write_report(spec)
+    (fit,) = json.loads((spec.results_root / "report.json").read_text())["data_size_fit"]
+    assert fit["size_unit"] == "ids" and [p["train_id_fraction"] for p in fit["points"]] == fractions
+    all_ids = fit["points"][-1]["size"]
+    assert all_ids > 1000  # MLQA-R's training ids
+    assert (fit["a"], fit["c"]) == pytest.approx((0.70, 0.5), rel=1e-3)
+    assert fit["size_for_target"] == pytest.approx(all_ids, rel=1e-2)
+    assert "size for multi mAP 0.68" in (spec.results_root / "report.md").read_text()

@@ -8,6 +8,7 @@ gives the same numbers). The resampling and the percentile interval are scipy's 
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Callable, Sequence
 
@@ -209,3 +210,63 @@ def holm_adjusted(p_values: Sequence[float]) -> list[float]:
         running = max(running, (len(p_values) - rank) * p_values[index])
         adjusted[index] = min(1.0, running)
     return adjusted.tolist()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Score against the amount of training data
+# ----------------------------------------------------------------------------------------------------------------
+def saturating_fit(
+    sizes: Sequence[float], scores_by_size: Sequence[Sequence[float]], target: float, n_resamples: int = 1000,
+    seed: int = 0,
+) -> dict:  # fmt: skip
+    """Fit score = a - b * size^-c (a saturating power law: a is the ceiling) to every seed's score at each size;
+    95% percentile intervals by refitting on seeds resampled within each size. Also the size at which the fit
+    reaches `target` (None where the ceiling a is below it). `scipy.optimize.curve_fit` does the fitting.
+
+    What it cannot tell: the ceiling and the size for `target` are extrapolations past the largest size measured,
+    valid only if the curve keeps its shape there (more data of the same kind, the same steps and recipe)."""
+    sizes = np.asarray(sizes, dtype=np.float64)
+    point = _fit_power_law(sizes, [np.asarray(s, dtype=np.float64) for s in scores_by_size])
+    rng = np.random.default_rng(seed)
+    refits = []
+    for _ in range(n_resamples):
+        drawn = [rng.choice(np.asarray(s, dtype=np.float64), size=len(s)) for s in scores_by_size]
+        refits.append(_fit_power_law(sizes, drawn))
+    refits = np.array([r for r in refits if r is not None])
+
+    def reach(params) -> float:
+        a, b, c = params
+        return float((b / (a - target)) ** (1 / c)) if a > target else math.inf
+
+    needed = np.array([reach(p) for p in refits])
+    return {
+        "model": "score = a - b * size^-c",
+        "a": float(point[0]), "b": float(point[1]), "c": float(point[2]),
+        "a_interval": [float(np.percentile(refits[:, 0], 2.5)), float(np.percentile(refits[:, 0], 97.5))],
+        "c_interval": [float(np.percentile(refits[:, 2], 2.5)), float(np.percentile(refits[:, 2], 97.5))],
+        "target": target,
+        "size_for_target": None if math.isinf(reach(point)) else reach(point),
+        "size_for_target_interval": [  # None: out of reach in that share of refits
+            float(q) if math.isfinite(q) else None for q in np.quantile(needed, [0.025, 0.975], method="inverted_cdf")
+        ],
+        "share_of_refits_reaching_target": float(np.isfinite(needed).mean()),
+        "refits": len(refits),
+    }  # fmt: skip
+
+
+def _fit_power_law(sizes: np.ndarray, scores: list[np.ndarray]):
+    from scipy.optimize import curve_fit
+
+    x = np.concatenate([np.full(len(s), size) for size, s in zip(sizes, scores)])
+    y = np.concatenate(scores)
+    scale = sizes.max()
+
+    def curve(size, a, b, c):
+        return a - b * (size / scale) ** (-c)
+
+    try:
+        (a, b, c), _ = curve_fit(curve, x, y, p0=(y.max(), max(y.max() - y.min(), 1e-3), 0.5),
+                                 bounds=([0.0, 0.0, 0.01], [1.0, 10.0, 5.0]), maxfev=20000)  # fmt: skip
+    except (RuntimeError, ValueError):  # no convergence on a degenerate resample
+        return None
+    return np.array([a, b * scale**c, c])  # b in units of size, not size / scale
