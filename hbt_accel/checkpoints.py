@@ -21,6 +21,7 @@ from pathlib import Path
 
 from hbt_accel import faults
 from hbt_accel.atomic import write_json
+from hbt_accel.distributed import all_ranks_agree
 from hbt_accel.errors import DataError, DiskFull
 from hbt_accel.evaluation.schema import selection_score, summary_of
 
@@ -207,12 +208,13 @@ def save_model(accelerator, model, directory: Path) -> None:
     accelerator.wait_for_everyone()
 
 
-def disk_full(output_dir: Path, staging: Path, name: str) -> DiskFull:
-    """Remove the half-written checkpoint; the error names the folder, the space a checkpoint takes against what is
-    free, and the checkpoint a resume would use."""
+def disk_full(output_dir: Path, staging: Path, name: str, remove: bool = True) -> DiskFull:
+    """Remove the half-written checkpoint (`remove`: the main process); the error names the folder, the space a
+    checkpoint takes against what is free, and the checkpoint a resume would use."""
     previous = latest_checkpoint(output_dir)
     needed = sum(f.stat().st_size for f in previous.rglob("*") if f.is_file()) if previous else None
-    shutil.rmtree(staging, ignore_errors=True)
+    if remove:
+        shutil.rmtree(staging, ignore_errors=True)
     free = shutil.disk_usage(output_dir).free
     size = f"a checkpoint takes {needed / 2**20:,.0f} MB, " if needed else ""
     return DiskFull(
@@ -229,17 +231,21 @@ def save_checkpoint(accelerator, model, progress: TrainingProgress, output_dir: 
     if accelerator.is_main_process and tmp.exists():
         shutil.rmtree(tmp)
     accelerator.wait_for_everyone()
+    full = False
     try:
         accelerator.save_state(str(tmp))
         faults.at("save_checkpoint")
         save_model(accelerator, model, tmp / MODEL_DIR)
+        if accelerator.is_main_process:
+            progress.save(tmp)
+            write_manifest(tmp)
     except OSError as error:
         if error.errno not in (errno.ENOSPC, errno.EDQUOT):
             raise
-        raise disk_full(output_dir, tmp, final.name) from None
+        full = True
+    if not all_ranks_agree(accelerator, not full):  # every rank stops together: none waits on a collective
+        raise disk_full(output_dir, tmp, final.name, remove=accelerator.is_main_process)
     if accelerator.is_main_process:
-        progress.save(tmp)
-        write_manifest(tmp)
         if final.exists():
             shutil.rmtree(final)
         tmp.rename(final)

@@ -356,7 +356,7 @@ class DualEncoder(nn.Module):
         self.eval()
         chunks = []
         try:
-            with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            with torch.inference_mode(), torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=bf16):
                 for start in range(0, len(order), batch_size):
                     batch = self.tokenize([texts[i] for i in order[start : start + batch_size]], kind)
                     batch = {name: t.to(self.device) for name, t in batch.items()}

@@ -143,7 +143,9 @@ def device_capabilities(probe: bool = True) -> DeviceCapabilities:
     """This process's device; on a CPU with native bf16 flags the probe runs (or is read from the cache)."""
     if uses_cuda():
         index = torch.cuda.current_device()
-        return DeviceCapabilities("cuda", torch.cuda.get_device_name(index), cuda_bf16=torch.cuda.is_bf16_supported())
+        # including_emulation=False: torch otherwise says True on a V100 / T4, which only emulate bf16 (slowly)
+        native = torch.cuda.is_bf16_supported(including_emulation=False)
+        return DeviceCapabilities("cuda", torch.cuda.get_device_name(index), cuda_bf16=native)
     name, flags = cpu_description()
     caps = DeviceCapabilities("cpu", name, flags)
     if probe and caps.native_bf16:

@@ -38,11 +38,14 @@ class StopRequested(Exception):  # noqa: N818 (a request, not an error)
 
 
 def check_signal_names(names) -> list[str]:
-    """The configured names as signal names; ValueError naming the bad one."""
+    """The configured names as signal names a handler can catch; ValueError naming the bad one."""
     for name in names:
-        if not hasattr(signal, name) or not name.startswith("SIG") or name.startswith("SIG_"):
+        if not hasattr(signal, name) or not name.startswith("SIG") or name.startswith("SIG_") or name in UNCATCHABLE:
             raise ValueError(name)
     return list(names)
+
+
+UNCATCHABLE = ("SIGKILL", "SIGSTOP")
 
 
 class StopRequests:
@@ -56,9 +59,13 @@ class StopRequests:
         self._previous: dict[int, object] = {}
 
     def __enter__(self) -> StopRequests:
-        for name in self.names:
-            number = getattr(signal, name)
-            self._previous[number] = signal.signal(number, self._handle)
+        try:
+            for name in self.names:
+                number = getattr(signal, name)
+                self._previous[number] = signal.signal(number, self._handle)
+        except (OSError, ValueError):  # not the main thread, or a signal this platform lacks: leave none behind
+            self.__exit__()
+            raise
         return self
 
     def __exit__(self, *exc) -> None:

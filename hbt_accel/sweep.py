@@ -23,6 +23,7 @@ import json
 import os
 import shlex
 import shutil
+import signal
 import subprocess
 import tempfile
 import time
@@ -454,27 +455,49 @@ def _submit(spec: SweepSpec, point: SweepPoint, command: list[str]):
     """One point as a submitit job (Slurm, or submitit's local executor where there is no Slurm)."""
     executor = submitit.AutoExecutor(folder=spec.run_root / "submitit" / "%j", cluster=spec.cluster or None)
     executor.update_parameters(**point_resources(spec, point))
-    return executor.submit(RequeueablePoint(command, str(REPO), _point_env()))
+    log = spec.run_root / f"{point.name}.log"
+    return executor.submit(RequeueablePoint(command, str(REPO), _point_env(), str(log)))
 
 
 class RequeueablePoint(submitit.helpers.Checkpointable):
-    """A sweep point as a submitit job that submitit requeues when Slurm preempts it or its time runs out: Slurm
-    signals the job (USR2 by default), training saves a checkpoint on that signal (hbt_accel.preemption), and
-    `checkpoint` resubmits the command with `--resume_from_checkpoint auto`, so the point goes on by itself."""
+    """A sweep point as a submitit job that submitit requeues when Slurm preempts it or its time runs out. On Slurm's
+    signal (USR2 by default) submitit calls `checkpoint`, which first asks the training command to stop (SIGTERM to
+    its process group: training saves a checkpoint, hbt_accel.preemption) and waits up to `GRACE_SECONDS` for it,
+    then resubmits the command with `--resume_from_checkpoint auto`, so the point goes on by itself. The command's
+    output goes to the point's log file, never to a pipe that submitit's exit would close under it."""
 
-    def __init__(self, command: list[str], cwd: str, env: dict):
-        self.command, self.cwd, self.env = command, cwd, env
+    GRACE_SECONDS = 90
+
+    def __init__(self, command: list[str], cwd: str, env: dict, log: str = ""):
+        self.command, self.cwd, self.env, self.log = command, cwd, env, log
+        self._process = None
+
+    def __getstate__(self) -> dict:  # what submitit pickles: never the running process
+        return {**self.__dict__, "_process": None}
 
     def __call__(self) -> str:
-        return submitit.helpers.CommandFunction(self.command, cwd=self.cwd, env=self.env)()
+        with open(self.log or os.devnull, "a") as output:
+            self._process = subprocess.Popen(self.command, cwd=self.cwd, env=self.env, stdout=output,
+                                             stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+            code = self._process.wait()
+        if code != 0:
+            tail = _tail(Path(self.log)) if self.log else ""
+            raise RuntimeError(f"exit code {code}: {shlex.join(self.command)}; log: {self.log}\n{tail}")
+        return self.log
 
     def checkpoint(self, *args, **kwargs) -> submitit.helpers.DelayedSubmission:
+        if self._process is not None and self._process.poll() is None:
+            os.killpg(self._process.pid, signal.SIGTERM)
+            try:
+                self._process.wait(timeout=self.GRACE_SECONDS)
+            except subprocess.TimeoutExpired:
+                pass  # Slurm's kill comes next; the newest complete checkpoint is what resumes
         command = list(self.command)
         if "--resume_from_checkpoint" in command:
             command[command.index("--resume_from_checkpoint") + 1] = "auto"
         else:
             command += ["--resume_from_checkpoint", "auto"]
-        return submitit.helpers.DelayedSubmission(RequeueablePoint(command, self.cwd, self.env))
+        return submitit.helpers.DelayedSubmission(RequeueablePoint(command, self.cwd, self.env, self.log))
 
 
 def _job_error(job) -> str | None:

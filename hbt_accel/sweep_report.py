@@ -153,6 +153,54 @@ def paired_tests(spec: SweepSpec, summaries: list[dict], n_resamples: int = 1000
     return tests
 
 
+def scoring_subset(spec: SweepSpec) -> str:
+    """What the final scores cover, for every caption: the first N question ids, or the whole benchmark."""
+    cfg = point_config(spec, sweep_points(spec)[0])
+    ids = f"the first {cfg.final_eval_max_queries} question ids" if cfg.final_eval_max_queries else "every question"
+    return f"{cfg.eval_benchmark}, {ids} in every language, against the complete candidate pools"
+
+
+def recall_rows(spec: SweepSpec, summaries: list[dict]) -> list[dict]:
+    """Per setting, R@1/5/10/20 per query language (over its single-language pools, from the per-query files) and
+    per group: the sweep's `language_groups` (pretraining data) and, apart, trained vs never trained; over seeds."""
+    from hbt_accel.evaluation.grid import PerQueryScores, recall_by_language
+
+    by_setting: dict[tuple, list[dict]] = defaultdict(list)
+    for summary in summaries:
+        scores = PerQueryScores.load(spec.results_root / f"{summary['point']}.per_query.npz")
+        by_setting[setting_of(summary)].append({"summary": summary, "recall": recall_by_language(scores)})
+    rows = []
+    for setting, runs in by_setting.items():
+        languages = list(runs[0]["recall"])
+        groups = {**(spec.language_groups or {}), "trained": None, "never trained": None}
+        row = {"settings": {k: json.loads(v) for k, v in setting}, "per_language": {}, "groups": {}}
+        for language in languages:
+            row["per_language"][language] = _recall_stats(runs, lambda run, language=language: [language])
+        for name, members in groups.items():
+            row["groups"][name] = _recall_stats(
+                runs, lambda run, name=name, members=members: _members(run, name, members)
+            )
+        rows.append(row)
+    return rows
+
+
+def _members(run: dict, group: str, members: list[str] | None) -> list[str]:
+    if members is not None:
+        return [m for m in members if m in run["recall"]]
+    seen = seen_languages(run["summary"])
+    return [x for x in run["recall"] if (x in seen) == (group == "trained")]
+
+
+def _recall_stats(runs: list[dict], languages_of) -> dict:
+    """{recall_at_k: over-seed statistics of the mean over the languages} (empty where a group has none)."""
+    values = defaultdict(list)
+    for run in runs:
+        languages = languages_of(run)
+        for key in run["recall"][languages[0]] if languages else {}:
+            values[key].append(float(np.mean([run["recall"][x][key] for x in languages])))
+    return {key: describe(v) for key, v in values.items()}
+
+
 DATA_SIZE_TARGET = 0.68  # the multilingual mAP the data-size question asks about (docs/scaling.md)
 
 
@@ -268,6 +316,7 @@ def write_report(spec: SweepSpec) -> list[Path]:
     tests = paired_tests(spec, summaries)
     report = {"sweep": spec.name, "points_finished": len(summaries), "points": len(sweep_points(spec))}
     report.update(settings=rows, paired_tests=tests, gap_by_parameters=parameter_gaps(tests))
+    report["recall_by_language"] = recall_rows(spec, summaries)
     if "train_id_fraction" in spec.axes:
         report["data_size_fit"] = data_size_fits(spec, summaries)
     paths = [write_json(root / "report.json", report)]
@@ -322,7 +371,7 @@ def render_markdown(spec: SweepSpec, report: dict) -> str:
         "",
         f"{report['points_finished']} of {report['points']} points finished. Each cell: mean ± std over seeds "
         "[95% t-interval of the mean]. Rendered by `python recipes/sweep.py --config ... --report` from the "
-        "per-point summaries in this folder.",
+        f"per-point summaries in this folder. Scored on {scoring_subset(spec)}.",
         "",
         "| "
         + " | ".join(
@@ -347,6 +396,7 @@ def render_markdown(spec: SweepSpec, report: dict) -> str:
         cells.append(_cell(_minutes(row["train_seconds"]), 1))
         lines.append("| " + " | ".join(cells) + " |")
     lines += _data_size_lines(report.get("data_size_fit", []))
+    lines += _recall_group_lines(axes, report.get("recall_by_language", []))
     tests = report["paired_tests"]
     if any("hierarchical" in test for test in tests):
         articles = next((t["articles"] for t in tests if t.get("articles")), None)
@@ -358,6 +408,24 @@ def render_markdown(spec: SweepSpec, report: dict) -> str:
                   "questions by article left out):", ""]  # fmt: skip
         lines += _tests_table(tests, sized, size_header, lambda test: test)
     return "\n".join(lines + _recall_and_groups_table(axes, report["settings"], spec.language_groups)) + "\n"
+
+
+def _recall_group_lines(axes: list[str], rows: list[dict]) -> list[str]:
+    """R@1 / R@10 per language group (single-language pools; mean ± std over seeds); report.json has R@1/5/10/20
+    for every language."""
+    if not rows:
+        return []
+    groups = list(rows[0]["groups"])
+    lines = ["", "Recall per language group, single-language pools (R@1 / R@10, mean over the group's query "
+             "languages; groups by pretraining data, and apart by whether training saw the language):", "",
+             "| " + " | ".join([*axes, *groups]) + " |", "|---" * (len(axes) + len(groups)) + "|"]  # fmt: skip
+    for row in rows:
+        cells = [_setting_cell(row["settings"], axis) for axis in axes]
+        for group in groups:
+            stats = row["groups"][group]
+            cells.append(f"{stats['recall_at_1']['mean']:.3f} / {stats['recall_at_10']['mean']:.3f}" if stats else "-")
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
 
 
 def _data_size_lines(fits: list[dict]) -> list[str]:

@@ -177,14 +177,18 @@ def train(cfg: HbtConfig) -> TrainResult:
     A stop signal (`preemption_signals`, Ctrl-C) is agreed on by every rank at the next step boundary or encoder
     batch; they save checkpoint-<step> together and `StopRequested` ends the run (the CLI exits 75, or 130)."""
     session = setup(cfg)
-    with StopRequests(cfg.preemption_signals, session.accelerator.device) as stops, between_batches(stops.check):
-        session.stops = stops
-        try:
-            run_loop(session)
-            return finalize(session)
-        except StopRequested as stop:
-            save_for_resume(session, stop)
-            raise
+    try:
+        with StopRequests(cfg.preemption_signals, session.accelerator.device) as stops, between_batches(stops.check):
+            session.stops = stops
+            try:
+                run_loop(session)
+                return finalize(session)
+            except StopRequested as stop:
+                save_for_resume(session, stop)
+                raise
+    finally:
+        if session.run_lock is not None:  # now, not when a traceback that holds the session is collected
+            session.run_lock.release()
 
 
 def save_for_resume(session: Session, stop: StopRequested) -> None:
@@ -336,7 +340,8 @@ def check_output_dir(cfg: HbtConfig) -> None:
     if not os.access(existing, os.W_OK | os.X_OK):
         raise ConfigError(f"output_dir: cannot write to {existing} (for {output_dir})")
     summary = output_dir / SUMMARY_FILE
-    if cfg.resume_from_checkpoint:
+    resuming = cfg.resume_from_checkpoint and (cfg.resume_from_checkpoint != "auto" or find_checkpoints(output_dir))
+    if resuming:  # `auto` without a checkpoint is a fresh start: the fresh-run checks below apply
         steps = json.loads(summary.read_text()).get("steps", 0) if summary.is_file() else 0
         if cfg.max_steps > 0 and steps >= cfg.max_steps:
             raise ConfigError(
@@ -495,10 +500,19 @@ def prepare(accelerator, model, optimizer, cfg: HbtConfig, max_steps: int):
 
 
 def open_run_folder(session: Session, resume: tuple[Path | None, list[str]]) -> None:
-    """Clear what a killed run left, write the config, resume. The resume point was resolved (and checked) in
-    `start`: a bad one never touches the folder."""
+    """Take the folder's lock, clear what a killed run left, write the config, resume. The resume point was
+    resolved (and checked) in `start`: a bad one never touches the folder."""
     cfg, accelerator, output_dir = session.cfg, session.accelerator, session.output_dir
     resume, skipped = resume
+    lost = None
+    if accelerator.is_main_process:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        try:  # before anything is deleted: two runs that passed the early check at once must not clean each other up
+            session.run_lock = lock_run_folder(output_dir)
+        except ConfigError as error:
+            lost = str(error)
+    if not all_ranks_agree(accelerator, lost is None):
+        raise ConfigError(lost or f"output_dir: {output_dir} is in use by another run")
     if accelerator.is_main_process:
         stale = stale_staging_folders(output_dir) + stale_save_folders(output_dir)
         if cfg.overwrite_output_dir and resume is None:
@@ -509,16 +523,6 @@ def open_run_folder(session: Session, resume: tuple[Path | None, list[str]]) -> 
             session.console.print(f"removed what an earlier run left: {', '.join(p.name for p in stale)}")
         if skipped:
             session.console.print(f"skipped incomplete checkpoint(s): {'; '.join(skipped)}")
-        output_dir.mkdir(parents=True, exist_ok=True)
-    lost = None
-    if accelerator.is_main_process:
-        try:
-            session.run_lock = lock_run_folder(output_dir)  # two runs that passed the early check at once: one wins
-        except ConfigError as error:
-            lost = str(error)
-    if not all_ranks_agree(accelerator, lost is None):
-        raise ConfigError(lost or f"output_dir: {output_dir} is in use by another run")
-    if accelerator.is_main_process:
         save_config(cfg, output_dir / CONFIG_FILE)
     if cfg.report_to != "none":
         accelerator.init_trackers("hbt", config={k: str(v) for k, v in dataclasses.asdict(cfg).items()})

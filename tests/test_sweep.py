@@ -656,6 +656,35 @@ def test_a_preempted_submitit_point_is_resubmitted_resuming_from_its_checkpoint(
     assert resumed.checkpoint().function.command == again.command  # one resume flag, never two
 
 
+def test_a_preempted_point_is_asked_to_stop_and_given_time_to_save(tmp_path):
+    """`checkpoint` sends SIGTERM to the running command's process group and waits for it: here a command that
+    writes a file when it gets SIGTERM, as training saves its checkpoint."""
+    import pickle
+    import threading
+    import time
+
+    from hbt_accel.sweep import RequeueablePoint
+
+    saved = tmp_path / "saved"
+    script = (
+        "import signal, sys, time, pathlib\n"
+        f"signal.signal(signal.SIGTERM, lambda *a: (pathlib.Path({str(saved)!r}).write_text('ok'), sys.exit(75)))\n"
+        "print('started', flush=True)\ntime.sleep(60)\n"
+    )
+    point = RequeueablePoint([sys.executable, "-c", script], str(tmp_path), dict(os.environ), str(tmp_path / "log"))
+    job = threading.Thread(target=lambda: pytest.raises(RuntimeError, point))
+    job.start()
+    deadline = time.monotonic() + 30
+    while "started" not in ((tmp_path / "log").read_text() if (tmp_path / "log").exists() else ""):
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    resubmitted = point.checkpoint()
+    job.join(timeout=30)
+    assert saved.read_text() == "ok" and point._process.returncode == 75
+    assert resubmitted.function.command[-2:] == ["--resume_from_checkpoint", "auto"]
+    assert pickle.loads(pickle.dumps(point))._process is None  # what submitit pickles holds no process
+
+
 def test_a_data_size_sweep_reports_the_saturating_fit_in_training_ids(tmp_path):
     """Multilingual AP .70 - .02 x fraction^-.5 on every question, both seeds: the fit must give back the ceiling
     .70 and exponent .5, and reach .68 at fraction (.02 / .02)^2 = 1, i.e. all the corpus's ids."""

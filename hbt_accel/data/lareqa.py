@@ -216,12 +216,13 @@ def select_split(benchmark: RetrievalBenchmark, split: str) -> RetrievalBenchmar
 def article_of_question(benchmark: RetrievalBenchmark) -> dict[str, str]:
     """Question id -> the title of its article (any language's file names it; the ids are shared), for bootstraps
     that resample whole articles: questions on one passage are not independent."""
-    return {
-        question_id: title
-        for pool in benchmark.pools.values()
-        for question_id, title in zip(pool.question_ids, pool.question_article)
-        if title
-    }
+    found: dict[str, str] = {}
+    english_first = sorted(benchmark.pools.values(), key=lambda pool: pool.language != "en")
+    for pool in english_first:  # MLQA-R's titles are per language: one language's title names an id's article
+        for question_id, title in zip(pool.question_ids, pool.question_article):
+            if title:
+                found.setdefault(question_id, title)
+    return found
 
 
 def lareqa_training_rows(benchmark: RetrievalBenchmark, hard_negatives: bool = True) -> Iterator[dict]:

@@ -236,6 +236,21 @@ def score_encoded(encoded: EncodedBenchmark, block_size: int = 256, per_query: l
     return results
 
 
+RECALL_CUTOFFS = (1, 5, 10, 20)
+
+
+def recall_by_language(scores: PerQueryScores, cutoffs=RECALL_CUTOFFS) -> dict[str, dict[str, float]]:
+    """{language: {"recall_at_k": R@k}}: a language's queries against every single-language pool (its own and
+    the others'), each pair weighted by its queries; the question a recall-per-language table answers."""
+    out = {}
+    for i, language in enumerate(scores.languages):
+        ranks = scores.pair_ranks[scores.query_language == i].ravel()
+        ranks = ranks[~np.isnan(ranks)]
+        if len(ranks):
+            out[language] = {f"recall_at_{k}": float((ranks <= k).mean()) for k in cutoffs}
+    return out
+
+
 def summarize(scores: PerQueryScores) -> dict:
     """The summary dict of `score_encoded` from per-query ranks: grid cells, per-language and macro numbers."""
     languages, pair_ranks = scores.languages, scores.pair_ranks

@@ -138,6 +138,7 @@ def _gaps(point: np.ndarray, low: np.ndarray, high: np.ndarray, draws: np.ndarra
     """{metric: {difference, low, high, p_value}}; p_value two-sided from the draws (K, n_resamples): twice the
     smaller share of resamples on either side of 0."""
     p_values = np.minimum(1.0, 2 * np.minimum((draws <= 0).mean(axis=1), (draws >= 0).mean(axis=1)))
+    p_values = np.where(np.isnan(draws).all(axis=1), np.nan, p_values)  # a metric with no value has no p
     rows = zip(point, low, high, p_values)
     return {
         key: dict(zip(("difference", "low", "high", "p_value"), map(float, row))) for key, row in zip(CI_KEYS, rows)
@@ -204,10 +205,11 @@ def _seed_means(a, b, weights: np.ndarray, seeds_a, seeds_b) -> np.ndarray:
 def holm_adjusted(p_values: Sequence[float]) -> list[float]:
     """Holm's step-down adjustment of a family of p-values (the family-wise error rate), in the input order.
     By hand: scipy has only the Benjamini-Hochberg false discovery rate, and statsmodels is not a dependency."""
-    order = np.argsort(p_values)
-    adjusted, running = np.empty(len(p_values)), 0.0
-    for rank, index in enumerate(order):
-        running = max(running, (len(p_values) - rank) * p_values[index])
+    values = np.asarray(p_values, dtype=np.float64)
+    present = np.flatnonzero(~np.isnan(values))  # a p-value that does not exist (NaN) is no test of the family
+    adjusted, running = np.full(len(values), np.nan), 0.0
+    for rank, index in enumerate(present[np.argsort(values[present])]):
+        running = max(running, (len(present) - rank) * values[index])
         adjusted[index] = min(1.0, running)
     return adjusted.tolist()
 
