@@ -82,18 +82,14 @@ def test_the_probe_runs_once_per_machine_and_the_cache_survives_damage(tmp_path,
     assert precision.cached_bf16_speedup("cpu A", flags) == 2.5 and len(calls) == 3
 
 
-def test_the_probe_is_quick_and_leaves_the_random_stream_alone():
-    import time
-
+def test_the_probe_measures_a_ratio_and_leaves_the_random_stream_alone():
     import torch
 
     torch.manual_seed(0)
     expected = torch.rand(3)
     torch.manual_seed(0)
-    started = time.perf_counter()
-    speedup = precision.measure_bf16_speedup()
-    assert time.perf_counter() - started < 5.0 and speedup > 0
-    assert torch.equal(torch.rand(3), expected)
+    assert precision.measure_bf16_speedup(repeats=1) > 0
+    assert torch.equal(torch.rand(3), expected)  # a run's seeded stream must not depend on whether the probe ran
 
 
 def test_cpuinfo_is_read_for_x86_and_arm(tmp_path, monkeypatch):
