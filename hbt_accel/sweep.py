@@ -461,8 +461,8 @@ def _submit(spec: SweepSpec, point: SweepPoint, command: list[str]):
 
 class RequeueablePoint(submitit.helpers.Checkpointable):
     """A sweep point as a submitit job that submitit requeues when Slurm preempts it or its time runs out. On Slurm's
-    signal (USR2 by default) submitit calls `checkpoint`, which first asks the training command to stop (SIGTERM to
-    its process group: training saves a checkpoint, hbt_accel.preemption) and waits up to `GRACE_SECONDS` for it,
+    signal (USR2 by default) submitit calls `checkpoint`, which first asks the training ranks to stop (SIGTERM to the
+    launcher's descendants: training saves a checkpoint, hbt_accel.preemption) and waits up to `GRACE_SECONDS`,
     then resubmits the command with `--resume_from_checkpoint auto`, so the point goes on by itself. The command's
     output goes to the point's log file, never to a pipe that submitit's exit would close under it."""
 
@@ -487,7 +487,8 @@ class RequeueablePoint(submitit.helpers.Checkpointable):
 
     def checkpoint(self, *args, **kwargs) -> submitit.helpers.DelayedSubmission:
         if self._process is not None and self._process.poll() is None:
-            os.killpg(self._process.pid, signal.SIGTERM)
+            for process in _training_processes(self._process.pid):
+                process.send_signal(signal.SIGTERM)
             try:
                 self._process.wait(timeout=self.GRACE_SECONDS)
             except subprocess.TimeoutExpired:
@@ -498,6 +499,19 @@ class RequeueablePoint(submitit.helpers.Checkpointable):
         else:
             command += ["--resume_from_checkpoint", "auto"]
         return submitit.helpers.DelayedSubmission(RequeueablePoint(command, self.cwd, self.env, self.log))
+
+
+def _training_processes(pid: int) -> list:
+    """The processes to ask to stop: the launcher's descendants (the training ranks, which save on SIGTERM), or the
+    command itself when it launches nothing. Not the launcher: accelerate's kills its child 5 s after a SIGTERM,
+    torchrun 30 s after, too soon for a checkpoint; a launcher whose ranks exit on their own just returns."""
+    import psutil
+
+    try:
+        command = psutil.Process(pid)
+        return command.children(recursive=True) or [command]
+    except psutil.NoSuchProcess:
+        return []
 
 
 def _job_error(job) -> str | None:

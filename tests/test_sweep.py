@@ -711,3 +711,35 @@ def test_a_data_size_sweep_reports_the_saturating_fit_in_training_ids(tmp_path):
     assert (fit["a"], fit["c"]) == pytest.approx((0.70, 0.5), rel=1e-3)
     assert fit["size_for_target"] == pytest.approx(all_ids, rel=1e-2)
     assert "size for multi mAP 0.68" in (spec.results_root / "report.md").read_text()
+
+
+def test_a_preempted_launcher_is_left_alone_and_its_training_process_saves(tmp_path):
+    """A stand-in for `accelerate launch`: a parent that kills its child at once if IT gets SIGTERM (accelerate's
+    launcher gives 5 s). `checkpoint` signals the child only, so the child saves and the parent returns."""
+    import threading
+    import time
+
+    from hbt_accel.sweep import RequeueablePoint
+
+    saved = tmp_path / "saved"
+    child = (
+        "import signal, sys, time, pathlib\n"
+        f"signal.signal(signal.SIGTERM, lambda *a: (time.sleep(1), pathlib.Path({str(saved)!r}).write_text('ok'), "
+        "sys.exit(75)))\nprint('started', flush=True)\ntime.sleep(60)\n"
+    )
+    launcher = (
+        "import signal, subprocess, sys\n"
+        f"p = subprocess.Popen([sys.executable, '-c', {child!r}])\n"
+        "signal.signal(signal.SIGTERM, lambda *a: (p.kill(), sys.exit(1)))\n"
+        "sys.exit(p.wait())\n"
+    )
+    point = RequeueablePoint([sys.executable, "-c", launcher], str(tmp_path), dict(os.environ), str(tmp_path / "log"))
+    job = threading.Thread(target=lambda: pytest.raises(RuntimeError, point))
+    job.start()
+    deadline = time.monotonic() + 30
+    while "started" not in ((tmp_path / "log").read_text() if (tmp_path / "log").exists() else ""):
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    point.checkpoint()
+    job.join(timeout=30)
+    assert saved.read_text() == "ok" and point._process.returncode == 75  # the child's code, passed through
