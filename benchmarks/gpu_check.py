@@ -33,6 +33,7 @@ import time
 import traceback
 from pathlib import Path
 
+from data_scale import tiny_model
 from report import run_benchmark
 from train_speed import BATCH, hbt_flags, mlqa_pairs, time_sentence_transformers, write_pairs
 
@@ -66,7 +67,7 @@ def main() -> None:
     if not args.smoke and record["environment"]["gpu"] is None:
         print("warning: no CUDA GPU visible; the figures below are this machine's CPU")
     with tempfile.TemporaryDirectory() as scratch:
-        model = tiny_model(Path(scratch)) if args.smoke else "embedded"
+        model = str(tiny_model(Path(scratch) / "tiny_bert")) if args.smoke else "embedded"
         parts = {
             "default_recipe": lambda: default_recipe(model, Path(scratch), steps),
             "large_encoder_lora": lambda: large_encoder_lora(QWEN_TINY if args.smoke else QWEN_1_5B, steps),
@@ -257,23 +258,6 @@ def cuda_tests() -> dict:
     command = [sys.executable, "-m", "pytest", "-q", "-m", "cuda", "tests/test_cuda.py"]
     result = subprocess.run(command, capture_output=True, text=True, cwd=REPO)
     return {"returncode": result.returncode, "summary": result.stdout.strip().splitlines()[-1:]}
-
-
-def tiny_model(scratch: Path) -> str:
-    """A saved random 2-layer BERT with the real XLM-R tokenizer: the smoke run's stand-in for the default model."""
-    import torch
-    from transformers import BertConfig, BertModel, XLMRobertaTokenizerFast
-
-    from hbt_accel.embedded import reference_tokenizer_file
-
-    folder = scratch / "tiny_bert"
-    tokenizer = XLMRobertaTokenizerFast(tokenizer_file=str(reference_tokenizer_file()))
-    torch.manual_seed(0)
-    config = BertConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                        intermediate_size=64, max_position_embeddings=256)  # fmt: skip
-    BertModel(config).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return str(folder)
 
 
 if __name__ == "__main__":

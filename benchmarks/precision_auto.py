@@ -22,6 +22,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import yaml
 from report import invocation, publish, run_benchmark
 
 from hbt_accel.atomic import write_json
@@ -42,11 +43,7 @@ def train_once(precision: str) -> tuple[float, str]:
         command += ["--mixed_precision", precision, "--output_dir", output_dir]
         run(command)
         history = json.loads((Path(output_dir) / SUMMARY_FILE).read_text())["history"]
-        chosen = next(
-            line.split(":", 1)[1].strip()
-            for line in (Path(output_dir) / CONFIG_FILE).read_text().splitlines()
-            if line.startswith("mixed_precision:")
-        )
+        chosen = yaml.safe_load((Path(output_dir) / CONFIG_FILE).read_text())["mixed_precision"]
     return statistics.median(entry["samples_per_second"] for entry in history[WARMUP_STEPS:]), chosen
 
 

@@ -307,9 +307,9 @@ def start(cfg: HbtConfig):
     resume = resolve_resume(cfg.resume_from_checkpoint, Path(cfg.output_dir))
     if resume[0] is not None:
         check_resume_config(cfg, resume[0].parent / CONFIG_FILE)
-    in_use = folder_in_use(Path(cfg.output_dir)) if accelerator.is_main_process else None
-    if not all_ranks_agree(accelerator, in_use is None):
-        raise ConfigError(in_use or f"output_dir: {cfg.output_dir} is in use by another run")
+    refuse_if_in_use(
+        accelerator, cfg.output_dir, folder_in_use(Path(cfg.output_dir)) if accelerator.is_main_process else None
+    )
     check_selection_metric(cfg.metric_for_best_model)
     check_num_layers(cfg.model_name_or_path, cfg.num_layers)  # the model's config only, not its weights
     if cfg.push_to_hub:
@@ -317,6 +317,13 @@ def start(cfg: HbtConfig):
 
         check_hub_access(cfg)
     return cfg, accelerator, [threads, *precision_lines], resume
+
+
+def refuse_if_in_use(accelerator, output_dir, in_use: str | None) -> None:
+    """Every rank raises together when the main process found the run folder held by another run (`in_use`: its
+    message there, None elsewhere and when free)."""
+    if not all_ranks_agree(accelerator, in_use is None):
+        raise ConfigError(in_use or f"output_dir: {output_dir} is in use by another run")
 
 
 def with_precision(cfg: HbtConfig) -> tuple[HbtConfig, list[str]]:
@@ -511,8 +518,7 @@ def open_run_folder(session: Session, resume: tuple[Path | None, list[str]]) -> 
             session.run_lock = lock_run_folder(output_dir)
         except ConfigError as error:
             lost = str(error)
-    if not all_ranks_agree(accelerator, lost is None):
-        raise ConfigError(lost or f"output_dir: {output_dir} is in use by another run")
+    refuse_if_in_use(accelerator, output_dir, lost)
     if accelerator.is_main_process:
         stale = stale_staging_folders(output_dir) + stale_save_folders(output_dir)
         if cfg.overwrite_output_dir and resume is None:

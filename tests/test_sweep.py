@@ -656,12 +656,25 @@ def test_a_preempted_submitit_point_is_resubmitted_resuming_from_its_checkpoint(
     assert resumed.checkpoint().function.command == again.command  # one resume flag, never two
 
 
+def run_until_started(point, log: Path):
+    """Run `point` (a RequeueablePoint whose command fails when stopped) in a thread until its command has printed
+    'started' to `log`; returns the thread."""
+    import threading
+    import time
+
+    job = threading.Thread(target=lambda: pytest.raises(RuntimeError, point))
+    job.start()
+    deadline = time.monotonic() + 30
+    while "started" not in (log.read_text() if log.exists() else ""):
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    return job
+
+
 def test_a_preempted_point_is_asked_to_stop_and_given_time_to_save(tmp_path):
     """`checkpoint` sends SIGTERM to the running command's process group and waits for it: here a command that
     writes a file when it gets SIGTERM, as training saves its checkpoint."""
     import pickle
-    import threading
-    import time
 
     from hbt_accel.sweep import RequeueablePoint
 
@@ -672,12 +685,7 @@ def test_a_preempted_point_is_asked_to_stop_and_given_time_to_save(tmp_path):
         "print('started', flush=True)\ntime.sleep(60)\n"
     )
     point = RequeueablePoint([sys.executable, "-c", script], str(tmp_path), dict(os.environ), str(tmp_path / "log"))
-    job = threading.Thread(target=lambda: pytest.raises(RuntimeError, point))
-    job.start()
-    deadline = time.monotonic() + 30
-    while "started" not in ((tmp_path / "log").read_text() if (tmp_path / "log").exists() else ""):
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
+    job = run_until_started(point, tmp_path / "log")
     resubmitted = point.checkpoint()
     job.join(timeout=30)
     assert saved.read_text() == "ok" and point._process.returncode == 75
@@ -716,9 +724,6 @@ def test_a_data_size_sweep_reports_the_saturating_fit_in_training_ids(tmp_path):
 def test_a_preempted_launcher_is_left_alone_and_its_training_process_saves(tmp_path):
     """A stand-in for `accelerate launch`: a parent that kills its child at once if IT gets SIGTERM (accelerate's
     launcher gives 5 s). `checkpoint` signals the child only, so the child saves and the parent returns."""
-    import threading
-    import time
-
     from hbt_accel.sweep import RequeueablePoint
 
     saved = tmp_path / "saved"
@@ -734,12 +739,7 @@ def test_a_preempted_launcher_is_left_alone_and_its_training_process_saves(tmp_p
         "sys.exit(p.wait())\n"
     )
     point = RequeueablePoint([sys.executable, "-c", launcher], str(tmp_path), dict(os.environ), str(tmp_path / "log"))
-    job = threading.Thread(target=lambda: pytest.raises(RuntimeError, point))
-    job.start()
-    deadline = time.monotonic() + 30
-    while "started" not in ((tmp_path / "log").read_text() if (tmp_path / "log").exists() else ""):
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
+    job = run_until_started(point, tmp_path / "log")
     point.checkpoint()
     job.join(timeout=30)
     assert saved.read_text() == "ok" and point._process.returncode == 75  # the child's code, passed through
