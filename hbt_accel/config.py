@@ -197,19 +197,39 @@ class HbtConfig:
     dataloader_num_workers: int = _field(0, "tokenising workers; 0 = in the main process")
 
     # ---- evaluation ----
-    eval_benchmark: str = _field("xquad-r", "LAReQA benchmark scored during and after training; '' = none")
+    eval_benchmark: str = _field(
+        "xquad-r",
+        "scored during and after training: a LAReQA benchmark (xquad-r, mlqa-r:validation, a folder of "
+        "<lang>.json) or one in a published layout (MIRACL, Mr. TyDi, MLDR, BEIR; MKQA's .jsonl.gz with "
+        "eval_corpus); '' = none",
+    )
+    eval_split: str = _field("", "published benchmarks: the split (MIRACL dev / test-a, ...); empty = its default")
+    eval_corpus: str = _field("", "published benchmarks: the corpus folder where it lives apart (MIRACL's, MKQA's)")
+    eval_corpus_passages: int = _field(
+        100_000,
+        "published benchmarks: periodic evaluations search the judged passages plus a fixed sample of the rest, this "
+        "many in all (the final model searches the full corpus); 0 = the full corpus every time",
+    )
     eval_steps: int = _field(0, "evaluate every N steps (on the subset below); 0 = only at the end")
-    eval_languages: list = _field([], "languages of the periodic evaluation; empty = all")
+    eval_languages: list = _field(
+        [], "languages of the periodic evaluation (published benchmarks: of every evaluation); empty = all"
+    )
     eval_max_queries: int = _field(0, "questions per language in the periodic evaluation; 0 = all")
     final_eval: bool = _field(True, "score the final model on the full grid")
-    final_eval_max_queries: int = _field(0, "question ids of the final evaluation, every language; 0 = all")
+    final_eval_max_queries: int = _field(
+        0, "question ids (published: queries per language) of the final evaluation; 0 = all"
+    )
     eval_precision: str = _field(
         "auto",
         "precision of evaluation and hard-negative mining encodes; auto = bf16 where mixed_precision's auto would "
         "choose it, else fp32 (bf16 mAPs within .0005 of fp32)",
         choices=("auto", "bf16", "no"),
     )
-    metric_for_best_model: str = _field("mean_map", "metric tracking the best checkpoint (mean of mono/cross/multi)")
+    metric_for_best_model: str = _field(
+        "mean_map",
+        "metric tracking the best checkpoint (mean of mono/cross/multi); a published benchmark's own, such as "
+        "ndcg_at_10, when eval_benchmark is one",
+    )
 
     # ---- hub ----
     push_to_hub: bool = _field(False, "upload the final model (main process only)")
@@ -234,6 +254,7 @@ class HbtConfig:
             (0.0 <= self.warmup_ratio < 1.0, "warmup_ratio", "a fraction in [0, 1)"),
             (self.num_hard_negatives >= 0, "num_hard_negatives", "0 or more"),
             (self.final_eval_max_queries >= 0, "final_eval_max_queries", "0 (all) or a positive integer"),
+            (self.eval_corpus_passages >= 0, "eval_corpus_passages", "0 (the full corpus) or a number of passages"),
             (self.skip_nonfinite_steps >= 0, "skip_nonfinite_steps", "0 (stop at once) or more"),
             (self.length_buckets >= 1, "length_buckets", "1 (off) or more"),
             (self.num_layers >= 0, "num_layers", "0 (all layers) or a positive layer count"),
@@ -321,8 +342,9 @@ RESUMABLE_CHANGES = frozenset(
         "output_dir", "overwrite_output_dir", "resume_from_checkpoint", "allow_config_change", "preemption_signals",
         "data_dir", "data_cache_dir", "max_steps", "num_train_epochs", "logging_steps", "save_steps",
         "save_total_limit", "report_to", "dataloader_num_workers", "skip_nonfinite_steps", "eval_benchmark",
-        "eval_steps", "eval_languages", "eval_max_queries", "final_eval", "final_eval_max_queries", "eval_precision",
-        "metric_for_best_model", "push_to_hub", "hub_model_id", "hub_private", "hub_revision", "hub_push_checkpoints",
+        "eval_split", "eval_corpus", "eval_corpus_passages", "eval_steps", "eval_languages", "eval_max_queries",
+        "final_eval", "final_eval_max_queries", "eval_precision", "metric_for_best_model", "push_to_hub",
+        "hub_model_id", "hub_private", "hub_revision", "hub_push_checkpoints",
     }
 )  # fmt: skip
 

@@ -18,7 +18,7 @@ import yaml
 from hbt_accel.atomic import write_atomic
 from hbt_accel.config import HbtConfig
 from hbt_accel.data import split_name
-from hbt_accel.evaluation.schema import METRICS
+from hbt_accel.evaluation.schema import ANY_BY_KEY, METRICS
 from hbt_accel.run_summary import TrainSummary
 from hbt_accel.sampling import STRATEGIES
 
@@ -322,6 +322,8 @@ def _evaluation_section(cfg: HbtConfig, results: dict | None) -> str:
             "Evaluation was not run for this model (no benchmark configured or `final_eval` off). Score it with "
             "`python recipes/evaluate.py --model <this folder>`."
         )
+    if "tasks" in results:
+        return _published_evaluation_section(cfg, results)
     benchmark = dataset_name(results.get("benchmark", cfg.eval_benchmark))
     n_queries = results.get("n_queries")
     seconds = results.get("seconds")
@@ -347,6 +349,36 @@ def _evaluation_section(cfg: HbtConfig, results: dict | None) -> str:
                 lines.append(f"| {lang} | {_fmt(per_multi[lang])} | {_fmt(per_distance.get(lang), 1)} |")
     lines += ["", "Full mAP grid (row: query language, column: candidate pool language; diagonal = monolingual):"]
     lines += ["", grid_table(results)]
+    return "\n".join(lines)
+
+
+def _published_evaluation_section(cfg: HbtConfig, results: dict) -> str:
+    """A benchmark in its published layout: its protocol, one row per task, the macro average, and which
+    evaluations searched a capped corpus."""
+    metrics = [ANY_BY_KEY[key] for key in results["metrics"]]
+    protocol = results["tasks"][0]["protocol"]
+    official = ", ".join(protocol["metrics"].values())
+    lines = [
+        f"**{results['benchmark']}** {results.get('split') or ''}, official metrics ({official}), searched in the "
+        f"**{results['corpus']}**; passage = {protocol['passage_format']}; passage max length "
+        f"{protocol['passage_max_length']}, {protocol['precision']}.",
+        "",
+        "| task | " + " | ".join(metric.label for metric in metrics) + " | queries | passages |",
+        "|---|" + "---|" * (len(metrics) + 2),
+    ]
+    for task in results["tasks"]:
+        values = " | ".join(metric.format(task[metric.key]) for metric in metrics)
+        lines.append(f"| {task['task']} | {values} | {task['n_queries']:,} | {task['protocol']['corpus_size']:,} |")
+    macro = " | ".join(metric.format(results[metric.key]) for metric in metrics)
+    lines.append(f"| **macro average** | {macro} | {results['n_queries']:,} | |")
+    if cfg.eval_steps and cfg.eval_corpus_passages:
+        lines += [
+            "",
+            f"The periodic evaluations during training (every {cfg.eval_steps} steps; they chose the best "
+            f"checkpoint) searched a capped corpus: the judged passages plus a fixed sample of the rest, "
+            f"{cfg.eval_corpus_passages:,} passages per language. Their scores are higher than full-corpus scores and "
+            "only compare checkpoints with each other; the table above is the full corpus.",
+        ]
     return "\n".join(lines)
 
 
@@ -422,7 +454,9 @@ def card_metadata(summary: TrainSummary, results: dict | None, name: str) -> dic
     hub_datasets = [d for d in cfg.train_data if "/" in d and not Path(d).exists()]  # local names are no Hub ids
     if hub_datasets:
         metadata["datasets"] = hub_datasets
-    if results:
+    if results and "tasks" in results:
+        metadata["model-index"] = [{"name": name, "results": _published_model_index(results)}]
+    elif results:
         benchmark = results.get("benchmark", cfg.eval_benchmark)
         metrics = [
             {"type": metric.model_index_type, "name": metric.label, "value": round(float(results[metric.key]), 4)}
@@ -442,6 +476,22 @@ def card_metadata(summary: TrainSummary, results: dict | None, name: str) -> dic
             }
         ]
     return metadata
+
+
+def _published_model_index(results: dict) -> list[dict]:
+    """One model-index result per task (a benchmark language), its official metrics on the full corpus."""
+    entries = []
+    for task in results["tasks"]:
+        metrics = [
+            {"type": key, "name": ANY_BY_KEY[key].label, "value": round(float(task[key]), 4)}
+            for key in results["metrics"]
+            if task[key] == task[key]
+        ]
+        dataset = {"type": results["benchmark"], "name": task["task"], "split": results.get("split") or "test"}
+        if task["protocol"].get("language"):
+            dataset["config"] = task["protocol"]["language"]
+        entries.append({"task": {"type": "retrieval", "name": "Retrieval"}, "dataset": dataset, "metrics": metrics})
+    return entries
 
 
 def render_model_card(output_dir: str | os.PathLike, summary: TrainSummary, results: dict | None) -> str:

@@ -51,7 +51,6 @@ from hbt_accel.console import TrainingProgressBar, make_console
 from hbt_accel.data import (
     CorpusStore,
     is_lareqa_name,
-    load_lareqa_benchmark,
     load_training_corpus,
     resolve_data_dir,
 )
@@ -65,7 +64,8 @@ from hbt_accel.distributed import (
 from hbt_accel.embedded import check_hub_model_reachable, check_model_name
 from hbt_accel.errors import ConfigError, TrainingDiverged
 from hbt_accel.evaluation.encoding import between_batches
-from hbt_accel.evaluation.schema import MAP_KEYS, check_selection_metric
+from hbt_accel.evaluation.evaluator import EvaluationSpec, is_published, open_evaluator
+from hbt_accel.evaluation.schema import check_selection_metric
 from hbt_accel.losses import CachedInfoNCELoss, InfoNCELoss, TrainingStep
 from hbt_accel.mining import (
     MINED_DIR,
@@ -141,6 +141,7 @@ class Session:
     stops: StopRequests | None = None  # preemption signals and Ctrl-C, while the loop runs
     saved_step: int = -1  # the step of the newest checkpoint this process saved
     run_lock: object = None  # the run folder's lock (hbt_accel.run_lock), held while the session lives
+    evaluator: object = None  # hbt_accel.evaluation.evaluator's, its benchmark read once; None = no eval_benchmark
 
     @property
     def output_dir(self) -> Path:
@@ -227,7 +228,7 @@ def setup(cfg: HbtConfig) -> Session:
     # ==============================================================================================================
     # 1. Data
     # ==============================================================================================================
-    corpora, sampler = load_data(cfg, accelerator, console)
+    corpora, sampler, evaluator = load_data(cfg, accelerator, console)
     plan = plan_steps(cfg, sampler, accelerator.num_processes)
     # ==============================================================================================================
     # 2. Model, collator, DataLoader
@@ -263,6 +264,7 @@ def setup(cfg: HbtConfig) -> Session:
         plan,
         parameters,
         embedding_gradient=embedding_gradient,
+        evaluator=evaluator,
     )
     # ==============================================================================================================
     # 5. The run folder, and resume
@@ -310,7 +312,8 @@ def start(cfg: HbtConfig):
     refuse_if_in_use(
         accelerator, cfg.output_dir, folder_in_use(Path(cfg.output_dir)) if accelerator.is_main_process else None
     )
-    check_selection_metric(cfg.metric_for_best_model)
+    if not is_published(cfg.eval_benchmark):  # a published benchmark's metrics are known once it is read
+        check_selection_metric(cfg.metric_for_best_model)
     check_num_layers(cfg.model_name_or_path, cfg.num_layers)  # the model's config only, not its weights
     if cfg.push_to_hub:
         from hbt_accel.hub import check_hub_access
@@ -365,7 +368,9 @@ def check_output_dir(cfg: HbtConfig) -> None:
         )
 
 
-def load_data(cfg: HbtConfig, accelerator, console) -> tuple[list[CorpusStore], HybridBatchSampler]:
+def load_data(cfg: HbtConfig, accelerator, console) -> tuple[list[CorpusStore], HybridBatchSampler, object]:
+    """The training corpora, the sampler, and the evaluator (its benchmark read now: a bad file fails before
+    training, not at step 500 or after the last)."""
     # One process per machine converts a new source into the cache; the others wait, then every rank memory-maps
     # the same files (hbt_accel.data.cache).
     with accelerator.local_main_process_first():
@@ -375,8 +380,7 @@ def load_data(cfg: HbtConfig, accelerator, console) -> tuple[list[CorpusStore], 
             )
             for source in cfg.train_data
         ]
-        if cfg.eval_benchmark:
-            check_evaluation_inputs(cfg)
+        evaluator = open_evaluator(evaluation_spec(cfg), cfg.metric_for_best_model) if cfg.eval_benchmark else None
     for corpus in corpora:
         console.print(corpus.summary_table())
     sampler = HybridBatchSampler(
@@ -395,18 +399,22 @@ def load_data(cfg: HbtConfig, accelerator, console) -> tuple[list[CorpusStore], 
         en_en_language=cfg.en_en_language,
         answers_per_query=cfg.answers_per_query,
     )
-    return corpora, sampler
+    return corpora, sampler, evaluator
 
 
-def check_evaluation_inputs(cfg: HbtConfig) -> None:
-    """Read every file of the evaluation benchmark now (0.4 s for XQuAD-R): a missing, truncated or mistyped one,
-    or a periodic-evaluation language it lacks, must fail before training, not at step 500 or after the last."""
-    benchmark = load_lareqa_benchmark(cfg.eval_benchmark, data_dir=cfg.data_dir or None)
-    missing = [language for language in cfg.eval_languages if language not in benchmark.pools]
-    if missing:
-        raise ConfigError(
-            f"eval_languages: {', '.join(missing)} not in {cfg.eval_benchmark} (has {', '.join(benchmark.languages)})"
-        )
+def evaluation_spec(cfg: HbtConfig) -> EvaluationSpec:
+    return EvaluationSpec(
+        benchmark=cfg.eval_benchmark,
+        languages=tuple(cfg.eval_languages),
+        max_queries=cfg.eval_max_queries,
+        final_max_queries=cfg.final_eval_max_queries,
+        split=cfg.eval_split,
+        corpus=cfg.eval_corpus,
+        corpus_passages=cfg.eval_corpus_passages,
+        data_dir=cfg.data_dir,
+        cache_dir=cfg.data_cache_dir,
+        bf16=cfg.eval_precision == "bf16",
+    )
 
 
 def plan_steps(cfg: HbtConfig, sampler: HybridBatchSampler, world_size: int) -> StepPlan:
@@ -719,7 +727,7 @@ def checkpoint_and_evaluate(session: Session) -> None:
     if periodic_eval:
         results = run_evaluation(session, full=False)
         session.progress.record_evaluation(results, cfg.metric_for_best_model)
-        accelerator.log({f"eval/{key}": results[key] for key in MAP_KEYS}, step=step)
+        accelerator.log(session.evaluator.logged(results), step=step)
     session.progress.eval_seconds += time.perf_counter() - eval_started
     progress, limit = session.progress, cfg.save_total_limit
     checkpoint = save_checkpoint(accelerator, session.model, progress, session.output_dir, limit)
@@ -745,25 +753,20 @@ def evaluate_step_zero(session: Session) -> None:
 
 
 def run_evaluation(session: Session, full: bool, per_query: list | None = None) -> dict:
-    """Score the model on the LAReQA grid: the periodic subset during training, every language at the end
-    (`final_eval_max_queries` question ids, or all). `per_query` receives the per-query ranks."""
-    from hbt_accel.evaluation import evaluate_grid
-
-    cfg = session.cfg
+    """Score the model with the run's evaluator: the periodic subset (a capped corpus for a published benchmark)
+    during training, the whole benchmark at the end. `per_query` receives the LAReQA per-query ranks."""
     if not full:
         faults.at("evaluation")
-    languages = None if full else (cfg.eval_languages or None)
-    max_queries = cfg.final_eval_max_queries if full else cfg.eval_max_queries
-    benchmark = load_lareqa_benchmark(cfg.eval_benchmark, languages=languages, data_dir=cfg.data_dir or None)
     encoder = session.accelerator.unwrap_model(session.model)
     was_training = encoder.training
-    results = evaluate_grid(
+    results = session.evaluator.score(
         encoder,
-        benchmark,
-        max_queries=max_queries or None,
-        bf16=cfg.eval_precision == "bf16",
-        accelerator=session.accelerator,
+        session.accelerator,
+        final=full,
         per_query=per_query,
+        model_dir=session.output_dir,  # the final model is saved there before its evaluation
+        scratch_dir=session.output_dir,
+        step=session.progress.global_step,
     )
     encoder.train(was_training)
     return results
@@ -775,8 +778,7 @@ def _report_periodic(session: Session, results: dict, checkpoint: Path) -> None:
     if session.accelerator.is_main_process:
         write_reports(results, checkpoint)
     session.console.print(
-        f"step {session.progress.global_step}: mono {results['mono_map']:.3f} cross {results['cross_map']:.3f} "
-        f"multi {results['multi_map']:.3f} rank distance {results['rank_distance']:.1f} "
+        f"step {session.progress.global_step}: {session.evaluator.headline(results)} "
         f"| best {session.progress.best_checkpoint}"
     )
 
@@ -799,7 +801,8 @@ def finalize(session: Session) -> TrainResult:
 
         if results:
             write_reports(results, output_dir)
-            per_query[0].save(output_dir / PER_QUERY_FILE)  # for confidence intervals and paired tests later
+            if per_query:
+                per_query[0].save(output_dir / PER_QUERY_FILE)  # for confidence intervals and paired tests later
             print_report(results)
         write_json(output_dir / SUMMARY_FILE, summary.to_json())
         write_model_card(output_dir, summary, results or None)

@@ -1,4 +1,5 @@
-"""Score a retriever on the LAReQA grid (XQuAD-R / MLQA-R) or a BEIR-style folder; or every checkpoint of a run.
+"""Score a retriever on the LAReQA grid (XQuAD-R / MLQA-R) or a benchmark in its published layout (MIRACL, Mr. TyDi,
+MLDR, MKQA, BEIR folders: encoded in shards to disk, at any corpus size); or every checkpoint of a run.
 
     python recipes/evaluate.py --model embedded --benchmark xquad-r --output_dir /tmp/ev
     python recipes/evaluate.py --model embedded --benchmark xquad-r --precision no --output_dir /tmp/ev_fp32
@@ -7,6 +8,7 @@
     python recipes/evaluate.py --model runs/a/final --benchmark /data/miracl --languages sw,te --split dev
     python recipes/evaluate.py --model embedded --benchmark /data/mkqa.jsonl.gz --corpus /data/beir/nq --languages de
     python recipes/evaluate.py --model embedded --benchmark /data/mrtydi   # Pyserini's topics/ + qrels/ + corpus
+    python recipes/evaluate.py --model embedded --benchmark /data/beir/nq --index ivf   # + its recall vs exact
     python recipes/evaluate.py --run_dir runs/default          # every checkpoint-* without eval_results.json yet
     python recipes/evaluate.py --model runs/a --bootstrap 1000 --output_dir runs/a/eval    # + 95% CIs, per_query.npz
     python recipes/evaluate.py --model runs/b --bootstrap 1000 --baseline runs/a/eval/per_query.npz  # b minus a
@@ -38,7 +40,11 @@ class EvaluateArguments:
     model: str = field(default="", metadata={"help": "model folder or Hub id; 'embedded' = multilingual-e5-small"})
     run_dir: str = field(default="", metadata={"help": "score every RUN/checkpoint-* without eval_results.json"})
     benchmark: str = field(
-        default="xquad-r", metadata={"help": "xquad-r, mlqa-r, a folder of LAReQA <lang>.json, or a BEIR folder"}
+        default="xquad-r",
+        metadata={
+            "help": "xquad-r, mlqa-r, a folder of LAReQA <lang>.json, or a benchmark in its published layout (MIRACL, "
+            "Mr. TyDi, MLDR, a BEIR folder; MKQA's mkqa.jsonl.gz with --corpus)"
+        },
     )
     languages: list = field(default_factory=list, metadata={"help": "comma-separated languages; empty = all"})
     max_queries: int = field(default=0, metadata={"help": "first N question ids (same in every language); 0 = all"})
@@ -63,10 +69,12 @@ class EvaluateArguments:
     baseline: str = field(
         default="", metadata={"help": "per_query.npz of another model on the same questions: paired difference"}
     )
-    beir_split: str = field(default="test", metadata={"help": "BEIR folders: which qrels/<split>.tsv"})
     split: str = field(
         default="",
-        metadata={"help": "MIRACL (dev, test-a), Mr. TyDi and MLDR (test, dev): the split; empty = default"},
+        metadata={
+            "help": "MIRACL (dev, test-a), Mr. TyDi and MLDR (test, dev), BEIR (qrels/<split>.tsv): the split; "
+            "empty = the benchmark's default"
+        },
     )
     corpus: str = field(
         default="", metadata={"help": "the corpus folder where it lives apart: MIRACL's corpus, MKQA's BEIR corpus"}
@@ -77,8 +85,13 @@ class EvaluateArguments:
     cache_dir: str = field(
         default="", metadata={"help": "passage stores and embeddings of large benchmarks; empty = the corpus cache"}
     )
-    beir_index: str = field(
-        default="flat", metadata={"help": "BEIR folders: faiss index", "choices": ("flat", "ivf", "hnsw")}
+    index: str = field(
+        default="flat",
+        metadata={
+            "help": "published benchmarks: flat = exact search in shards; ivf / hnsw = a faiss index in one process, "
+            "with its recall@100 against exact search",
+            "choices": ("flat", "ivf", "hnsw"),
+        },
     )
 
     @property
@@ -163,17 +176,15 @@ def main(args: EvaluateArguments) -> None:
 def evaluate_model(args: EvaluateArguments, model: str, output_dir: Path | None, accelerator, is_main: bool) -> dict:
     """Load one model, score it on args.benchmark, print the report and write it to output_dir (main process)."""
     from hbt_accel.evaluation import encode_benchmark, print_report, save_encoded, score_encoded, write_reports
-    from hbt_accel.evaluation.beir import evaluate_beir, is_beir_folder
+    from hbt_accel.evaluation.evaluator import is_published
     from hbt_accel.evaluation.grid import PER_QUERY_FILE
-    from hbt_accel.evaluation.published import recognised_kind
     from hbt_accel.modeling import DualEncoder
 
     # ---- data first: a bad language or file fails before the model is loaded
-    published = recognised_kind(args.benchmark) not in (None, "beir")
+    published = is_published(args.benchmark)
     if published:
         tasks_found = load_published(args)  # reads topics and qrels: a bad file fails here
-    beir = not published and is_beir_folder(args.benchmark)
-    if not beir and not published:
+    else:
         benchmark = load_lareqa_benchmark(
             args.benchmark, languages=args.languages or None, data_dir=args.data_dir or None
         )
@@ -192,25 +203,15 @@ def evaluate_model(args: EvaluateArguments, model: str, output_dir: Path | None,
     if published:
         from hbt_accel.embedded import resolve_model_path
         from hbt_accel.evaluation.at_scale import model_key, score_task
+        from hbt_accel.evaluation.evaluator import published_results
 
         key = model_key(resolve_model_path(model), encoder, args.bf16)
         options = {"cache_dir": args.cache_dir, "batch_size": args.batch_size, "bf16": args.bf16}
-        options["chunk_rows"] = args.chunk_rows
+        options |= {"chunk_rows": args.chunk_rows, "index": args.index}
         tasks = [score_task(encoder, task, key, accelerator=accelerator, **options) for task in tasks_found]
-        results = published_results(tasks_found, tasks, model)
+        results = {"model": model, **published_results(tasks_found, tasks)}
         if is_main:
-            print(json.dumps(results, indent=2))
-            if output_dir is not None:
-                print(f"wrote {write_reports(results, output_dir)['json']}")
-        return results
-
-    # ---- BEIR-style folder
-    if beir:
-        results = evaluate_beir(
-            encoder, args.benchmark, args.beir_split, args.batch_size, args.bf16, accelerator, args.beir_index
-        )
-        if is_main:
-            print(json.dumps(results, indent=2))
+            print_report(results)
             if output_dir is not None:
                 print(f"wrote {write_reports(results, output_dir)['json']}")
         return results
@@ -245,15 +246,6 @@ def load_published(args: EvaluateArguments) -> list:
     return [
         task for lang in languages for task in load_task(args.benchmark, language=lang, split=split, corpus=corpus)
     ]
-
-
-def published_results(tasks: list, scored: list[dict], model: str) -> dict:
-    """Per-task results (each with its protocol) and the macro average over tasks of every metric."""
-    from hbt_accel.evaluation.published import macro_average
-
-    metrics = [{name: result[name] for name in task.metrics} for task, result in zip(tasks, scored)]
-    return {"model": model, "benchmark": scored[0]["protocol"]["benchmark"], "macro_average": macro_average(metrics),
-            "tasks": scored}  # fmt: skip
 
 
 def add_statistics(results: dict, scores, args: EvaluateArguments) -> None:

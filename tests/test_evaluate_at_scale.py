@@ -104,3 +104,112 @@ def test_miracl_layout_scores_like_brute_force_is_cached_and_agrees_under_a_laun
     chunks = sorted((tmp_path / "cache_launch" / "embeddings").glob("*/chunk-*.npy"))
     assert [np.load(chunk).shape[0] for chunk in chunks] == [32, 32, 26]  # each embedding written once
     assert two["encoded_passages_this_process"] == 58  # the main process wrote chunks 0 and 2, the other chunk 1
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# A published benchmark as a training run's eval_benchmark
+# ---------------------------------------------------------------------------------------------------------------
+def test_capped_corpus_keeps_every_judged_passage_and_the_same_sample(tmp_path):
+    from hbt_accel.evaluation.at_scale import task_passages
+    from hbt_accel.evaluation.evaluator import capped_passages, capped_rows
+    from hbt_accel.evaluation.published import load_task
+
+    task = load_task(str(write_miracl_sw(tmp_path / "miracl")), language="sw", split="dev")[0]
+    full = task_passages(task, tmp_path / "cache")
+    judged = {docid for judgements in task.qrels.values() for docid in judgements}
+    assert len(full) == 90 and len(judged) == 24
+    capped = capped_passages(task, full, 40, tmp_path / "cache")
+    docids = capped.docids(range(len(capped)))
+    assert len(capped) == 40 and judged <= set(docids)  # the 24 judged + 16 drawn from the other 66
+    assert capped_passages(task, full, 40, tmp_path / "cache").folder == capped.folder  # built once, then cached
+    assert list(capped_rows(full, sorted(judged), 40)) == list(capped_rows(full, sorted(judged), 40))
+    assert capped.texts_at([docids.index("2#1")]) == full.texts_at(full.rows_of(["2#1"]))  # judged: row 7
+    assert len(capped_passages(task, full, 10, tmp_path / "cache")) == 24  # never drops a judged passage
+    assert capped_passages(task, full, 0, tmp_path / "cache") is full
+    assert capped_passages(task, full, 90, tmp_path / "cache") is full
+
+
+def _train_on_miracl(tmp_path, tiny_model_dir, mlqa_slice, *extra: str):
+    from hbt_accel.config import parse_config
+    from hbt_accel.train import train
+
+    root = write_miracl_sw(tmp_path / "miracl")
+    cfg = parse_config(
+        [
+            *("--model_name_or_path", str(tiny_model_dir), "--train_data", str(mlqa_slice), "--num_layers", "1"),
+            *("--output_dir", str(tmp_path / "run"), "--data_cache_dir", str(tmp_path / "cache"), "--max_steps", "4"),
+            *("--per_device_train_batch_size", "8", "--mixed_precision", "no", "--eval_precision", "no"),
+            *("--query_max_length", "32", "--passage_max_length", "48", "--eval_benchmark", str(root)),
+            *("--eval_languages", "sw", "--eval_split", "dev", "--eval_steps", "2", "--eval_corpus_passages", "40"),
+            *extra,
+        ]
+    )
+    return root, train(cfg)
+
+
+def test_training_scores_a_miracl_layout_capped_during_and_full_at_the_end(tmp_path, tiny_model_dir, mlqa_slice):
+    from hbt_accel.evaluation.at_scale import model_key, score_task
+    from hbt_accel.evaluation.published import load_task
+    from hbt_accel.modeling import DualEncoder
+
+    root, result = _train_on_miracl(tmp_path, tiny_model_dir, mlqa_slice, "--metric_for_best_model", "ndcg_at_10")
+    out = result.output_dir
+    # periodic points: the capped corpus (24 judged + 16 drawn), the benchmark's own metrics, a best checkpoint
+    evaluations = result.summary.evaluations
+    assert [e["step"] for e in evaluations] == [0, 2]
+    assert all({"ndcg_at_10", "recall_at_100"} <= set(e) and e["n_queries"] == 8 for e in evaluations)
+    periodic = json.loads((out / "checkpoint-2" / "eval_results.json").read_text())
+    assert periodic["corpus"].startswith("capped corpus") and periodic["tasks"][0]["protocol"]["corpus_size"] == 40
+    assert json.loads((out / "checkpoint-2" / "training_progress.json").read_text())["best_checkpoint"]
+    assert not (out / ".periodic_embeddings").exists()  # the moving model's embeddings are scratch
+    # the final model: the full corpus, the official metric equal to brute force
+    final = result.results
+    assert final["corpus"] == "full corpus" and final["tasks"][0]["protocol"]["corpus_size"] == 90
+    for metric, value in reference(out, root).items():
+        assert final[metric] == pytest.approx(value, abs=1e-4), metric
+    card = (out / "README.md").read_text()
+    assert "searched in the **full corpus**" in card and "capped corpus" in card and "miracl-sw-dev" in card
+    # re-scoring the saved model (as recipes/evaluate.py --model RUN does) encodes nothing: cached by its weights
+    encoder = DualEncoder.from_pretrained(out)
+    task = load_task(str(root), language="sw", split="dev")[0]
+    again = score_task(encoder, task, model_key(out, encoder, False), cache_dir=str(tmp_path / "cache"))
+    assert again["encoded_passages_this_process"] == 0
+    assert again["ndcg_at_10"] == pytest.approx(final["ndcg_at_10"], abs=1e-6)
+
+
+def test_a_published_benchmark_needs_one_of_its_own_metrics_to_select_checkpoints(
+    tmp_path, tiny_model_dir, mlqa_slice
+):
+    from hbt_accel.errors import ConfigError
+
+    with pytest.raises(
+        ConfigError, match=r"metric_for_best_model: got 'mean_map', expected one of ndcg_at_10, recall_at_100$"
+    ):
+        _train_on_miracl(tmp_path, tiny_model_dir, mlqa_slice)
+    assert not (tmp_path / "run" / "train_summary.json").exists()
+
+
+@pytest.mark.distributed
+def test_a_miracl_layout_scored_during_zero3_training_equals_brute_force(tmp_path, tiny_model_dir, mlqa_slice):
+    """Under ZeRO-3 every forward gathers parameters from both ranks: the one corpus chunk is encoded by rank 0 while
+    rank 1 runs the same number of dummy forwards, or the run would hang. The scores equal one process's."""
+    root, out = write_miracl_sw(tmp_path / "miracl"), tmp_path / "run"
+    args = [
+        *("--model_name_or_path", str(tiny_model_dir), "--train_data", str(mlqa_slice), "--output_dir", str(out)),
+        *("--data_cache_dir", str(tmp_path / "cache"), "--max_steps", "4", "--per_device_train_batch_size", "8"),
+        *("--mixed_precision", "no", "--eval_precision", "no", "--query_max_length", "32"),
+        *("--passage_max_length", "48", "--eval_benchmark", str(root), "--eval_languages", "sw"),
+        *("--eval_steps", "2", "--eval_corpus_passages", "40", "--metric_for_best_model", "recall_at_100"),
+    ]
+    config = ["--config_file", str(REPO / "accelerate_configs" / "deepspeed_zero3.yaml")]
+    command = [sys.executable, "-m", "accelerate.commands.launch", *config, "--main_process_port", str(free_port())]
+    command += [str(REPO / "recipes" / "train_hybrid.py"), *args]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    result = subprocess.run(command, capture_output=True, text=True, cwd=REPO, env=env, timeout=900)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    summary = json.loads((out / "train_summary.json").read_text())
+    assert summary["world_size"] == 2 and [e["step"] for e in summary["evaluations"]] == [0, 2]
+    final = json.loads((out / "eval_results.json").read_text())
+    assert final["corpus"] == "full corpus" and final["tasks"][0]["protocol"]["corpus_size"] == 90
+    for metric, value in reference(out, root).items():
+        assert final[metric] == pytest.approx(value, abs=1e-4), metric

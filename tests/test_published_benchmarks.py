@@ -273,12 +273,26 @@ def test_beir_fixture_graded_crlf_and_hand_metrics(tmp_path):
     assert results["mrr_at_10"] == pytest.approx(1 / 2) and results["recall_at_100"] == 1.0
 
 
-def test_beir_real_nfcorpus_matches_the_old_reader_and_ir_measures():
-    from hbt_accel.evaluation.beir import read_beir
+def read_beir_directly(folder: Path):
+    """The BEIR files read the plain way (json per line, csv with a header), for comparison."""
+    import csv
 
+    def rows(path):
+        return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+    corpus = {row["_id"]: (row.get("title", "") + " " + row["text"]).strip() for row in rows(folder / "corpus.jsonl")}
+    queries = {row["_id"]: row["text"] for row in rows(folder / "queries.jsonl")}
+    qrels: dict[str, dict[str, int]] = {}
+    with open(folder / "qrels" / "test.tsv", encoding="utf-8") as handle:
+        for qid, docid, score in list(csv.reader(handle, delimiter="\t"))[1:]:
+            qrels.setdefault(qid, {})[docid] = int(score)
+    return corpus, queries, qrels
+
+
+def test_beir_real_nfcorpus_matches_its_files_and_ir_measures():
     folder = needs_samples("beir", "nfcorpus")
     task = load_task(str(folder))[0]
-    corpus, queries, qrels = read_beir(folder, "test")
+    corpus, queries, qrels = read_beir_directly(folder)
     assert task.qrels == qrels and len(task.queries) == 323
     assert [qid for qid, _ in task.queries] == [qid for qid in queries if qid in qrels]
     passages = all_passages(task)

@@ -20,9 +20,10 @@ from pathlib import Path
 import numpy as np
 
 from hbt_accel.data.cache import file_fingerprint
+from hbt_accel.errors import ConfigError
 from hbt_accel.evaluation.encoding import encode_texts
 from hbt_accel.evaluation.published import RetrievalTask
-from hbt_accel.evaluation.sharded import encode_corpus, open_passages, search
+from hbt_accel.evaluation.sharded import PassageStore, approximate_search, encode_corpus, open_passages, search
 
 WEIGHT_FILES = ("*.safetensors", "*.bin", "*.pt", "config.json", "hbt_encoder.json", "adapter_config.json")
 
@@ -46,16 +47,20 @@ def score_task(
     bf16: bool = False,
     accelerator=None,
     chunk_rows: int = 16384,
+    passages: PassageStore | None = None,
+    index: str = "flat",
 ) -> dict:
-    """One task: its metrics, its protocol, how many passages this call encoded and the seconds of each phase."""
+    """One task: its metrics, its protocol, how many passages this call encoded and the seconds of each phase.
+    `passages`: the store to search (a capped corpus: `evaluator.capped_passages`); default the task's corpus.
+    `index`: flat = exact search over every process's chunks; ivf / hnsw = a faiss index in one process, with its
+    recall@100 against exact search on a sample of the queries in the protocol."""
     clock = [time.perf_counter()]
 
     def lap() -> float:
         clock.append(time.perf_counter())
         return clock[-1] - clock[-2]
 
-    identity = {"files": task.corpus.fingerprint(), "format": task.protocol.get("passage_format")}
-    passages = open_passages(task.name.rsplit("-", 1)[0], identity, task.corpus.batches, cache_dir, accelerator)
+    passages = passages or task_passages(task, cache_dir, accelerator)
     store_seconds = lap()
     shards = encode_corpus(
         encoder, passages, key=key, cache_dir=cache_dir, chunk_rows=chunk_rows, batch_size=batch_size, bf16=bf16,
@@ -65,7 +70,7 @@ def score_task(
     texts = [text for _, text in task.queries]
     queries = encode_texts(encoder, texts, "query", batch_size, bf16, accelerator)  # (Q, d)
     lap()
-    scores, rows = search(shards, queries, k=task.depth, accelerator=accelerator)  # (Q, k) each
+    scores, rows, how = _search(shards, queries, task.depth, index, accelerator)  # (Q, k) each
     search_seconds = lap()
     run, row_of = _run(task, passages, scores, rows)
     results = task.score(run, passage_text=lambda doc_ids: passages.texts_at([row_of[d] for d in doc_ids]))
@@ -74,7 +79,8 @@ def score_task(
         "passage_max_length": encoder.settings.passage_max_length,
         "query_max_length": encoder.settings.query_max_length,
         "precision": "bf16" if bf16 else "fp32",
-        "embeddings": "float16, exact inner product",
+        "embeddings": "float16",
+        "search": how,
     }
     return {
         "task": task.name,
@@ -86,6 +92,21 @@ def score_task(
         "search_seconds": search_seconds,
         "seconds": clock[-1] - clock[0] + lap(),
     }
+
+
+def _search(shards, queries: np.ndarray, k: int, index: str, accelerator) -> tuple[np.ndarray, np.ndarray, str]:
+    if index == "flat":
+        return *search(shards, queries, k=k, accelerator=accelerator), "exact inner product"
+    if accelerator is not None and accelerator.num_processes > 1:
+        raise ConfigError(f"index {index}: an approximate index is built in one process; run without a launch")
+    found = approximate_search(shards, queries, k, index)
+    return found.scores, found.indices, f"faiss {index}, recall@100 vs exact {found.recall_at_100_vs_exact:.4f}"
+
+
+def task_passages(task: RetrievalTask, cache_dir: str = "", accelerator=None) -> PassageStore:
+    """The task's whole corpus as a passage store (converted the first time, then opened from the cache)."""
+    identity = {"files": task.corpus.fingerprint(), "format": task.protocol.get("passage_format")}
+    return open_passages(task.name.rsplit("-", 1)[0], identity, task.corpus.batches, cache_dir, accelerator)
 
 
 def _run(task: RetrievalTask, passages, scores: np.ndarray, rows: np.ndarray):

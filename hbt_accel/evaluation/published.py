@@ -29,7 +29,7 @@ Layouts read (as published):
       Recall@20 and Recall@100: a query counts when one of its top-k passages contains an answer string.
     BEIR folder                                               split test (default), or any qrels/{split}.tsv
         corpus.jsonl, queries.jsonl, qrels/{split}.tsv (header line; CRLF and graded relevance allowed)
-      nDCG@10, Recall@100 and MRR@10, as `hbt_accel.evaluation.beir`.
+      nDCG@10, Recall@100 and MRR@10 (BEIR's own evaluation).
 
 A passage is title + " " + text (the text alone where the title is empty); MLDR has no titles. Metrics over qrels
 come from `ir_measures`; MKQA's answer matcher and XTREME-R's LAReQA mAP@20 are written here (no library has them).
@@ -58,7 +58,6 @@ from hbt_accel.data.published_files import (
     text_lines,
 )
 from hbt_accel.errors import DataError, did_you_mean, require_file
-from hbt_accel.evaluation.beir import BEIR_MEASURES
 
 Run = Mapping[str, Sequence[tuple[str, float]]]
 PassageText = Callable[[list[str]], list[str]]
@@ -74,6 +73,7 @@ MLDR_SPLITS = ("test", "dev", "train")
 MIRACL_METRICS = {"ndcg_at_10": "nDCG@10", "recall_at_100": "R@100"}
 MRTYDI_METRICS = {"mrr_at_100": "RR@100", "recall_at_100": "R@100"}
 MLDR_METRICS = {"ndcg_at_10": "nDCG@10"}
+BEIR_MEASURES = {"ndcg_at_10": "nDCG@10", "recall_at_100": "R@100", "mrr_at_10": "RR@10"}
 MKQA_CUTOFFS = (20, 100)
 # FlagEmbedding C_MTEB/MKQA/README.md: "We filter questions which types are `unanswerable`, `binary` and
 # `long-answer`. Finally we get 6,619 questions for every language." (MKQA spells the last one long_answer.)

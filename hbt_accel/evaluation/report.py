@@ -13,7 +13,7 @@ from pathlib import Path
 
 from hbt_accel.atomic import write_atomic, write_json
 from hbt_accel.evaluation.grid import RESULTS_FILE
-from hbt_accel.evaluation.schema import MAP_KEYS, METRICS, RANK_DISTANCE, RECALL_AT_1
+from hbt_accel.evaluation.schema import ANY_BY_KEY, MAP_KEYS, METRICS, RANK_DISTANCE, RECALL_AT_1
 
 
 def grid_matrix(results: dict) -> tuple[list[str], list[list[float]]]:
@@ -33,10 +33,14 @@ def _cell_style(value: float) -> str:
 
 
 def print_report(results: dict, console=None) -> None:
-    """The grid (rows: query language, columns: pool language, plus the multilingual column) and the summary."""
+    """The grid (rows: query language, columns: pool language, plus the multilingual column) and the summary; a
+    published benchmark's results (no grid): one row per task and the macro average."""
     from rich.console import Console
     from rich.table import Table
 
+    if "grid" not in results:
+        (console or Console()).print(retrieval_table(results))
+        return
     languages, rows = grid_matrix(results)
     # a pipe or log file gets rich's 80 columns by default, which would cut an 11-language grid to "0.…"
     console = console or Console(width=max(Console().width, 30 + 8 * len(languages)))
@@ -83,6 +87,23 @@ def summary_table(results: dict):
     summary.add_row("queries / candidates", f"{results.get('n_queries', 0):,} / {results.get('n_candidates', 0):,}")
     summary.add_row("seconds (encode + score)", f"{results.get('seconds', math.nan):.1f}")
     return summary
+
+
+def retrieval_table(results: dict):
+    """A published benchmark's results (`evaluator.published_results`): its official metrics per task, then the
+    macro average; the title names the corpus searched (full or capped)."""
+    from rich.table import Table
+
+    metrics = [ANY_BY_KEY[key] for key in results["metrics"]]
+    table = Table(title=f"{results['benchmark']} {results.get('split') or ''} ({results['corpus']})")
+    for column in ("task", *(metric.label for metric in metrics), "queries", "passages"):
+        table.add_column(column, justify="left" if column == "task" else "right")
+    for task in results["tasks"]:
+        values = [metric.format(task[metric.key]) for metric in metrics]
+        table.add_row(task["task"], *values, f"{task['n_queries']:,}", f"{task['protocol']['corpus_size']:,}")
+    macro = [metric.format(results[metric.key]) for metric in metrics]
+    table.add_row("macro average", *macro, f"{results['n_queries']:,}", "")
+    return table
 
 
 def write_reports(results: dict, output_dir: str | os.PathLike) -> dict[str, Path]:

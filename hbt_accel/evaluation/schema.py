@@ -54,22 +54,34 @@ MAP_KEYS = ("mono_map", "cross_map", "multi_map")
 # metric_for_best_model may also name this: the mean of the three mAPs.
 MEAN_MAP = "mean_map"
 
+# The official metrics of the benchmarks in their published layouts (evaluation.published): a training run scored
+# on one of them selects its best checkpoint by one of these, macro-averaged over its languages.
+NDCG_AT_10 = Metric("ndcg_at_10", "nDCG@10", "ndcg_at_10")
+RECALL_AT_20 = Metric("recall_at_20", "R@20", "recall_at_20")
+RECALL_AT_100 = Metric("recall_at_100", "R@100", "recall_at_100")
+MRR_AT_10 = Metric("mrr_at_10", "MRR@10", "mrr_at_10")
+MRR_AT_100 = Metric("mrr_at_100", "MRR@100", "mrr_at_100")
+RETRIEVAL_METRICS = (NDCG_AT_10, RECALL_AT_20, RECALL_AT_100, MRR_AT_10, MRR_AT_100)
+ANY_BY_KEY = {metric.key: metric for metric in (*METRICS, *RETRIEVAL_METRICS)}
+
 
 def summary_of(results: Mapping) -> dict:
     """Every metric of one evaluation and its query count: a point of a metric-by-step curve, a table row."""
-    return {key: results[key] for key in (*BY_KEY, "n_queries") if key in results}
+    return {key: results[key] for key in (*ANY_BY_KEY, "n_queries") if key in results}
 
 
 def selection_score(results: Mapping, name: str) -> float:
     """`results` reduced to one number where higher is better, for picking the best checkpoint by `name`."""
     if name == MEAN_MAP:
         return sum(results[key] for key in MAP_KEYS) / len(MAP_KEYS)
-    value = results[check_selection_metric(name)]
-    return value if BY_KEY[name].higher_is_better else -value
+    value = results[name]
+    return value if ANY_BY_KEY[name].higher_is_better else -value
 
 
-def check_selection_metric(name: str) -> str:
-    """Fail before training, not after the first evaluation, on a metric_for_best_model that does not exist."""
-    if name != MEAN_MAP and name not in BY_KEY:
-        raise ConfigError(f"metric_for_best_model: got {name!r}, expected {MEAN_MAP} or one of {', '.join(BY_KEY)}")
+def check_selection_metric(name: str, available: Iterable[str] | None = None) -> str:
+    """Fail before training, not after the first evaluation, on a metric_for_best_model that does not exist, or
+    (with `available`: what the evaluation benchmark reports) one that this benchmark does not report."""
+    allowed = [MEAN_MAP, *BY_KEY] if available is None else list(available)
+    if name not in allowed:
+        raise ConfigError(f"metric_for_best_model: got {name!r}, expected one of {', '.join(allowed)}")
     return name

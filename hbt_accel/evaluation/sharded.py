@@ -100,6 +100,18 @@ class PassageStore:
         """The texts of the given rows (a search's hits)."""
         return self._texts.get(indices)
 
+    def rows_of(self, docids: Iterable[str]) -> np.ndarray:
+        """The sorted rows whose doc id is in `docids` (ids not in the corpus are skipped), one record batch of the
+        docid column at a time."""
+        import pyarrow.compute as pc
+
+        wanted = pa.array(sorted(set(docids)), type=pa.string())
+        found = [
+            np.flatnonzero(pc.is_in(chunk, value_set=wanted).to_numpy(zero_copy_only=False)) + start
+            for chunk, start in zip(self._docids.chunks, self._docids.starts)
+        ]
+        return np.concatenate(found).astype(np.int64) if found else np.zeros(0, dtype=np.int64)
+
 
 def open_passages(
     name: str,
@@ -271,6 +283,14 @@ def _encode_rounds(encoder, passages, layout, settings, accelerator, log, progre
     done = sum(_rows(layout, c) for c in my_chunks if layout.chunk_is_on_disk(c))
     already_done = int(_gather_ints(accelerator, [done])[:, 0].sum())
     progress = CorpusProgress(len(passages), already_done, progress_every, log, _is_main(accelerator))
+    try:
+        return _encode_my_chunks(encoder, passages, layout, settings, accelerator, progress, done)
+    finally:
+        progress.close()
+
+
+def _encode_my_chunks(encoder, passages, layout, settings, accelerator, progress, done: int) -> tuple[int, int]:
+    rank, world = _rank_and_world(accelerator)
     encoded = dim = 0
     for round_index in range(-(-layout.num_chunks // world)):
         chunk = round_index * world + rank
@@ -345,7 +365,8 @@ def _saved_shape(path: Path) -> tuple[int, ...] | None:
 
 
 class CorpusProgress:
-    """At most one plain line every `every` seconds: texts done / total, texts/s, time left (main process only).
+    """Texts done / total, texts/s and time left, on the main process: a rich bar in a terminal, else (a log file)
+    at most one plain line every `every` seconds.
 
     `base` is the count done by all ranks at the start of the current round; chunks found on disk do not count
     towards the speed."""
@@ -355,15 +376,37 @@ class CorpusProgress:
         self.clock = clock
         self.start = self.last = clock()
         self.base = already_done
+        self.bar = self._terminal_bar() if enabled and log is _print_now else None
+
+    def _terminal_bar(self):
+        from rich.console import Console
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        if not Console().is_terminal:
+            return None
+        bar = Progress(
+            TextColumn("encoding passages"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[rate]}"),
+            TimeRemainingColumn(),
+        )  # fmt: skip
+        self.task = bar.add_task("encode", total=self.total, completed=self.already_done, rate="")
+        bar.start()
+        return bar
 
     def update(self, done: int) -> None:
         now = self.clock()
+        rate = (done - self.already_done) / max(now - self.start, 1e-9)
+        if self.bar is not None:
+            self.bar.update(self.task, completed=done, rate=f"{rate:,.0f} texts/s")
+            return
         if not self.enabled or now - self.last < self.every:
             return
         self.last = now
-        rate = (done - self.already_done) / max(now - self.start, 1e-9)
         left = time_left((self.total - done) / rate) if rate > 0 else "unknown time"
         self.log(f"encoding passages: {done:,}/{self.total:,} texts ({rate:,.0f} texts/s, about {left} left)")
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.stop()
 
 
 # =====================================================================================================================
@@ -400,15 +443,33 @@ def _search_chunk(shards, chunk, queries, scores, rows, block_rows) -> tuple[np.
     group = max(1, QUERY_GROUP_ELEMENTS // (k + block_rows))
     for offset in range(0, len(vectors), block_rows):
         block = np.asarray(vectors[offset : offset + block_rows], dtype=np.float32)
-        block_rows_global = np.arange(start + offset, start + offset + len(block), dtype=np.int64)
         for first in range(0, len(queries), group):
             part = slice(first, first + group)
-            block_scores = queries[part] @ block.T  # (group, block)
-            candidates = np.broadcast_to(block_rows_global, block_scores.shape)
+            block_scores, block_rows_found = _block_top_k(queries[part] @ block.T, k, start + offset)
             merged_scores = np.concatenate([scores[part], block_scores], axis=1)
-            merged_rows = np.concatenate([rows[part], candidates], axis=1)
+            merged_rows = np.concatenate([rows[part], block_rows_found], axis=1)
             scores[part], rows[part] = _keep_best(merged_scores, merged_rows, k)
     return scores, rows
+
+
+def _block_top_k(block_scores: np.ndarray, k: int, first_row: int) -> tuple[np.ndarray, np.ndarray]:
+    """The best `k` of each line of one block's (group, width) scores and their rows, under the one-key order.
+
+    A float partition picks them (10x cheaper than building int64 keys for every candidate); a line whose k-th
+    score is tied with a candidate left out is picked again by key, so the lower row wins there too."""
+    width = block_scores.shape[1]
+    row_ids = np.arange(first_row, first_row + width, dtype=np.int64)
+    if width <= k:
+        return block_scores, np.broadcast_to(row_ids, block_scores.shape)
+    picked = np.argpartition(block_scores, width - k, axis=1)[:, width - k :]
+    picked_scores = np.take_along_axis(block_scores, picked, axis=1)
+    kth = picked_scores.min(axis=1, keepdims=True)
+    tied = (block_scores == kth).sum(axis=1) != (picked_scores == kth).sum(axis=1)
+    if tied.any():
+        keys = _order_keys(block_scores[tied], np.broadcast_to(row_ids, (int(tied.sum()), width)))
+        picked[tied] = np.argpartition(keys, width - k, axis=1)[:, width - k :]
+        picked_scores[tied] = np.take_along_axis(block_scores[tied], picked[tied], axis=1)
+    return picked_scores, picked + first_row
 
 
 def _merge_over_ranks(scores: np.ndarray, rows: np.ndarray, accelerator) -> tuple[np.ndarray, np.ndarray]:
@@ -461,7 +522,7 @@ class ApproximateResult(NamedTuple):
 def approximate_search(
     shards: EmbeddingShards, queries: np.ndarray, k: int, index: str = "ivf", sample: int = 200, nprobe: int = 32
 ) -> ApproximateResult:
-    """Top-k through a faiss `ivf` or `hnsw` index (parameters as `beir.build_index`), and what it costs.
+    """Top-k through a faiss `ivf` or `hnsw` index (parameters as `build_index`), and what it costs.
 
     Unlike `search`, this holds EVERY vector in float32 in one process (faiss's flat storage inside the index), so
     it is for corpora that fit in memory. Recall@100 against `search` is measured on `sample` random queries."""
@@ -474,17 +535,37 @@ def approximate_search(
 
 def _approximate_index(shards: EmbeddingShards, kind: str, nprobe: int):
     """A trained faiss index filled chunk by chunk (no second full copy of the vectors)."""
-    from hbt_accel.evaluation.beir import build_index
-
     if shards.num_passages == 0:
         raise DataError(f"{shards.folder}: no passages to index")
-    lists = max(1, min(int(4 * np.sqrt(shards.num_passages)), shards.num_passages // 39 or 1))  # as build_index
+    lists = max(1, min(int(4 * np.sqrt(shards.num_passages)), shards.num_passages // 39 or 1))  # as build_index does
     # faiss trains an IVF quantizer on at most 256 vectors per list; other kinds need no training
     training = _sample_vectors(shards, min(shards.num_passages, 256 * lists) if kind == "ivf" else 0)
     built = build_index(training, kind, nlist=lists, nprobe=nprobe)
     built.reset()  # keeps the trained quantizer; the rows are added below, in passage order
     for chunk in range(shards.num_chunks):
         built.add(np.ascontiguousarray(shards.chunk(chunk), dtype=np.float32))
+    return built
+
+
+def build_index(embeddings: np.ndarray, index: str = "flat", nlist: int | None = None, nprobe: int = 32):
+    """A faiss inner-product index over (N, d) float32 vectors: flat (exact), ivf or hnsw (approximate)."""
+    import faiss
+
+    embeddings = np.ascontiguousarray(embeddings, dtype=np.float32)
+    dim = embeddings.shape[1]
+    if index == "flat":
+        built = faiss.IndexFlatIP(dim)
+    elif index == "ivf":
+        nlist = nlist or max(1, min(int(4 * np.sqrt(len(embeddings))), len(embeddings) // 39 or 1))
+        built = faiss.IndexIVFFlat(faiss.IndexFlatIP(dim), dim, nlist, faiss.METRIC_INNER_PRODUCT)
+        built.train(embeddings)
+        built.nprobe = min(nprobe, nlist)
+    elif index == "hnsw":
+        built = faiss.IndexHNSWFlat(dim, 32, faiss.METRIC_INNER_PRODUCT)
+        built.hnsw.efSearch = 128
+    else:
+        raise DataError(f"index: got {index!r}, expected one of flat, ivf, hnsw")
+    built.add(embeddings)
     return built
 
 

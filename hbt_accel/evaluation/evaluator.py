@@ -1,0 +1,234 @@
+"""What a training run is scored on, read once per run: the LAReQA grid, or a benchmark in its published layout.
+
+`open_evaluator(spec)` reads the benchmark's files at once (a bad file, language or metric fails before training)
+and returns an evaluator with
+
+    metrics                                     the keys `metric_for_best_model` may name
+    score(encoder, accelerator, final, ...)     the periodic subset (final=False) or the whole benchmark
+    headline(results)                           one log line
+
+LAReQA (xquad-r, mlqa-r:validation, a folder of <lang>.json): periodic = `languages` x the first `max_queries` ids,
+final = every language x the first `final_max_queries` ids (`grid.evaluate_grid`).
+
+Published layouts (MIRACL, Mr. TyDi, MLDR, MKQA, BEIR folders: `published.load_task`): `languages` picks the tasks of
+every evaluation. A periodic evaluation searches a CAPPED corpus: every passage judged for the scored queries plus a
+fixed sample of the rest (seed 0), `corpus_passages` in all, so a point costs the same at any corpus size; its
+embeddings go to a scratch folder removed afterwards (the weights change at every step). The final model searches
+the FULL corpus, and its embeddings are cached under its weight files (`at_scale.model_key`), so
+`recipes/evaluate.py --model RUN` on the same benchmark encodes nothing. Every result says which corpus it searched.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+
+from hbt_accel.data import load_lareqa_benchmark
+from hbt_accel.data.cache import fingerprint
+from hbt_accel.errors import ConfigError
+from hbt_accel.evaluation.at_scale import model_key, score_task, task_passages
+from hbt_accel.evaluation.published import PASSAGE_SCHEMA, RetrievalTask, load_task, macro_average, recognised_kind
+from hbt_accel.evaluation.schema import MAP_KEYS, MEAN_MAP, check_selection_metric
+from hbt_accel.evaluation.sharded import SAMPLE_SEED, PassageStore, open_passages
+
+CAPPED_BATCH_ROWS = 4096
+SCRATCH_FOLDER = ".periodic_embeddings"  # inside the run folder, removed after each periodic evaluation
+
+
+@dataclasses.dataclass(frozen=True)
+class EvaluationSpec:
+    """The evaluation settings of a run (HbtConfig's eval_* fields, in evaluation's own words)."""
+
+    benchmark: str
+    languages: tuple[str, ...] = ()
+    max_queries: int = 0  # periodic; 0 = all
+    final_max_queries: int = 0
+    split: str = ""
+    corpus: str = ""
+    corpus_passages: int = 0  # periodic cap of a published corpus; 0 = the full corpus
+    data_dir: str = ""
+    cache_dir: str = ""
+    bf16: bool = False
+    batch_size: int = 64
+
+
+def is_published(benchmark: str) -> bool:
+    """A benchmark in one of the published layouts `published.load_task` reads (as opposed to LAReQA)."""
+    return recognised_kind(benchmark) is not None
+
+
+def open_evaluator(spec: EvaluationSpec, metric_for_best_model: str = MEAN_MAP):
+    """The evaluator of `spec`, its files read now; `metric_for_best_model` must be one it reports."""
+    evaluator = PublishedEvaluator(spec) if is_published(spec.benchmark) else LareqaEvaluator(spec)
+    check_selection_metric(metric_for_best_model, evaluator.metrics)
+    return evaluator
+
+
+# =====================================================================================================================
+# LAReQA
+# =====================================================================================================================
+class LareqaEvaluator:
+    """The LAReQA grid; the periodic language subset and the full benchmark are each read once."""
+
+    metrics = (MEAN_MAP, "mono_map", "cross_map", "multi_map", "rank_distance", "recall_at_1", "recall_at_10")
+
+    def __init__(self, spec: EvaluationSpec):
+        self.spec = spec
+        data_dir = spec.data_dir or None
+        self.full = load_lareqa_benchmark(spec.benchmark, data_dir=data_dir)
+        missing = [language for language in spec.languages if language not in self.full.pools]
+        if missing:
+            raise ConfigError(
+                f"eval_languages: {', '.join(missing)} not in {spec.benchmark} (has {', '.join(self.full.languages)})"
+            )
+        self.periodic = load_lareqa_benchmark(
+            spec.benchmark, languages=list(spec.languages) or None, data_dir=data_dir
+        )
+
+    def score(self, encoder, accelerator, final: bool, per_query: list | None = None, **_) -> dict:
+        from hbt_accel.evaluation.grid import evaluate_grid
+
+        max_queries = self.spec.final_max_queries if final else self.spec.max_queries
+        return evaluate_grid(
+            encoder,
+            self.full if final else self.periodic,
+            max_queries=max_queries or None,
+            batch_size=self.spec.batch_size,
+            bf16=self.spec.bf16,
+            accelerator=accelerator,
+            per_query=per_query,
+        )
+
+    @staticmethod
+    def headline(results: dict) -> str:
+        return (
+            f"mono {results['mono_map']:.3f} cross {results['cross_map']:.3f} multi {results['multi_map']:.3f} "
+            f"rank distance {results['rank_distance']:.1f}"
+        )
+
+    @staticmethod
+    def logged(results: dict) -> dict:
+        return {f"eval/{key}": results[key] for key in MAP_KEYS}
+
+
+# =====================================================================================================================
+# Published layouts
+# =====================================================================================================================
+class PublishedEvaluator:
+    """MIRACL, Mr. TyDi, MLDR, MKQA or a BEIR folder: its tasks (one per language) read once."""
+
+    def __init__(self, spec: EvaluationSpec):
+        self.spec = spec
+        languages = list(spec.languages) or [None]
+        split, corpus = spec.split or None, spec.corpus or None
+        self.tasks = [
+            t for lang in languages for t in load_task(spec.benchmark, language=lang, split=split, corpus=corpus)
+        ]
+        self.metrics = tuple(self.tasks[0].metrics)
+        self._capped: dict[str, PassageStore] = {}
+
+    def score(self, encoder, accelerator, final: bool, model_dir="", scratch_dir="", step: int = 0, **_) -> dict:
+        """The final model on the full corpus (embeddings cached under `model_dir`'s weights), or the model at
+        `step` on the capped corpus (embeddings in `scratch_dir`/.periodic_embeddings, removed on return)."""
+        limit = self.spec.final_max_queries if final else self.spec.max_queries
+        tasks = [dataclasses.replace(t, queries=t.queries[:limit]) if limit else t for t in self.tasks]
+        options = {"batch_size": self.spec.batch_size, "bf16": self.spec.bf16, "accelerator": accelerator}
+        started = time.perf_counter()
+        if final:
+            key = model_key(model_dir, encoder, self.spec.bf16)
+            scored = [score_task(encoder, task, key, cache_dir=self.spec.cache_dir, **options) for task in tasks]
+            corpus = "full corpus"
+        else:
+            scratch = Path(scratch_dir) / SCRATCH_FOLDER
+            key = {"weights": [{"periodic evaluation at step": step}], "bf16": self.spec.bf16}
+            try:
+                scored = [
+                    score_task(encoder, t, key, cache_dir=scratch, passages=self.capped(t, accelerator), **options)
+                    for t in tasks
+                ]
+            finally:
+                _remove_scratch(scratch, accelerator)
+            corpus = capped_description(self.spec.corpus_passages)
+        results = published_results(tasks, scored, corpus)
+        results["seconds"] = time.perf_counter() - started
+        return results
+
+    def capped(self, task: RetrievalTask, accelerator) -> PassageStore:
+        """The task's capped corpus, built once per run (and cached across runs, like every passage store)."""
+        if task.name not in self._capped:
+            full = task_passages(task, self.spec.cache_dir, accelerator)
+            self._capped[task.name] = capped_passages(
+                task, full, self.spec.corpus_passages, self.spec.cache_dir, accelerator
+            )
+        return self._capped[task.name]
+
+    def headline(self, results: dict) -> str:
+        return " ".join(f"{key} {results[key]:.3f}" for key in self.metrics) + f" ({results['corpus']})"
+
+    def logged(self, results: dict) -> dict:
+        return {f"eval/{key}": results[key] for key in self.metrics}
+
+
+def published_results(tasks: list[RetrievalTask], scored: list[dict], corpus: str = "full corpus") -> dict:
+    """Per-task results (each with its protocol), the macro average over tasks of every metric, and the same
+    averages at the top level (what selects a best checkpoint and draws a metric-by-step curve)."""
+    metrics = [{name: result[name] for name in task.metrics} for task, result in zip(tasks, scored)]
+    macro = macro_average(metrics)
+    return {
+        "benchmark": scored[0]["protocol"]["benchmark"],
+        "split": scored[0]["protocol"].get("split"),
+        "corpus": corpus,
+        "languages": [result["protocol"].get("language") for result in scored],
+        "metrics": list(tasks[0].metrics),
+        **macro,
+        "n_queries": sum(result["n_queries"] for result in scored),
+        "macro_average": macro,
+        "tasks": scored,
+    }
+
+
+def capped_description(passages: int) -> str:
+    if not passages:
+        return "full corpus"
+    return f"capped corpus: the judged passages + a fixed sample of the rest (seed {SAMPLE_SEED}), {passages:,} in all"
+
+
+def capped_passages(task: RetrievalTask, full: PassageStore, cap: int, cache_dir, accelerator=None) -> PassageStore:
+    """`full` cut to its judged passages plus a fixed random sample of the rest, `cap` in all (every judged one
+    stays even past the cap). MKQA judges by answer strings: its cap is a sample only. 0 or >= the corpus = `full`."""
+    if not cap or cap >= len(full):
+        return full
+    judged = sorted({docid for judgements in (task.qrels or {}).values() for docid in judgements})
+    judged_key = fingerprint({"docids": judged})
+    description = {"from": full.folder.name, "cap": cap, "seed": SAMPLE_SEED, "judged": judged_key}
+
+    def batches():
+        rows = capped_rows(full, judged, cap)
+        for start in range(0, len(rows), CAPPED_BATCH_ROWS):
+            part = rows[start : start + CAPPED_BATCH_ROWS]
+            docids, texts = pa.array(full.docids(part), pa.string()), pa.array(full.texts_at(part), pa.string())
+            yield pa.record_batch([docids, texts], schema=PASSAGE_SCHEMA)
+
+    return open_passages(f"{full.name}-capped", description, batches, cache_dir, accelerator)
+
+
+def capped_rows(full: PassageStore, judged_docids: list[str], cap: int) -> np.ndarray:
+    """Sorted rows: every judged one, then rows of a seeded draw that are not judged until `cap` are taken."""
+    judged_rows = full.rows_of(judged_docids)
+    drawn = np.random.default_rng(SAMPLE_SEED).choice(len(full), size=min(len(full), cap), replace=False)
+    rest = drawn[~np.isin(drawn, judged_rows)][: max(0, cap - len(judged_rows))]
+    return np.sort(np.concatenate([judged_rows, rest]))
+
+
+def _remove_scratch(scratch: Path, accelerator) -> None:
+    if accelerator is not None:
+        accelerator.wait_for_everyone()  # every rank has searched before its chunks go
+    if accelerator is None or accelerator.is_main_process:
+        shutil.rmtree(scratch, ignore_errors=True)
+    if accelerator is not None:
+        accelerator.wait_for_everyone()
