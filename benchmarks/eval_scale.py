@@ -15,8 +15,9 @@ processes:
 - `search_seconds`: exact top-100 search of the 1,000 queries over the corpus;
 - `cached_rerun_seconds`: the same evaluation again (store and embeddings cached): it encodes nothing.
 Then one real run: the embedded multilingual-e5-small on the real BEIR nfcorpus folder through the same pipeline,
-against the in-memory BEIR scorer. `--search_only` times `sharded.search` alone at the issue's size, 1,000 queries
-over 1M random fp16 vectors of 384 dimensions in chunk files (`search_1m_384d`), and merges it into the JSON.
+against an in-memory reference (one array, faiss exact search). `--search_only` times `sharded.search` alone at the
+issue's size, 1,000 queries over 1M random fp16 vectors of 384 dimensions in chunk files (`search_1m_384d`), and
+merges it into the JSON.
 Results: docs/benchmarks/eval_scale.json.
 """
 
