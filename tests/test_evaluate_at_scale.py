@@ -59,7 +59,7 @@ def evaluate(args: list[str], launch: bool = False) -> dict:
 def reference(model_dir: Path, root: Path) -> dict[str, float]:
     """Brute force: every text encoded in one call, passages fp16-rounded like the chunks, scored by ir_measures."""
     from hbt_accel.evaluation.published import load_task
-    from hbt_accel.modeling import DualEncoder
+    from hbt_accel.models.dual_encoder import DualEncoder
 
     task = load_task(str(root), language="sw", split="dev")[0]
     encoder = DualEncoder.from_pretrained(model_dir)
@@ -131,7 +131,7 @@ def test_capped_corpus_keeps_every_judged_passage_and_the_same_sample(tmp_path):
 
 def _train_on_miracl(tmp_path, tiny_model_dir, mlqa_slice, *extra: str):
     from hbt_accel.config import parse_config
-    from hbt_accel.train import train
+    from hbt_accel.training.run import train
 
     root = write_miracl_sw(tmp_path / "miracl")
     cfg = parse_config(
@@ -150,7 +150,7 @@ def _train_on_miracl(tmp_path, tiny_model_dir, mlqa_slice, *extra: str):
 def test_training_scores_a_miracl_layout_capped_during_and_full_at_the_end(tmp_path, tiny_model_dir, mlqa_slice):
     from hbt_accel.evaluation.at_scale import model_key, score_task
     from hbt_accel.evaluation.published import load_task
-    from hbt_accel.modeling import DualEncoder
+    from hbt_accel.models.dual_encoder import DualEncoder
 
     root, result = _train_on_miracl(tmp_path, tiny_model_dir, mlqa_slice, "--metric_for_best_model", "ndcg_at_10")
     out = result.output_dir

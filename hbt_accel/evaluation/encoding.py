@@ -15,7 +15,7 @@ from contextlib import contextmanager
 import numpy as np
 import torch
 
-from hbt_accel import faults
+from hbt_accel.errors import fault_point
 
 PROGRESS_SECONDS = 15.0  # a full-grid encode takes minutes; a log file must show it is alive
 
@@ -27,7 +27,7 @@ _between_batches: list = []  # callbacks run after every encoder batch on every 
 def between_batches(callback):
     """Run `callback()` after every encoder batch while the context is open. Every rank runs the same number of
     batches (`encode_texts` pads the shards), so the callback may be a collective: training's stop-request check
-    (hbt_accel.preemption) is one, which lets a preemption signal end a long evaluation or mining pass in time."""
+    (hbt_accel.distributed) is one, which lets a preemption signal end a long evaluation or mining pass in time."""
     _between_batches.append(callback)
     try:
         yield
@@ -43,7 +43,7 @@ class ProgressLine:
         self.start = self.last = clock()
 
     def __call__(self, done: int, total: int) -> None:
-        faults.at("evaluation_encode")
+        fault_point("evaluation_encode")
         for callback in _between_batches:
             callback()
         now = self.clock()

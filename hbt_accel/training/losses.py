@@ -28,7 +28,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from hbt_accel.batches import PADDING_PASSAGE
+from hbt_accel.data.collate import PADDING_PASSAGE
 from hbt_accel.distributed import all_gather_with_grad, gather_no_grad
 
 
