@@ -8,8 +8,8 @@ its answer in any language (docs/beyond_paper.md).
     filter       per query (corpus, id, query language) drop: the id's answer in every language (a translation of the
                  positive) and those of ids sharing an answer text with it; any passage with the text of one of its
                  answers (`data.collate.passage_key`); candidates scoring above margin x the answer's score
-                 (NV-Retriever's relative margin, against unlabelled positives), the answer in the candidate's language when the id
-                 has one, else in the query's
+                 (NV-Retriever's relative margin, against unlabelled positives), the answer in the candidate's
+                 language when the id has one, else in the query's
     pick         round(k * same_language_share) best survivors in the query's language, the rest one at a time from
                  the other languages in a seeded round-robin (without a quota a cross-lingual query's negatives all
                  come from one language: FlagEmbedding #495); a language that runs short is filled from the others
