@@ -35,6 +35,12 @@ def between_batches(callback):
         _between_batches.remove(callback)
 
 
+def run_between_batches() -> None:
+    """The `between_batches` callbacks, now: every rank must reach this point equally often (collectives)."""
+    for callback in _between_batches:
+        callback()
+
+
 class ProgressLine:
     """Prints `encoding <kind>: done/total texts` at most every `every` seconds (first line after `every`)."""
 
@@ -44,8 +50,7 @@ class ProgressLine:
 
     def __call__(self, done: int, total: int) -> None:
         fault_point("evaluation_encode")
-        for callback in _between_batches:
-            callback()
+        run_between_batches()
         now = self.clock()
         if self.enabled and now - self.last >= self.every:
             rate = done / max(now - self.start, 1e-9)

@@ -37,8 +37,8 @@ from hbt_accel.config import CHECKOUT, RECIPES_DIR, HbtConfig, load_yaml, parse_
 from hbt_accel.errors import ConfigError, DataError
 from hbt_accel.evaluation.grid import PER_QUERY_FILE, RESULTS_FILE
 from hbt_accel.evaluation.schema import summary_of
-from hbt_accel.run_record import SUMMARY_FILE, read_summary
-from hbt_accel.training.checkpoints import find_checkpoints, latest_checkpoint
+from hbt_accel.run_record import SUMMARY_FILE, find_checkpoints, read_summary
+from hbt_accel.training.checkpoints import latest_checkpoint
 
 TRAIN_SCRIPT = RECIPES_DIR / "train_hybrid.py"
 EXECUTORS = ("local", "submitit")
