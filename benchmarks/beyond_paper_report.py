@@ -22,8 +22,8 @@ from report import invocation, publish, run_benchmark
 from reproduce_hbt import PAPER
 
 from hbt_accel.evaluation.schema import HEADLINE
-from hbt_accel.sweep import load_sweep
-from hbt_accel.sweep_report import load_summaries, render_markdown, write_report
+from hbt_accel.sweeps.report import load_summaries, render_markdown, write_report
+from hbt_accel.sweeps.run import load_sweep
 
 REPO = Path(__file__).resolve().parents[1]
 GOAL = {"mono_map": 0.817, "cross_map": 0.767, "multi_map": 0.68, "rank_distance": 221.0}  # the LaBSE hybrid row

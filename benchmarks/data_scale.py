@@ -36,7 +36,7 @@ import time
 from pathlib import Path
 
 from hbt_accel.distributed import process_memory_mb
-from hbt_accel.precision import machine_description
+from hbt_accel.models.precision import machine_description
 
 REPO = Path(__file__).resolve().parents[1]
 IN_MEMORY_COMMIT = "66a1b86"  # the last commit that kept every text as a Python object in every process
@@ -113,7 +113,7 @@ class RealTokenizer:
     def __init__(self):
         from transformers import XLMRobertaTokenizerFast
 
-        from hbt_accel.embedded import reference_tokenizer_file
+        from hbt_accel.models.bundled_e5 import reference_tokenizer_file
 
         self.tokenizer = XLMRobertaTokenizerFast(tokenizer_file=str(reference_tokenizer_file()))
 
@@ -124,9 +124,9 @@ class RealTokenizer:
 
 def measure_loop(source: str) -> dict:
     """Sampler batches/s and collated rows/s on an already converted (or in-memory) corpus."""
-    from hbt_accel.batches import PairCollator
     from hbt_accel.data import load_training_corpus
-    from hbt_accel.sampling import HybridBatchSampler
+    from hbt_accel.data.collate import PairCollator
+    from hbt_accel.data.sampling import HybridBatchSampler
 
     corpus = load_training_corpus(source)
     started = time.perf_counter()
@@ -150,7 +150,7 @@ def measure_loop(source: str) -> dict:
 
 def launch_worker(source: str, model: str, out_dir: str, seed: int) -> None:
     """One rank of the 2-process launch: 5 training steps; writes its first-step time and peak RSS."""
-    import hbt_accel.train as train
+    import hbt_accel.training.run as train
     from hbt_accel.config import HbtConfig
 
     launched = float(os.environ["DATA_SCALE_LAUNCHED_AT"])
@@ -265,7 +265,7 @@ def tiny_model(folder: Path) -> Path:
     import torch
     from transformers import BertConfig, BertModel, XLMRobertaTokenizerFast
 
-    from hbt_accel.embedded import reference_tokenizer_file
+    from hbt_accel.models.bundled_e5 import reference_tokenizer_file
 
     tokenizer = XLMRobertaTokenizerFast(tokenizer_file=str(reference_tokenizer_file()))
     config = BertConfig(

@@ -95,7 +95,7 @@ def evaluate_worker(argv: list[str], out_dir: str) -> None:
 def encoder_only(root: str, model: str) -> dict:
     """The encoder alone on the first ENCODER_ONLY_TEXTS passages of the same corpus, one call, one process."""
     from hbt_accel.evaluation.published import load_task
-    from hbt_accel.modeling import DualEncoder
+    from hbt_accel.models.dual_encoder import DualEncoder
 
     texts: list[str] = []
     for batch in load_task(root, language="sw", split="dev")[0].corpus.batches():
@@ -112,10 +112,10 @@ def encoder_only(root: str, model: str) -> dict:
 def real_run(model: str, cache: str) -> dict:
     """The embedded model on the real nfcorpus BEIR folder: the sharded pipeline against an in-memory reference
     (every passage encoded in one array, faiss exact search, the same task's scorer)."""
-    from hbt_accel.embedded import resolve_model_path
     from hbt_accel.evaluation.at_scale import model_key, score_task
     from hbt_accel.evaluation.published import load_task
-    from hbt_accel.modeling import DualEncoder
+    from hbt_accel.models.bundled_e5 import resolve_model_path
+    from hbt_accel.models.dual_encoder import DualEncoder
 
     encoder = DualEncoder.from_pretrained(model)
     task = load_task(str(NFCORPUS), split="test")[0]
@@ -268,7 +268,7 @@ def main(argv=None) -> None:
     from data_scale import tiny_model
 
     from hbt_accel.atomic import write_json
-    from hbt_accel.precision import machine_description
+    from hbt_accel.models.precision import machine_description
 
     work = Path(args.work_dir)
     work.mkdir(parents=True, exist_ok=True)

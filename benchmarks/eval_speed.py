@@ -99,7 +99,7 @@ def matmul_rate(rows: int, inner: int, outer: int, dtype, repeats: int = 10) -> 
 def main(argv=None) -> None:
     from hbt_accel.data import load_lareqa_benchmark
     from hbt_accel.evaluation.grid import select_languages, select_question_ids
-    from hbt_accel.modeling import DualEncoder
+    from hbt_accel.models.dual_encoder import DualEncoder
 
     args = parse_args(argv)
     encoder = DualEncoder.from_pretrained(args.model)

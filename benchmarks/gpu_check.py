@@ -6,7 +6,7 @@
 What it measures, each part on its own so one failure leaves the others' figures:
 1. environment: torch / CUDA, the GPU, which of the packages the repo needs are importable (deepspeed, datasets and
    faiss may have to be carried as wheels: the JSON and the first lines say what is missing);
-2. default_recipe: samples/s of the default recipe's training step (`hbt_accel.train.setup` + `train_step`, the
+2. default_recipe: samples/s of the default recipe's training step (`hbt_accel.training.run.setup` + `train_step`, the
    users' code path) in the precision `auto` picks, against sentence-transformers' trainer on the same GPU, same
    pairs, batch 32, max length 128 (the settings of benchmarks/train_speed.py);
 3. large_encoder_lora: a random-initialised Qwen2-style ~1.5B encoder (no hub: built from a config) with LoRA r=16
@@ -38,7 +38,7 @@ from report import run_benchmark
 from train_speed import BATCH, hbt_flags, mlqa_pairs, time_sentence_transformers, write_pairs
 
 from hbt_accel.atomic import write_json
-from hbt_accel.precision import choose_precision, device_capabilities, eval_choice, machine_description
+from hbt_accel.models.precision import choose_precision, device_capabilities, eval_choice, machine_description
 
 REPO = Path(__file__).resolve().parents[1]
 NEEDED = ("accelerate", "transformers", "peft", "sentence_transformers", "datasets", "deepspeed", "faiss", "pyarrow")
@@ -133,7 +133,7 @@ def steady_mean(seconds: list[float]) -> float:
 # ---------------------------------------------------------------------------------------------------------------
 def default_recipe(model: str, scratch: Path, steps: int) -> dict:
     from hbt_accel.config import parse_config
-    from hbt_accel.train import setup, train_step
+    from hbt_accel.training.run import setup, train_step
 
     pairs = mlqa_pairs(BATCH * (steps + 1))
     pairs_path = scratch / "pairs.jsonl"
@@ -238,7 +238,7 @@ def memory_estimate_mb(total: int, trainable: int, shape: dict, tokens: int, dty
 # ---------------------------------------------------------------------------------------------------------------
 def evaluation(model: str, passages: int) -> dict:
     from hbt_accel.data import load_lareqa_benchmark
-    from hbt_accel.modeling import DualEncoder
+    from hbt_accel.models.dual_encoder import DualEncoder
 
     benchmark = load_lareqa_benchmark("xquad-r", languages=["en"])
     texts = benchmark.pools["en"].candidates  # 1,190 questions' candidate sentences

@@ -99,7 +99,7 @@ def main(argv=None) -> None:
     from hbt_accel.evaluation import encode_benchmark, score_encoded
     from hbt_accel.evaluation.schema import HEADLINE_KEYS
     from hbt_accel.evaluation.statistics import paired_difference
-    from hbt_accel.modeling import DualEncoder
+    from hbt_accel.models.dual_encoder import DualEncoder
 
     args = parse_args(argv)
     started = time.perf_counter()

@@ -26,8 +26,8 @@ import yaml
 from report import invocation, publish, run_benchmark
 
 from hbt_accel.atomic import write_json
-from hbt_accel.precision import machine_description
-from hbt_accel.run_summary import CONFIG_FILE, SUMMARY_FILE
+from hbt_accel.models.precision import machine_description
+from hbt_accel.run_record import CONFIG_FILE, read_summary
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN = ["--max_steps", "8", "--eval_benchmark", "", "--final_eval", "false", "--save_steps", "0"]
@@ -42,7 +42,7 @@ def train_once(precision: str) -> tuple[float, str]:
         command = ["accelerate", "launch", str(REPO / "recipes" / "train_hybrid.py"), *TRAIN]
         command += ["--mixed_precision", precision, "--output_dir", output_dir]
         run(command)
-        history = json.loads((Path(output_dir) / SUMMARY_FILE).read_text())["history"]
+        history = read_summary(output_dir)["history"]
         chosen = yaml.safe_load((Path(output_dir) / CONFIG_FILE).read_text())["mixed_precision"]
     return statistics.median(entry["samples_per_second"] for entry in history[WARMUP_STEPS:]), chosen
 

@@ -30,7 +30,7 @@ def invocation() -> str:
 
 def machine_line() -> str:
     """The machine a benchmark's figures come from, for its section: CPU, bf16 flags, threads, GPU, what auto chose."""
-    from hbt_accel.precision import machine_description
+    from hbt_accel.models.precision import machine_description
 
     machine = machine_description()
     flags = ", ".join(machine["cpu_bf16_flags"]) or "no native bf16"

@@ -25,7 +25,7 @@ from report import invocation, run_benchmark, write_section
 from hbt_accel.atomic import write_atomic
 from hbt_accel.evaluation.grid import RESULTS_FILE
 from hbt_accel.evaluation.schema import HEADLINE, HEADLINE_KEYS
-from hbt_accel.run_summary import SUMMARY_FILE
+from hbt_accel.run_record import CONFIG_FILE, SUMMARY_FILE, read_summary
 
 REPO = Path(__file__).resolve().parents[1]
 UNSEEN = ("el", "ru", "th", "tr")  # XQuAD-R languages absent from MLQA-R
@@ -61,7 +61,7 @@ def train(name: str, runs: Path, overrides: list[str]) -> dict:
     command = [sys.executable, str(REPO / "recipes" / "train_hybrid.py"), "--output_dir", str(output_dir), *overrides]
     reused = finished(output_dir, SUMMARY_FILE, RESULTS_FILE)
     wall = 0.0 if reused else run(command, runs / f"{name}.log")
-    summary = json.loads((output_dir / SUMMARY_FILE).read_text())
+    summary = read_summary(output_dir)
     results = json.loads((output_dir / RESULTS_FILE).read_text())
     return {
         "results": results,
@@ -213,7 +213,7 @@ def plot_by_step(curves: dict[str, list[dict]], panels: dict[str, str], path: Pa
 def tune(runs: Path, docs: Path, trials: list[list[str]], max_steps: int) -> None:
     from hbt_accel.data import load_lareqa_benchmark
     from hbt_accel.evaluation import evaluate_grid
-    from hbt_accel.modeling import DualEncoder
+    from hbt_accel.models.dual_encoder import DualEncoder
 
     # Train on 85% of the MLQA-R ids, score the held-out 15% (hbt_accel.data.select_split).
     validation = load_lareqa_benchmark("mlqa-r:validation")
@@ -257,7 +257,7 @@ def _log_trial(runs: Path, docs: Path, trial: str, run_dir: Path | None, results
     """Append one trial to runs/tuning.jsonl and re-render the tuning section of docs/results.md from it."""
     import yaml
 
-    settings = yaml.safe_load((run_dir / "hbt_config.yaml").read_text()) if run_dir else {}
+    settings = yaml.safe_load((run_dir / CONFIG_FILE).read_text()) if run_dir else {}
     record = {"trial": trial, "train_seconds": round(seconds), **{key: settings.get(key) for key in TUNED_FIELDS}}
     record.update({key: results[key] for key in HEADLINE_KEYS})
     print(json.dumps(record), flush=True)

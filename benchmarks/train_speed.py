@@ -10,8 +10,8 @@ release: MultipleNegativesRankingLoss through SentenceTransformerTrainer. Both c
 Per-step wall times are taken after `--warmup` steps; samples/s = batch / median step.
 
 hbt_accel is timed two ways at each precision, both on the users' code path:
-- in-process: `hbt_accel.train.setup(cfg)` then the library's `train_step` on the DataLoader's batches (collation
-  included), in a fresh Python process with torch's default threads;
+- in-process: `hbt_accel.training.run.setup(cfg)` then the library's `train_step` on the DataLoader's batches
+  (collation included), in a fresh Python process with torch's default threads;
 - the README's command: `accelerate launch recipes/train_hybrid.py ...` with the same flags, its per-step times
   read from its own log (train_summary.json), and the whole command's wall time (start-up and save included).
 Then hbt_accel with the settings recommended for CPUs, and hbt_accel under 2-process DDP and DeepSpeed ZeRO-2.
@@ -33,7 +33,7 @@ from pathlib import Path
 from report import invocation, machine_line, run_benchmark, write_section
 
 from hbt_accel.atomic import write_atomic
-from hbt_accel.run_summary import SUMMARY_FILE
+from hbt_accel.run_record import read_summary
 
 REPO = Path(__file__).resolve().parents[1]
 BATCH = 32
@@ -43,7 +43,7 @@ MAX_LENGTH = 128
 def mlqa_pairs(n: int) -> list[tuple[str, str]]:
     """The first n (query, positive) pairs of hbt_accel's own hybrid sampler over MLQA-R, e5 prefixes applied."""
     from hbt_accel.data import load_training_corpus
-    from hbt_accel.sampling import HybridBatchSampler
+    from hbt_accel.data.sampling import HybridBatchSampler
 
     corpus = load_training_corpus("mlqa-r")
     sampler = HybridBatchSampler(corpus, "hybrid", BATCH, seed=0)
@@ -71,7 +71,7 @@ def time_sentence_transformers(
     from sentence_transformers.losses import MultipleNegativesRankingLoss
     from transformers import TrainerCallback
 
-    from hbt_accel.embedded import embedded_model_path
+    from hbt_accel.models.bundled_e5 import embedded_model_path
 
     model = SentenceTransformer(model_path or str(embedded_model_path()), device=device)
     model.max_seq_length = MAX_LENGTH
@@ -155,7 +155,7 @@ def time_command(pairs_path: Path, steps: int, extra: list[str], launcher: list[
         wall = time.perf_counter() - started
         if result.returncode != 0:
             raise RuntimeError(f"hbt_accel run failed ({' '.join(command)}):\n{result.stderr[-2000:]}")
-        summary = json.loads((Path(output_dir) / SUMMARY_FILE).read_text())
+        summary = read_summary(output_dir)
     seconds = [BATCH / record["samples_per_second"] for record in summary["history"]]
     return {"seconds": seconds, "wall": wall, "peak_rss_mb": summary.get("peak_rss_mb")}
 
@@ -168,9 +168,9 @@ def time_in_process(pairs_path: Path, steps: int, extra: list[str]) -> dict:
 @contextmanager
 def library_steps(pairs_path: Path, steps: int, extra: list[str]):
     """A callable making one step of the library: the next batch of the session's DataLoader, then `train_step`, on
-    a session built by `hbt_accel.train.setup` from the same flags as the timed rows (the users' code path)."""
+    a session built by `hbt_accel.training.run.setup` from the same flags as the timed rows (the users' code path)."""
     from hbt_accel.config import parse_config
-    from hbt_accel.train import setup, train_step
+    from hbt_accel.training.run import setup, train_step
 
     with tempfile.TemporaryDirectory() as output_dir:
         session = setup(parse_config(hbt_flags(pairs_path, steps, output_dir, extra)))

@@ -105,7 +105,7 @@ def main(argv=None) -> None:
     from report import publish
 
     from hbt_accel.evaluation.encoding import encode_texts
-    from hbt_accel.modeling import DualEncoder
+    from hbt_accel.models.dual_encoder import DualEncoder
 
     args = parse_args(argv)
     languages = [lang.strip() for lang in args.languages.split(",") if lang.strip()]

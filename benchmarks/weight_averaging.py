@@ -2,10 +2,10 @@
 
     python benchmarks/weight_averaging.py --runs RUN_A,RUN_B[,...] --output_dir runs/soup
 
-The runs are seeds of one recipe (e.g. the final_default sweep's hybrid points, trained on `mlqa-r:train`). The
-script averages their weights (`hbt_accel.averaging`, the code path of `recipes/average.py`), then scores every run
-and the average here, on the same questions of `--benchmark` (`mlqa-r:validation` by default, never XQuAD-R: this is
-a choice to make) with the same code, and tests the average paired over question ids against the runs' mean (what one
+The runs are seeds of one recipe (e.g. the final_default sweep's hybrid points, trained on `mlqa-r:train`). The script
+averages their weights (`hbt_accel.training.averaging`, the code path of `recipes/average.py`), then scores every run
+and the average here, on the same questions of `--benchmark` (`mlqa-r:validation` by default, never XQuAD-R: this is a
+choice to make) with the same code, and tests the average paired over question ids against the runs' mean (what one
 would get from a single run, on average) and against each run. The section `weight_averaging` of docs/results.md is
 written from what it measured.
 """
@@ -45,7 +45,7 @@ def check_held_out(folders: list[Path], benchmark: str) -> None:
     import yaml
 
     from hbt_accel.data import shares_questions
-    from hbt_accel.run_summary import CONFIG_FILE
+    from hbt_accel.run_record import CONFIG_FILE
 
     for folder in folders:
         path = folder / CONFIG_FILE
@@ -62,7 +62,7 @@ def check_held_out(folders: list[Path], benchmark: str) -> None:
 def score_model(folder, questions, max_queries: int):
     """One model's per-query ranks on `questions`, bf16 encoding as in training's final evaluation."""
     from hbt_accel.evaluation import evaluate_grid
-    from hbt_accel.modeling import DualEncoder
+    from hbt_accel.models.dual_encoder import DualEncoder
 
     per_query: list = []
     evaluate_grid(
@@ -115,8 +115,8 @@ def section(args: argparse.Namespace, folders: list[Path], runs: list, average) 
 
 
 def main(argv=None) -> None:
-    from hbt_accel.averaging import average_models, check_runs
     from hbt_accel.data import load_lareqa_benchmark
+    from hbt_accel.training.averaging import average_models, check_runs
 
     args = parse_args(argv)
     runs = [run for run in args.runs.split(",") if run]

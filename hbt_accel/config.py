@@ -11,6 +11,7 @@ import json
 import sys
 import typing
 from dataclasses import dataclass, field
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -18,19 +19,21 @@ import yaml
 
 from hbt_accel.atomic import write_atomic
 from hbt_accel.data import shares_questions
-from hbt_accel.errors import ConfigError, DataError, PushFailed, TrainingDiverged, did_you_mean
-from hbt_accel.precision import PRECISIONS
-from hbt_accel.preemption import (
+from hbt_accel.data.sampling import STRATEGIES
+from hbt_accel.distributed import (
     DEFAULT_SIGNALS,
     INTERRUPT_EXIT_CODE,
     REQUEUE_EXIT_CODE,
     StopRequested,
     check_signal_names,
 )
-from hbt_accel.sampling import STRATEGIES
+from hbt_accel.errors import ConfigError, DataError, PushFailed, TrainingDiverged, did_you_mean
+from hbt_accel.models.precision import PRECISIONS
 
-RECIPES_DIR = Path(__file__).resolve().parents[1] / "recipes"
+# The checkout's recipes/ folder ships inside the package as hbt_accel.recipes (pyproject.toml), so a wheel has them.
+RECIPES_DIR = Path(str(resources.files("hbt_accel.recipes")))
 DEFAULT_RECIPE = RECIPES_DIR / "default.yaml"
+CHECKOUT = RECIPES_DIR.parent  # the repository in a checkout (accelerate_configs/ beside recipes/)
 
 
 def _field(default: Any, help: str, choices: tuple | None = None, **kwargs):
@@ -71,7 +74,8 @@ class HbtConfig:
     pack_sequences: bool = _field(
         True,
         "with the CPU training attention and a BERT-type encoder, train on padding-free rows (only the real tokens; "
-        "hbt_accel/cpu_attention.py): same embeddings, no padding compute; length_buckets applies where it cannot",
+        "hbt_accel/models/cpu_attention.py): same embeddings, no padding compute; length_buckets applies where it "
+        "cannot",
     )
     freeze_word_embeddings: bool = _field(
         False, "keep the word-embedding matrix fixed (96M of e5-small's 118M parameters): faster optimizer steps"
@@ -79,11 +83,11 @@ class HbtConfig:
     sparse_embedding_gradient: bool = _field(
         True,
         "one CPU process with trainable word embeddings: sum the lookups' sparse gradients into one kept buffer "
-        "instead of a fresh dense table per lookup (hbt_accel/sparse_embedding.py); same gradient",
+        "instead of a fresh dense table per lookup (hbt_accel/training/embedding_gradient.py); same gradient",
     )
     cpu_training_attention: bool = _field(
         True,
-        "on CPU, train with the math attention and a cheaper dropout mask (hbt_accel/cpu_attention.py): faster "
+        "on CPU, train with the math attention and a cheaper dropout mask (hbt_accel/models/cpu_attention.py): faster "
         "steps, same distribution; evaluation keeps sdpa",
     )
 

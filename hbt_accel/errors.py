@@ -1,8 +1,15 @@
-"""The two errors a user can cause. Entry points turn either into one line on stderr and exit code 2."""
+"""The errors a run can meet, and the points where the reliability tests inject faults.
+
+ConfigError and DataError are the two a user can cause: entry points turn either into one line on stderr and exit
+code 2. `fault_point` is where HBT_FAULT makes a real run meet a signal or a full disk.
+"""
 
 from __future__ import annotations
 
 import difflib
+import errno
+import os
+import signal
 
 
 def did_you_mean(word: str, options: list[str]) -> str:
@@ -41,3 +48,27 @@ class TrainingDiverged(RuntimeError):
 class PushFailed(RuntimeError):
     """The Hub upload after training failed; the run itself is complete on disk. The message says so, why, and the
     command that retries the upload alone. Entry points end it as one line with exit code 4."""
+
+
+_passes: dict[str, int] = {}
+
+
+def fault_point(point: str) -> None:
+    """A named point where the reliability tests inject a fault (HBT_FAULT=point:n:action[:rank]: the n-th pass, on
+    `rank` only if given, sends the signal `action` to this process or raises a full disk's ENOSPC). Points:
+    `train_step` (between the backward and the optimizer step), `evaluation` (the start of a periodic evaluation),
+    `evaluation_encode` (after each encoder batch of any evaluation) and `save_checkpoint` (after the optimizer
+    states are written, before the model). Without HBT_FAULT this is one environment lookup: a signal or a full
+    disk at an exact place, which timing from outside cannot give."""
+    spec = os.environ.get("HBT_FAULT")
+    if not spec:
+        return
+    where, count, action, *rank = spec.split(":")
+    if where != point or (rank and rank[0] != os.environ.get("RANK", "0")):
+        return
+    _passes[point] = _passes.get(point, 0) + 1
+    if _passes[point] != int(count):
+        return
+    if action == "ENOSPC":
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    os.kill(os.getpid(), getattr(signal, action))

@@ -26,7 +26,7 @@ class AverageArguments:
 
 
 def main(args: AverageArguments) -> None:
-    from hbt_accel.averaging import average_models
+    from hbt_accel.training.averaging import average_models
 
     folder = average_models(args.runs, args.output_dir)
     print(f"averaged {len(args.runs)} runs into {folder}")

@@ -29,10 +29,10 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from hbt_accel.checkpoints import PREFIX, checkpoint_step, find_checkpoints, model_folder
 from hbt_accel.config import ConfigError, run_cli
 from hbt_accel.data import DataError, load_lareqa_benchmark
-from hbt_accel.embedded import check_model_name
+from hbt_accel.models.bundled_e5 import check_model_name
+from hbt_accel.run_record import PREFIX, checkpoint_step, find_checkpoints, model_folder
 
 
 @dataclass
@@ -47,7 +47,10 @@ class EvaluateArguments:
         },
     )
     languages: list = field(default_factory=list, metadata={"help": "comma-separated languages; empty = all"})
-    max_queries: int = field(default=0, metadata={"help": "first N question ids (same in every language); 0 = all"})
+    max_queries: int = field(
+        default=0,
+        metadata={"help": "first N question ids (same in every language; published: queries per language); 0 = all"},
+    )
     output_dir: str = field(default="", metadata={"help": "where to write the reports of --model; empty = none"})
     precision: str = field(
         default="auto",
@@ -124,7 +127,7 @@ def main(args: EvaluateArguments) -> None:
     from hbt_accel.distributed import bound_onednn_kernel_cache, configure_cpu_threads
     from hbt_accel.evaluation import plot_metrics_by_step, print_metrics_by_step
     from hbt_accel.evaluation.grid import RESULTS_FILE
-    from hbt_accel.precision import device_capabilities, eval_choice
+    from hbt_accel.models.precision import device_capabilities, eval_choice
 
     # ---------------------------------------------------------------- processes (a launch splits the encoding)
     threads = configure_cpu_threads()  # accelerate launch would leave one core per process
@@ -175,48 +178,32 @@ def main(args: EvaluateArguments) -> None:
 
 def evaluate_model(args: EvaluateArguments, model: str, output_dir: Path | None, accelerator, is_main: bool) -> dict:
     """Load one model, score it on args.benchmark, print the report and write it to output_dir (main process)."""
+    from hbt_accel.evaluation import print_report, write_reports
+    from hbt_accel.evaluation.evaluator import is_published, open_evaluator
+    from hbt_accel.models.bundled_e5 import resolve_model_path
+
+    if not is_published(args.benchmark):
+        return evaluate_grid_model(args, model, output_dir, accelerator, is_main)
+    evaluator = open_evaluator(evaluation_spec(args))  # reads topics and qrels: a bad file fails before the model
+    encoder = load_encoder(model, accelerator)
+    results = {
+        "model": model,
+        **evaluator.score(encoder, accelerator, final=True, model_dir=resolve_model_path(model)),
+    }
+    if is_main:
+        print_report(results)
+        if output_dir is not None:
+            print(f"wrote {write_reports(results, output_dir)['json']}")
+    return results
+
+
+def evaluate_grid_model(args: EvaluateArguments, model: str, output_dir: Path | None, accelerator, is_main: bool):
+    """The LAReQA grid: encode once, score; with --bootstrap, intervals and the per-query file."""
     from hbt_accel.evaluation import encode_benchmark, print_report, save_encoded, score_encoded, write_reports
-    from hbt_accel.evaluation.evaluator import is_published
     from hbt_accel.evaluation.grid import PER_QUERY_FILE
-    from hbt_accel.modeling import DualEncoder
 
-    # ---- data first: a bad language or file fails before the model is loaded
-    published = is_published(args.benchmark)
-    if published:
-        tasks_found = load_published(args)  # reads topics and qrels: a bad file fails here
-    else:
-        benchmark = load_lareqa_benchmark(
-            args.benchmark, languages=args.languages or None, data_dir=args.data_dir or None
-        )
-
-    # ---- model
-    try:
-        encoder = DualEncoder.from_pretrained(model)
-    except DataError:  # already one line naming the file
-        raise
-    except (OSError, ValueError) as error:
-        raise DataError(f"{model}: cannot load the model ({str(error).strip().splitlines()[0]})") from None
-    if accelerator is not None:
-        encoder.to(accelerator.device)
-
-    # ---- a benchmark in its published layout, at any corpus size
-    if published:
-        from hbt_accel.embedded import resolve_model_path
-        from hbt_accel.evaluation.at_scale import model_key, score_task
-        from hbt_accel.evaluation.evaluator import published_results
-
-        key = model_key(resolve_model_path(model), encoder, args.bf16)
-        options = {"cache_dir": args.cache_dir, "batch_size": args.batch_size, "bf16": args.bf16}
-        options |= {"chunk_rows": args.chunk_rows, "index": args.index}
-        tasks = [score_task(encoder, task, key, accelerator=accelerator, **options) for task in tasks_found]
-        results = {"model": model, **published_results(tasks_found, tasks)}
-        if is_main:
-            print_report(results)
-            if output_dir is not None:
-                print(f"wrote {write_reports(results, output_dir)['json']}")
-        return results
-
-    # ---- LAReQA grid: encode once, score
+    benchmark = load_lareqa_benchmark(args.benchmark, languages=args.languages or None, data_dir=args.data_dir or None)
+    encoder = load_encoder(model, accelerator)
     encoded = encode_benchmark(
         encoder, benchmark, None, args.max_queries or None, args.batch_size, args.bf16, accelerator
     )
@@ -238,14 +225,33 @@ def evaluate_model(args: EvaluateArguments, model: str, output_dir: Path | None,
     return results
 
 
-def load_published(args: EvaluateArguments) -> list:
-    from hbt_accel.evaluation.published import load_task
+def load_encoder(model: str, accelerator):
+    from hbt_accel.models.dual_encoder import DualEncoder
 
-    languages = args.languages or [None]
-    split, corpus = args.split or None, args.corpus or None
-    return [
-        task for lang in languages for task in load_task(args.benchmark, language=lang, split=split, corpus=corpus)
-    ]
+    try:
+        encoder = DualEncoder.from_pretrained(model)
+    except DataError:  # already one line naming the file
+        raise
+    except (OSError, ValueError) as error:
+        raise DataError(f"{model}: cannot load the model ({str(error).strip().splitlines()[0]})") from None
+    return encoder.to(accelerator.device) if accelerator is not None else encoder
+
+
+def evaluation_spec(args: EvaluateArguments):
+    from hbt_accel.evaluation.evaluator import EvaluationSpec
+
+    return EvaluationSpec(
+        benchmark=args.benchmark,
+        languages=tuple(args.languages),
+        final_max_queries=args.max_queries,
+        split=args.split,
+        corpus=args.corpus,
+        cache_dir=args.cache_dir,
+        bf16=args.bf16,
+        batch_size=args.batch_size,
+        chunk_rows=args.chunk_rows,
+        index=args.index,
+    )
 
 
 def add_statistics(results: dict, scores, args: EvaluateArguments) -> None:

@@ -33,11 +33,11 @@ class PushArguments:
 def main(args: PushArguments) -> str | None:
     from accelerate import PartialState
 
-    from hbt_accel.hub import check_hub_access, push_finished_run
-    from hbt_accel.run_summary import CONFIG_FILE, SUMMARY_FILE
+    from hbt_accel.publishing.hub import check_hub_access, push_finished_run
+    from hbt_accel.run_record import CONFIG_FILE, SUMMARY_FILE, WEIGHTS_FILE
 
     run_dir = Path(args.run_dir)
-    missing = [name for name in (CONFIG_FILE, SUMMARY_FILE, "model.safetensors") if not (run_dir / name).is_file()]
+    missing = [name for name in (CONFIG_FILE, SUMMARY_FILE, WEIGHTS_FILE) if not (run_dir / name).is_file()]
     if missing:
         raise DataError(f"--run_dir: {run_dir} is not a finished run (no {', '.join(missing)})")
     cfg = parse_dataclass(HbtConfig, [], default_yaml=run_dir / CONFIG_FILE)

@@ -4,7 +4,7 @@
     python recipes/sweep.py --config recipes/sweeps/data_ratio.yaml             # run (or resume) what is not finished
     python recipes/sweep.py --config recipes/sweeps/data_ratio.yaml --report    # re-render tables and figures
 
-See `hbt_accel/sweep.py` for the recipe format and `docs/scaling.md` for the sweeps run so far.
+See `hbt_accel/sweeps/run.py` for the recipe format and `docs/scaling.md` for the sweeps run so far.
 Exit code: 0, 1 when a point failed (the others still ran), 2 for a bad sweep recipe.
 """
 
@@ -14,8 +14,8 @@ import argparse
 import sys
 
 from hbt_accel.errors import ConfigError, DataError
-from hbt_accel.sweep import load_sweep, run_sweep
-from hbt_accel.sweep_report import write_report
+from hbt_accel.sweeps.report import write_report
+from hbt_accel.sweeps.run import load_sweep, run_sweep
 
 
 def main(argv: list[str] | None = None) -> int:

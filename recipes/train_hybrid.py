@@ -10,7 +10,7 @@ Any field of `hbt_accel.config.HbtConfig` can be set in the YAML or as `--field 
 from __future__ import annotations
 
 from hbt_accel.config import DEFAULT_RECIPE, HbtConfig, run_cli
-from hbt_accel.train import main
+from hbt_accel.training.run import main
 
 if __name__ == "__main__":
     run_cli(main, HbtConfig, default_yaml=DEFAULT_RECIPE)

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from hbt_accel.embedded import reference_tokenizer_file
+from hbt_accel.models.bundled_e5 import reference_tokenizer_file
 
 XLMR_TOKENIZER_FILE = reference_tokenizer_file()
 # Converted corpora go to a folder of this test session, not the user's Hugging Face cache (subprocesses inherit it).
@@ -62,7 +62,7 @@ def load_tiny_encoder(model_dir, tokenizer):
     """`DualEncoder` on the saved tiny BERT without re-reading the tokenizer (a 250k-entry load takes seconds)."""
     from transformers import BertModel
 
-    from hbt_accel.modeling import DualEncoder
+    from hbt_accel.models.dual_encoder import DualEncoder
 
     # No pooler: DualEncoder.from_pretrained drops it too (unused parameters break DDP).
     return DualEncoder(BertModel.from_pretrained(model_dir, add_pooling_layer=False), tokenizer)

@@ -51,7 +51,7 @@ def main() -> None:
 
     try:
         from hbt_accel.distributed import make_accelerator
-    except ImportError:  # before distributed.py lands: the gloo fix by hand (../shared/notes/cpu-distributed.md)
+    except ImportError:  # before distributed.py lands: the gloo fix by hand (hbt_accel/distributed.py)
         from accelerate import Accelerator, InitProcessGroupKwargs
 
         def make_accelerator():

@@ -103,9 +103,9 @@ def collated(load_corpus, make_sampler, make_collator) -> dict[str, list[str]]:
 
 
 if __name__ == "__main__":
-    from hbt_accel.batches import PairCollator
     from hbt_accel.data import load_training_corpus
-    from hbt_accel.sampling import HybridBatchSampler
+    from hbt_accel.data.collate import PairCollator
+    from hbt_accel.data.sampling import HybridBatchSampler
 
     recorded = sequences(load_training_corpus, HybridBatchSampler)
     recorded |= collated(load_training_corpus, HybridBatchSampler, PairCollator)

@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from hbt_accel.averaging import SOURCES_FILE, average_models
 from hbt_accel.errors import ConfigError, DataError
-from hbt_accel.modeling import SETTINGS_FILE, DualEncoder
-from hbt_accel.run_summary import CONFIG_FILE
+from hbt_accel.models.dual_encoder import SETTINGS_FILE, DualEncoder
+from hbt_accel.run_record import CONFIG_FILE
+from hbt_accel.training.averaging import SOURCES_FILE, average_models
 from tests.conftest import load_tiny_encoder
 
 REPO = Path(__file__).resolve().parents[1]

@@ -8,16 +8,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from hbt_accel.batches import (
+from hbt_accel.data import CorpusStore, store_from_rows
+from hbt_accel.data.collate import (
     NO_PARALLEL_ID,
     PADDING_PASSAGE,
     PairCollator,
     parallel_id_key,
     passage_key,
 )
-from hbt_accel.data import CorpusStore, store_from_rows
-from hbt_accel.losses import InfoNCELoss
-from hbt_accel.sampling import BatchRow
+from hbt_accel.data.sampling import BatchRow
+from hbt_accel.training.losses import InfoNCELoss
 
 TEXTS = [
     ("where is the eiffel tower", "The Eiffel Tower is in Paris.", "La tour Eiffel est à Paris."),

@@ -43,7 +43,7 @@ def test_goal_check_reads_rank_distance_as_lower_is_better_and_uses_the_hybrid_r
 
 
 def test_a_sweep_cell_renders_a_summary_read_back_from_json_with_nulls():
-    from hbt_accel.sweep_report import _cell
+    from hbt_accel.sweeps.report import _cell
 
     assert _cell(_stats(0.6123), 3) == "0.612"
     assert _cell({"mean": 0.6, "std": 0.01, "low": 0.58, "high": 0.62, "n": 3}, 3) == "0.600 ± 0.010 [0.580, 0.620]"

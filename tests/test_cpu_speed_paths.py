@@ -1,5 +1,5 @@
 """The CPU speed paths keep the numerics: the training attention with its cheaper dropout, and the sparse
-word-embedding gradient (hbt_accel/cpu_attention.py, hbt_accel/sparse_embedding.py)."""
+word-embedding gradient (hbt_accel/models/cpu_attention.py, hbt_accel/training/embedding_gradient.py)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import BertModel
 
-from hbt_accel.cpu_attention import (
+from hbt_accel.models.cpu_attention import (
     CheapDropout,
     PackedLayout,
     can_pack,
@@ -21,8 +21,8 @@ from hbt_accel.cpu_attention import (
     uniform_int16,
     use_cheap_dropout,
 )
-from hbt_accel.modeling import DualEncoder
-from hbt_accel.sparse_embedding import SparseEmbeddingGradient
+from hbt_accel.models.dual_encoder import DualEncoder
+from hbt_accel.training.embedding_gradient import SparseEmbeddingGradient
 from tests.test_train import train
 
 TEXTS = ["a short one", "a much longer sentence with many more words in it than the first", "mid length text"]
@@ -153,7 +153,7 @@ def test_packed_rows_give_the_padded_embeddings_and_gradients(tiny_model_dir, xl
 
 
 def test_filler_brings_the_packed_row_to_a_multiple_without_longer_rows():
-    from hbt_accel.modeling import PACKED_TOKEN_MULTIPLE, filler_lengths
+    from hbt_accel.models.dual_encoder import PACKED_TOKEN_MULTIPLE, filler_lengths
 
     for tokens, longest in [(5000, 96), (5120, 96), (129, 10), (1, 1), (4999, 200)]:
         fill = filler_lengths(tokens, longest)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from hbt_accel.precision import choose_precision, device_capabilities
+from hbt_accel.models.precision import choose_precision, device_capabilities
 
 pytestmark = [
     pytest.mark.cuda,
@@ -31,7 +31,7 @@ def test_encoding_on_the_gpu_matches_the_cpu(tiny_encoder):
 def test_a_training_step_on_the_gpu_matches_the_cpu(tiny_model_dir, mlqa_slice, tmp_path):
     """The default training step (sdpa attention, padded length buckets on CUDA) gives the CPU's fp32 loss."""
     from hbt_accel.config import parse_config
-    from hbt_accel.train import setup, train_step
+    from hbt_accel.training.run import setup, train_step
 
     losses = {}
     for where, env in (("cpu", "1"), ("cuda", "")):

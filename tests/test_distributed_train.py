@@ -103,7 +103,7 @@ def check_run(
         # would otherwise advance once per process per step and end the decay halfway through)
         lrs = [record["lr"] for record in summary["history"]]
         np.testing.assert_allclose(lrs, [record["lr"] for record in reference], rtol=1e-9, atol=0)
-    from hbt_accel.modeling import DualEncoder
+    from hbt_accel.models.dual_encoder import DualEncoder
 
     vectors = DualEncoder.from_pretrained(output_dir).encode(["Wer schrieb Faust?", "Who wrote Faust?"], "query")
     assert vectors.shape == (2, 32) and np.allclose(np.linalg.norm(vectors, axis=1), 1, atol=1e-5)
@@ -139,7 +139,7 @@ def test_lora_under_zero3_saves_adapter_and_merged_model(tiny_model_dir, mlqa_sl
     from peft import PeftModel
     from transformers import AutoModel
 
-    from hbt_accel.modeling import DualEncoder
+    from hbt_accel.models.dual_encoder import DualEncoder
 
     merged = DualEncoder.from_pretrained(out)
     base = DualEncoder.from_pretrained(tiny_model_dir, settings=merged.settings)

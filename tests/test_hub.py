@@ -1,4 +1,4 @@
-"""hbt_accel.hub with the real huggingface_hub client against a stand-in Hub on 127.0.0.1 (no network).
+"""hbt_accel.publishing.hub with the real huggingface_hub client against a stand-in Hub on 127.0.0.1 (no network).
 
 The stand-in implements what huggingface_hub's whoami / create_repo / create_branch / upload_folder send (read from
 huggingface_hub/hf_api.py and _commit_api.py): GET /api/whoami-v2, POST /api/repos/create,
@@ -19,10 +19,10 @@ import pytest
 import yaml
 
 from hbt_accel.config import ConfigError, HbtConfig
-from hbt_accel.hub import check_hub_access, push_folder
-from hbt_accel.model_card import write_model_card
-from hbt_accel.run_summary import BatchArithmetic, TrainSummary
-from hbt_accel.sentence_transformers_format import write_sentence_transformers_files
+from hbt_accel.models.st_format import write_sentence_transformers_files
+from hbt_accel.publishing.hub import check_hub_access, push_folder
+from hbt_accel.publishing.model_card import write_model_card
+from hbt_accel.run_record import BatchArithmetic, TrainSummary
 
 USERS = {  # token -> whoami answer
     "write-token": {
@@ -296,7 +296,7 @@ def test_check_hub_access_fails_in_one_line(fake_hub, monkeypatch, token, repo, 
 
 
 def test_missing_token_fails_before_training(fake_hub, monkeypatch, tmp_path):
-    import hbt_accel.train as train
+    import hbt_accel.training.run as train
 
     monkeypatch.delenv("HF_TOKEN")
 
@@ -330,7 +330,7 @@ def test_a_push_that_fails_after_training_keeps_the_run_and_can_be_retried_alone
     then `recipes/push.py --run_dir RUN` uploads it once the Hub is back."""
     from hbt_accel.config import parse_config
     from hbt_accel.errors import PushFailed
-    from hbt_accel.train import train
+    from hbt_accel.training.run import train
     from tests.test_train import FAST
 
     out = tmp_path / "run"

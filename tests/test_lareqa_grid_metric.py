@@ -9,7 +9,7 @@ import pytest
 
 from hbt_accel.data import LanguagePool, RetrievalBenchmark
 from hbt_accel.evaluation import evaluate_grid
-from hbt_accel.metrics import lareqa_grid_path
+from hbt_accel.evaluation.hf_metric import lareqa_grid_path
 
 KEYS = ("mono_map", "cross_map", "multi_map", "rank_distance", "recall_at_1", "recall_at_10", "n_queries")
 DICT_KEYS = ("grid", "grid_recall_at_1", "grid_recall_at_10", "multi_map_per_language", "rank_distance_per_language")

@@ -12,8 +12,8 @@ import torch
 import torch.multiprocessing as mp
 from torch import nn
 
-from hbt_accel.batches import NO_PARALLEL_ID, PADDING_PASSAGE
-from hbt_accel.losses import CachedInfoNCELoss, InfoNCELoss
+from hbt_accel.data.collate import NO_PARALLEL_ID, PADDING_PASSAGE
+from hbt_accel.training.losses import CachedInfoNCELoss, InfoNCELoss
 from tests.conftest import free_port, join_gloo_world
 
 # ---------------------------------------------------------------- hand-computed toy

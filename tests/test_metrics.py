@@ -280,7 +280,7 @@ def test_reports_hold_the_grid_numbers(tmp_path):
 
 
 def test_checkpoints_of_a_run_sorted_by_step_with_the_model_in_either_place(tmp_path):
-    from hbt_accel.checkpoints import find_checkpoints, model_folder
+    from hbt_accel.run_record import find_checkpoints, model_folder
 
     for name in ("checkpoint-2/model", "checkpoint-10", "checkpoint-3", ".tmp-checkpoint-4/model"):
         (tmp_path / name).mkdir(parents=True)

@@ -12,7 +12,7 @@ import pytest
 import torch.multiprocessing as mp
 
 from hbt_accel.data import CorpusStore, load_training_corpus, store_from_rows
-from hbt_accel.mining import MinedNegatives, MiningSettings, mine_hard_negatives, same_language_count
+from hbt_accel.training.mining import MinedNegatives, MiningSettings, mine_hard_negatives, same_language_count
 from tests.conftest import free_port, join_gloo_world
 
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from hbt_accel.modeling import SETTINGS_FILE, DualEncoder, EncoderSettings, LoraSettings, pool
+from hbt_accel.models.dual_encoder import SETTINGS_FILE, DualEncoder, EncoderSettings, LoraSettings, pool
 
 
 @pytest.fixture
@@ -353,7 +353,7 @@ def test_num_layers_beyond_the_model_fails_in_one_line_before_reading_weights(
     from transformers import AutoModel
 
     from hbt_accel.errors import ConfigError
-    from hbt_accel.modeling import check_num_layers
+    from hbt_accel.models.dual_encoder import check_num_layers
 
     def no_weights(*args, **kwargs):
         raise AssertionError("the weights were read before the layer count was checked")

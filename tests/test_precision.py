@@ -8,10 +8,10 @@ import sys
 
 import pytest
 
-from hbt_accel import precision
 from hbt_accel.config import parse_config
 from hbt_accel.errors import ConfigError
-from hbt_accel.precision import DeviceCapabilities, choose_precision, eval_choice
+from hbt_accel.models import precision
+from hbt_accel.models.precision import DeviceCapabilities, choose_precision, eval_choice
 
 XEON_NO_BF16 = DeviceCapabilities("cpu", "Intel Xeon (Cascade Lake)", frozenset({"avx512f", "avx512_vnni"}))
 EPYC_BF16 = DeviceCapabilities("cpu", "AMD EPYC 9R14", frozenset({"avx512f", "avx512_bf16"}), bf16_speedup=3.1)

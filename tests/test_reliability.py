@@ -12,7 +12,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from hbt_accel.checkpoints import (
+from hbt_accel.errors import DataError
+from hbt_accel.training.checkpoints import (
     MANIFEST_FILE,
     PROGRESS_FILE,
     checkpoint_problem,
@@ -20,7 +21,6 @@ from hbt_accel.checkpoints import (
     resolve_resume,
     write_manifest,
 )
-from hbt_accel.errors import DataError
 from tests.test_train import REPO, train
 
 

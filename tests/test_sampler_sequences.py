@@ -6,9 +6,9 @@ import json
 
 import pytest
 
-from hbt_accel.batches import PairCollator
 from hbt_accel.data import load_training_corpus
-from hbt_accel.sampling import HybridBatchSampler
+from hbt_accel.data.collate import PairCollator
+from hbt_accel.data.sampling import HybridBatchSampler
 from tests.record_sampler_sequences import COLLATED, CONFIGURATIONS, FIXTURE, collated, sequences
 
 

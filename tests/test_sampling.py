@@ -6,7 +6,14 @@ import numpy as np
 import pytest
 
 from hbt_accel.data import CorpusStore, load_training_corpus, store_from_rows
-from hbt_accel.sampling import HybridBatchSampler, SamplingError, is_monolingual_batch
+from hbt_accel.data.sampling import BatchRow, HybridBatchSampler, SamplingError
+
+
+def is_monolingual_batch(rows: list[BatchRow]) -> bool:
+    """The X-X contract, read off the rows: one language on both sides of every row; and the sampler says so."""
+    languages = {row.query_language for row in rows} | {lang for row in rows for lang in row.passage_languages}
+    assert all(row.in_xx_batch == (len(languages) == 1) for row in rows) or len(rows) < 2
+    return len(languages) == 1
 
 
 @pytest.fixture(scope="module")

@@ -60,7 +60,7 @@ def test_the_cycle_finder_finds_a_cycle():
 
 def test_no_import_circle_in_the_library():
     graph = import_graph()
-    assert "hbt_accel.train" in graph and "hbt_accel.modeling" in graph["hbt_accel.train"]
+    assert "hbt_accel.training.run" in graph and "hbt_accel.models.dual_encoder" in graph["hbt_accel.training.run"]
     assert find_cycle(graph) is None
 
 
@@ -74,9 +74,9 @@ def test_files_are_renamed_into_place_only_by_the_atomic_writer_and_the_folder_b
                 renaming.add(path.relative_to(REPO).as_posix())
     assert renaming == {
         "hbt_accel/atomic.py",
-        "hbt_accel/modeling.py",
-        "hbt_accel/embedded.py",
-        "hbt_accel/checkpoints.py",
+        "hbt_accel/models/dual_encoder.py",
+        "hbt_accel/models/bundled_e5.py",
+        "hbt_accel/training/checkpoints.py",
         "hbt_accel/data/cache.py",
     }
 
@@ -98,3 +98,61 @@ def test_the_speed_benchmark_has_no_training_step_of_its_own():
     assert "train_step(" in source
     for own_step in (".backward(", "optimizer.step", "InfoNCELoss", "autocast"):
         assert own_step not in source, own_step
+
+
+# The import direction (README, "Layout"; docs/design.md): lowest first, a module imports from its own layer or a
+# lower one. models and data share the bottom; errors, atomic and distributed are below everything.
+LAYERS = (
+    ("hbt_accel", "hbt_accel.errors", "hbt_accel.atomic", "hbt_accel.distributed"),
+    ("hbt_accel.models", "hbt_accel.data"),
+    ("hbt_accel.config",),
+    ("hbt_accel.run_record",),
+    ("hbt_accel.evaluation",),
+    ("hbt_accel.publishing",),
+    ("hbt_accel.training",),
+    ("hbt_accel.sweeps",),
+)
+SHARED_TOP_LEVEL = {"__init__.py", "atomic.py", "config.py", "distributed.py", "errors.py", "run_record.py"}
+
+
+def layer_of(module: str) -> int:
+    """The layer of the longest prefix in LAYERS that names `module` or one of its packages."""
+    found = [
+        (len(prefix), level)
+        for level, prefixes in enumerate(LAYERS)
+        for prefix in prefixes
+        if module == prefix or module.startswith(prefix + ".")
+    ]
+    assert found, f"{module} is in no layer of LAYERS"
+    return max(found)[1]
+
+
+def test_layer_of_reads_the_longest_prefix():
+    assert layer_of("hbt_accel") == 0 and layer_of("hbt_accel.errors") == 0
+    assert layer_of("hbt_accel.evaluation.hf_metric.lareqa_grid") == 4 and layer_of("hbt_accel.training.run") == 6
+
+
+def test_imports_go_one_way_through_the_layers():
+    upward = [
+        f"{source} -> {target}"
+        for source, targets in import_graph().items()
+        for target in targets
+        if layer_of(target) > layer_of(source)
+    ]
+    assert upward == []
+
+
+def test_the_top_level_holds_only_the_shared_modules():
+    assert {p.name for p in LIBRARY.glob("*.py")} == SHARED_TOP_LEVEL
+
+
+def test_no_docstring_points_outside_the_repository():
+    assert [p for p in LIBRARY.rglob("*.py") if "shared/notes" in p.read_text()] == []
+
+
+def test_every_package_is_listed_for_the_wheel():
+    import tomllib
+
+    listed = set(tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    found = {_module_name(p.parent / "__init__.py") for p in LIBRARY.rglob("__init__.py")}
+    assert listed == found | {"hbt_accel.recipes"}

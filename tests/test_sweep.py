@@ -17,9 +17,9 @@ import numpy as np
 import pytest
 import yaml
 
-from hbt_accel.checkpoints import find_checkpoints
 from hbt_accel.config import ConfigError
-from hbt_accel.sweep import collect_point, load_sweep, point_command, point_resources, run_sweep, sweep_points
+from hbt_accel.run_record import find_checkpoints
+from hbt_accel.sweeps.run import collect_point, load_sweep, point_command, point_resources, run_sweep, sweep_points
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -282,7 +282,7 @@ def tiny_sweep(tmp_path, tiny_model_dir, mlqa_slice) -> Path:
 
 
 def test_a_sweep_runs_through_submitit_skips_finished_points_and_resumes_a_killed_one(tiny_sweep, tmp_path):
-    from hbt_accel.sweep_report import write_report
+    from hbt_accel.sweeps.report import write_report
 
     spec = load_sweep(tiny_sweep)
     status = run_sweep(spec)
@@ -354,7 +354,7 @@ class FakeJob:
 
 
 def test_max_parallel_keeps_that_many_jobs_in_flight_and_submits_the_next_as_one_ends(tmp_path, monkeypatch):
-    import hbt_accel.sweep as sweep
+    import hbt_accel.sweeps.run as sweep
 
     spec = load_sweep(
         write_sweep(
@@ -447,8 +447,8 @@ def test_the_report_of_synthetic_points_gives_hand_computed_statistics_and_the_g
     q0..q3 at 2 layers (gap .15)."""
     from hbt_accel.atomic import write_json
     from hbt_accel.evaluation.grid import summarize
-    from hbt_accel.sweep import point_summary, summary_path
-    from hbt_accel.sweep_report import write_report
+    from hbt_accel.sweeps.report import write_report
+    from hbt_accel.sweeps.run import point_summary, summary_path
 
     spec = load_sweep(
         write_sweep(
@@ -535,8 +535,8 @@ def test_two_listed_points_are_compared_question_by_question(tmp_path):
     """A feature switched on against the base point: multi AP .6 vs .5 on every question -> a gap of .1, no spread."""
     from hbt_accel.atomic import write_json
     from hbt_accel.evaluation.grid import summarize
-    from hbt_accel.sweep import point_summary, summary_path
-    from hbt_accel.sweep_report import write_report
+    from hbt_accel.sweeps.report import write_report
+    from hbt_accel.sweeps.run import point_summary, summary_path
 
     base, feature = {"sampling": "hybrid"}, {"sampling": "hybrid", "temperature": 0.05}
     spec = load_sweep(
@@ -564,7 +564,7 @@ def test_two_listed_points_are_compared_question_by_question(tmp_path):
 
 
 def test_a_comparison_pairs_two_points_within_each_base_and_compares_values_as_json():
-    from hbt_accel.sweep import compared_side
+    from hbt_accel.sweeps.run import compared_side
 
     two_points = {"a": {"sampling": "hybrid", "temperature": 0.05}, "b": {"sampling": "hybrid"}}
     assert compared_side(two_points, {"base": "labse", "sampling": "hybrid", "seed": 1}) == (
@@ -585,7 +585,7 @@ def test_a_comparison_pairs_two_points_within_each_base_and_compares_values_as_j
 def test_a_curve_runs_along_a_numeric_axis_or_the_length_of_a_setting_every_point_lists(tmp_path):
     """train_languages: the x of a point is how many languages it lists; a field some points leave at the base
     recipe's value (alpha) or a text field (sampling) gets no curve."""
-    from hbt_accel.sweep_report import _lines_along, _plotted_settings
+    from hbt_accel.sweeps.report import _lines_along, _plotted_settings
 
     points = [
         {"train_languages": ["en", "de", "es", "ar"], "sampling": "xx"},
@@ -612,7 +612,7 @@ def test_a_curve_runs_along_a_numeric_axis_or_the_length_of_a_setting_every_poin
 def test_a_paired_test_counts_only_the_seeds_both_sides_have():
     """A setting with a third seed is compared with a two-seed setting on seeds 1 and 2 only; with no seed in common
     every run counts."""
-    from hbt_accel.sweep_report import common_seeds
+    from hbt_accel.sweeps.report import common_seeds
 
     def runs(*seeds):
         return [{"settings": {"seed": seed}} for seed in seeds]
@@ -625,7 +625,7 @@ def test_a_paired_test_counts_only_the_seeds_both_sides_have():
 def test_a_damaged_point_summary_is_one_line_naming_it_before_anything_runs(tmp_path):
     """A half-copied summary must not count the point as finished, nor end a report in a JSONDecodeError."""
     from hbt_accel.errors import DataError
-    from hbt_accel.sweep_report import load_summaries
+    from hbt_accel.sweeps.report import load_summaries
 
     path = write_sweep(tmp_path, axes={"sampling": ["xx", "hybrid"]}, seeds=[1], results_dir=str(tmp_path / "results"))
     spec = load_sweep(path)
@@ -644,7 +644,7 @@ def test_a_preempted_submitit_point_is_resubmitted_resuming_from_its_checkpoint(
     its first checkpoint starts again)."""
     import submitit
 
-    from hbt_accel.sweep import RequeueablePoint
+    from hbt_accel.sweeps.run import RequeueablePoint
 
     fresh = RequeueablePoint(["accelerate", "launch", "train.py", "--seed", "1"], "/repo", {"A": "1"})
     delayed = fresh.checkpoint()
@@ -676,7 +676,7 @@ def test_a_preempted_point_is_asked_to_stop_and_given_time_to_save(tmp_path):
     writes a file when it gets SIGTERM, as training saves its checkpoint."""
     import pickle
 
-    from hbt_accel.sweep import RequeueablePoint
+    from hbt_accel.sweeps.run import RequeueablePoint
 
     saved = tmp_path / "saved"
     script = (
@@ -698,8 +698,8 @@ def test_a_data_size_sweep_reports_the_saturating_fit_in_training_ids(tmp_path):
     .70 and exponent .5, and reach .68 at fraction (.02 / .02)^2 = 1, i.e. all the corpus's ids."""
     from hbt_accel.atomic import write_json
     from hbt_accel.evaluation.grid import summarize
-    from hbt_accel.sweep import point_summary, summary_path
-    from hbt_accel.sweep_report import write_report
+    from hbt_accel.sweeps.report import write_report
+    from hbt_accel.sweeps.run import point_summary, summary_path
 
     fractions = [0.1, 0.25, 0.5, 1.0]
     spec = load_sweep(write_sweep(tmp_path, name="size", axes={"train_id_fraction": fractions}, seeds=[1, 2],
@@ -724,7 +724,7 @@ def test_a_data_size_sweep_reports_the_saturating_fit_in_training_ids(tmp_path):
 def test_a_preempted_launcher_is_left_alone_and_its_training_process_saves(tmp_path):
     """A stand-in for `accelerate launch`: a parent that kills its child at once if IT gets SIGTERM (accelerate's
     launcher gives 5 s). `checkpoint` signals the child only, so the child saves and the parent returns."""
-    from hbt_accel.sweep import RequeueablePoint
+    from hbt_accel.sweeps.run import RequeueablePoint
 
     saved = tmp_path / "saved"
     child = (

@@ -87,7 +87,7 @@ def test_short_run_lowers_the_loss_and_saves_a_loadable_model(tiny_model_dir, ml
 
     model = AutoModel.from_pretrained(out)
     assert model.config.hidden_size == 32
-    from hbt_accel.modeling import DualEncoder
+    from hbt_accel.models.dual_encoder import DualEncoder
 
     vectors = DualEncoder.from_pretrained(out).encode(["Wer war Kant?", "Who was Kant?"], "query")
     assert vectors.shape == (2, 32)
@@ -97,7 +97,7 @@ def test_train_in_process_returns_its_summary_evaluations_and_paths(tiny_model_d
     """`train(cfg)` from Python: 3 steps on the tiny model cut to its first layer; the returned numbers are the ones
     written to disk."""
     from hbt_accel.config import parse_config
-    from hbt_accel.train import train as train_in_process
+    from hbt_accel.training.run import train as train_in_process
 
     out = tmp_path / "run"
     cfg = parse_config(

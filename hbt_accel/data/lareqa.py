@@ -1,7 +1,7 @@
 """LAReQA (XQuAD-R, MLQA-R): the evaluation pools, the held-out split, and the training rows built from them.
 
 A `RetrievalBenchmark` is, per language, a pool of candidate sentences and the questions whose gold sentence sits
-in that pool (LAReQA protocol, `../shared/notes/method.md`). For training, each question -> gold sentence is one
+in that pool (the LAReQA protocol: the README, "Evaluation"). For training, each question -> gold sentence is one
 row; the same question id in several languages is one example in several languages.
 """
 

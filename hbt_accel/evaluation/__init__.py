@@ -4,7 +4,7 @@ Public API: `evaluate_grid(encoder, benchmark, ...) -> dict` (or its two halves 
 `score_encoded`); published layouts (MIRACL, Mr. TyDi, MLDR, MKQA, BEIR): `published.load_task` +
 `at_scale.score_task`; what a training run is scored on: `evaluator.open_evaluator`; `print_report(results)`,
 `write_reports(results, output_dir)`; for runs: `print_metrics_by_step`, `plot_metrics_by_step`. The metric names and
-directions are in `hbt_accel.evaluation.schema`; a run's checkpoints are found with `hbt_accel.checkpoints`.
+directions are in `hbt_accel.evaluation.schema`; a run's checkpoints are found with `hbt_accel.training.checkpoints`.
 """
 
 from __future__ import annotations

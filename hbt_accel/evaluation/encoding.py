@@ -15,7 +15,7 @@ from contextlib import contextmanager
 import numpy as np
 import torch
 
-from hbt_accel import faults
+from hbt_accel.errors import fault_point
 
 PROGRESS_SECONDS = 15.0  # a full-grid encode takes minutes; a log file must show it is alive
 
@@ -27,12 +27,18 @@ _between_batches: list = []  # callbacks run after every encoder batch on every 
 def between_batches(callback):
     """Run `callback()` after every encoder batch while the context is open. Every rank runs the same number of
     batches (`encode_texts` pads the shards), so the callback may be a collective: training's stop-request check
-    (hbt_accel.preemption) is one, which lets a preemption signal end a long evaluation or mining pass in time."""
+    (hbt_accel.distributed) is one, which lets a preemption signal end a long evaluation or mining pass in time."""
     _between_batches.append(callback)
     try:
         yield
     finally:
         _between_batches.remove(callback)
+
+
+def run_between_batches() -> None:
+    """The `between_batches` callbacks, now: every rank must reach this point equally often (collectives)."""
+    for callback in _between_batches:
+        callback()
 
 
 class ProgressLine:
@@ -43,9 +49,8 @@ class ProgressLine:
         self.start = self.last = clock()
 
     def __call__(self, done: int, total: int) -> None:
-        faults.at("evaluation_encode")
-        for callback in _between_batches:
-            callback()
+        fault_point("evaluation_encode")
+        run_between_batches()
         now = self.clock()
         if self.enabled and now - self.last >= self.every:
             rate = done / max(now - self.start, 1e-9)

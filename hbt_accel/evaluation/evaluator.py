@@ -55,6 +55,8 @@ class EvaluationSpec:
     cache_dir: str = ""
     bf16: bool = False
     batch_size: int = 64
+    chunk_rows: int = 16384  # published corpora: passages per embedding file (the unit of resume)
+    index: str = "flat"  # published corpora: exact search, or a faiss ivf / hnsw index (with its recall vs exact)
 
 
 def is_published(benchmark: str) -> bool:
@@ -62,10 +64,11 @@ def is_published(benchmark: str) -> bool:
     return recognised_kind(benchmark) is not None
 
 
-def open_evaluator(spec: EvaluationSpec, metric_for_best_model: str = MEAN_MAP):
-    """The evaluator of `spec`, its files read now; `metric_for_best_model` must be one it reports."""
+def open_evaluator(spec: EvaluationSpec, metric_for_best_model: str | None = None):
+    """The evaluator of `spec`, its files read now; `metric_for_best_model`, when given, must be one it reports."""
     evaluator = PublishedEvaluator(spec) if is_published(spec.benchmark) else LareqaEvaluator(spec)
-    check_selection_metric(metric_for_best_model, evaluator.metrics)
+    if metric_for_best_model is not None:
+        check_selection_metric(metric_for_best_model, evaluator.metrics)
     return evaluator
 
 
@@ -138,6 +141,7 @@ class PublishedEvaluator:
         limit = self.spec.final_max_queries if final else self.spec.max_queries
         tasks = [dataclasses.replace(t, queries=t.queries[:limit]) if limit else t for t in self.tasks]
         options = {"batch_size": self.spec.batch_size, "bf16": self.spec.bf16, "accelerator": accelerator}
+        options |= {"chunk_rows": self.spec.chunk_rows, "index": self.spec.index}
         started = time.perf_counter()
         if final:
             key = model_key(model_dir, encoder, self.spec.bf16)

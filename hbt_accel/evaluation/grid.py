@@ -1,6 +1,6 @@
 """The LAReQA grid: mono-, cross- and multilingual mAP, R@1/R@10 and rank distance from ONE encoding pass.
 
-Protocol (`../shared/notes/method.md`, Evaluation):
+Protocol (the README, "Evaluation"; LAReQA, Roy et al. 2020):
 - every question and every candidate sentence of the chosen languages is encoded exactly once per model
   (questions with kind="query", sentences with kind="passage");
 - single-pair setting (X, Y): questions in X against the candidate pool of Y; the one relevant sentence is the gold

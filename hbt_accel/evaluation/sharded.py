@@ -35,7 +35,7 @@ from hbt_accel.atomic import is_sealed, seal_folder, write_atomic
 from hbt_accel.data.cache import _slug, build_once, cache_root, fingerprint
 from hbt_accel.data.store import _ChunkedColumn, _IpcWriter
 from hbt_accel.errors import DataError
-from hbt_accel.evaluation.encoding import time_left
+from hbt_accel.evaluation.encoding import run_between_batches, time_left
 
 PASSAGES_FORMAT = "hbt-accel passage store v1"
 EMBEDDINGS_FORMAT = "hbt-accel embedding shards v1"
@@ -299,6 +299,7 @@ def _encode_my_chunks(encoder, passages, layout, settings, accelerator, progress
         # one small collective per round: the most forwards any rank runs, and how far the whole corpus is
         table = _gather_ints(accelerator, [forwards, done])
         progress.base = int(table[:, 1].sum())
+        run_between_batches()  # once per round, the same on every rank: a stop request ends a long corpus encode
         if todo:
             dim = _encode_chunk(encoder, passages, layout, chunk, settings, progress)
             encoded, done = encoded + _rows(layout, chunk), done + _rows(layout, chunk)

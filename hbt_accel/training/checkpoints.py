@@ -6,7 +6,8 @@
     RUN/checkpoint-<step>/checkpoint_manifest.json every other file's size, written last: a complete checkpoint
     RUN/.tmp-checkpoint-<step>/         a save in progress; renamed to checkpoint-<step> when complete
 
-Training, evaluation, the Hub upload and the recipes all go through this module for that layout.
+The names come from hbt_accel.run_record, which owns the run folder's layout; this module saves, checks, rotates
+and resumes.
 """
 
 from __future__ import annotations
@@ -15,46 +16,23 @@ import dataclasses
 import errno
 import json
 import os
-import re
 import shutil
 from pathlib import Path
 
-from hbt_accel import faults
 from hbt_accel.atomic import write_json
 from hbt_accel.distributed import all_ranks_agree
-from hbt_accel.errors import DataError, DiskFull
+from hbt_accel.errors import DataError, DiskFull, fault_point
 from hbt_accel.evaluation.schema import selection_score, summary_of
+from hbt_accel.run_record import (
+    MODEL_DIR,
+    PREFIX,
+    checkpoint_name,
+    find_checkpoints,
+)
 
-PREFIX = "checkpoint-"
-PATTERN = re.compile(rf"^{PREFIX}(\d+)$")
-MODEL_DIR = "model"
 PROGRESS_FILE = "training_progress.json"
 MANIFEST_FILE = "checkpoint_manifest.json"
 STAGING_PREFIX = ".tmp-"
-
-
-def checkpoint_name(step: int) -> str:
-    return f"{PREFIX}{step}"
-
-
-def is_checkpoint_name(name: str) -> bool:
-    return PATTERN.match(name) is not None
-
-
-def checkpoint_step(folder: str | os.PathLike) -> int:
-    match = PATTERN.match(Path(folder).name)
-    if match is None:
-        raise DataError(f"{folder}: not a checkpoint folder (expected {PREFIX}<step>)")
-    return int(match.group(1))
-
-
-def find_checkpoints(run_dir: str | os.PathLike) -> list[Path]:
-    """Finished `checkpoint-<step>` folders of a run, oldest first ([] when the run folder does not exist)."""
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        return []
-    found = [p for p in run_dir.iterdir() if p.is_dir() and is_checkpoint_name(p.name)]
-    return sorted(found, key=checkpoint_step)
 
 
 def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
@@ -111,15 +89,6 @@ def stale_staging_folders(run_dir: Path) -> list[Path]:
     if not run_dir.is_dir():
         return []
     return sorted(p for p in run_dir.iterdir() if p.name.startswith(STAGING_PREFIX + PREFIX) and p.is_dir())
-
-
-def model_folder(checkpoint: str | os.PathLike) -> Path | None:
-    """The folder holding the saved model (HF config.json): `checkpoint/model/` or `checkpoint/` itself."""
-    checkpoint = Path(checkpoint)
-    for candidate in (checkpoint / MODEL_DIR, checkpoint):
-        if (candidate / "config.json").is_file():
-            return candidate
-    return None
 
 
 def rotate_checkpoints(run_dir: Path, limit: int, keep: str = "") -> None:
@@ -234,7 +203,7 @@ def save_checkpoint(accelerator, model, progress: TrainingProgress, output_dir: 
     full = False
     try:
         accelerator.save_state(str(tmp))
-        faults.at("save_checkpoint")
+        fault_point("save_checkpoint")
         save_model(accelerator, model, tmp / MODEL_DIR)
         if accelerator.is_main_process:
             progress.save(tmp)

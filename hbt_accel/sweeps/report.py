@@ -23,7 +23,15 @@ import numpy as np
 from hbt_accel.atomic import write_atomic, write_json
 from hbt_accel.evaluation.grid import language_view
 from hbt_accel.evaluation.schema import HEADLINE, MULTI_MAP, RECALL_AT_1, RECALL_AT_10
-from hbt_accel.sweep import BASE, SweepSpec, compared_side, point_config, read_summary, setting_text, sweep_points
+from hbt_accel.sweeps.run import (
+    BASE,
+    SweepSpec,
+    compared_side,
+    point_config,
+    read_point_summary,
+    setting_text,
+    sweep_points,
+)
 
 MLQA_R_LANGUAGES = ("ar", "de", "en", "es", "hi", "vi", "zh")  # what a point trains on unless train_languages says
 
@@ -34,7 +42,7 @@ def load_summaries(spec: SweepSpec) -> list[dict]:
     for point in sweep_points(spec):
         path = spec.results_root / f"{point.name}.json"
         if path.is_file():
-            found.append(read_summary(path))
+            found.append(read_point_summary(path))
     return found
 
 

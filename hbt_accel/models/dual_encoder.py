@@ -23,10 +23,10 @@ from safetensors import SafetensorError
 from torch import nn
 
 from hbt_accel.atomic import usual_mode
-from hbt_accel.cpu_attention import PackedLayout
-from hbt_accel.encoder_settings import KINDS, POOLINGS, EncoderSettings, LoraSettings
 from hbt_accel.errors import ConfigError, DataError
-from hbt_accel.sentence_transformers_format import write_sentence_transformers_files
+from hbt_accel.models.cpu_attention import PackedLayout
+from hbt_accel.models.settings import KINDS, POOLINGS, EncoderSettings, LoraSettings
+from hbt_accel.models.st_format import write_sentence_transformers_files
 
 __all__ = [
     "DualEncoder",
@@ -98,7 +98,7 @@ def check_num_layers(name_or_path: str | os.PathLike, num_layers: int) -> None:
     """Fail in one line, from the model's config alone (no weights read), when it has fewer than `num_layers`."""
     from transformers import AutoConfig
 
-    from hbt_accel.embedded import resolve_model_path
+    from hbt_accel.models.bundled_e5 import resolve_model_path
 
     if num_layers:
         _check_depth(num_layers, AutoConfig.from_pretrained(resolve_model_path(str(name_or_path))), str(name_or_path))
@@ -195,7 +195,7 @@ class DualEncoder(nn.Module):
         """
         from transformers import AutoConfig, AutoModel, AutoTokenizer
 
-        from hbt_accel.embedded import resolve_model_path
+        from hbt_accel.models.bundled_e5 import resolve_model_path
 
         path = resolve_model_path(str(name_or_path))
         config = AutoConfig.from_pretrained(path)
@@ -215,31 +215,7 @@ class DualEncoder(nn.Module):
             raise DataError(f"{path}: the model weights cannot be read ({error}); the file is damaged") from None
         keep_first_layers(backbone, num_layers)  # before LoRA and checkpointing wrap the layers
         tokenizer = AutoTokenizer.from_pretrained(path)
-        if getattr(backbone, "pooler", None) is not None:
-            # BERT-style pooler head: never used by our pooling, and its parameters would receive no
-            # gradient (DDP raises on unused parameters). Dropped; saved folders lack it.
-            backbone.pooler = None
-        if getattr(backbone.config, "use_cache", None):
-            backbone.config.use_cache = False  # no KV cache for encoding; required with checkpointing
-        if gradient_checkpointing:
-            if hasattr(backbone, "activation_checkpointing_enable"):  # transformers >= 5 name
-                backbone.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-            else:
-                backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        if lora is not None:
-            from peft import LoraConfig, TaskType, get_peft_model
-
-            targets = lora.target_modules
-            if targets is None:
-                targets = _default_lora_targets(backbone.config.model_type)
-            config = LoraConfig(
-                r=lora.r,
-                lora_alpha=lora.alpha,
-                lora_dropout=lora.dropout,
-                target_modules=targets,
-                task_type=TaskType.FEATURE_EXTRACTION,
-            )
-            backbone = get_peft_model(backbone, config)
+        backbone = _ready_for_training(backbone, gradient_checkpointing, lora)
         return cls(backbone, tokenizer, settings)
 
     @property
@@ -306,7 +282,7 @@ class DualEncoder(nn.Module):
         return self._pool(hidden, attention_mask)
 
     def _embed_packed(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """Right-padded (N, L) rows -> (N, d), computing only the T real tokens (hbt_accel/cpu_attention.py).
+        """Right-padded (N, L) rows -> (N, d), computing only the T real tokens (hbt_accel/models/cpu_attention.py).
 
         The packed row is filled up to a multiple of `PACKED_TOKEN_MULTIPLE` with filler sequences (no longer than the
         longest real one, attending only to themselves, dropped after): the linear layers then see a few dozen shapes
@@ -515,3 +491,30 @@ def _move_into(staging: Path, output_dir: Path) -> None:
             shutil.rmtree(retired, ignore_errors=True)
         else:
             os.replace(entry, target)
+
+
+def _ready_for_training(backbone, gradient_checkpointing: bool, lora: LoraSettings | None):
+    """The backbone without its pooler head and KV cache, with activation checkpointing and LoRA when asked."""
+    if getattr(backbone, "pooler", None) is not None:
+        # BERT-style pooler head: never used by our pooling, and its parameters would receive no
+        # gradient (DDP raises on unused parameters). Dropped; saved folders lack it.
+        backbone.pooler = None
+    if getattr(backbone.config, "use_cache", None):
+        backbone.config.use_cache = False  # no KV cache for encoding; required with checkpointing
+    if gradient_checkpointing:
+        if hasattr(backbone, "activation_checkpointing_enable"):  # transformers >= 5 name
+            backbone.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if lora is None:
+        return backbone
+    from peft import LoraConfig, TaskType, get_peft_model
+
+    targets = (
+        lora.target_modules if lora.target_modules is not None else _default_lora_targets(backbone.config.model_type)
+    )
+    config = LoraConfig(
+        r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=targets,
+        task_type=TaskType.FEATURE_EXTRACTION,
+    )  # fmt: skip
+    return get_peft_model(backbone, config)

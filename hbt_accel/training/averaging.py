@@ -15,8 +15,8 @@ import torch
 
 from hbt_accel.atomic import write_json
 from hbt_accel.errors import ConfigError, DataError
-from hbt_accel.modeling import SETTINGS_FILE, DualEncoder
-from hbt_accel.run_summary import CONFIG_FILE
+from hbt_accel.models.dual_encoder import SETTINGS_FILE, DualEncoder
+from hbt_accel.run_record import CONFIG_FILE
 
 SOURCES_FILE = "averaged_from.json"  # which runs the weights are the mean of
 

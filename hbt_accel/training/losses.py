@@ -10,7 +10,7 @@ the W*B_local*(1+k) passages of the GLOBAL batch, so it sees W*B_local*(1+k) - 1
 The loss is the mean over LOCAL rows and is not rescaled by W: DDP then averages parameter
 gradients over ranks and the update equals one process on the concatenated batch.
 
-With `passage_ids` in the batch (the parallel id of every passage, `batches.PairCollator`) the loss works by id
+With `passage_ids` in the batch (the parallel id of every passage, `data.collate.PairCollator`) the loss works by id
 across the global batch (docs/beyond_paper.md): a passage with the query's id is its answer in some language, so
 it is a positive (`multi_positive`) or masked, never a negative; and `alignment_weight` adds a translation-ranking
 term between passages of one id. Without `passage_ids` the loss is the plain single-positive InfoNCE, operation
@@ -28,7 +28,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from hbt_accel.batches import PADDING_PASSAGE
+from hbt_accel.data.collate import PADDING_PASSAGE
 from hbt_accel.distributed import all_gather_with_grad, gather_no_grad
 
 
@@ -64,7 +64,7 @@ class InfoNCELoss(nn.Module):
     queries) is averaged with the query->passage term.
 
     With `passage_ids` (N_p,) int64 the query term works by parallel id (p = [row answers (B_local); hard
-    negatives; further answers], `batches.PairCollator`): every column holding the row's id is a positive with
+    negatives; further answers], `data.collate.PairCollator`): every column holding the row's id is a positive with
     `multi_positive` (`multi_positive_nce`), else masked; padding slots are masked for every row; and
     `alignment_weight` * `translation_ranking` is added.
     """

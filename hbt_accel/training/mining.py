@@ -7,22 +7,24 @@ its answer in any language (docs/beyond_paper.md).
     search       per language, a faiss `IndexFlatIP` over its candidates (cosine: embeddings are normalised)
     filter       per query (corpus, id, query language) drop: the id's answer in every language (a translation of the
                  positive) and those of ids sharing an answer text with it; any passage with the text of one of its
-                 answers (`batches.passage_key`); candidates scoring above margin x the answer's score (NV-Retriever's
-                 relative margin, against unlabelled positives), the answer in the candidate's language when the id
-                 has one, else in the query's
+                 answers (`data.collate.passage_key`); candidates scoring above margin x the answer's score
+                 (NV-Retriever's relative margin, against unlabelled positives), the answer in the candidate's
+                 language when the id has one, else in the query's
     pick         round(k * same_language_share) best survivors in the query's language, the rest one at a time from
                  the other languages in a seeded round-robin (without a quota a cross-lingual query's negatives all
                  come from one language: FlagEmbedding #495); a language that runs short is filled from the others
 
 Under data parallelism every rank encodes its share; the main process searches and picks, and broadcasts the result,
 so every rank collates with the same negatives. `MinedNegatives.save` writes RUN/mined_negatives/step-<N>.json
-(atomically) for resume and inspection.
+(atomically) for resume and inspection. A run mines through `start_negatives` (the starting weights, or the resumed
+step's file) and `refresh_negatives` (every mining_every_steps), which hand the result to its collator.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import shutil
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
@@ -31,9 +33,10 @@ from pathlib import Path
 import numpy as np
 
 from hbt_accel.atomic import write_json
-from hbt_accel.batches import parallel_id_key, passage_key
 from hbt_accel.data import CorpusStore
+from hbt_accel.data.collate import parallel_id_key, passage_key
 from hbt_accel.evaluation.encoding import encode_texts
+from hbt_accel.training.session import Session
 
 MINED_DIR = "mined_negatives"
 FIRST_SEARCH_DEPTH = 64  # per language; a query that needs more survivors is searched again over the whole pool
@@ -372,3 +375,61 @@ def _round_robin(sources: list[Iterator[MinedPassage]], count: int) -> list[Mine
             if len(picked) == count:
                 break
     return picked
+
+
+# ==================================================================================================================
+# The run's negatives: mined at start and every mining_every_steps, handed to the collator
+# ==================================================================================================================
+def start_negatives(session: Session) -> None:
+    """Mine with the starting weights; on resume, load the negatives the uninterrupted run used at this step (mining
+    again with later weights would give other ones), or mine with the resumed weights if that file is gone."""
+    cfg, step = session.cfg, session.progress.global_step
+    if not cfg.hard_negative_mining:
+        return
+    run_folder = session.resumed_from.parent if session.resumed_from else session.output_dir  # the checkpoint's run
+    path = mined_file(run_folder, last_mining_step(step, cfg.mining_every_steps))
+    if step > 0 and path.is_file():
+        mined = MinedNegatives.load(path)
+        if session.accelerator.is_main_process and run_folder.resolve() != session.output_dir.resolve():
+            mined.save(mined_file(session.output_dir, mined.step))  # this run's folder resumes on its own later
+        use_negatives(session, mined, f"loaded from {path}")
+        return
+    if step > 0:
+        session.console.print(f"{path} is missing: mining again with the resumed weights")
+    elif session.accelerator.is_main_process:  # a fresh run: no file of an earlier run in this folder may be resumed
+        shutil.rmtree(session.output_dir / MINED_DIR, ignore_errors=True)
+    mine_negatives(session)
+
+
+def refresh_negatives(session: Session) -> None:
+    """After optimizer step N: mine again when N is a multiple of mining_every_steps (and not the last step)."""
+    cfg, step = session.cfg, session.progress.global_step
+    every = cfg.mining_every_steps if cfg.hard_negative_mining else 0
+    if every and step % every == 0 and step < session.plan.max_steps:
+        mine_negatives(session)
+
+
+def mine_negatives(session: Session) -> None:
+    """Every rank encodes its share; the main process picks and writes RUN/mined_negatives/step-<N>.json."""
+    cfg, accelerator, step = session.cfg, session.accelerator, session.progress.global_step
+    settings = MiningSettings(
+        cfg.num_hard_negatives,
+        cfg.mining_same_language_share,
+        cfg.mining_margin,
+        cfg.seed,
+        bf16=cfg.eval_precision == "bf16",
+    )
+    languages = [session.sampler.corpus_languages(index) for index in range(len(session.corpora))]
+    encoder = accelerator.unwrap_model(session.model)
+    mined = mine_hard_negatives(encoder, session.corpora, languages, settings, step, accelerator)
+    path = mined_file(session.output_dir, step)
+    if accelerator.is_main_process:
+        mined.save(path)
+    use_negatives(session, mined, f"-> {path}")
+
+
+def use_negatives(session: Session, mined: MinedNegatives, where: str) -> None:
+    session.loader.collate_fn.mined_negatives = mined.for_collator()
+    session.console.print(f"{mined.describe()} ({where})")
+    if warning := mined.margin_warning():
+        session.console.print(warning)

@@ -1,4 +1,4 @@
-"""The hybrid-batch training run, callable from Python: `train(cfg) -> TrainResult`.
+"""The hybrid-batch training run, callable from Python: `train(cfg) -> TrainResult` (training.session holds its state).
 
     train(cfg)
       setup(cfg)             accelerate's canonical order, one function per phase:
@@ -10,7 +10,8 @@
         build_optimizer        AdamW (fused on CPU) or DeepSpeedCPUAdam; build_loss: InfoNCE or cached InfoNCE
         prepare                ONE accelerator.prepare(model, optimizer); the LR schedule on the prepared optimizer
         open_run_folder        output folder, resolved config, trackers, resume from a checkpoint
-        start_negatives        hard_negative_mining: mine with the starting weights (or load the resumed step's)
+        start_negatives        hard_negative_mining (training.mining): mine with the starting weights, or load
+                               the resumed step's
       run_loop(session)      train_step per micro-batch; logging; periodic checkpoint + evaluation; re-mining; all
                              it measures goes into session.progress (TrainingProgress), which every checkpoint saves
       finalize(session)      final model, full-grid evaluation, train_summary.json, model card, Hub push
@@ -33,49 +34,32 @@ import torch
 from accelerate.utils import DistributedType, set_seed
 from transformers import get_scheduler
 
-from hbt_accel import cpu_attention, faults
 from hbt_accel.atomic import write_json
-from hbt_accel.batches import PairCollator, build_loader
-from hbt_accel.checkpoints import (
-    TrainingProgress,
-    checkpoint_name,
-    find_checkpoints,
-    latest_checkpoint,
-    resolve_resume,
-    save_checkpoint,
-    save_model,
-    stale_staging_folders,
-)
 from hbt_accel.config import HbtConfig, check_resume_config, save_config
-from hbt_accel.console import TrainingProgressBar, make_console
 from hbt_accel.data import (
     CorpusStore,
     is_lareqa_name,
     load_training_corpus,
     resolve_data_dir,
 )
+from hbt_accel.data.collate import PairCollator, build_loader
+from hbt_accel.data.sampling import HybridBatchSampler
 from hbt_accel.distributed import (
+    StopRequested,
+    StopRequests,
     all_ranks_agree,
     bound_onednn_kernel_cache,
     configure_cpu_threads,
     make_accelerator,
     process_memory_mb,
 )
-from hbt_accel.embedded import check_hub_model_reachable, check_model_name
-from hbt_accel.errors import ConfigError, TrainingDiverged
+from hbt_accel.errors import ConfigError, TrainingDiverged, fault_point
 from hbt_accel.evaluation.encoding import between_batches
 from hbt_accel.evaluation.evaluator import EvaluationSpec, is_published, open_evaluator
 from hbt_accel.evaluation.schema import check_selection_metric
-from hbt_accel.losses import CachedInfoNCELoss, InfoNCELoss, TrainingStep
-from hbt_accel.mining import (
-    MINED_DIR,
-    MinedNegatives,
-    MiningSettings,
-    last_mining_step,
-    mine_hard_negatives,
-    mined_file,
-)
-from hbt_accel.modeling import (
+from hbt_accel.models import cpu_attention
+from hbt_accel.models.bundled_e5 import check_hub_model_reachable, check_model_name
+from hbt_accel.models.dual_encoder import (
     DualEncoder,
     EncoderSettings,
     LoraSettings,
@@ -83,93 +67,30 @@ from hbt_accel.modeling import (
     describe_parameters,
     stale_save_folders,
 )
-from hbt_accel.precision import choose_precision, cpu_description, device_capabilities, eval_choice
-from hbt_accel.preemption import StopRequested, StopRequests
-from hbt_accel.run_lock import folder_in_use, lock_run_folder
-from hbt_accel.run_summary import CONFIG_FILE, SUMMARY_FILE, BatchArithmetic, TrainSummary
-from hbt_accel.sampling import HybridBatchSampler
-from hbt_accel.sparse_embedding import SparseEmbeddingGradient, sparse_embedding_gradient
-
-
-@dataclasses.dataclass
-class TrainResult:
-    """What `train` returns: the run's summary, the final evaluation ({} when off) and where things were written."""
-
-    summary: TrainSummary
-    results: dict
-    output_dir: Path
-    checkpoints: list[Path]
-
-    @property
-    def summary_path(self) -> Path:
-        return self.output_dir / SUMMARY_FILE
-
-    @property
-    def model_card_path(self) -> Path:
-        return self.output_dir / "README.md"
-
-
-@dataclasses.dataclass(frozen=True)
-class StepPlan:
-    """How big a step is and how many there are."""
-
-    batch: BatchArithmetic
-    steps_per_epoch: int
-    max_steps: int
-
-
-@dataclasses.dataclass
-class Session:
-    """Everything the loop needs, as it stands after the one `prepare` (and a resume)."""
-
-    cfg: HbtConfig
-    accelerator: object
-    console: object
-    corpora: list[CorpusStore]
-    sampler: HybridBatchSampler
-    loader: torch.utils.data.DataLoader
-    model: torch.nn.Module  # prepared: plain, DDP or a DeepSpeed engine
-    optimizer: torch.optim.Optimizer
-    scheduler: object
-    loss_fn: TrainingStep
-    plan: StepPlan
-    parameters: dict = dataclasses.field(default_factory=dict)  # DualEncoder.parameter_counts(), before prepare
-    progress: TrainingProgress = dataclasses.field(default_factory=TrainingProgress)
-    embedding_gradient: SparseEmbeddingGradient | None = None  # sparse_embedding_gradient, where it applies
-    nonfinite_steps: int = 0  # steps skipped for a NaN/inf loss or gradient (skip_nonfinite_steps)
-    resumed_from: Path | None = None  # the checkpoint this run continues
-    stops: StopRequests | None = None  # preemption signals and Ctrl-C, while the loop runs
-    saved_step: int = -1  # the step of the newest checkpoint this process saved
-    run_lock: object = None  # the run folder's lock (hbt_accel.run_lock), held while the session lives
-    evaluator: object = None  # hbt_accel.evaluation.evaluator's, its benchmark read once; None = no eval_benchmark
-
-    @property
-    def output_dir(self) -> Path:
-        return Path(self.cfg.output_dir)
-
-
-@dataclasses.dataclass
-class LoopClock:
-    """Training time without evaluation time, added to what the run had before a resume; and the samples/s window."""
-
-    progress: TrainingProgress
-    started: float = dataclasses.field(default_factory=time.perf_counter)
-    window_start: float = dataclasses.field(default_factory=time.perf_counter)
-    window_samples: int = 0
-
-    def __post_init__(self):
-        self.train_seconds_before, self.eval_seconds_before = self.progress.train_seconds, self.progress.eval_seconds
-
-    def update_train_seconds(self) -> None:
-        """progress.train_seconds as of now (called before every checkpoint and at the end)."""
-        evaluating = self.progress.eval_seconds - self.eval_seconds_before
-        self.progress.train_seconds = self.train_seconds_before + time.perf_counter() - self.started - evaluating
-
-    def throughput(self) -> float:
-        return self.window_samples / max(time.perf_counter() - self.window_start, 1e-9)
-
-    def new_window(self) -> None:
-        self.window_start, self.window_samples = time.perf_counter(), 0
+from hbt_accel.models.precision import choose_precision, cpu_description, device_capabilities, eval_choice
+from hbt_accel.run_record import (
+    CONFIG_FILE,
+    SUMMARY_FILE,
+    WEIGHTS_FILE,
+    BatchArithmetic,
+    TrainSummary,
+    checkpoint_name,
+    find_checkpoints,
+)
+from hbt_accel.training.checkpoints import (
+    TrainingProgress,
+    latest_checkpoint,
+    resolve_resume,
+    save_checkpoint,
+    save_model,
+    stale_staging_folders,
+)
+from hbt_accel.training.console import TrainingProgressBar, make_console
+from hbt_accel.training.embedding_gradient import sparse_embedding_gradient
+from hbt_accel.training.losses import CachedInfoNCELoss, InfoNCELoss, TrainingStep
+from hbt_accel.training.mining import refresh_negatives, start_negatives
+from hbt_accel.training.run_lock import folder_in_use, lock_run_folder
+from hbt_accel.training.session import LoopClock, Session, StepPlan, TrainResult
 
 
 def train(cfg: HbtConfig) -> TrainResult:
@@ -213,9 +134,7 @@ main = train  # the recipes' entry point
 
 def setup(cfg: HbtConfig) -> Session:
     """Everything before the first step, in accelerate's canonical order; the speed benchmark starts from here too."""
-    # ==============================================================================================================
-    # 0. Accelerator, seed, and the checks that must fail before hours of work
-    # ==============================================================================================================
+    # ---- 0. Accelerator, seed, and the checks that must fail before hours of work
     cfg = with_data_dir(cfg)
     cfg, accelerator, start_lines, resume = start(cfg)
     console = make_console(accelerator)
@@ -225,54 +144,28 @@ def setup(cfg: HbtConfig) -> Session:
         console.print(f"LAReQA data from {cfg.data_dir}")
     for warning in cfg.warnings():
         console.print(f"warning: {warning}")
-    # ==============================================================================================================
-    # 1. Data
-    # ==============================================================================================================
+    # ---- 1. Data
     corpora, sampler, evaluator = load_data(cfg, accelerator, console)
     plan = plan_steps(cfg, sampler, accelerator.num_processes)
-    # ==============================================================================================================
-    # 2. Model, collator, DataLoader
-    # ==============================================================================================================
+    # ---- 2. Model, collator, DataLoader
     on_cpu = accelerator.device.type == "cpu"
     model = build_model(cfg, on_cpu)
     parameters = model.parameter_counts()  # before prepare: wrapped or partitioned models count differently
     console.print(describe_parameters(parameters))
     collator = build_collator(cfg, corpora, model, sampler)
     loader = build_loader(sampler, collator, cfg.dataloader_num_workers, cfg.seed)
-    # ==============================================================================================================
-    # 3. Optimization
-    # ==============================================================================================================
+    # ---- 3. Optimization
     single_cpu_process = on_cpu and accelerator.distributed_type == DistributedType.NO
     embedding_gradient = sparse_embedding_gradient(model, cfg.sparse_embedding_gradient, single_cpu_process)
     optimizer = build_optimizer(model, cfg, accelerator)
     loss_fn = build_loss(cfg)
-    # ==============================================================================================================
-    # 4. ONE prepare
-    # ==============================================================================================================
+    # ---- 4. ONE prepare
     model, optimizer, scheduler = prepare(accelerator, model, optimizer, cfg, plan.max_steps)
-    session = Session(
-        cfg,
-        accelerator,
-        console,
-        corpora,
-        sampler,
-        loader,
-        model,
-        optimizer,
-        scheduler,
-        loss_fn,
-        plan,
-        parameters,
-        embedding_gradient=embedding_gradient,
-        evaluator=evaluator,
-    )
-    # ==============================================================================================================
-    # 5. The run folder, and resume
-    # ==============================================================================================================
+    session = Session(cfg, accelerator, console, corpora, sampler, loader, model, optimizer, scheduler, loss_fn, plan,
+                      parameters, embedding_gradient=embedding_gradient, evaluator=evaluator)  # fmt: skip
+    # ---- 5. The run folder, and resume
     open_run_folder(session, resume)
-    # ==============================================================================================================
-    # 6. Hard negatives mined with the model (docs/beyond_paper.md)
-    # ==============================================================================================================
+    # ---- 6. Hard negatives mined with the model (docs/beyond_paper.md)
     start_negatives(session)
     session.model.train()
     return session
@@ -316,7 +209,7 @@ def start(cfg: HbtConfig):
         check_selection_metric(cfg.metric_for_best_model)
     check_num_layers(cfg.model_name_or_path, cfg.num_layers)  # the model's config only, not its weights
     if cfg.push_to_hub:
-        from hbt_accel.hub import check_hub_access
+        from hbt_accel.publishing.hub import check_hub_access
 
         check_hub_access(cfg)
     return cfg, accelerator, [threads, *precision_lines], resume
@@ -330,8 +223,8 @@ def refuse_if_in_use(accelerator, output_dir, in_use: str | None) -> None:
 
 
 def with_precision(cfg: HbtConfig) -> tuple[HbtConfig, list[str]]:
-    """The config with `auto` precisions replaced by what this device runs best (hbt_accel.precision), so the saved
-    hbt_config.yaml and a resume say what was run; and the log lines that say why."""
+    """The config with `auto` precisions replaced by what this device runs best (hbt_accel.models.precision), so the
+    saved hbt_config.yaml and a resume say what was run; and the log lines that say why."""
     needs_probe = {cfg.mixed_precision, cfg.eval_precision} & {"auto", "bf16"}
     caps = device_capabilities(probe=bool(needs_probe))
     training = choose_precision(cfg.mixed_precision, caps)
@@ -359,7 +252,7 @@ def check_output_dir(cfg: HbtConfig) -> None:
                 "raise max_steps to train further"
             )
         return
-    previous = [name for name in (SUMMARY_FILE, "model.safetensors") if (output_dir / name).exists()]
+    previous = [name for name in (SUMMARY_FILE, WEIGHTS_FILE) if (output_dir / name).exists()]
     previous += [p.name for p in find_checkpoints(output_dir)][-1:]
     if previous and not cfg.overwrite_output_dir:
         raise ConfigError(
@@ -555,64 +448,6 @@ def open_run_folder(session: Session, resume: tuple[Path | None, list[str]]) -> 
 
 
 # ==================================================================================================================
-# Hard negatives mined with the model
-# ==================================================================================================================
-def start_negatives(session: Session) -> None:
-    """Mine with the starting weights; on resume, load the negatives the uninterrupted run used at this step (mining
-    again with later weights would give other ones), or mine with the resumed weights if that file is gone."""
-    cfg, step = session.cfg, session.progress.global_step
-    if not cfg.hard_negative_mining:
-        return
-    run_folder = session.resumed_from.parent if session.resumed_from else session.output_dir  # the checkpoint's run
-    path = mined_file(run_folder, last_mining_step(step, cfg.mining_every_steps))
-    if step > 0 and path.is_file():
-        mined = MinedNegatives.load(path)
-        if session.accelerator.is_main_process and run_folder.resolve() != session.output_dir.resolve():
-            mined.save(mined_file(session.output_dir, mined.step))  # this run's folder resumes on its own later
-        use_negatives(session, mined, f"loaded from {path}")
-        return
-    if step > 0:
-        session.console.print(f"{path} is missing: mining again with the resumed weights")
-    elif session.accelerator.is_main_process:  # a fresh run: no file of an earlier run in this folder may be resumed
-        shutil.rmtree(session.output_dir / MINED_DIR, ignore_errors=True)
-    mine_negatives(session)
-
-
-def refresh_negatives(session: Session) -> None:
-    """After optimizer step N: mine again when N is a multiple of mining_every_steps (and not the last step)."""
-    cfg, step = session.cfg, session.progress.global_step
-    every = cfg.mining_every_steps if cfg.hard_negative_mining else 0
-    if every and step % every == 0 and step < session.plan.max_steps:
-        mine_negatives(session)
-
-
-def mine_negatives(session: Session) -> None:
-    """Every rank encodes its share; the main process picks and writes RUN/mined_negatives/step-<N>.json."""
-    cfg, accelerator, step = session.cfg, session.accelerator, session.progress.global_step
-    settings = MiningSettings(
-        cfg.num_hard_negatives,
-        cfg.mining_same_language_share,
-        cfg.mining_margin,
-        cfg.seed,
-        bf16=cfg.eval_precision == "bf16",
-    )
-    languages = [session.sampler.corpus_languages(index) for index in range(len(session.corpora))]
-    encoder = accelerator.unwrap_model(session.model)
-    mined = mine_hard_negatives(encoder, session.corpora, languages, settings, step, accelerator)
-    path = mined_file(session.output_dir, step)
-    if accelerator.is_main_process:
-        mined.save(path)
-    use_negatives(session, mined, f"-> {path}")
-
-
-def use_negatives(session: Session, mined: MinedNegatives, where: str) -> None:
-    session.loader.collate_fn.mined_negatives = mined.for_collator()
-    session.console.print(f"{mined.describe()} ({where})")
-    if warning := mined.margin_warning():
-        session.console.print(warning)
-
-
-# ==================================================================================================================
 # The loop
 # ==================================================================================================================
 def train_step(session: Session, batch: dict) -> torch.Tensor:
@@ -624,7 +459,7 @@ def train_step(session: Session, batch: dict) -> torch.Tensor:
     accelerator, model, cfg = session.accelerator, session.model, session.cfg
     with accelerator.accumulate(model):
         loss = session.loss_fn.training_step(model, batch, accelerator)
-        faults.at("train_step")
+        fault_point("train_step")
         if accelerator.sync_gradients:
             if session.embedding_gradient is not None:
                 session.embedding_gradient.densify()
@@ -735,7 +570,7 @@ def checkpoint_and_evaluate(session: Session) -> None:
     if results is not None:
         _report_periodic(session, results, checkpoint)
     if cfg.hub_push_checkpoints and cfg.push_to_hub:
-        from hbt_accel.hub import hub_failure, push_folder
+        from hbt_accel.publishing.hub import hub_failure, push_folder
 
         try:
             push_folder(accelerator, cfg, checkpoint / "model", f"checkpoint {step}")
@@ -756,7 +591,7 @@ def run_evaluation(session: Session, full: bool, per_query: list | None = None) 
     """Score the model with the run's evaluator: the periodic subset (a capped corpus for a published benchmark)
     during training, the whole benchmark at the end. `per_query` receives the LAReQA per-query ranks."""
     if not full:
-        faults.at("evaluation")
+        fault_point("evaluation")
     encoder = session.accelerator.unwrap_model(session.model)
     was_training = encoder.training
     results = session.evaluator.score(
@@ -797,7 +632,7 @@ def finalize(session: Session) -> TrainResult:
     if accelerator.is_main_process:
         from hbt_accel.evaluation import print_report, write_reports
         from hbt_accel.evaluation.grid import PER_QUERY_FILE
-        from hbt_accel.model_card import write_model_card
+        from hbt_accel.publishing.model_card import write_model_card
 
         if results:
             write_reports(results, output_dir)
@@ -809,7 +644,7 @@ def finalize(session: Session) -> TrainResult:
     accelerator.wait_for_everyone()
     try:
         if cfg.push_to_hub:
-            from hbt_accel.hub import push_finished_run
+            from hbt_accel.publishing.hub import push_finished_run
 
             push_finished_run(accelerator, cfg, output_dir)
     finally:

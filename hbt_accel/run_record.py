@@ -1,14 +1,78 @@
-"""What a finished training run was: built once at the end of training, written as train_summary.json, and the
-only source the model card is rendered from."""
+"""What a run folder holds: every file name, the checkpoint naming, and the summary of a finished run.
+
+    RUN/hbt_config.yaml            CONFIG_FILE: the run's whole config, written at its start
+    RUN/model.safetensors ...      WEIGHTS_FILE and the rest of a loadable Hugging Face folder: the final model
+    RUN/README.md                  MODEL_CARD_FILE (hbt_accel.publishing.model_card)
+    RUN/train_summary.json         SUMMARY_FILE, written last by a finished run: `TrainSummary`, read by `read_summary`
+    RUN/checkpoint-<step>/         `checkpoint_name`; saved, rotated and resumed by hbt_accel.training.checkpoints
+    RUN/checkpoint-<step>/model/   MODEL_DIR: the checkpoint's encoder as a loadable folder (`model_folder`)
+
+The summary is built once at the end of training and is the only source the model card is rendered from;
+`BatchArithmetic` is the batch arithmetic start-up prints and the summary keeps.
+"""
 
 from __future__ import annotations
 
+import json
+import os
+import re
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from hbt_accel.config import HbtConfig
+from hbt_accel.errors import DataError
 
-SUMMARY_FILE = "train_summary.json"  # written last by a finished run
-CONFIG_FILE = "hbt_config.yaml"  # the run's whole config, written at its start
+SUMMARY_FILE = "train_summary.json"
+CONFIG_FILE = "hbt_config.yaml"
+MODEL_CARD_FILE = "README.md"
+WEIGHTS_FILE = "model.safetensors"
+PREFIX = "checkpoint-"
+PATTERN = re.compile(rf"^{PREFIX}(\d+)$")
+MODEL_DIR = "model"
+
+
+def checkpoint_name(step: int) -> str:
+    return f"{PREFIX}{step}"
+
+
+def is_checkpoint_name(name: str) -> bool:
+    return PATTERN.match(name) is not None
+
+
+def checkpoint_step(folder: str | os.PathLike) -> int:
+    match = PATTERN.match(Path(folder).name)
+    if match is None:
+        raise DataError(f"{folder}: not a checkpoint folder (expected {PREFIX}<step>)")
+    return int(match.group(1))
+
+
+def find_checkpoints(run_dir: str | os.PathLike) -> list[Path]:
+    """Finished `checkpoint-<step>` folders of a run, oldest first ([] when the run folder does not exist)."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        return []
+    found = [p for p in run_dir.iterdir() if p.is_dir() and is_checkpoint_name(p.name)]
+    return sorted(found, key=checkpoint_step)
+
+
+def model_folder(checkpoint: str | os.PathLike) -> Path | None:
+    """The folder holding the saved model (HF config.json): `checkpoint/model/` or `checkpoint/` itself."""
+    checkpoint = Path(checkpoint)
+    for candidate in (checkpoint / MODEL_DIR, checkpoint):
+        if (candidate / "config.json").is_file():
+            return candidate
+    return None
+
+
+def read_summary(run_dir: str | os.PathLike) -> dict:
+    """A finished run's train_summary.json (`TrainSummary.to_json`); one DataError line when missing or damaged."""
+    path = Path(run_dir) / SUMMARY_FILE
+    if not path.is_file():
+        raise DataError(f"{path}: not found (a finished run writes it last)")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise DataError(f"{path}: damaged ({error}); train the run again or resume it") from None
 
 
 @dataclass(frozen=True)

@@ -33,15 +33,14 @@ from pathlib import Path
 import submitit
 
 from hbt_accel.atomic import write_json
-from hbt_accel.checkpoints import find_checkpoints, latest_checkpoint
-from hbt_accel.config import HbtConfig, load_yaml, parse_config
+from hbt_accel.config import CHECKOUT, RECIPES_DIR, HbtConfig, load_yaml, parse_config
 from hbt_accel.errors import ConfigError, DataError
 from hbt_accel.evaluation.grid import PER_QUERY_FILE, RESULTS_FILE
 from hbt_accel.evaluation.schema import summary_of
-from hbt_accel.run_summary import SUMMARY_FILE
+from hbt_accel.run_record import SUMMARY_FILE, find_checkpoints, read_summary
+from hbt_accel.training.checkpoints import latest_checkpoint
 
-REPO = Path(__file__).resolve().parents[1]
-TRAIN_SCRIPT = REPO / "recipes" / "train_hybrid.py"
+TRAIN_SCRIPT = RECIPES_DIR / "train_hybrid.py"
 EXECUTORS = ("local", "submitit")
 POLL_SECONDS = 2  # how often a submitit sweep asks whether its jobs have finished
 BASE = "base"  # the setting that names a point's base recipe when a sweep has several
@@ -214,8 +213,11 @@ def _as_json(value) -> str:
 
 
 def _repo_path(path: str) -> str:
-    """recipes/... and accelerate_configs/... work from any folder: relative to the repo when not found here."""
-    return str(REPO / path) if path and not Path(path).is_file() and (REPO / path).is_file() else path
+    """recipes/... (shipped in the package) and accelerate_configs/... (the checkout's) work from any folder."""
+    if not path or Path(path).is_file():
+        return path
+    shipped = RECIPES_DIR / path.removeprefix("recipes/") if path.startswith("recipes/") else CHECKOUT / path
+    return str(shipped) if shipped.is_file() else path
 
 
 def _accelerate_config(path: str, where: str) -> str:
@@ -353,7 +355,7 @@ def summary_path(spec: SweepSpec, point: SweepPoint) -> Path:
     return spec.results_root / f"{point.name}.json"
 
 
-def read_summary(path: Path) -> dict:
+def read_point_summary(path: Path) -> dict:
     """A finished point's summary; a damaged one (a killed copy, a bad merge) is a one-line error naming it."""
     try:
         summary = json.loads(path.read_text(encoding="utf-8"))
@@ -368,7 +370,7 @@ def read_summary(path: Path) -> dict:
 def _check_summaries(spec: SweepSpec) -> None:
     for point in sweep_points(spec):
         if summary_path(spec, point).is_file():
-            read_summary(summary_path(spec, point))
+            read_point_summary(summary_path(spec, point))
 
 
 def run_sweep(spec: SweepSpec, dry_run: bool = False, echo=print) -> SweepStatus:
@@ -426,7 +428,7 @@ def _run_locally(spec: SweepSpec, point: SweepPoint, command: list[str]) -> str 
     spec.run_root.mkdir(parents=True, exist_ok=True)
     log = spec.run_root / f"{point.name}.log"
     with log.open("a") as handle:
-        result = subprocess.run(command, stdout=handle, stderr=subprocess.STDOUT, cwd=REPO, env=_point_env())
+        result = subprocess.run(command, stdout=handle, stderr=subprocess.STDOUT, cwd=CHECKOUT, env=_point_env())
     return None if result.returncode == 0 else _tail(log)
 
 
@@ -456,13 +458,13 @@ def _submit(spec: SweepSpec, point: SweepPoint, command: list[str]):
     executor = submitit.AutoExecutor(folder=spec.run_root / "submitit" / "%j", cluster=spec.cluster or None)
     executor.update_parameters(**point_resources(spec, point))
     log = spec.run_root / f"{point.name}.log"
-    return executor.submit(RequeueablePoint(command, str(REPO), _point_env(), str(log)))
+    return executor.submit(RequeueablePoint(command, str(CHECKOUT), _point_env(), str(log)))
 
 
 class RequeueablePoint(submitit.helpers.Checkpointable):
     """A sweep point as a submitit job that submitit requeues when Slurm preempts it or its time runs out. On Slurm's
     signal (USR2 by default) submitit calls `checkpoint`, which first asks the training ranks to stop (SIGTERM to the
-    launcher's descendants: training saves a checkpoint, hbt_accel.preemption) and waits up to `GRACE_SECONDS`,
+    launcher's descendants: training saves a checkpoint, hbt_accel.distributed) and waits up to `GRACE_SECONDS`,
     then resubmits the command with `--resume_from_checkpoint auto`, so the point goes on by itself. The command's
     output goes to the point's log file, never to a pipe that submitit's exit would close under it."""
 
@@ -536,7 +538,7 @@ def collect_point(spec: SweepSpec, point: SweepPoint) -> Path:
     Then the point's checkpoints go, unless the sweep keeps them: they only serve a resume, and a 36-point sweep of
     the default recipe would otherwise leave ~70 GB behind."""
     run_dir = spec.run_root / point.name
-    train_summary = json.loads((run_dir / SUMMARY_FILE).read_text())
+    train_summary = read_summary(run_dir)
     results = json.loads((run_dir / RESULTS_FILE).read_text())
     spec.results_root.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(run_dir / PER_QUERY_FILE, spec.results_root / f"{point.name}.per_query.npz")

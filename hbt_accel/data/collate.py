@@ -14,7 +14,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from hbt_accel.data import CorpusStore
-from hbt_accel.sampling import BatchRow, HybridBatchSampler, is_monolingual_batch
+from hbt_accel.data.sampling import BatchRow, HybridBatchSampler
 
 # `passage_ids` values that are not an example id: a passage answering no question of the corpus, and an empty slot.
 NO_PARALLEL_ID = -1
@@ -50,8 +50,8 @@ class PairCollator:
     the example each passage answers (for a hard negative: of the example whose answer in that language it is, else
     NO_PARALLEL_ID), PADDING_PASSAGE for an empty slot; the loss finds a query's answers in every language by it.
 
-    `mined_negatives`, when set (`hbt_accel.mining`), maps (corpus index, example id, query language) to the mined
-    [(language, text)] of that query; they replace the example's own negatives.
+    `mined_negatives`, when set (`hbt_accel.training.mining`), maps (corpus index, example id, query language) to
+    the mined [(language, text)] of that query; they replace the example's own negatives.
     """
 
     def __init__(
@@ -83,7 +83,7 @@ class PairCollator:
             "query": self.encoder.tokenize(queries, "query"),
             "passage": self.encoder.tokenize(passages, "passage"),
             "passage_keys": torch.tensor([passage_key(text) for text in passages], dtype=torch.long),
-            "monolingual": is_monolingual_batch(rows),
+            "monolingual": all(row.in_xx_batch for row in rows),  # decided by the sampler
         }
         if self.with_passage_ids:
             batch["passage_ids"] = torch.tensor(self._passage_ids(rows, negatives, answers), dtype=torch.long)

@@ -11,9 +11,9 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from hbt_accel.checkpoints import is_checkpoint_name
 from hbt_accel.config import ConfigError, HbtConfig
 from hbt_accel.errors import PushFailed
+from hbt_accel.run_record import is_checkpoint_name
 
 LOGIN_HINT = "log in with `hf auth login` (or `huggingface-cli login`) or set HF_TOKEN"
 # Files in a checkpoint-*/ folder that are training state, not model: accelerate's optimizer / scheduler / RNG /

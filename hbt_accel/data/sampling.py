@@ -65,17 +65,12 @@ class BatchRow:
     corpus_index: int = 0
     draw: int = 0  # a per-row random number, so row-level choices (which hard negatives) are seeded and resumable
     extra_passage_languages: tuple[str, ...] = ()  # multilingual: the id's answer in these languages too
+    in_xx_batch: bool = False  # the sampler drew this row's global batch as X-X: one language on both sides
 
     @property
     def passage_languages(self) -> tuple[str, ...]:
         """Every language the row's answer is brought in: the passage language first."""
         return (self.passage_language, *self.extra_passage_languages)
-
-
-def is_monolingual_batch(rows: Sequence[BatchRow]) -> bool:
-    """True for an X-X batch: one language on both sides of every row."""
-    languages = {row.query_language for row in rows} | {lang for row in rows for lang in row.passage_languages}
-    return len(languages) == 1
 
 
 class _EpochCursor:
@@ -358,7 +353,7 @@ class HybridBatchSampler:
             share = np.array([self.target_share[lang] for lang in languages])
             language = languages[int(rng.choice(len(languages), p=share / share.sum()))]
             ids = cursor.take(language, size, rng)
-            return [BatchRow(i, language, language, corpus_index, self._row_draw(rng)) for i in ids]
+            return [BatchRow(i, language, language, corpus_index, self._row_draw(rng), in_xx_batch=True) for i in ids]
         if self.strategy == "multilingual":
             return [self._multilingual_row(rng, corpus_index, i) for i in cursor.take("multi", size, rng)]
         if self.strategy == "xx_mixed":

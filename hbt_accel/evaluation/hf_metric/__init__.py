@@ -1,7 +1,7 @@
 """`evaluate` metric modules shipped with the package; load them by path, e.g.
 
 import evaluate
-from hbt_accel.metrics import lareqa_grid_path
+from hbt_accel.evaluation.hf_metric import lareqa_grid_path
 
 grid = evaluate.load(lareqa_grid_path())
 """

@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 
 from hbt_accel.atomic import write_json
-from hbt_accel.encoder_settings import EncoderSettings
+from hbt_accel.models.settings import EncoderSettings
 
 # Old-style class paths: understood by every sentence-transformers release from 2.x to 6.x (6.x maps them itself).
 ST_TRANSFORMER = "sentence_transformers.models.Transformer"

@@ -1,0 +1,1 @@
+"""What leaves the run folder: the model card and the Hub upload."""
