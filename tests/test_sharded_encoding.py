@@ -197,6 +197,28 @@ def test_encoded_chunks_equal_the_encoder_and_a_second_call_encodes_nothing(tmp_
     np.testing.assert_array_equal(assembled(exact), reference)
 
 
+def test_a_stop_request_is_checked_once_per_round_of_chunks(tmp_path):
+    """Training's stop check (a collective) runs between the chunks of a corpus encode, not only between the
+    batches of `encode_texts`: a stop raised there ends the encode with the finished chunks kept."""
+    from hbt_accel.evaluation.encoding import between_batches
+
+    class Stop(Exception):
+        pass
+
+    checks = []
+
+    def check():
+        checks.append(1)
+        if len(checks) == 3:  # the third round: chunks 0 and 1 are on disk
+            raise Stop
+
+    passages = toy_passages(tmp_path)
+    with between_batches(check), pytest.raises(Stop):
+        encode_corpus(CountingEncoder(), passages, key=KEY, cache_dir=tmp_path, chunk_rows=16, batch_size=4)
+    resumed = encode_corpus(CountingEncoder(), passages, key=KEY, cache_dir=tmp_path, chunk_rows=16, batch_size=4)
+    assert resumed.encoded_now == 50 - 2 * 16  # chunks 2 and 3 only
+
+
 def test_a_killed_encode_resumes_with_only_the_missing_chunks(tmp_path):
     passages = toy_passages(tmp_path)
     with pytest.raises(RuntimeError, match="killed"):
