@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from hbt_accel.config import ConfigError, run_cli
-from hbt_accel.data import DataError, load_lareqa_benchmark
+from hbt_accel.data import DataError
 from hbt_accel.models.bundled_e5 import check_model_name
 from hbt_accel.run_record import PREFIX, checkpoint_step, find_checkpoints, model_folder
 
@@ -177,51 +177,32 @@ def main(args: EvaluateArguments) -> None:
 
 
 def evaluate_model(args: EvaluateArguments, model: str, output_dir: Path | None, accelerator, is_main: bool) -> dict:
-    """Load one model, score it on args.benchmark, print the report and write it to output_dir (main process)."""
+    """Load one model, score it on args.benchmark, print the report and write it to output_dir (main process).
+    The benchmark's files are read first: a bad file or language fails before the model is loaded."""
     from hbt_accel.evaluation import print_report, write_reports
-    from hbt_accel.evaluation.evaluator import is_published, open_evaluator
+    from hbt_accel.evaluation.evaluator import open_evaluator
+    from hbt_accel.evaluation.grid import PER_QUERY_FILE, save_encoded
     from hbt_accel.models.bundled_e5 import resolve_model_path
 
-    if not is_published(args.benchmark):
-        return evaluate_grid_model(args, model, output_dir, accelerator, is_main)
-    evaluator = open_evaluator(evaluation_spec(args))  # reads topics and qrels: a bad file fails before the model
+    evaluator = open_evaluator(evaluation_spec(args))
     encoder = load_encoder(model, accelerator)
-    results = {
-        "model": model,
-        **evaluator.score(encoder, accelerator, final=True, model_dir=resolve_model_path(model)),
-    }
-    if is_main:
-        print_report(results)
-        if output_dir is not None:
-            print(f"wrote {write_reports(results, output_dir)['json']}")
-    return results
-
-
-def evaluate_grid_model(args: EvaluateArguments, model: str, output_dir: Path | None, accelerator, is_main: bool):
-    """The LAReQA grid: encode once, score; with --bootstrap, intervals and the per-query file."""
-    from hbt_accel.evaluation import encode_benchmark, print_report, save_encoded, score_encoded, write_reports
-    from hbt_accel.evaluation.grid import PER_QUERY_FILE
-
-    benchmark = load_lareqa_benchmark(args.benchmark, languages=args.languages or None, data_dir=args.data_dir or None)
-    encoder = load_encoder(model, accelerator)
-    encoded = encode_benchmark(
-        encoder, benchmark, None, args.max_queries or None, args.batch_size, args.bf16, accelerator
+    per_query, encoded = [], []
+    results = evaluator.score(
+        encoder, accelerator, final=True, per_query=per_query, encoded_out=encoded, model_dir=resolve_model_path(model)
     )
-    per_query: list = []
-    results = score_encoded(encoded, args.block_size, per_query=per_query)
-    results["seconds"] = results["encode_seconds"] + results["score_seconds"]
-    results["model"] = model
+    results = {"model": model, **results}
     if args.bootstrap and is_main:
         add_statistics(results, per_query[0], args)
-    if is_main:
-        print_report(results)
-        if output_dir is not None:
-            paths = write_reports(results, output_dir)
-            if args.save_embeddings:
-                paths["embeddings"] = save_encoded(encoded, output_dir / "embeddings.npz")
-            if args.bootstrap:
-                paths["per_query"] = per_query[0].save(output_dir / PER_QUERY_FILE)
-            print("wrote " + ", ".join(str(p) for p in paths.values()))
+    if not is_main:
+        return results
+    print_report(results)
+    if output_dir is not None:
+        paths = write_reports(results, output_dir)
+        if args.save_embeddings and encoded:
+            paths["embeddings"] = save_encoded(encoded[0], output_dir / "embeddings.npz")
+        if args.bootstrap:
+            paths["per_query"] = per_query[0].save(output_dir / PER_QUERY_FILE)
+        print("wrote " + ", ".join(str(p) for p in paths.values()))
     return results
 
 
@@ -243,7 +224,10 @@ def evaluation_spec(args: EvaluateArguments):
     return EvaluationSpec(
         benchmark=args.benchmark,
         languages=tuple(args.languages),
+        final_languages=tuple(args.languages),
         final_max_queries=args.max_queries,
+        data_dir=args.data_dir,
+        block_size=args.block_size,
         split=args.split,
         corpus=args.corpus,
         cache_dir=args.cache_dir,

@@ -45,7 +45,8 @@ class EvaluationSpec:
     """The evaluation settings of a run (HbtConfig's eval_* fields, in evaluation's own words)."""
 
     benchmark: str
-    languages: tuple[str, ...] = ()
+    languages: tuple[str, ...] = ()  # LAReQA: the periodic evaluation's; published: every evaluation's
+    final_languages: tuple[str, ...] = ()  # LAReQA: the final evaluation's (recipes/evaluate.py --languages); () = all
     max_queries: int = 0  # periodic; 0 = all
     final_max_queries: int = 0
     split: str = ""
@@ -55,6 +56,7 @@ class EvaluationSpec:
     cache_dir: str = ""
     bf16: bool = False
     batch_size: int = 64
+    block_size: int = 256  # LAReQA: queries scored at once against the whole pool
     chunk_rows: int = 16384  # published corpora: passages per embedding file (the unit of resume)
     index: str = "flat"  # published corpora: exact search, or a faiss ivf / hnsw index (with its recall vs exact)
 
@@ -82,8 +84,8 @@ class LareqaEvaluator:
 
     def __init__(self, spec: EvaluationSpec):
         self.spec = spec
-        data_dir = spec.data_dir or None
-        self.full = load_lareqa_benchmark(spec.benchmark, data_dir=data_dir)
+        data_dir, final_languages = spec.data_dir or None, list(spec.final_languages) or None
+        self.full = load_lareqa_benchmark(spec.benchmark, languages=final_languages, data_dir=data_dir)
         missing = [language for language in spec.languages if language not in self.full.pools]
         if missing:
             raise ConfigError(
@@ -93,19 +95,19 @@ class LareqaEvaluator:
             spec.benchmark, languages=list(spec.languages) or None, data_dir=data_dir
         )
 
-    def score(self, encoder, accelerator, final: bool, per_query: list | None = None, **_) -> dict:
-        from hbt_accel.evaluation.grid import evaluate_grid
+    def score(self, encoder, accelerator, final: bool, per_query=None, encoded_out: list | None = None, **_) -> dict:
+        """Encode once, score; `per_query` receives the PerQueryScores, `encoded_out` the EncodedBenchmark."""
+        from hbt_accel.evaluation.grid import encode_benchmark, score_encoded
 
-        max_queries = self.spec.final_max_queries if final else self.spec.max_queries
-        return evaluate_grid(
-            encoder,
-            self.full if final else self.periodic,
-            max_queries=max_queries or None,
-            batch_size=self.spec.batch_size,
-            bf16=self.spec.bf16,
-            accelerator=accelerator,
-            per_query=per_query,
-        )
+        spec, started = self.spec, time.perf_counter()
+        max_queries = (spec.final_max_queries if final else spec.max_queries) or None
+        benchmark = self.full if final else self.periodic
+        encoded = encode_benchmark(encoder, benchmark, None, max_queries, spec.batch_size, spec.bf16, accelerator)
+        results = score_encoded(encoded, spec.block_size, per_query)
+        results["seconds"] = time.perf_counter() - started
+        if encoded_out is not None:
+            encoded_out.append(encoded)
+        return results
 
     @staticmethod
     def headline(results: dict) -> str:

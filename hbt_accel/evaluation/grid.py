@@ -103,42 +103,112 @@ def encode_benchmark(
     languages = select_languages(benchmark, languages)
     wanted = select_question_ids(benchmark, languages, max_queries)
 
-    # ---- the texts, language after language
-    query_texts, query_ids, query_language, candidate_texts, offsets = [], [], [], [], [0]
-    for j, lang in enumerate(languages):
+    # ---- the texts, language after language; each pool's gold sentence by (question id, row)
+    query_texts, query_ids, query_languages, candidate_texts, candidate_languages = [], [], [], [], []
+    gold_question_ids, gold_indices = [], []
+    for lang in languages:
         pool = benchmark.pools[lang]
         for qid, question in zip(pool.question_ids, pool.questions):
             if qid in wanted:
                 query_texts.append(question)
                 query_ids.append(qid)
-                query_language.append(j)
+                query_languages.append(lang)
+        gold_question_ids += pool.question_ids
+        gold_indices += [len(candidate_texts) + gold for gold in pool.gold]
         candidate_texts.extend(pool.candidates)
-        offsets.append(len(candidate_texts))
+        candidate_languages += [lang] * len(pool.candidates)
 
-    # ---- where each question's gold sentence sits in every pool language (-1: the language lacks the id)
-    gold_columns = np.full((len(query_ids), len(languages)), -1, dtype=np.int64)  # (Q, L)
-    for j, lang in enumerate(languages):
-        pool = benchmark.pools[lang]
-        column_of = {qid: offsets[j] + gold for qid, gold in zip(pool.question_ids, pool.gold)}
-        for q, qid in enumerate(query_ids):
-            gold_columns[q, j] = column_of.get(qid, -1)
-
-    # ---- encode once
+    # ---- encode once, then arrange (already in language order: the builder keeps it)
     start = time.perf_counter()
     query_embeddings = encode_texts(encoder, query_texts, "query", batch_size, bf16, accelerator)  # (Q, d)
     candidate_embeddings = encode_texts(encoder, candidate_texts, "passage", batch_size, bf16, accelerator)  # (N, d)
-    return EncodedBenchmark(
-        benchmark=benchmark.name,
-        languages=languages,
-        query_ids=query_ids,
-        query_language=np.asarray(query_language, dtype=np.int64),
-        gold_columns=gold_columns,
-        candidate_offsets=np.asarray(offsets, dtype=np.int64),
-        query_embeddings=query_embeddings,
-        candidate_embeddings=candidate_embeddings,
-        precision="bf16" if bf16 else "fp32",
+    return arrange_encoded(
+        query_embeddings, query_languages, query_ids, candidate_embeddings, candidate_languages,
+        gold_question_ids, gold_indices, languages, benchmark=benchmark.name, precision="bf16" if bf16 else "fp32",
         encode_seconds=time.perf_counter() - start,
+    )  # fmt: skip
+
+
+def arrange_encoded(
+    query_embeddings: np.ndarray,
+    query_languages: list[str],
+    query_ids: list[str],
+    candidate_embeddings: np.ndarray,
+    candidate_languages: list[str],
+    gold_question_ids: list[str],
+    gold_indices: list[int],
+    languages: list[str] | None = None,
+    **about,
+) -> EncodedBenchmark:
+    """The ONE builder of an EncodedBenchmark, from flat inputs: queries grouped by language, candidates likewise
+    (stable: inputs already in that order keep it). `encode_benchmark` and the `evaluate` adapter both call it;
+    `about` sets `benchmark`, `precision` and `encode_seconds`."""
+    num_candidates = len(candidate_languages)
+    _check_shapes(query_embeddings, candidate_embeddings, num_candidates, gold_question_ids, gold_indices)
+    languages = list(languages) if languages else list(dict.fromkeys(candidate_languages))
+    position = {lang: j for j, lang in enumerate(languages)}
+    unknown = sorted(set(query_languages) - set(position))
+    if unknown:
+        raise ValueError(f"lareqa_grid: query languages {unknown} have no candidates in languages {languages}")
+
+    # ---- candidates: language after language (stable), as the scorer's column offsets require
+    kept = [i for i in range(num_candidates) if candidate_languages[i] in position]
+    order = sorted(kept, key=lambda i: position[candidate_languages[i]])
+    column_of_row = {row: column for column, row in enumerate(order)}
+    counts = np.bincount([position[candidate_languages[i]] for i in order], minlength=len(languages))
+    offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+
+    # ---- queries: language after language (stable), as evaluate_grid orders them
+    query_order = sorted(range(len(query_ids)), key=lambda q: position[query_languages[q]])
+    ordered_ids = [query_ids[q] for q in query_order]
+    gold = _gold_column_of(gold_question_ids, gold_indices, candidate_languages, position, column_of_row)
+    gold_columns = np.array(
+        [[gold.get((qid, j), -1) for j in range(len(languages))] for qid in ordered_ids], dtype=np.int64
+    ).reshape(len(ordered_ids), len(languages))  # (Q, L)
+
+    dim = candidate_embeddings.shape[1]
+    return EncodedBenchmark(
+        benchmark=about.get("benchmark", "lareqa_grid"),
+        languages=languages,
+        query_ids=ordered_ids,
+        query_language=np.array([position[query_languages[q]] for q in query_order], dtype=np.int64),
+        gold_columns=gold_columns,
+        candidate_offsets=offsets,
+        query_embeddings=query_embeddings[query_order].reshape(len(query_order), dim),
+        candidate_embeddings=np.ascontiguousarray(candidate_embeddings[order]),
+        precision=about.get("precision", "given"),
+        encode_seconds=about.get("encode_seconds", 0.0),
     )
+
+
+def _check_shapes(query_embeddings, candidate_embeddings, num_candidates: int, gold_question_ids, gold_indices):
+    if candidate_embeddings.ndim != 2 or candidate_embeddings.shape[0] != num_candidates:
+        raise ValueError(
+            f"lareqa_grid: candidate_embeddings has shape {candidate_embeddings.shape}, "
+            f"expected ({num_candidates}, d) for {num_candidates} candidate_languages"
+        )
+    if len(gold_question_ids) != len(gold_indices):
+        raise ValueError("lareqa_grid: gold_question_ids and gold_indices must have the same length")
+    if len(query_embeddings) and query_embeddings.shape[1] != candidate_embeddings.shape[1]:
+        raise ValueError("lareqa_grid: query and candidate embeddings differ in dimension")
+
+
+def _gold_column_of(gold_question_ids, gold_indices, candidate_languages, position, column_of_row) -> dict:
+    """(question id, pool language position) -> the gold sentence's column; one gold sentence per language."""
+    gold_column: dict[tuple[str, int], int] = {}
+    for qid, row in zip(gold_question_ids, gold_indices):
+        row = int(row)
+        if not 0 <= row < len(candidate_languages):
+            raise ValueError(
+                f"lareqa_grid: gold index {row} for question {qid!r} is outside 0..{len(candidate_languages) - 1}"
+            )
+        if candidate_languages[row] not in position:
+            continue
+        key = (qid, position[candidate_languages[row]])
+        if gold_column.get(key, column_of_row[row]) != column_of_row[row]:
+            raise ValueError(f"lareqa_grid: question {qid!r} has two gold sentences in {candidate_languages[row]}")
+        gold_column[key] = column_of_row[row]
+    return gold_column
 
 
 RESULTS_FILE = "eval_results.json"  # an evaluation's summary numbers

@@ -21,8 +21,9 @@ import datasets
 import evaluate
 import numpy as np
 
-from hbt_accel.evaluation import EncodedBenchmark, score_encoded
+from hbt_accel.evaluation import score_encoded
 from hbt_accel.evaluation.citations import LAREQA_BIBTEX
+from hbt_accel.evaluation.grid import arrange_encoded
 
 _DESCRIPTION = """\
 Language-agnostic answer retrieval (LAReQA) scored on the full language grid. Questions in language X are ranked
@@ -93,7 +94,7 @@ class LareqaGrid(evaluate.Metric):
             raise ValueError(
                 "lareqa_grid: compute() needs candidate_embeddings, candidate_languages, gold_question_ids"
             )
-        encoded = build_encoded(
+        encoded = arrange_encoded(
             np.asarray(query_embeddings, dtype=np.float32),
             list(query_languages),
             [str(qid) for qid in query_ids],
@@ -104,82 +105,3 @@ class LareqaGrid(evaluate.Metric):
             languages,
         )
         return score_encoded(encoded, block_size)
-
-
-def build_encoded(
-    query_embeddings: np.ndarray,
-    query_languages: list[str],
-    query_ids: list[str],
-    candidate_embeddings: np.ndarray,
-    candidate_languages: list[str],
-    gold_question_ids: list[str],
-    gold_indices: list[int],
-    languages: list[str] | None = None,
-) -> EncodedBenchmark:
-    """Arrange flat inputs as the scorer's EncodedBenchmark: queries grouped by language, candidates likewise."""
-    num_candidates = len(candidate_languages)
-    _check_shapes(query_embeddings, candidate_embeddings, num_candidates, gold_question_ids, gold_indices)
-    languages = list(languages) if languages else list(dict.fromkeys(candidate_languages))
-    position = {lang: j for j, lang in enumerate(languages)}
-    unknown = sorted(set(query_languages) - set(position))
-    if unknown:
-        raise ValueError(f"lareqa_grid: query languages {unknown} have no candidates in languages {languages}")
-
-    # ---- candidates: language after language (stable), as the scorer's column offsets require
-    kept = [i for i in range(num_candidates) if candidate_languages[i] in position]
-    order = sorted(kept, key=lambda i: position[candidate_languages[i]])
-    column_of_row = {row: column for column, row in enumerate(order)}
-    counts = np.bincount([position[candidate_languages[i]] for i in order], minlength=len(languages))
-    offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
-
-    # ---- queries: language after language (stable), as evaluate_grid orders them
-    query_order = sorted(range(len(query_ids)), key=lambda q: position[query_languages[q]])
-    ordered_ids = [query_ids[q] for q in query_order]
-    gold = _gold_column_of(gold_question_ids, gold_indices, candidate_languages, position, column_of_row)
-    gold_columns = np.array(
-        [[gold.get((qid, j), -1) for j in range(len(languages))] for qid in ordered_ids], dtype=np.int64
-    ).reshape(len(ordered_ids), len(languages))  # (Q, L)
-
-    dim = candidate_embeddings.shape[1]
-    return EncodedBenchmark(
-        benchmark="lareqa_grid",
-        languages=languages,
-        query_ids=ordered_ids,
-        query_language=np.array([position[query_languages[q]] for q in query_order], dtype=np.int64),
-        gold_columns=gold_columns,
-        candidate_offsets=offsets,
-        query_embeddings=query_embeddings[query_order].reshape(len(query_order), dim),
-        candidate_embeddings=np.ascontiguousarray(candidate_embeddings[order]),
-        precision="given",
-        encode_seconds=0.0,
-    )
-
-
-def _check_shapes(query_embeddings, candidate_embeddings, num_candidates: int, gold_question_ids, gold_indices):
-    if candidate_embeddings.ndim != 2 or candidate_embeddings.shape[0] != num_candidates:
-        raise ValueError(
-            f"lareqa_grid: candidate_embeddings has shape {candidate_embeddings.shape}, "
-            f"expected ({num_candidates}, d) for {num_candidates} candidate_languages"
-        )
-    if len(gold_question_ids) != len(gold_indices):
-        raise ValueError("lareqa_grid: gold_question_ids and gold_indices must have the same length")
-    if len(query_embeddings) and query_embeddings.shape[1] != candidate_embeddings.shape[1]:
-        raise ValueError("lareqa_grid: query and candidate embeddings differ in dimension")
-
-
-def _gold_column_of(gold_question_ids, gold_indices, candidate_languages, position, column_of_row) -> dict:
-    """(question id, pool language position) -> the gold sentence's column; one gold sentence per language."""
-    gold_column: dict[tuple[str, int], int] = {}
-    for qid, row in zip(gold_question_ids, gold_indices):
-        row = int(row)
-        if not 0 <= row < len(candidate_languages):
-            raise ValueError(
-                f"lareqa_grid: gold index {row} for question {qid!r} is outside 0..{len(candidate_languages) - 1}"
-            )
-        if candidate_languages[row] not in position:
-            continue
-        key = (qid, position[candidate_languages[row]])
-        if gold_column.get(key, column_of_row[row]) != column_of_row[row]:
-            raise ValueError(f"lareqa_grid: question {qid!r} has two gold sentences in {candidate_languages[row]}")
-        gold_column[key] = column_of_row[row]
-    return gold_column
