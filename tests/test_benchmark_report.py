@@ -96,3 +96,24 @@ def test_the_frontier_links_each_sweeps_figure_relative_to_docs_once_all_are_dra
         "![alphas: mono vs multi mAP](sweeps/alphas/mono_vs_multi.png)",
         "![final: mono vs multi mAP](sweeps/final/mono_vs_multi.png)",
     ]
+
+
+def test_the_reproduction_table_is_the_mean_of_the_committed_sweep_points(tmp_path):
+    """benchmarks/reproduce_hbt.py renders from committed files only: its hybrid row is the seeds' mean."""
+    import json
+    import statistics
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    command = [sys.executable, str(repo / "benchmarks" / "reproduce_hbt.py"), "--docs_dir", str(tmp_path)]
+    subprocess.run(command, check=True, capture_output=True, cwd=repo)
+    points = [
+        json.loads(p.read_text()) for p in sorted((repo / "docs/sweeps/final_default").glob("sampling-hybrid__*.json"))
+    ]
+    written = json.loads((tmp_path / "results.json").read_text())["hybrid"]
+    assert written["seeds"] == len(points) == 3
+    assert written["multi_map"] == statistics.fmean(p["final"]["multi_map"] for p in points)
+    assert f"| hybrid | 3 | {written['mono_map']:.3f} ± " in (tmp_path / "results.md").read_text()
+    assert (tmp_path / "figures" / "heatmap_untrained.png").stat().st_size > 1000

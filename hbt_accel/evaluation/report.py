@@ -132,11 +132,11 @@ def write_reports(results: dict, output_dir: str | os.PathLike) -> dict[str, Pat
             ]
         )
     paths["csv"] = write_atomic(output_dir / "grid.csv", buffer.getvalue())
-    paths["heatmap"] = write_atomic(output_dir / "grid_heatmap.png", _heatmap_png(results))
+    paths["heatmap"] = write_atomic(output_dir / "grid_heatmap.png", heatmap_png(results))
     return paths
 
 
-def _heatmap_png(results: dict) -> bytes:
+def heatmap_png(results: dict) -> bytes:
     import matplotlib
 
     matplotlib.use("Agg")
