@@ -211,10 +211,12 @@ class HbtConfig:
     eval_corpus: str = _field("", "published benchmarks: the corpus folder where it lives apart (MIRACL's, MKQA's)")
     eval_corpus_passages: int = _field(
         100_000,
-        "published benchmarks: periodic evaluations search the judged passages plus a fixed sample of the rest, this "
-        "many in all (the final model searches the full corpus); 0 = the full corpus every time",
+        "periodic evaluations search, per language, the judged passages (LAReQA: the scored questions' gold "
+        "sentences) plus a fixed sample of the rest, this many in all; the final model searches everything; 0 = all",
     )
-    eval_steps: int = _field(0, "evaluate every N steps (on the subset below); 0 = only at the end")
+    eval_steps: int = _field(
+        0, "evaluate every N steps and at the last step (on the subset below); 0 = only the final evaluation"
+    )
     eval_languages: list = _field(
         [], "languages of the periodic evaluation (published benchmarks: of every evaluation); empty = all"
     )

@@ -157,7 +157,7 @@ def test_training_scores_a_miracl_layout_capped_during_and_full_at_the_end(tmp_p
     out = result.output_dir
     # periodic points: the capped corpus (24 judged + 16 drawn), the benchmark's own metrics, a best checkpoint
     evaluations = result.summary.evaluations
-    assert [e["step"] for e in evaluations] == [0, 2]
+    assert [e["step"] for e in evaluations] == [0, 2, 4]  # 4: the last step, on the capped corpus too
     assert all({"ndcg_at_10", "recall_at_100"} <= set(e) and e["n_queries"] == 8 for e in evaluations)
     periodic = json.loads((out / "checkpoint-2" / "eval_results.json").read_text())
     assert periodic["corpus"].startswith("capped corpus") and periodic["tasks"][0]["protocol"]["corpus_size"] == 40
@@ -209,7 +209,7 @@ def test_a_miracl_layout_scored_during_zero3_training_equals_brute_force(tmp_pat
     result = subprocess.run(command, capture_output=True, text=True, cwd=REPO, env=env, timeout=900)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     summary = json.loads((out / "train_summary.json").read_text())
-    assert summary["world_size"] == 2 and [e["step"] for e in summary["evaluations"]] == [0, 2]
+    assert summary["world_size"] == 2 and [e["step"] for e in summary["evaluations"]] == [0, 2, 4]
     final = json.loads((out / "eval_results.json").read_text())
     assert final["corpus"] == "full corpus" and final["tasks"][0]["protocol"]["corpus_size"] == 90
     for metric, value in reference(out, root).items():
@@ -257,3 +257,22 @@ def brute_force(task, encoder) -> dict:
         for (qid, _), row in zip(task.queries, scores)
     }
     return task.score(run, passage_text=lambda ids: [passages[d] for d in ids])
+
+
+def test_a_capped_lareqa_pool_keeps_the_scored_questions_gold_sentences_and_a_fixed_sample():
+    from hbt_accel.data import load_lareqa_benchmark
+    from hbt_accel.evaluation.evaluator import capped_pools
+    from hbt_accel.evaluation.grid import select_question_ids
+
+    full = load_lareqa_benchmark("xquad-r", languages=["en", "de"])
+    capped = capped_pools(full, 10, 40)
+    wanted = select_question_ids(full, full.languages, 10)
+    for language, pool in capped.pools.items():
+        original = full.pools[language]
+        assert set(pool.question_ids) == {qid for qid in original.question_ids if qid in wanted}
+        assert len(pool.candidates) == 40 < len(original.candidates)
+        gold_text = {qid: original.candidates[g] for qid, g in zip(original.question_ids, original.gold)}
+        assert all(pool.candidates[g] == gold_text[qid] for qid, g in zip(pool.question_ids, pool.gold))
+        assert set(pool.candidates) <= set(original.candidates)
+    assert capped_pools(full, 10, 40).pools["de"].candidates == capped.pools["de"].candidates  # the same sample
+    assert capped_pools(full, 10, 100_000) is full and capped_pools(full, 10, 0) is full

@@ -290,7 +290,7 @@ def test_a_sweep_runs_through_submitit_skips_finished_points_and_resumes_a_kille
     assert list((tmp_path / "runs" / "submitit").iterdir())  # the jobs went through submitit's folders
     summary = json.loads((tmp_path / "results" / "sampling-hybrid__seed-1.json").read_text())
     assert summary["settings"] == {"sampling": "hybrid", "seed": 1} and summary["steps"] == 4
-    assert summary["final"]["n_queries"] == 11 * 10 and [e["step"] for e in summary["evaluations"]] == [0, 2]
+    assert summary["final"]["n_queries"] == 11 * 10 and [e["step"] for e in summary["evaluations"]] == [0, 2, 4]
 
     # a second run trains nothing
     again = run_sweep(spec)
@@ -743,3 +743,17 @@ def test_a_preempted_launcher_is_left_alone_and_its_training_process_saves(tmp_p
     point.checkpoint()
     job.join(timeout=30)
     assert saved.read_text() == "ok" and point._process.returncode == 75  # the child's code, passed through
+
+
+def test_convergence_is_read_off_the_periodic_curve_by_hand():
+    from hbt_accel.sweeps.report import convergence, curve_area
+
+    fast = [{"step": 0, "multi_map": 0.2}, {"step": 10, "multi_map": 0.6}, {"step": 20, "multi_map": 0.6}]
+    slow = [{"step": 0, "multi_map": 0.2}, {"step": 10, "multi_map": 0.58}, {"step": 20, "multi_map": 0.6}]
+    # trapezoids: (0.2 + 0.6) / 2 x 10 + 0.6 x 10 = 10 over 20 steps; (0.2 + 0.58) / 2 x 10 + 0.59 x 10 = 9.8
+    assert curve_area(fast) == pytest.approx(0.5) and curve_area(slow) == pytest.approx(0.49)
+    found = convergence([{"evaluations": fast}, {"evaluations": slow}])
+    assert found["steps_evaluated"] == [0, 10, 20]
+    assert found["step_95"]["mean"] == 10  # .57 reached at step 10 by both
+    assert found["step_99"]["mean"] == 15  # .594: step 10 (fast), step 20 (slow)
+    assert convergence([{"evaluations": fast[:1]}]) is None and curve_area([]) is None

@@ -116,7 +116,7 @@ def test_train_in_process_returns_its_summary_evaluations_and_paths(tiny_model_d
     assert summary.batch.global_batch == 16 and summary.batch.negatives_per_query == 15 + 16 * 3
     assert [record["step"] for record in summary.history] == [1, 2, 3]
     assert all(np.isfinite(record["loss"]) and record["loss"] > 0 for record in summary.history)
-    assert [e["step"] for e in summary.evaluations] == [0, 2] and summary.evaluations[1]["n_queries"] == 2 * 10
+    assert [e["step"] for e in summary.evaluations] == [0, 2, 3] and summary.evaluations[1]["n_queries"] == 2 * 10
     assert summary.train_seconds > 0 and summary.eval_seconds > 0
     # parameters by hand: word embeddings 250,002 x 32; positions 256 x 32, 2 token types, LayerNorm; 1 layer of 8,544
     rest = 256 * 32 + 2 * 32 + 2 * 32 + 8_544
@@ -138,7 +138,7 @@ def test_train_in_process_returns_its_summary_evaluations_and_paths(tiny_model_d
     assert f"{result.results['mono_map']:.3f}" in result.model_card_path.read_text()
     progress = json.loads((out / "checkpoint-2" / "training_progress.json").read_text())
     assert progress["global_step"] == 2 and progress["best_checkpoint"] == "checkpoint-2"
-    assert progress["evaluations"] == summary.evaluations
+    assert progress["evaluations"] == summary.evaluations[:2]  # up to the checkpoint's own step
     # the LAReQA folder actually used is recorded (the recipe left data_dir empty)
     from hbt_accel.data import resolve_data_dir
 
@@ -158,10 +158,12 @@ def test_periodic_evaluation_records_scores_by_step_and_keeps_the_best_checkpoin
     )
     summary = json.loads((out / "train_summary.json").read_text())
     evaluations = summary["evaluations"]
-    assert [e["step"] for e in evaluations] == [0, 5, 10]  # step 0 = before any update; 15 is the final, full eval
+    # step 0 = before any update; 15, the last step, on the same subset (the curve's end; the final eval is apart)
+    assert [e["step"] for e in evaluations] == [0, 5, 10, 15]
     assert all(e["n_queries"] == 2 * 20 for e in evaluations)
     assert summary["eval_seconds"] > 0
-    best = max(evaluations[1:], key=lambda e: e["multi_map"])
+    assert not (out / "checkpoint-15").exists()  # the last step saves the final model, not a checkpoint
+    best = max(evaluations[1:3], key=lambda e: e["multi_map"])  # the best of the evaluated checkpoints
     progress = json.loads((out / f"checkpoint-{best['step']}" / "training_progress.json").read_text())
     assert progress["best_checkpoint"] == f"checkpoint-{best['step']}"
     saved = json.loads((out / f"checkpoint-{best['step']}" / "eval_results.json").read_text())

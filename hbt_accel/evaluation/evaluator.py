@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from hbt_accel.data import load_lareqa_benchmark
+from hbt_accel.data import LanguagePool, RetrievalBenchmark, load_lareqa_benchmark
 from hbt_accel.data.cache import fingerprint
 from hbt_accel.errors import ConfigError
 from hbt_accel.evaluation.at_scale import model_key, score_task, task_passages
@@ -91,9 +91,8 @@ class LareqaEvaluator:
             raise ConfigError(
                 f"eval_languages: {', '.join(missing)} not in {spec.benchmark} (has {', '.join(self.full.languages)})"
             )
-        self.periodic = load_lareqa_benchmark(
-            spec.benchmark, languages=list(spec.languages) or None, data_dir=data_dir
-        )
+        periodic = load_lareqa_benchmark(spec.benchmark, languages=list(spec.languages) or None, data_dir=data_dir)
+        self.periodic = capped_pools(periodic, spec.max_queries, spec.corpus_passages)
 
     def score(self, encoder, accelerator, final: bool, per_query=None, encoded_out: list | None = None, **_) -> dict:
         """Encode once, score; `per_query` receives the PerQueryScores, `encoded_out` the EncodedBenchmark."""
@@ -196,6 +195,37 @@ def published_results(tasks: list[RetrievalTask], scored: list[dict], corpus: st
         "macro_average": macro,
         "tasks": scored,
     }
+
+
+def capped_pools(benchmark: RetrievalBenchmark, max_queries: int, per_language: int) -> RetrievalBenchmark:
+    """The periodic LAReQA benchmark with each language's pool cut to `per_language` candidates: the gold sentences
+    of the scored questions (the first `max_queries` ids) plus a fixed sample of the others (seed 0). Unchanged
+    when every pool is that small already; a pool never drops a gold sentence."""
+    from hbt_accel.evaluation.grid import select_question_ids
+
+    if not per_language or all(len(pool.candidates) <= per_language for pool in benchmark.pools.values()):
+        return benchmark
+    wanted = select_question_ids(benchmark, benchmark.languages, max_queries or None)
+    pools = {lang: _capped_pool(pool, wanted, per_language) for lang, pool in benchmark.pools.items()}
+    return RetrievalBenchmark(f"{benchmark.name} ({per_language} candidates per language)", pools)
+
+
+def _capped_pool(pool: LanguagePool, wanted: set[str], per_language: int) -> LanguagePool:
+    kept = [q for q, qid in enumerate(pool.question_ids) if qid in wanted]
+    gold = sorted({pool.gold[q] for q in kept})
+    others = np.setdiff1d(np.arange(len(pool.candidates)), gold)
+    drawn = np.random.default_rng(SAMPLE_SEED).permutation(others)[: max(0, per_language - len(gold))]
+    rows = np.sort(np.concatenate([np.asarray(gold, dtype=np.int64), drawn])).tolist()
+    new_index = {row: index for index, row in enumerate(rows)}
+    return LanguagePool(
+        language=pool.language,
+        candidates=[pool.candidates[row] for row in rows],
+        question_ids=[pool.question_ids[q] for q in kept],
+        questions=[pool.questions[q] for q in kept],
+        gold=[new_index[pool.gold[q]] for q in kept],
+        context_of=[pool.context_of[row] for row in rows],
+        question_article=[pool.question_article[q] for q in kept] if pool.question_article else [],
+    )
 
 
 def capped_description(passages: int) -> str:

@@ -63,6 +63,31 @@ def convergence_step(evaluations: list[dict], share: float = 0.95) -> int | None
     return next(e["step"] for e in evaluations if e[MULTI_MAP.key] >= target)
 
 
+def curve_area(evaluations: list[dict]) -> float | None:
+    """The mean multi mAP over training: the trapezoid area under the periodic curve over its step range (a curve
+    that rises sooner has the larger area at the same end point). None with fewer than two evaluations."""
+    if len(evaluations) < 2 or evaluations[-1]["step"] == evaluations[0]["step"]:
+        return None
+    steps = [e["step"] for e in evaluations]
+    values = [e[MULTI_MAP.key] for e in evaluations]
+    return float(np.trapezoid(values, steps) / (steps[-1] - steps[0]))
+
+
+def convergence(runs: list[dict]) -> dict | None:
+    """Over seeds: the step reaching 95% and 99% of the last periodic multi mAP, the area under the curve, the last
+    periodic multi mAP and the steps evaluated. None when the runs have no curve."""
+    curves = [r["evaluations"] for r in runs if len(r["evaluations"]) >= 2]
+    if not curves:
+        return None
+    return {
+        "steps_evaluated": [e["step"] for e in curves[0]],
+        "step_95": describe([convergence_step(c, 0.95) for c in curves]),
+        "step_99": describe([convergence_step(c, 0.99) for c in curves]),
+        "curve_area": describe([curve_area(c) for c in curves]),
+        "last_periodic_multi_map": describe([c[-1][MULTI_MAP.key] for c in curves]),
+    }
+
+
 def describe(values: list[float]) -> dict:
     """mean, std (n-1) and a 95% t-interval of the mean over seeds."""
     from scipy import stats
@@ -101,6 +126,7 @@ def aggregate(summaries: list[dict], language_groups: dict[str, list[str]] | Non
         }
         steps = [convergence_step(r["evaluations"]) for r in runs]
         row["convergence_step"] = describe([s for s in steps if s is not None]) if any(steps) else None
+        row["convergence"] = convergence(runs)
         row["train_seconds"] = describe([r["train_seconds"] for r in runs])
         row["parameters"] = runs[0].get("parameters") or {}  # one setting, one model: the seeds agree
         rows.append(row)
@@ -404,6 +430,7 @@ def render_markdown(spec: SweepSpec, report: dict) -> str:
         cells.append(_cell(_minutes(row["train_seconds"]), 1))
         lines.append("| " + " | ".join(cells) + " |")
     lines += _data_size_lines(report.get("data_size_fit", []))
+    lines += _convergence_lines(axes, report["settings"])
     lines += _recall_group_lines(axes, report.get("recall_by_language", []))
     tests = report["paired_tests"]
     if any("hierarchical" in test for test in tests):
@@ -416,6 +443,27 @@ def render_markdown(spec: SweepSpec, report: dict) -> str:
                   "questions by article left out):", ""]  # fmt: skip
         lines += _tests_table(tests, sized, size_header, lambda test: test)
     return "\n".join(lines + _recall_and_groups_table(axes, report["settings"], spec.language_groups)) + "\n"
+
+
+def _convergence_lines(axes: list[str], rows: list[dict]) -> list[str]:
+    """Convergence per setting, read off the periodic multi mAP curve (its own subset, not the final scoring)."""
+    rows = [row for row in rows if row.get("convergence")]
+    if not rows:
+        return []
+    steps = ", ".join(str(step) for step in rows[0]["convergence"]["steps_evaluated"])
+    lines = ["", f"Convergence, on the periodic evaluations' multi mAP (steps {steps}; the subset of the periodic "
+             "evaluation, not the final scoring): the first evaluated step reaching 95% and 99% of the run's last "
+             "periodic score, and the area under the curve (the mean multi mAP over training; higher = learned "
+             "sooner at the same end). Mean ± std over seeds [95% t-interval].", "",
+             "| " + " | ".join([*axes, "95% at step", "99% at step", "area under the curve", "last periodic multi"])
+             + " |", "|---" * (len(axes) + 4) + "|"]  # fmt: skip
+    for row in rows:
+        found = row["convergence"]
+        cells = [_setting_cell(row["settings"], axis) for axis in axes]
+        cells += [_cell(found["step_95"], 0), _cell(found["step_99"], 0), _cell(found["curve_area"], 3)]
+        cells.append(_cell(found["last_periodic_multi_map"], 3))
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
 
 
 def _recall_group_lines(axes: list[str], rows: list[dict]) -> list[str]:

@@ -550,12 +550,16 @@ def log_step(session: Session, clock: LoopClock, bar: TrainingProgressBar, losse
 
 def checkpoint_and_evaluate(session: Session) -> None:
     """At a save or evaluation step: evaluate (on the subset), then save the checkpoint with that score in its
-    progress, then its reports. The evaluation's seconds go to progress.eval_seconds."""
+    progress, then its reports. The last step is evaluated on the subset too (the curve's end, against which
+    convergence is read) but saves no checkpoint: `finalize` saves the final model. Evaluation seconds go to
+    progress.eval_seconds."""
     cfg, step, accelerator = session.cfg, session.progress.global_step, session.accelerator
-    periodic_save = cfg.save_steps and step % cfg.save_steps == 0 and step < session.plan.max_steps
-    periodic_eval = (
-        cfg.eval_benchmark and cfg.eval_steps and step % cfg.eval_steps == 0 and step < session.plan.max_steps
-    )
+    last = step == session.plan.max_steps
+    periodic_save = cfg.save_steps and step % cfg.save_steps == 0 and not last
+    periodic_eval = cfg.eval_benchmark and cfg.eval_steps and (step % cfg.eval_steps == 0 or last)
+    if periodic_eval and last:
+        evaluate_last_step(session)
+        return
     if not (periodic_save or periodic_eval):
         return
     eval_started, results = time.perf_counter(), None
@@ -578,6 +582,16 @@ def checkpoint_and_evaluate(session: Session) -> None:
             session.console.print(
                 f"warning: checkpoint {step} was not pushed ({hub_failure(error)}); training goes on"
             )
+
+
+def evaluate_last_step(session: Session) -> None:
+    """The last point of the metric-by-step curve, on the periodic subset (no checkpoint, no best-model record)."""
+    started = time.perf_counter()
+    results = run_evaluation(session, full=False)
+    session.progress.add_point(results)
+    session.accelerator.log(session.evaluator.logged(results), step=session.progress.global_step)
+    session.progress.eval_seconds += time.perf_counter() - started
+    session.console.print(f"step {session.progress.global_step}: {session.evaluator.headline(results)} (last step)")
 
 
 def evaluate_step_zero(session: Session) -> None:
