@@ -188,3 +188,26 @@ def test_saturating_fit_recovers_a_known_curve_and_says_when_the_target_is_out_o
     assert fit["a_interval"] == pytest.approx([a, a], rel=1e-3)
     unreachable = saturating_fit(sizes, exact, target=0.75, n_resamples=50)
     assert unreachable["size_for_target"] is None and unreachable["share_of_refits_reaching_target"] == 0.0
+
+
+def test_a_saved_per_query_file_with_missing_ids_loads_back_to_the_same_numbers(tmp_path):
+    """MLQA-R pools lack some ids: their ranks are saved as -1 and must load back as missing (NaN), not as rank -1
+    (which once made an AP of -1 and a recall hit of every missing pair in the reports' intervals)."""
+    from hbt_accel.evaluation.grid import PerQueryScores, summarize
+
+    nan = float("nan")
+    scores = PerQueryScores(
+        benchmark="mlqa-r:validation",
+        languages=["en", "de"],
+        query_ids=["a", "b", "a"],
+        query_language=np.array([0, 0, 1]),
+        pair_ranks=np.array([[1.0, 3.0], [2.0, nan], [1.0, 4.0]]),  # "b" has no German sentence
+        multi_ap=np.array([0.75, 0.5, 0.625]),
+        multi_distance=np.array([2.0, 0.0, 3.0]),
+        multi_ranks=np.array([[1.0, 3.0], [2.0, nan], [4.0, 1.0]]),
+    )
+    loaded = PerQueryScores.load(scores.save(tmp_path / "per_query.npz"))
+    np.testing.assert_array_equal(np.isnan(loaded.pair_ranks), np.isnan(scores.pair_ranks))
+    np.testing.assert_array_equal(np.isnan(loaded.multi_ranks), np.isnan(scores.multi_ranks))
+    assert summarize(loaded)["grid"] == summarize(scores)["grid"]
+    assert summarize(loaded)["cross_map"] == pytest.approx((1 / 3 + 1) / 2)  # en-de: only "a"; de-en: 1/1

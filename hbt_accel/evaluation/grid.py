@@ -222,6 +222,8 @@ class PerQueryScores:
 
     pair_ranks: (Q, L) rank of the question's gold sentence in pool language j (NaN: the pool lacks the id).
     multi_ap, multi_distance: (Q,) AP and rank distance in the multilingual pool.
+    multi_ranks: (Q, L) rank of the gold sentence of language j in the multilingual pool (NaN: j lacks the id);
+        R@k there per query. None in files written before it was kept.
     """
 
     benchmark: str
@@ -231,18 +233,25 @@ class PerQueryScores:
     pair_ranks: np.ndarray
     multi_ap: np.ndarray
     multi_distance: np.ndarray
+    multi_ranks: np.ndarray | None = None
 
     def save(self, path: str | os.PathLike) -> Path:
         arrays = _query_layout(self.benchmark, self.languages, self.query_ids, self.query_language)
         arrays["pair_ranks"] = np.nan_to_num(self.pair_ranks, nan=-1).astype(np.int32)  # whole ranks; -1 = no gold
         arrays["multi_ap"] = self.multi_ap.astype(np.float32)
         arrays["multi_distance"] = self.multi_distance.astype(np.int32)
+        if self.multi_ranks is not None:
+            arrays["multi_ranks"] = np.nan_to_num(self.multi_ranks, nan=-1).astype(np.int32)
         return _write_npz(path, arrays)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> PerQueryScores:
         with np.load(path) as data:
-            arrays = {name: data[name] for name in ("query_language", "pair_ranks", "multi_ap", "multi_distance")}
+            names = ("query_language", "pair_ranks", "multi_ap", "multi_distance", "multi_ranks")
+            arrays = {name: data[name] for name in names if name in data}
+            for name in ("pair_ranks", "multi_ranks"):  # whole ranks on disk, -1 = no gold
+                if name in arrays:
+                    arrays[name] = np.where(arrays[name] < 0, np.nan, arrays[name].astype(np.float64))
             return cls(
                 benchmark=str(data["benchmark"]),
                 languages=[str(x) for x in data["languages"]],
@@ -262,6 +271,7 @@ def rank_encoded(encoded: EncodedBenchmark, block_size: int = 256) -> PerQuerySc
     pair_ranks = np.full((num_queries, num_languages), np.nan)  # (Q, L) rank of the gold in pool language j
     multi_ap = np.zeros(num_queries)  # (Q,)
     multi_distance = np.zeros(num_queries)  # (Q,)
+    multi_ranks = np.full((num_queries, num_languages), np.nan)  # (Q, L) each gold's rank in the union of pools
     for begin in range(0, num_queries, block_size):
         end = min(begin + block_size, num_queries)
         queries = torch.from_numpy(encoded.query_embeddings[begin:end])  # (B, d)
@@ -273,6 +283,7 @@ def rank_encoded(encoded: EncodedBenchmark, block_size: int = 256) -> PerQuerySc
             pool_scores = scores[:, offsets[j] : offsets[j + 1]]  # (B, N_j)
             pair_ranks[begin:end, j] = relevant_ranks(pool_scores, relevant[:, j : j + 1])[:, 0]
         ranks = relevant_ranks(scores, relevant)  # (B, L) ranks in the union of all pools
+        multi_ranks[begin:end] = ranks
         multi_ap[begin:end] = average_precision(ranks)
         multi_distance[begin:end] = rank_distance(ranks)
     return PerQueryScores(
@@ -283,6 +294,7 @@ def rank_encoded(encoded: EncodedBenchmark, block_size: int = 256) -> PerQuerySc
         pair_ranks,
         multi_ap,
         multi_distance,
+        multi_ranks,
     )
 
 
@@ -310,14 +322,20 @@ RECALL_CUTOFFS = (1, 5, 10, 20)
 
 
 def recall_by_language(scores: PerQueryScores, cutoffs=RECALL_CUTOFFS) -> dict[str, dict[str, float]]:
-    """{language: {"recall_at_k": R@k}}: a language's queries against every single-language pool (its own and
-    the others'), each pair weighted by its queries; the question a recall-per-language table answers."""
+    """{language: {"recall_at_k": R@k, "multi_recall_at_k": ...}}: a language's queries against every
+    single-language pool (its own and the others'), each pair weighted by its queries; and, where the file keeps
+    them, in the multilingual pool: per query the share of its parallel answers in the top k, averaged."""
     out = {}
     for i, language in enumerate(scores.languages):
-        ranks = scores.pair_ranks[scores.query_language == i].ravel()
+        mine = scores.query_language == i
+        ranks = scores.pair_ranks[mine].ravel()
         ranks = ranks[~np.isnan(ranks)]
-        if len(ranks):
-            out[language] = {f"recall_at_{k}": float((ranks <= k).mean()) for k in cutoffs}
+        if not len(ranks):
+            continue
+        out[language] = {f"recall_at_{k}": float((ranks <= k).mean()) for k in cutoffs}
+        if scores.multi_ranks is not None:
+            multi = scores.multi_ranks[mine]  # (Q_i, L)
+            out[language] |= {f"multi_recall_at_{k}": float(np.mean(recall_at_k(multi, k))) for k in cutoffs}
     return out
 
 
