@@ -316,6 +316,13 @@ class DualEncoder(nn.Module):
     def device(self) -> torch.device:
         return next(self.parameters()).device
 
+    def _without_autograd(self):
+        """inference_mode, the faster one, except under DeepSpeed ZeRO-3: the small parameters it keeps gathered
+        (param persistence) would be gathered as inference tensors, and the next training step could not use them
+        ("Inference tensors cannot be saved for backward"). no_grad there."""
+        zero3 = any(hasattr(parameter, "ds_id") for parameter in self.parameters())
+        return torch.no_grad() if zero3 else torch.inference_mode()
+
     def encode(
         self, texts: list[str], kind: str, batch_size: int = 64, bf16: bool = False, progress=None
     ) -> np.ndarray:
@@ -332,7 +339,7 @@ class DualEncoder(nn.Module):
         self.eval()
         chunks = []
         try:
-            with torch.inference_mode(), torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=bf16):
+            with self._without_autograd(), torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=bf16):
                 for start in range(0, len(order), batch_size):
                     batch = self.tokenize([texts[i] for i in order[start : start + batch_size]], kind)
                     batch = {name: t.to(self.device) for name, t in batch.items()}
