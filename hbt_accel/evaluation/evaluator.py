@@ -95,18 +95,16 @@ class LareqaEvaluator:
         self.periodic = capped_pools(periodic, spec.max_queries, spec.corpus_passages)
 
     def score(self, encoder, accelerator, final: bool, per_query=None, encoded_out: list | None = None, **_) -> dict:
-        """Encode once, score; `per_query` receives the PerQueryScores, `encoded_out` the EncodedBenchmark."""
-        from hbt_accel.evaluation.grid import encode_benchmark, score_encoded
+        """`grid.evaluate_grid` on the periodic subset or the full benchmark; `per_query` receives the
+        PerQueryScores, `encoded_out` the EncodedBenchmark."""
+        from hbt_accel.evaluation.grid import evaluate_grid
 
-        spec, started = self.spec, time.perf_counter()
+        spec = self.spec
         max_queries = (spec.final_max_queries if final else spec.max_queries) or None
-        benchmark = self.full if final else self.periodic
-        encoded = encode_benchmark(encoder, benchmark, None, max_queries, spec.batch_size, spec.bf16, accelerator)
-        results = score_encoded(encoded, spec.block_size, per_query)
-        results["seconds"] = time.perf_counter() - started
-        if encoded_out is not None:
-            encoded_out.append(encoded)
-        return results
+        return evaluate_grid(
+            encoder, self.full if final else self.periodic, None, max_queries, spec.batch_size, spec.bf16,
+            accelerator, spec.block_size, per_query, encoded_out,
+        )  # fmt: skip
 
     @staticmethod
     def headline(results: dict) -> str:

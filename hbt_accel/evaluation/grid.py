@@ -394,17 +394,22 @@ def evaluate_grid(
     accelerator=None,
     block_size: int = 256,
     per_query: list | None = None,
+    encoded_out: list | None = None,
 ) -> dict:
-    """Score `encoder` on the full LAReQA grid of `benchmark` (optionally a language subset / first N ids).
+    """Score `encoder` on the full LAReQA grid of `benchmark` (optionally a language subset / first N ids): the one
+    assembler of a grid evaluation (training's evaluator, recipes/evaluate.py and the benchmarks call it).
 
     `encoder` is anything with `.encode(texts, kind, batch_size, bf16) -> (N, d)` L2-normalised float32.
     Under an `accelerator` with several processes each rank encodes a shard; every rank returns the same dict.
-    `seconds` is the wall time of the whole call (encoding + scoring). `per_query` receives the `PerQueryScores`.
+    `seconds` is the wall time of the whole call (encoding + scoring). `per_query` receives the `PerQueryScores`,
+    `encoded_out` the `EncodedBenchmark` (to save the embeddings).
     """
     start = time.perf_counter()
     encoded = encode_benchmark(encoder, benchmark, languages, max_queries, batch_size, bf16, accelerator)
     results = score_encoded(encoded, block_size, per_query)
     results["seconds"] = time.perf_counter() - start
+    if encoded_out is not None:
+        encoded_out.append(encoded)
     return results
 
 
