@@ -523,7 +523,7 @@ class ApproximateResult(NamedTuple):
 def approximate_search(
     shards: EmbeddingShards, queries: np.ndarray, k: int, index: str = "ivf", sample: int = 200, nprobe: int = 32
 ) -> ApproximateResult:
-    """Top-k through a faiss `ivf` or `hnsw` index (parameters as `build_index`), and what it costs.
+    """Top-k through a faiss `ivf` or `hnsw` index (parameters in `_empty_index`), and what it costs.
 
     Unlike `search`, this holds EVERY vector in float32 in one process (faiss's flat storage inside the index), so
     it is for corpora that fit in memory. Recall@100 against `search` is measured on `sample` random queries."""
@@ -538,36 +538,32 @@ def _approximate_index(shards: EmbeddingShards, kind: str, nprobe: int):
     """A trained faiss index filled chunk by chunk (no second full copy of the vectors)."""
     if shards.num_passages == 0:
         raise DataError(f"{shards.folder}: no passages to index")
-    lists = max(1, min(int(4 * np.sqrt(shards.num_passages)), shards.num_passages // 39 or 1))  # as build_index does
+    lists = max(1, min(int(4 * np.sqrt(shards.num_passages)), shards.num_passages // 39 or 1))
     # faiss trains an IVF quantizer on at most 256 vectors per list; other kinds need no training
     training = _sample_vectors(shards, min(shards.num_passages, 256 * lists) if kind == "ivf" else 0)
-    built = build_index(training, kind, nlist=lists, nprobe=nprobe)
-    built.reset()  # keeps the trained quantizer; the rows are added below, in passage order
-    for chunk in range(shards.num_chunks):
+    built = _empty_index(kind, shards.dim, training, lists, nprobe)
+    for chunk in range(shards.num_chunks):  # the rows in passage order
         built.add(np.ascontiguousarray(shards.chunk(chunk), dtype=np.float32))
     return built
 
 
-def build_index(embeddings: np.ndarray, index: str = "flat", nlist: int | None = None, nprobe: int = 32):
-    """A faiss inner-product index over (N, d) float32 vectors: flat (exact), ivf or hnsw (approximate)."""
+def _empty_index(kind: str, dim: int, training: np.ndarray, nlist: int, nprobe: int):
+    """A faiss inner-product index with no vectors yet: flat (exact), ivf (its quantizer trained on `training`) or
+    hnsw (approximate)."""
     import faiss
 
-    embeddings = np.ascontiguousarray(embeddings, dtype=np.float32)
-    dim = embeddings.shape[1]
-    if index == "flat":
-        built = faiss.IndexFlatIP(dim)
-    elif index == "ivf":
-        nlist = nlist or max(1, min(int(4 * np.sqrt(len(embeddings))), len(embeddings) // 39 or 1))
+    if kind == "flat":
+        return faiss.IndexFlatIP(dim)
+    if kind == "ivf":
         built = faiss.IndexIVFFlat(faiss.IndexFlatIP(dim), dim, nlist, faiss.METRIC_INNER_PRODUCT)
-        built.train(embeddings)
+        built.train(np.ascontiguousarray(training, dtype=np.float32))
         built.nprobe = min(nprobe, nlist)
-    elif index == "hnsw":
+        return built
+    if kind == "hnsw":
         built = faiss.IndexHNSWFlat(dim, 32, faiss.METRIC_INNER_PRODUCT)
         built.hnsw.efSearch = 128
-    else:
-        raise DataError(f"index: got {index!r}, expected one of flat, ivf, hnsw")
-    built.add(embeddings)
-    return built
+        return built
+    raise DataError(f"index: got {kind!r}, expected one of flat, ivf, hnsw")
 
 
 def _sample_vectors(shards: EmbeddingShards, count: int) -> np.ndarray:
