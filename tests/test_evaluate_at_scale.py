@@ -276,3 +276,15 @@ def test_a_capped_lareqa_pool_keeps_the_scored_questions_gold_sentences_and_a_fi
         assert set(pool.candidates) <= set(original.candidates)
     assert capped_pools(full, 10, 40).pools["de"].candidates == capped.pools["de"].candidates  # the same sample
     assert capped_pools(full, 10, 100_000) is full and capped_pools(full, 10, 0) is full
+
+
+def test_a_periodic_evaluation_says_full_corpus_when_the_cap_exceeds_it(tmp_path, tiny_model_dir):
+    from hbt_accel.evaluation.evaluator import EvaluationSpec, open_evaluator
+    from hbt_accel.models.dual_encoder import DualEncoder
+
+    root = write_miracl_sw(tmp_path / "miracl")  # 90 passages
+    encoder = DualEncoder.from_pretrained(tiny_model_dir)
+    for cap, corpus, size in ((40, "capped corpus", 40), (1000, "full corpus", 90)):
+        spec = EvaluationSpec(str(root), ("sw",), split="dev", corpus_passages=cap, cache_dir=str(tmp_path / "c"))
+        results = open_evaluator(spec).score(encoder, None, final=False, scratch_dir=tmp_path / "run")
+        assert results["corpus"].startswith(corpus) and results["tasks"][0]["protocol"]["corpus_size"] == size

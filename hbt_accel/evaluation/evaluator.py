@@ -37,6 +37,7 @@ from hbt_accel.evaluation.schema import MAP_KEYS, MEAN_MAP, check_selection_metr
 from hbt_accel.evaluation.sharded import SAMPLE_SEED, PassageStore, open_passages
 
 CAPPED_BATCH_ROWS = 4096
+CAPPED_SUFFIX = "-capped"  # the name of a capped passage store: its corpus's name + this
 SCRATCH_FOLDER = ".periodic_embeddings"  # inside the run folder, removed after each periodic evaluation
 
 
@@ -149,14 +150,16 @@ class PublishedEvaluator:
         else:
             scratch = Path(scratch_dir) / SCRATCH_FOLDER
             key = {"weights": [{"periodic evaluation at step": step}], "bf16": self.spec.bf16}
+            stores = [self.capped(t, accelerator) for t in tasks]
             try:
                 scored = [
-                    score_task(encoder, t, key, cache_dir=scratch, passages=self.capped(t, accelerator), **options)
-                    for t in tasks
+                    score_task(encoder, t, key, cache_dir=scratch, passages=store, **options)
+                    for t, store in zip(tasks, stores)
                 ]
             finally:
                 _remove_scratch(scratch, accelerator)
-            corpus = capped_description(self.spec.corpus_passages)
+            cut = any(store.name.endswith(CAPPED_SUFFIX) for store in stores)  # a small corpus is searched whole
+            corpus = capped_description(self.spec.corpus_passages if cut else 0)
         results = published_results(tasks, scored, corpus)
         results["seconds"] = time.perf_counter() - started
         return results
@@ -211,9 +214,7 @@ def capped_pools(benchmark: RetrievalBenchmark, max_queries: int, per_language: 
 def _capped_pool(pool: LanguagePool, wanted: set[str], per_language: int) -> LanguagePool:
     kept = [q for q, qid in enumerate(pool.question_ids) if qid in wanted]
     gold = sorted({pool.gold[q] for q in kept})
-    others = np.setdiff1d(np.arange(len(pool.candidates)), gold)
-    drawn = np.random.default_rng(SAMPLE_SEED).permutation(others)[: max(0, per_language - len(gold))]
-    rows = np.sort(np.concatenate([np.asarray(gold, dtype=np.int64), drawn])).tolist()
+    rows = judged_and_sample(len(pool.candidates), np.asarray(gold, dtype=np.int64), per_language).tolist()
     new_index = {row: index for index, row in enumerate(rows)}
     return LanguagePool(
         language=pool.language,
@@ -248,15 +249,22 @@ def capped_passages(task: RetrievalTask, full: PassageStore, cap: int, cache_dir
             docids, texts = pa.array(full.docids(part), pa.string()), pa.array(full.texts_at(part), pa.string())
             yield pa.record_batch([docids, texts], schema=PASSAGE_SCHEMA)
 
-    return open_passages(f"{full.name}-capped", description, batches, cache_dir, accelerator)
+    return open_passages(full.name + CAPPED_SUFFIX, description, batches, cache_dir, accelerator)
 
 
 def capped_rows(full: PassageStore, judged_docids: list[str], cap: int) -> np.ndarray:
-    """Sorted rows: every judged one, then rows of a seeded draw that are not judged until `cap` are taken."""
-    judged_rows = full.rows_of(judged_docids)
-    drawn = np.random.default_rng(SAMPLE_SEED).choice(len(full), size=min(len(full), cap), replace=False)
-    rest = drawn[~np.isin(drawn, judged_rows)][: max(0, cap - len(judged_rows))]
-    return np.sort(np.concatenate([judged_rows, rest]))
+    """Sorted rows of `full`: its judged passages plus a fixed sample of the others, `cap` in all."""
+    return judged_and_sample(len(full), full.rows_of(judged_docids), cap)
+
+
+def judged_and_sample(total: int, judged: np.ndarray, cap: int) -> np.ndarray:
+    """Sorted indices into `total` items: every judged one (even past `cap`), then the others in the order of one
+    seeded draw (seed 0) until `cap` are taken. A draw of `cap` indices, not a permutation of `total`: O(cap) memory
+    on a corpus of millions."""
+    judged = np.asarray(judged, dtype=np.int64)
+    drawn = np.random.default_rng(SAMPLE_SEED).choice(total, size=min(total, cap), replace=False)
+    rest = drawn[~np.isin(drawn, judged)][: max(0, cap - len(judged))]
+    return np.sort(np.concatenate([judged, rest]))
 
 
 def _remove_scratch(scratch: Path, accelerator) -> None:
