@@ -506,7 +506,7 @@ def run_loop(session: Session) -> None:
     Everything measured goes into `session.progress`, which every checkpoint saves."""
     progress = session.progress
     if session.cfg.eval_benchmark and session.cfg.eval_steps and progress.global_step == 0:
-        evaluate_step_zero(session)
+        add_curve_point(session)  # step 0
     bar = TrainingProgressBar(session.accelerator, session.plan.max_steps, progress.global_step)
     clock, losses = LoopClock(progress), []
     while progress.global_step < session.plan.max_steps:
@@ -584,21 +584,20 @@ def checkpoint_and_evaluate(session: Session) -> None:
             )
 
 
-def evaluate_last_step(session: Session) -> None:
-    """The last point of the metric-by-step curve, on the periodic subset (no checkpoint, no best-model record)."""
+def add_curve_point(session: Session) -> dict:
+    """A point of the metric-by-step curve that is no checkpoint, on the periodic subset, with no best-model record:
+    step 0 (the model before any update) and the last step. Its seconds go to progress.eval_seconds."""
     started = time.perf_counter()
     results = run_evaluation(session, full=False)
     session.progress.add_point(results)
+    session.progress.eval_seconds += time.perf_counter() - started
+    return results
+
+
+def evaluate_last_step(session: Session) -> None:
+    results = add_curve_point(session)
     session.accelerator.log(session.evaluator.logged(results), step=session.progress.global_step)
-    session.progress.eval_seconds += time.perf_counter() - started
     session.console.print(f"step {session.progress.global_step}: {session.evaluator.headline(results)} (last step)")
-
-
-def evaluate_step_zero(session: Session) -> None:
-    """The step-0 point of the metric-by-step curve: the model before any update, on the periodic subset."""
-    started = time.perf_counter()
-    session.progress.add_point(run_evaluation(session, full=False))  # global_step is 0 here
-    session.progress.eval_seconds += time.perf_counter() - started
 
 
 def run_evaluation(session: Session, full: bool, per_query: list | None = None) -> dict:
