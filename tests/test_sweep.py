@@ -498,7 +498,7 @@ def test_the_report_of_synthetic_points_gives_hand_computed_statistics_and_the_g
         )  # the sweep's own language group
         assert rows[key]["recall_at_1"]["mean"] == 1.0  # every gold sentence first in every single-pair pool
     assert rows[(1, "xx")]["mono_map"] == {"mean": 1.0, "std": 0.0, "low": 1.0, "high": 1.0, "n": 3}
-    assert rows[(2, "hybrid")]["convergence_step"]["mean"] == 40  # the first evaluation at 95% of the last
+    assert rows[(2, "hybrid")]["convergence"]["step_95"]["mean"] == 40  # the first evaluation at 95% of the last
     assert rows[(2, "xx")]["parameters"]["without_word_embeddings"] == OTHER + 2 * LAYER
 
     # paired tests, one per depth: hybrid minus X-X, seeds averaged

@@ -124,8 +124,6 @@ def aggregate(summaries: list[dict], language_groups: dict[str, list[str]] | Non
             name: _group_statistics(runs, lambda r, languages=languages: languages)
             for name, languages in (language_groups or {}).items()
         }
-        steps = [convergence_step(r["evaluations"]) for r in runs]
-        row["convergence_step"] = describe([s for s in steps if s is not None]) if any(steps) else None
         row["convergence"] = convergence(runs)
         row["train_seconds"] = describe([r["train_seconds"] for r in runs])
         row["parameters"] = runs[0].get("parameters") or {}  # one setting, one model: the seeds agree
@@ -426,7 +424,7 @@ def render_markdown(spec: SweepSpec, report: dict) -> str:
         cells = [_setting_cell(row["settings"], axis) for axis in axes]
         cells += [_parameters_cell(row["parameters"])] * sized + [str(len(row["seeds"]))]
         cells += [_cell(row[m.key], m.digits) for m in HEADLINE]
-        cells += [_cell(row["unseen"]["multi_map"], 3), _cell(row["convergence_step"], 0)]
+        cells += [_cell(row["unseen"]["multi_map"], 3), _cell((row["convergence"] or {}).get("step_95"), 0)]
         cells.append(_cell(_minutes(row["train_seconds"]), 1))
         lines.append("| " + " | ".join(cells) + " |")
     lines += _data_size_lines(report.get("data_size_fit", []))
