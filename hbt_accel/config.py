@@ -114,6 +114,14 @@ class HbtConfig:
         "train on this share of each corpus's ids, every language of an id kept together; the subsets are nested "
         "(a fixed id order, whatever the seed), so 0.1 is inside 0.25: the data-size axis",
     )
+    train_pairs: int = _field(
+        0,
+        "train on this many (id, language) pairs, whatever the number of training languages; 0 = all. The "
+        "language-count control: more languages at the same data",
+    )
+    train_xy_ids: int = _field(
+        0, "with train_pairs: this many of the ids come in exactly two languages (X-Y-usable), the rest in one"
+    )
     num_hard_negatives: int = _field(0, "hard negatives per query (LAReQA: other sentences of the same paragraph)")
 
     # ---- sampling ----
@@ -250,6 +258,12 @@ class HbtConfig:
             (bool(self.output_dir.strip()), "output_dir", "a folder (empty would write the run into the current one)"),
             (0.0 <= self.alpha <= 1.0, "alpha", "a probability in [0, 1]"),
             (0.0 < self.train_id_fraction <= 1.0, "train_id_fraction", "a share of the ids in (0, 1]"),
+            (self.train_pairs >= 0, "train_pairs", "0 (all) or a number of (id, language) pairs"),
+            (
+                self.train_xy_ids >= 0 and 2 * self.train_xy_ids <= max(self.train_pairs, 0),
+                "train_xy_ids",
+                "0, or a number of ids whose two pairs fit within train_pairs",
+            ),
             (_signal_names_valid(self.preemption_signals), "preemption_signals", "signal names such as SIGTERM"),
             (self.temperature > 0, "temperature", "a positive number"),
             (self.per_device_train_batch_size >= 1, "per_device_train_batch_size", "a positive integer"),

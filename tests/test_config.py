@@ -39,6 +39,8 @@ def test_command_line_overrides_yaml_and_coerces_types(tmp_path):
         (["--max_steps", "ten"], "--max_steps: got 'ten', expected an integer"),
         (["--lora", "maybe"], "expected true or false"),
         (["--push_to_hub"], "hub_model_id"),
+        (["--train_xy_ids", "10"], "train_xy_ids: got 10, expected 0, or a number of ids whose two pairs fit"),
+        (["--train_pairs", "100", "--train_xy_ids", "60"], "train_xy_ids: got 60"),
         (["--num_layers", "-2"], "num_layers: got -2, expected 0 (all layers) or a positive layer count"),
         (["--eval_benchmark", "mlqa-r:validation"], "whose questions train_data (mlqa-r) does not train on"),
         (["--train_data", "mlqa-r:train", "--eval_benchmark", "mlqa-r"], "train_data (mlqa-r:train) does not"),

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from hbt_accel.data import CorpusStore, load_training_corpus, store_from_rows
-from hbt_accel.data.sampling import BatchRow, HybridBatchSampler, SamplingError
+from hbt_accel.data.sampling import BatchRow, HybridBatchSampler, PairBudget, SamplingError
 
 
 def is_monolingual_batch(rows: list[BatchRow]) -> bool:
@@ -247,6 +247,41 @@ def test_id_fraction_trains_on_nested_subsets_whatever_the_seed(mlqa):
     assert small == ids_drawn(0.1, 7)  # the subset does not move with the seed
     assert abs(len(small) - round(0.1 * mlqa.num_ids)) <= 1  # 4 epochs visit every id of the subset
     assert len(ids_drawn(1.0, 1)) > 0.9 * mlqa.num_ids
+
+
+@pytest.mark.parametrize(
+    "languages", [["en", "de"], ["en", "de", "es", "ar"], ["en", "de", "es", "ar", "hi", "vi", "zh"]]
+)
+def test_pair_budget_matches_the_data_whatever_the_language_count(mlqa, languages):
+    budget = PairBudget(pairs=1148, xy_ids=500)
+    sampler = HybridBatchSampler(mlqa, "hybrid", 16, languages=languages, pair_budget=budget, seed=3)
+    assert sampler.training_set(0) == {"ids": 648, "pairs": 1148, "xy_ids": 500}
+    full = HybridBatchSampler(mlqa, "hybrid", 16, languages=languages)._ids[0].language_mask
+    kept = sampler._ids[0].language_mask
+    assert np.array_equal(kept & full, kept)  # every kept pair is one the data has
+    assert set(np.bitwise_count(kept[kept > 0]).tolist()) == {1, 2}
+    if len(languages) == 7:  # no id has a pair budget's worth in one language: the pairs spread evenly
+        assert max(sampler._ids[0].id_count.values()) - min(sampler._ids[0].id_count.values()) <= 2
+    other_seed = HybridBatchSampler(mlqa, "xy", 16, languages=languages, pair_budget=budget, seed=9)
+    assert np.array_equal(other_seed._ids[0].language_mask, kept)  # the training set does not move with the seed
+    drawn = {
+        (row.example_index, lang)
+        for epoch in range(3)
+        for rows in sampler.global_batches(epoch)
+        for row in rows
+        for lang in (row.query_language, row.passage_language)
+    }
+    languages_sorted = sampler._ids[0].languages
+    assert all(int(kept[index]) >> languages_sorted.index(lang) & 1 for index, lang in drawn)
+
+
+def test_pair_budget_says_what_the_data_cannot_give(mlqa):
+    with pytest.raises(SamplingError, match="train_pairs/train_xy_ids: mlqa-r gives 0 ids in two training languages"):
+        HybridBatchSampler(mlqa, "xx", 16, languages=["en"], pair_budget=PairBudget(1148, 10))
+    with pytest.raises(SamplingError, match="gives 512 ids in two training languages .* expected 600"):
+        HybridBatchSampler(mlqa, "xy", 16, languages=["en", "de"], pair_budget=PairBudget(1200, 600))
+    only_english = HybridBatchSampler(mlqa, "xx", 16, languages=["en"], pair_budget=PairBudget(1148))
+    assert only_english.training_set(0) == {"ids": 1148, "pairs": 1148, "xy_ids": 0}
 
 
 def test_id_fraction_keeps_every_language_of_an_id(mlqa):

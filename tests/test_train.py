@@ -83,6 +83,7 @@ def test_short_run_lowers_the_loss_and_saves_a_loadable_model(tiny_model_dir, ml
     assert last < 0.5 * first, (first, last)
     counts = summary["batch_counts"]
     assert counts["X-X"] + counts["X-Y"] == 40 and counts["X-X"] > 5 and counts["X-Y"] > 5
+    assert summary["corpora"][0]["trained_on"] == {"ids": 64, "pairs": 192, "xy_ids": 64}  # en, de, es of 64 ids
     from transformers import AutoModel
 
     model = AutoModel.from_pretrained(out)
@@ -91,6 +92,15 @@ def test_short_run_lowers_the_loss_and_saves_a_loadable_model(tiny_model_dir, ml
 
     vectors = DualEncoder.from_pretrained(out).encode(["Wer war Kant?", "Who was Kant?"], "query")
     assert vectors.shape == (2, 32)
+
+
+def test_a_pair_budget_reaches_the_sampler_and_the_summary(tiny_model_dir, mlqa_slice, tmp_path):
+    out = tmp_path / "matched"
+    budget = ("--train_pairs", "64", "--train_xy_ids", "16", "--per_device_train_batch_size", "8")
+    train("--model_name_or_path", str(tiny_model_dir), "--output_dir", str(out), "--max_steps", "2", *budget,
+          "--train_data", str(mlqa_slice))  # fmt: skip
+    summary = json.loads((out / "train_summary.json").read_text())
+    assert summary["corpora"][0]["trained_on"] == {"ids": 48, "pairs": 64, "xy_ids": 16}
 
 
 def test_train_in_process_returns_its_summary_evaluations_and_paths(tiny_model_dir, mlqa_slice, tmp_path):

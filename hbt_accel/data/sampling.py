@@ -53,6 +53,15 @@ STRATEGIES = {
 ID_SUBSET_SEED = 20240820
 
 
+@dataclass(frozen=True)
+class PairBudget:
+    """The data-matched control's training set: `pairs` (id, language) pairs, of which `xy_ids` ids come in exactly
+    two languages (the ids an X-Y batch can use) and the rest in one."""
+
+    pairs: int
+    xy_ids: int = 0
+
+
 class SamplingError(ConfigError):
     """A sampling request the data cannot satisfy; the message says which field and why."""
 
@@ -115,7 +124,13 @@ class _CorpusIds:
     id's training languages (bit k = corpus language k; uint8 up to 8 languages); language_count: (num_ids,) int8;
     id_count: language -> how many ids have it."""
 
-    def __init__(self, corpus: CorpusStore, restrict: set[str] | None, id_fraction: float = 1.0):
+    def __init__(
+        self,
+        corpus: CorpusStore,
+        restrict: set[str] | None,
+        id_fraction: float = 1.0,
+        pair_budget: PairBudget | None = None,
+    ):
         self.languages = list(corpus.languages)  # sorted codes: bit k is languages[k]
         if len(self.languages) > 64:
             raise SamplingError(f"{corpus.name}: {len(self.languages)} languages; the sampler handles at most 64")
@@ -131,6 +146,8 @@ class _CorpusIds:
                 self.language_count[first_id:end_id] += has
         if id_fraction < 1.0:
             self._keep_subset(id_fraction)
+        if pair_budget:
+            self._keep_pair_budget(corpus.name, pair_budget)
         self.id_count = {}
         for k in wanted:
             count = int(np.count_nonzero(self.language_mask & self._bit(k)))
@@ -147,6 +164,36 @@ class _CorpusIds:
         dropped = candidates[order[keep:]]
         self.language_mask[dropped] = 0
         self.language_count[dropped] = 0
+
+    def _keep_pair_budget(self, corpus_name: str, budget: PairBudget) -> None:
+        """Keep `budget.pairs` (id, language) pairs: first `budget.xy_ids` ids in exactly two languages, then ids in
+        one language, in the fixed id order of `train_id_fraction`. Each id keeps its languages with the fewest pairs
+        kept so far, so the pairs spread evenly over the training languages."""
+        order = np.random.default_rng(ID_SUBSET_SEED).permutation(len(self.language_mask))
+        kept_mask = np.zeros_like(self.language_mask)
+        kept_per_language = np.zeros(len(self.languages), dtype=np.int64)
+        xy_taken = singles_taken = 0
+        singles_wanted = budget.pairs - 2 * budget.xy_ids
+        for index in order:
+            has = [k for k in range(len(self.languages)) if int(self.language_mask[index]) >> k & 1]
+            if xy_taken < budget.xy_ids and len(has) >= 2:
+                width, xy_taken = 2, xy_taken + 1
+            elif singles_taken < singles_wanted and has and (len(has) == 1 or xy_taken == budget.xy_ids):
+                width, singles_taken = 1, singles_taken + 1
+            else:
+                continue
+            for k in sorted(has, key=lambda k: (kept_per_language[k], k))[:width]:
+                kept_mask[index] |= self._bit(k)
+                kept_per_language[k] += 1
+            if xy_taken == budget.xy_ids and singles_taken == singles_wanted:
+                break
+        if xy_taken < budget.xy_ids or singles_taken < singles_wanted:
+            raise SamplingError(
+                f"train_pairs/train_xy_ids: {corpus_name} gives {xy_taken} ids in two training languages and "
+                f"{singles_taken} more in one, expected {budget.xy_ids} and {singles_wanted}"
+            )
+        self.language_mask = kept_mask
+        self.language_count = np.bitwise_count(kept_mask).astype(np.int8)
 
     def languages_of(self, example_index: int) -> list[str]:
         """The id's training languages, sorted."""
@@ -179,6 +226,8 @@ class HybridBatchSampler:
         languages: restrict training to these languages.
         id_fraction: train on this share of each corpus's ids (all their languages), a prefix of a fixed order of
             the ids (`ID_SUBSET_SEED`, not `seed`), so smaller shares are nested in larger ones.
+        pair_budget: train on a fixed number of (id, language) pairs and of ids in two languages, whatever the
+            languages (`PairBudget`): the data-matched control of the language-count study.
         answers_per_query: multilingual only, answer languages per row (its own included); 0 = every language the
             id has. `answers_per_row` is the width every row is padded to by the collator.
     """
@@ -198,6 +247,7 @@ class HybridBatchSampler:
         corpus_weights: Sequence[float] | None = None,
         languages: Sequence[str] | None = None,
         id_fraction: float = 1.0,
+        pair_budget: PairBudget | None = None,
         en_en_language: str = "en",
         answers_per_query: int = 0,
     ):
@@ -219,7 +269,7 @@ class HybridBatchSampler:
             restrict = {en_en_language}
         if not 0.0 < id_fraction <= 1.0:
             raise SamplingError(f"train_id_fraction: got {id_fraction!r}, expected a share of the ids in (0, 1]")
-        self._ids = [_CorpusIds(corpus, restrict, id_fraction) for corpus in self.corpora]
+        self._ids = [_CorpusIds(corpus, restrict, id_fraction, pair_budget) for corpus in self.corpora]
         if restrict:
             present = {lang for ids in self._ids for lang in ids.id_count}
             missing = sorted(restrict - present)
@@ -254,6 +304,11 @@ class HybridBatchSampler:
             return 1
         most = max(int(ids.language_count.max(initial=0)) for ids in self._ids)
         return min(answers_per_query, most) if answers_per_query else most
+
+    def training_set(self, corpus_index: int) -> dict[str, int]:
+        """What one corpus trains on after every restriction: ids, (id, language) pairs, ids in 2+ languages."""
+        ids = self._ids[corpus_index]
+        return {"ids": len(ids.ids), "pairs": int(ids.language_count.sum()), "xy_ids": ids.num_xy_ids}
 
     def corpus_languages(self, corpus_index: int) -> list[str]:
         """The training languages of one corpus (after `languages` / en_en restrictions)."""

@@ -43,7 +43,7 @@ from hbt_accel.data import (
     resolve_data_dir,
 )
 from hbt_accel.data.collate import PairCollator, build_loader
-from hbt_accel.data.sampling import HybridBatchSampler
+from hbt_accel.data.sampling import HybridBatchSampler, PairBudget
 from hbt_accel.distributed import (
     StopRequested,
     StopRequests,
@@ -289,6 +289,7 @@ def load_data(cfg: HbtConfig, accelerator, console) -> tuple[list[CorpusStore], 
         corpus_weights=[float(w) for w in cfg.train_data_weights] or None,
         languages=cfg.train_languages or None,
         id_fraction=cfg.train_id_fraction,
+        pair_budget=PairBudget(cfg.train_pairs, cfg.train_xy_ids) if cfg.train_pairs else None,
         en_en_language=cfg.en_en_language,
         answers_per_query=cfg.answers_per_query,
     )
@@ -668,8 +669,14 @@ def finalize(session: Session) -> TrainResult:
 def build_summary(session: Session) -> TrainSummary:
     progress = session.progress
     corpora = [
-        {"name": source, "ids": c.num_ids, "pairs": c.num_pairs, "languages": c.languages}
-        for source, c in zip(session.cfg.train_data, session.corpora)
+        {
+            "name": source,
+            "ids": c.num_ids,
+            "pairs": c.num_pairs,
+            "languages": c.languages,
+            "trained_on": session.sampler.training_set(index),
+        }
+        for index, (source, c) in enumerate(zip(session.cfg.train_data, session.corpora))
     ]
     device = (
         f"{session.accelerator.device.type} ({cpu_description()[0]}, {torch.get_num_threads()} threads per process)"
