@@ -565,4 +565,6 @@ def point_summary(spec: SweepSpec, point: SweepPoint, train_summary: dict, resul
         "train_seconds": train_summary["train_seconds"],
         "device": train_summary["device"],
         "parameters": train_summary.get("parameters", {}),  # absent from summaries of runs before it was recorded
+        # what each corpus trained on after train_languages / train_id_fraction / train_pairs (newer runs only)
+        "trained_on": {c["name"]: c["trained_on"] for c in train_summary.get("corpora", []) if "trained_on" in c},
     }
