@@ -757,3 +757,22 @@ def test_convergence_is_read_off_the_periodic_curve_by_hand():
     assert found["step_95"]["mean"] == 10  # .57 reached at step 10 by both
     assert found["step_99"]["mean"] == 15  # .594: step 10 (fast), step 20 (slow)
     assert convergence([{"evaluations": fast[:1]}]) is None and curve_area([]) is None
+
+
+def test_curves_along_a_list_length_keep_two_language_orders_apart():
+    from hbt_accel.sweeps.report import _lines_along
+
+    def row(languages, sampling="xy"):
+        return {"settings": {"train_languages": languages, "sampling": sampling}}
+
+    rows = [row(["en", "de"]), row(["en", "zh"]), row(["en", "de", "es", "ar"]), row(["en", "zh", "hi", "vi"]),
+            row(["en", "de", "es", "ar", "hi", "vi", "zh"]), row(["en"], "xx")]  # fmt: skip
+    lines = _lines_along(rows, "train_languages", len)
+    xs = {label: [x for x, _ in points] for label, points in lines.items()}
+    assert xs == {
+        "sampling=xy, en+de+es+ar+hi+vi+zh": [2, 4, 7],
+        "sampling=xy, en+zh+hi+vi": [2, 4],
+        "sampling=xx": [1],
+    }
+    one_order = _lines_along(rows[::2], "train_languages", len)  # nested lists only: one line, its label unchanged
+    assert {label: len(points) for label, points in one_order.items()} == {"sampling=xy": 3}

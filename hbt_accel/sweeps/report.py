@@ -609,12 +609,33 @@ def _plotted_settings(spec: SweepSpec, rows: list[dict]) -> dict:
 
 def _lines_along(rows: list[dict], axis: str, position) -> dict[str, list]:
     """Rows grouped by the other settings, each group sorted along `axis` (x = `position(value)`): one line per
-    group."""
+    group. Along a list's length, a group whose lists are not all prefixes of one another (two language orders) is
+    one line per order, each labelled with its longest list."""
     lines: dict[str, list] = defaultdict(list)
     for row in rows:
         rest = ", ".join(f"{k}={v}" for k, v in row["settings"].items() if k != axis)
         lines[rest].append((position(row["settings"][axis]), row))
+    if position is len:
+        lines = {label: line for rest, points in lines.items() for label, line in _orders(rest, axis, points).items()}
     return {label: sorted(points, key=lambda p: p[0]) for label, points in lines.items()}
+
+
+def _orders(rest: str, axis: str, points: list) -> dict[str, list]:
+    """Split points along a list's length into chains where each list starts with the one before (an order)."""
+
+    def listed(point) -> list:
+        return point[1]["settings"][axis]
+
+    chains: list[list] = []
+    for point in sorted(points, key=lambda p: p[0]):
+        extends = [chain for chain in chains if listed(point)[: len(listed(chain[-1]))] == listed(chain[-1])]
+        if extends:
+            extends[0].append(point)
+        else:
+            chains.append([point])
+    if len(chains) == 1:
+        return {rest: points}
+    return {", ".join(filter(None, [rest, "+".join(listed(chain[-1]))])): chain for chain in chains}
 
 
 def _pareto(spec: SweepSpec, rows: list[dict]) -> Path:
