@@ -113,7 +113,7 @@ def test_the_reproduction_table_is_the_mean_of_the_committed_sweep_points(tmp_pa
         json.loads(p.read_text()) for p in sorted((repo / "docs/sweeps/final_default").glob("sampling-hybrid__*.json"))
     ]
     written = json.loads((tmp_path / "results.json").read_text())["hybrid"]
-    assert written["seeds"] == len(points) == 3
+    assert written["seeds"] == len(points) >= 3  # every committed seed, however many have landed
     assert written["multi_map"] == statistics.fmean(p["final"]["multi_map"] for p in points)
-    assert f"| hybrid | 3 | {written['mono_map']:.3f} ± " in (tmp_path / "results.md").read_text()
+    assert f"| hybrid | {len(points)} | {written['mono_map']:.3f} ± " in (tmp_path / "results.md").read_text()
     assert (tmp_path / "figures" / "heatmap_untrained.png").stat().st_size > 1000
