@@ -118,8 +118,8 @@ class HbtConfig:
     )
     train_pairs: int = _field(
         0,
-        "train on this many (id, language) pairs, whatever the number of training languages; 0 = all. The "
-        "language-count control: more languages at the same data",
+        "train each corpus on this many (id, language) pairs, whatever the number of training languages; 0 = all. "
+        "The language-count control: more languages at the same data",
     )
     train_xy_ids: int = _field(
         0, "with train_pairs: this many of the ids come in exactly two languages (X-Y-usable), the rest in one"

@@ -134,7 +134,7 @@ class TrainSummary:
     train_seconds: float | None = None  # periodic evaluation excluded
     eval_seconds: float = 0.0
     batch_counts: dict = field(default_factory=dict)  # {"X-X": n, "X-Y": m}
-    corpora: list = field(default_factory=list)  # [{name, ids, pairs, languages}]
+    corpora: list = field(default_factory=list)  # [{name, ids, pairs, languages, trained_on: {ids, pairs, xy_ids}}]
     train_languages: list = field(default_factory=list)
     device: str = ""
     history: list = field(default_factory=list)  # one record per logging step

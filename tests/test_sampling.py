@@ -259,9 +259,13 @@ def test_pair_budget_matches_the_data_whatever_the_language_count(mlqa, language
     full = HybridBatchSampler(mlqa, "hybrid", 16, languages=languages)._ids[0].language_mask
     kept = sampler._ids[0].language_mask
     assert np.array_equal(kept & full, kept)  # every kept pair is one the data has
-    assert set(np.bitwise_count(kept[kept > 0]).tolist()) == {1, 2}
-    if len(languages) == 7:  # no id has a pair budget's worth in one language: the pairs spread evenly
-        assert max(sampler._ids[0].id_count.values()) - min(sampler._ids[0].id_count.values()) <= 2
+    kept_languages = [bin(int(mask)).count("1") for mask in kept[kept > 0]]
+    assert sorted(set(kept_languages)) == [1, 2] and kept_languages.count(2) == 500
+    pairs_per_language = sampler._ids[0].id_count
+    if len(languages) == 2:  # every id with German has English: German gets all it has, English the rest
+        assert pairs_per_language == {"de": 512, "en": 636}
+    else:  # each pair went to the least-used language: the pairs spread evenly
+        assert max(pairs_per_language.values()) - min(pairs_per_language.values()) <= 1
     other_seed = HybridBatchSampler(mlqa, "xy", 16, languages=languages, pair_budget=budget, seed=9)
     assert np.array_equal(other_seed._ids[0].language_mask, kept)  # the training set does not move with the seed
     drawn = {
@@ -282,6 +286,20 @@ def test_pair_budget_says_what_the_data_cannot_give(mlqa):
         HybridBatchSampler(mlqa, "xy", 16, languages=["en", "de"], pair_budget=PairBudget(1200, 600))
     only_english = HybridBatchSampler(mlqa, "xx", 16, languages=["en"], pair_budget=PairBudget(1148))
     assert only_english.training_set(0) == {"ids": 1148, "pairs": 1148, "xy_ids": 0}
+    with pytest.raises(SamplingError, match="got 0 pairs and 0 two-language ids"):
+        PairBudget(0)
+    with pytest.raises(SamplingError, match="got 3 pairs and 2 two-language ids"):
+        PairBudget(3, 2)
+    with pytest.raises(SamplingError, match=r"has 0 \(train_xy_ids keeps 0\)"):
+        HybridBatchSampler(mlqa, "xy", 16, languages=["en", "de"], pair_budget=PairBudget(100))
+
+
+def test_pair_budget_applies_after_the_id_fraction(mlqa):
+    sampler = HybridBatchSampler(mlqa, "hybrid", 16, id_fraction=0.5, pair_budget=PairBudget(400, 150))
+    subset = HybridBatchSampler(mlqa, "hybrid", 16, id_fraction=0.5)._ids[0].language_mask
+    kept = sampler._ids[0].language_mask
+    assert sampler.training_set(0) == {"ids": 250, "pairs": 400, "xy_ids": 150}
+    assert np.array_equal(kept & subset, kept)  # only pairs of the 50% subset
 
 
 def test_id_fraction_keeps_every_language_of_an_id(mlqa):

@@ -774,5 +774,23 @@ def test_curves_along_a_list_length_keep_two_language_orders_apart():
         "sampling=xy, en+zh+hi+vi": [2, 4],
         "sampling=xx": [1],
     }
+    shared_start = _lines_along([row(["en"]), row(["en", "de"]), row(["en", "zh", "hi"])], "train_languages", len)
+    assert {label: [x for x, _ in points] for label, points in shared_start.items()} == {
+        "sampling=xy, en+de": [1, 2],
+        "sampling=xy, en+zh+hi": [1, 3],  # the English-only point starts both orders
+    }
     one_order = _lines_along(rows[::2], "train_languages", len)  # nested lists only: one line, its label unchanged
     assert {label: len(points) for label, points in one_order.items()} == {"sampling=xy": 3}
+
+
+def test_a_point_summary_keeps_what_each_corpus_trained_on(tmp_path):
+    from hbt_accel.evaluation.grid import summarize
+    from hbt_accel.sweeps.run import point_summary
+
+    spec = load_sweep(write_sweep(tmp_path, name="matched", axes={"train_pairs": [100]}, seeds=[1]))
+    point = sweep_points(spec)[0]
+    trained_on = {"ids": 60, "pairs": 100, "xy_ids": 40}
+    corpora = [{"name": "mlqa-r", "ids": 1148, "pairs": 4199, "trained_on": trained_on}, {"name": "old", "ids": 9}]
+    train_summary = {"evaluations": [], "steps": 2, "train_seconds": 1.0, "device": "cpu", "corpora": corpora}
+    summary = point_summary(spec, point, train_summary, summarize(synthetic_scores([0.5, 0.5])))
+    assert summary["trained_on"] == [{"name": "mlqa-r", **trained_on}]  # a run from before the record: none

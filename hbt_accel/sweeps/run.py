@@ -566,5 +566,7 @@ def point_summary(spec: SweepSpec, point: SweepPoint, train_summary: dict, resul
         "device": train_summary["device"],
         "parameters": train_summary.get("parameters", {}),  # absent from summaries of runs before it was recorded
         # what each corpus trained on after train_languages / train_id_fraction / train_pairs (newer runs only)
-        "trained_on": {c["name"]: c["trained_on"] for c in train_summary.get("corpora", []) if "trained_on" in c},
+        "trained_on": [
+            {"name": c["name"], **c["trained_on"]} for c in train_summary.get("corpora", []) if "trained_on" in c
+        ],
     }
