@@ -162,7 +162,9 @@ def test_a_resume_with_other_settings_lists_them_and_the_flag_that_forces_it(bas
 
 
 def test_an_evaluation_interrupted_by_ctrl_c_is_one_line(tiny_model_dir, tmp_path):
-    env = {**os.environ, "HBT_FAULT": "evaluation_encode:1:SIGINT"}
+    # a cache of its own: the session's shared one may already hold this model's embeddings (another test scored it),
+    # and a cached evaluation encodes nothing, so the fault would never fire
+    env = {**os.environ, "HBT_FAULT": "evaluation_encode:1:SIGINT", "HBT_CORPUS_CACHE": str(tmp_path / "cache")}
     command = [sys.executable, "recipes/evaluate.py", "--model", str(tiny_model_dir), "--languages", "en,de"]
     result = subprocess.run([*command, "--output_dir", str(tmp_path / "ev")], capture_output=True, text=True,
                             cwd=REPO, env=env)  # fmt: skip
