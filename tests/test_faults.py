@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -161,13 +162,17 @@ def test_a_resume_with_other_settings_lists_them_and_the_flag_that_forces_it(bas
     assert forced.returncode == 0, forced.stderr[-2000:]
 
 
+def default_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_an_evaluation_interrupted_by_ctrl_c_is_one_line(tiny_model_dir, tmp_path):
-    # a cache of its own: the session's shared one may already hold this model's embeddings (another test scored it),
-    # and a cached evaluation encodes nothing, so the fault would never fire
-    env = {**os.environ, "HBT_FAULT": "evaluation_encode:1:SIGINT", "HBT_CORPUS_CACHE": str(tmp_path / "cache")}
+    env = {**os.environ, "HBT_FAULT": "evaluation_encode:1:SIGINT"}
     command = [sys.executable, "recipes/evaluate.py", "--model", str(tiny_model_dir), "--languages", "en,de"]
+    # Ctrl-C as a terminal gives it: an ignored SIGINT is inherited, and an earlier test of the session can leave this
+    # process ignoring it (the child then finishes with 0), so the child starts with the default disposition
     result = subprocess.run([*command, "--output_dir", str(tmp_path / "ev")], capture_output=True, text=True,
-                            cwd=REPO, env=env)  # fmt: skip
+                            cwd=REPO, env=env, preexec_fn=default_sigint)  # fmt: skip
     assert result.returncode == INTERRUPT_EXIT_CODE
     assert result.stderr.strip().splitlines()[-1] == (
         "error: interrupted (Ctrl-C); files are written whole or not at all, so nothing half-written remains"
