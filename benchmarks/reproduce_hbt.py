@@ -83,9 +83,8 @@ def render(runs: dict[str, list[dict]]) -> str:
         "Rendered by `python benchmarks/reproduce_hbt.py` from the final_default sweep's committed points "
         f"(`recipes/default.yaml`, only `sampling` changed, {_seed_counts(runs)}; docs/sweeps/final_default/, whose "
         "report has the paired tests) and the untrained model's `recipes/evaluate.py` results. Every number is from a "
-        "full-grid "
-        "evaluation: 11 languages x 1,190 questions, 121 language pairs, exact ranks over the whole pool (LAReQA "
-        "protocol). Cells: mean ± std over seeds.",
+        "full-grid evaluation: 11 languages x 1,190 questions, 121 language pairs, exact ranks over the whole pool "
+        "(LAReQA protocol). Cells: mean ± std over seeds.",
         "",
         "## XQuAD-R, all 11 languages",
         "",
