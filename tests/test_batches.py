@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import tempfile
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -26,7 +24,8 @@ TEXTS = [
 ]
 
 
-def toy_corpus() -> CorpusStore:
+@pytest.fixture
+def toy_corpus(tmp_path) -> CorpusStore:
     """Ids 0-2 (indices 0-2) in en (with 2 paragraph negatives each) and de; id 2 also in es."""
     rows = []
     for i, (query, english, other) in enumerate(TEXTS):
@@ -41,7 +40,7 @@ def toy_corpus() -> CorpusStore:
             "positive": "Una araña tiene ocho patas.",
         }
     )
-    return store_from_rows(rows, tempfile.mkdtemp(prefix="toy_corpus_"), name="toy")
+    return store_from_rows(rows, tmp_path, name="toy")
 
 
 class _Backward:
@@ -60,8 +59,8 @@ DEFAULT_ROWS = [BatchRow(0, "en", "de", 0, 5), BatchRow(1, "de", "en", 0, 6), Ba
 LOSS_BEFORE_ISSUE_14 = 1.673364520072937
 
 
-def test_default_path_is_unchanged_bit_for_bit(tiny_encoder):
-    batch = PairCollator([toy_corpus()], tiny_encoder, 2)(DEFAULT_ROWS)
+def test_default_path_is_unchanged_bit_for_bit(toy_corpus, tiny_encoder):
+    batch = PairCollator([toy_corpus], tiny_encoder, 2)(DEFAULT_ROWS)
     assert set(batch) == {"query", "passage", "passage_keys", "monolingual"}  # no passage_ids: the plain loss
     loss = InfoNCELoss(temperature=0.02, symmetric=True).training_step(tiny_encoder, batch, _Backward())
     grads = _grads(tiny_encoder)
@@ -87,9 +86,9 @@ def test_default_path_is_unchanged_bit_for_bit(tiny_encoder):
     assert all(torch.equal(grads[name], reference_grads[name]) for name in grads)
 
 
-def test_multilingual_rows_bring_further_answers_and_empty_slots(tiny_encoder):
+def test_multilingual_rows_bring_further_answers_and_empty_slots(toy_corpus, tiny_encoder):
     rows = [BatchRow(0, "de", "de", 0, 1, ("en",)), BatchRow(2, "en", "en", 0, 2, ("de", "es"))]
-    collator = PairCollator([toy_corpus()], tiny_encoder, 1, answers_per_row=3, with_passage_ids=True)
+    collator = PairCollator([toy_corpus], tiny_encoder, 1, answers_per_row=3, with_passage_ids=True)
     batch = collator(rows)
     texts = tiny_encoder.tokenizer.batch_decode(batch["passage"]["input_ids"], skip_special_tokens=True)
     texts = [text.removeprefix("passage:").strip() for text in texts]
@@ -110,8 +109,8 @@ def test_multilingual_rows_bring_further_answers_and_empty_slots(tiny_encoder):
     assert not batch["monolingual"]
 
 
-def test_mined_negatives_replace_the_example_negatives_and_carry_their_id(tiny_encoder):
-    collator = PairCollator([toy_corpus()], tiny_encoder, 2, with_passage_ids=True)
+def test_mined_negatives_replace_the_example_negatives_and_carry_their_id(toy_corpus, tiny_encoder):
+    collator = PairCollator([toy_corpus], tiny_encoder, 2, with_passage_ids=True)
     collator.mined_negatives = {
         (0, "0", "en"): [("de", "Goethe wrote Faust."), ("en", "A sentence near answer 2.")],
         (0, "1", "en"): [("en", "A sentence near answer 0.")],  # fewer than asked: repeated
@@ -135,9 +134,9 @@ def test_parallel_id_keys_are_non_negative_and_differ_by_corpus():
 
 
 @pytest.mark.parametrize("multi_positive", [False, True])
-def test_the_training_step_passes_the_passage_ids(tiny_encoder, multi_positive):
+def test_the_training_step_passes_the_passage_ids(toy_corpus, tiny_encoder, multi_positive):
     rows = [BatchRow(0, "de", "de", 0, 1, ("en",)), BatchRow(2, "en", "en", 0, 2, ("de",))]
-    batch = PairCollator([toy_corpus()], tiny_encoder, 1, answers_per_row=2, with_passage_ids=True)(rows)
+    batch = PairCollator([toy_corpus], tiny_encoder, 1, answers_per_row=2, with_passage_ids=True)(rows)
     loss_fn = InfoNCELoss(multi_positive=multi_positive, alignment_weight=0.5)
     loss = loss_fn.training_step(tiny_encoder, batch, _Backward())
     q = tiny_encoder(**batch["query"])

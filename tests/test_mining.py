@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import math
 import os
-import tempfile
 
 import numpy as np
 import pytest
@@ -62,7 +61,7 @@ def _row(example_id: str, lang: str, query: str, positive: str, negatives=()) ->
     return {"id": example_id, "lang": lang, "query": query, "positive": positive, "negatives": list(negatives)}
 
 
-def hand_corpus() -> CorpusStore:
+def hand_corpus(folder) -> CorpusStore:
     en_negatives = ("near duplicate en", "en one", "en two", "en three")
     rows = [
         _row("a", "en", "q a en", SHARED, en_negatives),
@@ -73,20 +72,20 @@ def hand_corpus() -> CorpusStore:
         _row("b", "en", "q b en", "B in English."),
         _row("b", "es", "q b es", "B en español.", ("es one", "es two", "es three")),
     ]
-    return store_from_rows(rows, tempfile.mkdtemp(prefix="hand_corpus_"), name="hand")
+    return store_from_rows(rows, folder, name="hand")
 
 
-def _mine_hand(**settings) -> MinedNegatives:
+def _mine_hand(folder, **settings) -> MinedNegatives:
     settings = MiningSettings(**{"negatives_per_query": 4, **settings})
-    return mine_hard_negatives(TableEncoder(dict(HAND_VECTORS)), [hand_corpus()], [["de", "en", "es"]], settings)
+    return mine_hard_negatives(TableEncoder(dict(HAND_VECTORS)), [hand_corpus(folder)], [["de", "en", "es"]], settings)
 
 
 def _texts(mined: MinedNegatives, key) -> list[tuple[str, str]]:
     return mined.for_collator()[key]
 
 
-def test_hand_set_embeddings_pick_exactly_the_expected_negatives():
-    mined = _mine_hand(same_language_share=0.5, margin=0.95)
+def test_hand_set_embeddings_pick_exactly_the_expected_negatives(tmp_path):
+    mined = _mine_hand(tmp_path / "corpus", same_language_share=0.5, margin=0.95)
     picked = _texts(mined, (0, "a", "en"))
     # 2 in English (best survivors), then one each from German and Spanish: every other candidate above them is a
     # translation of the answer, a copy of its text, or above the margin
@@ -96,17 +95,17 @@ def test_hand_set_embeddings_pick_exactly_the_expected_negatives():
     np.testing.assert_allclose(sorted(scores, reverse=True), [0.85, 0.75, 0.70, 0.50], atol=1e-6)
 
 
-def test_without_the_margin_the_closest_non_answers_win():
-    picked = _texts(_mine_hand(same_language_share=0.5, margin=0.0), (0, "a", "en"))
+def test_without_the_margin_the_closest_non_answers_win(tmp_path):
+    picked = _texts(_mine_hand(tmp_path / "corpus", same_language_share=0.5, margin=0.0), (0, "a", "en"))
     assert picked[:2] == [("en", "near duplicate en"), ("en", "en one")]
     assert sorted(picked[2:]) == [("de", "de one"), ("es", "es one")]  # still never a translation or the same text
 
 
-def test_shares_spread_over_the_other_languages():
-    picked = _texts(_mine_hand(same_language_share=0.25, margin=0.95), (0, "a", "en"))
+def test_shares_spread_over_the_other_languages(tmp_path):
+    picked = _texts(_mine_hand(tmp_path / "corpus", same_language_share=0.25, margin=0.95), (0, "a", "en"))
     languages = [language for language, _ in picked]
     assert languages.count("en") == 1 and {languages.count("de"), languages.count("es")} == {1, 2}
-    only_own = _texts(_mine_hand(same_language_share=1.0, margin=0.95), (0, "a", "en"))
+    only_own = _texts(_mine_hand(tmp_path / "corpus", same_language_share=1.0, margin=0.95), (0, "a", "en"))
     assert only_own == [("en", "en one"), ("en", "en two"), ("en", "en three"), ("en", "B in English.")]
 
 
