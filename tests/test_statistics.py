@@ -9,6 +9,7 @@ from hbt_accel.evaluation.grid import PerQueryScores, summarize
 from hbt_accel.evaluation.statistics import (
     CI_KEYS,
     confidence_intervals,
+    format_p_value,
     paired_difference,
     weighted_headline,
 )
@@ -118,6 +119,9 @@ def test_paired_difference_of_a_model_with_itself_and_with_a_worse_one():
     assert 0 < gap["low"] < gap["difference"] < gap["high"] and gap["p_value"] < 0.01
     with pytest.raises(ValueError, match="same questions"):
         paired_difference(good, two_language_scores())
+    # no resample crossed 0: the report says below the bootstrap's resolution (2/300), never p = 0
+    assert gap["p_value"] == 0.0 and format_p_value(gap["p_value"], 300) == "p<0.007"
+    assert format_p_value(0.11, 1000) == "p=0.110" and format_p_value(1.0, 200) == "p=1.000"
     # several seeds a side: mean over a's runs minus mean over b's runs
     seeds = paired_difference([good, good], [worse, good], n_resamples=100)["mono_map"]
     assert seeds["difference"] == pytest.approx(gap["difference"] / 2)

@@ -66,6 +66,8 @@ def summary_table(results: dict):
     """The headline metrics, with their 95% CI and the paired difference to a baseline when the results hold them."""
     from rich.table import Table
 
+    from hbt_accel.evaluation.statistics import format_p_value
+
     summary = Table(title="summary")
     summary.add_column("metric")
     summary.add_column("value", justify="right")
@@ -82,7 +84,8 @@ def summary_table(results: dict):
             cells.append(f"[{metric.format(ci['low'])}, {metric.format(ci['high'])}]" if ci else "")
         if paired:
             d = paired.get(metric.key)
-            cells.append(f"{metric.format_difference(d)}, p {d['p_value']:.3f}" if d else "")
+            p_value = format_p_value(d["p_value"], results["bootstrap_resamples"]) if d else ""
+            cells.append(f"{metric.format_difference(d)}, {p_value}" if d else "")
         summary.add_row(*cells)
     summary.add_row("queries / candidates", f"{results.get('n_queries', 0):,} / {results.get('n_candidates', 0):,}")
     summary.add_row("seconds (encode + score)", f"{results.get('seconds', math.nan):.1f}")

@@ -33,6 +33,8 @@ from hbt_accel.sweeps.run import (
     sweep_points,
 )
 
+REPORT_RESAMPLES = 1000  # bootstrap resamples of every interval in a sweep report
+
 MLQA_R_LANGUAGES = ("ar", "de", "en", "es", "hi", "vi", "zh")  # what a point trains on unless train_languages says
 
 
@@ -142,7 +144,7 @@ def _group_languages(summary: dict, group: str) -> list[str]:
     return seen if group == "seen" else [x for x in summary["final"]["languages"] if x not in seen]
 
 
-def paired_tests(spec: SweepSpec, summaries: list[dict], n_resamples: int = 1000) -> list[dict]:
+def paired_tests(spec: SweepSpec, summaries: list[dict], n_resamples: int = REPORT_RESAMPLES) -> list[dict]:
     """For each `compare` entry, a minus b (seeds averaged) over the same question ids, with its bootstrap interval.
     Where both sides have a seed in common, only their common seeds count: the interval resamples questions, not
     seeds, so one side's extra (lucky or unlucky) seed would otherwise read as a difference between the settings.
@@ -507,21 +509,25 @@ def _hierarchical_caption(articles: int | None, comparisons: int) -> str:
     return (
         "Gaps, a minus b, with the hierarchical bootstrap (the default interval): 1,000 resamples, each drawing "
         f"seeds with replacement (by seed index, the same draw for both sides), then {clusters} with replacement; 95% "
-        f"percentile interval, two-sided p. {comparisons} comparisons x {len(HEADLINE)} metrics are reported: p "
-        "(Holm) is adjusted for the comparisons of this report, per metric; the raw p alone overstates how sure a "
-        "single gap is when many are read."
+        "percentile interval, two-sided p (p<0.002: no resample on the other side of 0, the smallest p 1,000 "
+        f"resamples can show). {comparisons} comparisons x {len(HEADLINE)} metrics are reported: p (Holm) is "
+        "adjusted for the comparisons of this report, per metric; the raw p alone overstates how sure a single gap "
+        "is when many are read."
     )
 
 
 def _tests_table(tests: list[dict], sized: bool, size_header: list[str], interval) -> list[str]:
+    from hbt_accel.evaluation.statistics import format_p_value
+
     lines = ["| comparison | at | " + " | ".join([*size_header, *(m.label for m in HEADLINE)]) + " |"]
     lines += ["|---|---|" + "---|" * (len(size_header) + len(HEADLINE))]
     for test in tests:
         cells = [_parameters_cell(test.get("parameters") or {})] * sized
         for m in HEADLINE:
             stats = interval(test)[m.key]
-            holm = f" (Holm {stats['p_holm']:.3f})" if "p_holm" in stats else ""
-            cells.append(f"{m.format_difference(stats)} p={stats['p_value']:.3f}{holm}")
+            p_value = format_p_value(stats["p_value"], REPORT_RESAMPLES)
+            holm = f" (Holm {format_p_value(stats['p_holm'], REPORT_RESAMPLES)})" if "p_holm" in stats else ""
+            cells.append(f"{m.format_difference(stats)} {p_value}{holm}")
         at = ", ".join(f"{k} {setting_text(v)}" for k, v in test["at"].items()) or "-"
         lines.append(f"| {test['comparison']} | {at} | " + " | ".join(cells) + " |")
     return lines
