@@ -184,6 +184,26 @@ def test_periodic_evaluation_records_scores_by_step_and_keeps_the_best_checkpoin
     ]
 
 
+def test_a_logged_loss_is_the_mean_of_the_steps_since_the_last_log(tiny_model_dir, mlqa_slice, tmp_path):
+    """Logging every 2 steps of 5 records steps 2, 4 and 5 with the mean loss of their window (2, 2 and 1 steps), not
+    the loss of the logged step alone: the same run logged every step gives the step losses."""
+    from hbt_accel.config import parse_config
+    from hbt_accel.training.run import train as train_in_process
+
+    def history(logging_steps: str) -> list[dict]:
+        args = ["--model_name_or_path", str(tiny_model_dir), "--train_data", str(mlqa_slice), "--max_steps", "5"]
+        args += ["--per_device_train_batch_size", "8", "--mixed_precision", "no", "--logging_steps", logging_steps]
+        cfg = parse_config([*FAST, *args, "--output_dir", str(tmp_path / logging_steps)])
+        return train_in_process(cfg).summary.history
+
+    each_step = [record["loss"] for record in history("1")]
+    windowed = history("2")
+    assert [(record["step"], record["steps_in_loss"]) for record in windowed] == [(2, 2), (4, 2), (5, 1)]
+    expected = [np.mean(each_step[0:2]), np.mean(each_step[2:4]), each_step[4]]
+    np.testing.assert_allclose([record["loss"] for record in windowed], expected, rtol=1e-6)
+    assert len(set(each_step)) == 5  # the steps differ, so a window mean is not any one step's loss
+
+
 def test_gradient_accumulation_steps_once_per_window_of_micro_batches(tiny_model_dir, mlqa_slice, tmp_path):
     """Accumulating 2 micro-batches of 8 = one optimizer step over the sampler's next two batches of 8: its logged
     loss is their mean, the schedule runs in optimizer steps, and the sampler is consumed twice as fast."""

@@ -137,6 +137,8 @@ class TrainingProgress:
     best_checkpoint: str = ""
     evaluations: list = dataclasses.field(default_factory=list)  # periodic scores by step: the metric-by-step plot
     history: list = dataclasses.field(default_factory=list)  # logged steps: loss, lr, samples/s, batch counts
+    # the step losses since the last logged step: a logged loss is their mean, and a resumed run keeps its window
+    loss_window: list = dataclasses.field(default_factory=list)
     batch_counts: dict = dataclasses.field(default_factory=lambda: {"X-X": 0, "X-Y": 0})  # micro-batches by kind
     train_seconds: float = 0.0  # training time so far, evaluation excluded
     eval_seconds: float = 0.0  # periodic evaluation time so far

@@ -532,20 +532,23 @@ def run_loop(session: Session) -> None:
 
 
 def log_step(session: Session, clock: LoopClock, bar: TrainingProgressBar, losses: list[torch.Tensor]) -> None:
-    """The step's loss (mean over micro-batches and ranks), lr and samples/s: to the bar, the history, trackers."""
+    """The step's loss (mean over micro-batches and ranks), lr and samples/s to the bar; at a logging step the mean
+    loss of the steps since the last one (as the HF Trainer logs it) to the bar's line, the history and trackers."""
     progress, accelerator = session.progress, session.accelerator
     step, counts = progress.global_step, progress.batch_counts
-    mean_loss = accelerator.reduce(torch.stack(losses).mean(), "mean").item()
+    progress.loss_window.append(accelerator.reduce(torch.stack(losses).mean(), "mean").item())
     losses.clear()
     lr = session.scheduler.get_last_lr()[0]
     throughput = clock.throughput()
     log_now = step % session.cfg.logging_steps == 0 or step == session.plan.max_steps
-    bar.update(step, loss=mean_loss, lr=lr, throughput=throughput, counts=counts, log_line=log_now)
+    loss = math.fsum(progress.loss_window) / len(progress.loss_window) if log_now else progress.loss_window[-1]
+    bar.update(step, loss=loss, lr=lr, throughput=throughput, counts=counts, log_line=log_now)
     if log_now:
-        entry = {"step": step, "loss": mean_loss, "lr": lr, "samples_per_second": throughput, **counts}
-        entry["rss_mb"] = round(process_memory_mb().get("rss", 0.0))  # memory must stay flat over the steps
-        progress.history.append(entry)
-        accelerator.log({"train/loss": mean_loss, "train/lr": lr, "train/samples_per_second": throughput}, step=step)
+        entry = {"step": step, "loss": loss, "steps_in_loss": len(progress.loss_window), "lr": lr}
+        entry |= {"samples_per_second": throughput, **counts, "rss_mb": round(process_memory_mb().get("rss", 0.0))}
+        progress.history.append(entry)  # rss_mb: memory must stay flat over the steps
+        progress.loss_window.clear()
+        accelerator.log({"train/loss": loss, "train/lr": lr, "train/samples_per_second": throughput}, step=step)
         clock.new_window()
 
 
