@@ -759,6 +759,25 @@ def test_convergence_is_read_off_the_periodic_curve_by_hand():
     assert convergence([{"evaluations": fast[:1]}]) is None and curve_area([]) is None
 
 
+def test_the_by_step_figure_averages_the_seeds_of_a_setting_at_their_common_steps():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from hbt_accel.sweeps.report import _mean_curve
+
+    _, panel = plt.subplots()
+    # seed 2 logged no step 20: the line keeps steps 10 and 30, means (1 + 3) / 2 and (0.5 + 1.5) / 2, std by hand
+    _mean_curve(panel, [[(10, 1.0), (20, 0.8), (30, 0.5)], [(10, 3.0), (30, 1.5)], []], "alpha=0.5")
+    (line,) = panel.lines
+    assert list(line.get_xdata()) == [10, 30] and list(line.get_ydata()) == [2.0, 1.0]
+    assert line.get_label() == "alpha=0.5 (2 seeds)"
+    band = panel.collections[0].get_paths()[0].vertices[:, 1]
+    assert band.min() == pytest.approx(1.0 - math.sqrt(0.5)) and band.max() == pytest.approx(2.0 + math.sqrt(2.0))
+    plt.close("all")
+
+
 def test_curves_along_a_list_length_keep_two_language_orders_apart():
     from hbt_accel.sweeps.report import _lines_along
 

@@ -668,18 +668,41 @@ def _pareto(spec: SweepSpec, rows: list[dict]) -> Path:
 
 
 def _by_step(spec: SweepSpec, summaries: list[dict]) -> Path:
+    """Per setting, mean ± std over seeds by step: the periodic multi mAP (left) and the logged training loss (right;
+    points run before the loss curve was kept have none)."""
     import matplotlib.pyplot as plt
 
-    figure, axes = plt.subplots(figsize=(6, 4))
+    runs_by_setting: dict[str, list[dict]] = defaultdict(list)
     for summary in summaries:
-        steps = [e["step"] for e in summary["evaluations"]]
-        axes.plot(steps, [e[MULTI_MAP.key] for e in summary["evaluations"]], alpha=0.7, label=summary["point"])
-    axes.set_xlabel("step")
-    axes.set_ylabel(f"{MULTI_MAP.label} (periodic subset)")
-    axes.grid(alpha=0.3)
-    if summaries:
-        axes.legend(fontsize=5)
+        label = ", ".join(f"{k}={v}" for k, v in summary["settings"].items() if k != "seed")
+        runs_by_setting[label].append(summary)
+    figure, (score_panel, loss_panel) = plt.subplots(1, 2, figsize=(11, 4))
+    for label, runs in sorted(runs_by_setting.items()):
+        _mean_curve(score_panel, [[(e["step"], e[MULTI_MAP.key]) for e in r["evaluations"]] for r in runs], label)
+        _mean_curve(loss_panel, [[(e["step"], e["loss"]) for e in r.get("loss_curve", [])] for r in runs], label)
+    score_panel.set_ylabel(f"{MULTI_MAP.label} (periodic subset)")
+    loss_panel.set_ylabel("training loss (mean since the last log)")
+    for panel in (score_panel, loss_panel):
+        panel.set_xlabel("step")
+        panel.grid(alpha=0.3)
+        if panel.lines:
+            panel.legend(fontsize=6)
+    if not loss_panel.lines:
+        loss_panel.text(0.5, 0.5, "these points ran before the loss curve was kept", ha="center", fontsize=8)
     return _save(figure, spec.results_root / "multi_map_by_step.png")
+
+
+def _mean_curve(panel, curves: list[list[tuple]], label: str) -> None:
+    """One line at the steps every non-empty curve has, with a ±1 std band over the curves."""
+    curves = [dict(curve) for curve in curves if curve]
+    if not curves:
+        return
+    steps = sorted(set.intersection(*(set(curve) for curve in curves)))
+    values = np.array([[curve[step] for step in steps] for curve in curves], dtype=float)
+    mean = values.mean(axis=0)
+    std = values.std(axis=0, ddof=1) if len(curves) > 1 else np.zeros(len(steps))
+    panel.plot(steps, mean, marker=".", label=f"{label} ({len(curves)} seeds)" if label else f"{len(curves)} seeds")
+    panel.fill_between(steps, mean - std, mean + std, alpha=0.2)
 
 
 def _gap_by_parameters(spec: SweepSpec, gaps: list[dict]) -> Path:
