@@ -756,6 +756,10 @@ def test_convergence_is_read_off_the_periodic_curve_by_hand():
     assert found["steps_evaluated"] == [0, 10, 20]
     assert found["step_95"]["mean"] == 10  # .57 reached at step 10 by both
     assert found["step_99"]["mean"] == 15  # .594: step 10 (fast), step 20 (slow)
+    assert found["best_step"]["mean"] == 15  # fast: .6 first at step 10 (the tie goes to the first); slow: step 20
+    assert found["best_minus_last"]["mean"] == 0.0
+    peaked = [{"step": 0, "multi_map": 0.2}, {"step": 10, "multi_map": 0.65}, {"step": 20, "multi_map": 0.6}]
+    assert convergence([{"evaluations": peaked}])["best_minus_last"]["mean"] == pytest.approx(0.05)
     assert convergence([{"evaluations": fast[:1]}]) is None and curve_area([]) is None
 
 

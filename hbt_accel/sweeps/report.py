@@ -77,7 +77,8 @@ def curve_area(evaluations: list[dict]) -> float | None:
 
 def convergence(runs: list[dict]) -> dict | None:
     """Over seeds: the step reaching 95% and 99% of the last periodic multi mAP, the area under the curve, the last
-    periodic multi mAP and the steps evaluated. None when the runs have no curve."""
+    periodic multi mAP, the step of the best one (the first, on a tie) and how far the last falls below it, and the
+    steps evaluated. None when the runs have no curve."""
     curves = [r["evaluations"] for r in runs if len(r["evaluations"]) >= 2]
     if not curves:
         return None
@@ -87,6 +88,8 @@ def convergence(runs: list[dict]) -> dict | None:
         "step_99": describe([convergence_step(c, 0.99) for c in curves]),
         "curve_area": describe([curve_area(c) for c in curves]),
         "last_periodic_multi_map": describe([c[-1][MULTI_MAP.key] for c in curves]),
+        "best_step": describe([max(c, key=lambda e: e[MULTI_MAP.key])["step"] for c in curves]),
+        "best_minus_last": describe([max(e[MULTI_MAP.key] for e in c) - c[-1][MULTI_MAP.key] for c in curves]),
     }
 
 
@@ -454,14 +457,18 @@ def _convergence_lines(axes: list[str], rows: list[dict]) -> list[str]:
     lines = ["", f"Convergence, on the periodic evaluations' multi mAP (steps {steps}; the subset of the periodic "
              "evaluation, not the final scoring): the first evaluated step reaching 95% and 99% of the run's last "
              "periodic score, and the area under the curve (the mean multi mAP over training; higher = learned "
-             "sooner at the same end). Mean ± std over seeds [95% t-interval].", "",
-             "| " + " | ".join([*axes, "95% at step", "99% at step", "area under the curve", "last periodic multi"])
-             + " |", "|---" * (len(axes) + 4) + "|"]  # fmt: skip
+             "sooner at the same end); the step of the best periodic score and how far the last one falls below "
+             "it (the best of many noisy scores sits above the last by chance alone, so a small positive value does not "
+             "show a decline). Mean ± std over seeds [95% t-interval].", "",
+             "| " + " | ".join([*axes, "95% at step", "99% at step", "area under the curve", "last periodic multi",
+                                "best at step", "best minus last"])
+             + " |", "|---" * (len(axes) + 6) + "|"]  # fmt: skip
     for row in rows:
         found = row["convergence"]
         cells = [_setting_cell(row["settings"], axis) for axis in axes]
         cells += [_cell(found["step_95"], 0), _cell(found["step_99"], 0), _cell(found["curve_area"], 3)]
         cells.append(_cell(found["last_periodic_multi_map"], 3))
+        cells += [_cell(found["best_step"], 0), _cell(found["best_minus_last"], 3)]
         lines.append("| " + " | ".join(cells) + " |")
     return lines
 
