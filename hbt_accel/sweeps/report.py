@@ -458,8 +458,8 @@ def _convergence_lines(axes: list[str], rows: list[dict]) -> list[str]:
              "evaluation, not the final scoring): the first evaluated step reaching 95% and 99% of the run's last "
              "periodic score, and the area under the curve (the mean multi mAP over training; higher = learned "
              "sooner at the same end); the step of the best periodic score and how far the last one falls below "
-             "it (the best of many noisy scores sits above the last by chance alone, so a small positive value does not "
-             "show a decline). Mean ± std over seeds [95% t-interval].", "",
+             "it (the best of many noisy scores sits above the last by chance alone, so a small positive value does "
+             "not show a decline). Mean ± std over seeds [95% t-interval].", "",
              "| " + " | ".join([*axes, "95% at step", "99% at step", "area under the curve", "last periodic multi",
                                 "best at step", "best minus last"])
              + " |", "|---" * (len(axes) + 6) + "|"]  # fmt: skip
