@@ -204,6 +204,31 @@ def test_a_logged_loss_is_the_mean_of_the_steps_since_the_last_log(tiny_model_di
     assert len(set(each_step)) == 5  # the steps differ, so a window mean is not any one step's loss
 
 
+def test_periodic_evaluation_leaves_the_training_trajectory_alone(dropout_model_dir, mlqa_slice, tmp_path):
+    """With dropout on, a run evaluated every 2 steps trains exactly as one never evaluated: the evaluation draws no
+    random number the training would draw next (a sweep re-run with a denser curve is the same training)."""
+    from hbt_accel.config import parse_config
+    from hbt_accel.training.run import train as train_in_process
+
+    def step_losses(*evaluation: str) -> list[float]:
+        args = ["--model_name_or_path", str(dropout_model_dir), "--train_data", str(mlqa_slice), "--max_steps", "4"]
+        args += ["--per_device_train_batch_size", "8", "--mixed_precision", "no", "--logging_steps", "1"]
+        cfg = parse_config([*FAST, *args, *evaluation, "--output_dir", str(tmp_path / str(len(evaluation)))])
+        return [record["loss"] for record in train_in_process(cfg).summary.history]
+
+    evaluated = (
+        "--eval_steps",
+        "2",
+        "--eval_languages",
+        "en,de",
+        "--eval_max_queries",
+        "8",
+        "--eval_corpus_passages",
+        "20",
+    )
+    assert step_losses(*evaluated) == step_losses()
+
+
 def test_gradient_accumulation_steps_once_per_window_of_micro_batches(tiny_model_dir, mlqa_slice, tmp_path):
     """Accumulating 2 micro-batches of 8 = one optimizer step over the sampler's next two batches of 8: its logged
     loss is their mean, the schedule runs in optimizer steps, and the sampler is consumed twice as fast."""
