@@ -105,7 +105,7 @@ def test_shares_spread_over_the_other_languages(tmp_path):
     picked = _texts(_mine_hand(tmp_path / "corpus", same_language_share=0.25, margin=0.95), (0, "a", "en"))
     languages = [language for language, _ in picked]
     assert languages.count("en") == 1 and {languages.count("de"), languages.count("es")} == {1, 2}
-    only_own = _texts(_mine_hand(tmp_path / "corpus", same_language_share=1.0, margin=0.95), (0, "a", "en"))
+    only_own = _texts(_mine_hand(tmp_path / "second_corpus", same_language_share=1.0, margin=0.95), (0, "a", "en"))
     assert only_own == [("en", "en one"), ("en", "en two"), ("en", "en three"), ("en", "B in English.")]
 
 

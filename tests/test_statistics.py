@@ -119,12 +119,22 @@ def test_paired_difference_of_a_model_with_itself_and_with_a_worse_one():
     assert 0 < gap["low"] < gap["difference"] < gap["high"] and gap["p_value"] < 0.01
     with pytest.raises(ValueError, match="same questions"):
         paired_difference(good, two_language_scores())
-    # no resample crossed 0: the report says below the bootstrap's resolution (2/300), never p = 0
-    assert gap["p_value"] == 0.0 and format_p_value(gap["p_value"], 300) == "p<0.007"
+    # no resample crossed 0: the report says below the bootstrap's resolution (2/300, rounded up), never p = 0
+    assert gap["p_value"] == 0.0 and format_p_value(gap["p_value"], 300) == "p<0.0067"
+    assert format_p_value(0, 1000) == "p<0.002" and format_p_value(0, 600) == "p<0.0034"
     assert format_p_value(0.11, 1000) == "p=0.110" and format_p_value(1.0, 200) == "p=1.000"
     # several seeds a side: mean over a's runs minus mean over b's runs
     seeds = paired_difference([good, good], [worse, good], n_resamples=100)["mono_map"]
     assert seeds["difference"] == pytest.approx(gap["difference"] / 2)
+
+
+def test_the_smallest_non_zero_bootstrap_p_is_two_over_the_resamples():
+    from hbt_accel.evaluation.statistics import _gaps
+
+    draws = np.linspace(0.1, 1.0, 1000)[None, :].repeat(len(CI_KEYS), axis=0)  # every resample above 0
+    assert _gaps(np.ones(len(CI_KEYS)), draws[:, 0], draws[:, -1], draws)["multi_map"]["p_value"] == 0.0
+    draws[:, 0] = 0.0  # one resample exactly at 0 counts on both sides: p = 2 x 1/1,000
+    assert _gaps(np.ones(len(CI_KEYS)), draws[:, 0], draws[:, -1], draws)["multi_map"]["p_value"] == 0.002
 
 
 def _scores(multi_ap_per_id: np.ndarray, ids: list[str]) -> PerQueryScores:

@@ -513,8 +513,9 @@ def test_the_report_of_synthetic_points_gives_hand_computed_statistics_and_the_g
     # the default interval also resamples seeds: at depth 1 every seed and question gives .1, so still no spread
     deep = tests[1]["hierarchical"]["multi_map"]
     assert (deep["difference"], deep["low"], deep["high"]) == pytest.approx((0.1, 0.1, 0.1), abs=1e-6)
-    # Holm over the two comparisons: the larger raw p is kept, the smaller doubled (capped at 1)
-    raw = sorted(t["hierarchical"]["multi_map"]["p_value"] for t in tests.values())
+    # Holm over the two comparisons: the larger raw p is kept, the smaller doubled (capped at 1); a raw 0 enters as
+    # the resolution of 1,000 resamples, 2/1,000, so no adjusted p is 0
+    raw = sorted(max(t["hierarchical"]["multi_map"]["p_value"], 0.002) for t in tests.values())
     holm = sorted(t["hierarchical"]["multi_map"]["p_holm"] for t in tests.values())
     assert holm == pytest.approx([min(1.0, max(2 * raw[0], raw[0])), min(1.0, max(2 * raw[0], raw[1]))])
 
@@ -769,7 +770,8 @@ def test_the_by_step_figure_averages_the_seeds_of_a_setting_at_their_common_step
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from hbt_accel.sweeps.report import _mean_curve
+    from hbt_accel.sweeps.report import _mean_curve, _setting_order
+    from hbt_accel.sweeps.run import _loss_point
 
     _, panel = plt.subplots()
     # seed 2 logged no step 20: the line keeps steps 10 and 30, means (1 + 3) / 2 and (0.5 + 1.5) / 2, std by hand
@@ -779,6 +781,14 @@ def test_the_by_step_figure_averages_the_seeds_of_a_setting_at_their_common_step
     assert line.get_label() == "alpha=0.5 (2 seeds)"
     band = panel.collections[0].get_paths()[0].vertices[:, 1]
     assert band.min() == pytest.approx(1.0 - math.sqrt(0.5)) and band.max() == pytest.approx(2.0 + math.sqrt(2.0))
+    _mean_curve(panel, [[(10, 1.0)], [(20, 2.0)]], "no common step")  # draws nothing rather than an empty line
+    assert len(panel.lines) == 1
+    settings = [{"settings": {"n": n, "seed": 1}} for n in (10, 2, [1, 2])]
+    assert [s["settings"]["n"] for s in sorted(settings, key=_setting_order)] == [2, 10, [1, 2]]
+    # the point summary keeps how many steps a logged loss averages, where the run recorded it
+    assert _loss_point({"step": 10, "loss": 0.5, "steps_in_loss": 10, "lr": 1e-5}) == {
+        "step": 10, "loss": 0.5, "steps_in_loss": 10}  # fmt: skip
+    assert _loss_point({"step": 10, "loss": 0.5, "lr": 1e-5}) == {"step": 10, "loss": 0.5}
     plt.close("all")
 
 

@@ -265,6 +265,8 @@ def test_resume_gives_the_weights_of_an_uninterrupted_run(dropout_model_dir, tmp
         "1",
         "--save_total_limit",
         "5",
+        "--logging_steps",
+        "2",  # checkpoint-3 falls inside a logging window: the resumed run must carry step 3's loss over
     ]
     straight = tmp_path / "straight"
     train(*common, "--output_dir", str(straight))
@@ -283,7 +285,7 @@ def test_resume_gives_the_weights_of_an_uninterrupted_run(dropout_model_dir, tmp
     # the resumed run's summary covers the WHOLE run: the same steps, losses and batch counts as the straight one
     straight_summary = json.loads((straight / "train_summary.json").read_text())
     resumed_summary = json.loads((resumed / "train_summary.json").read_text())
-    assert [r["step"] for r in resumed_summary["history"]] == [1, 2, 3, 4, 5, 6]
+    assert [(r["step"], r["steps_in_loss"]) for r in resumed_summary["history"]] == [(2, 2), (4, 2), (6, 2)]
     for key in ("loss", "X-X", "X-Y"):
         expected = [r[key] for r in straight_summary["history"]]
         assert [r[key] for r in resumed_summary["history"]] == pytest.approx(expected, abs=1e-6), key
@@ -387,6 +389,7 @@ def test_skipped_nonfinite_steps_leave_the_weights_untouched(tiny_model_dir, mlq
     )
     summary = json.loads((out / "train_summary.json").read_text())  # strict JSON: the NaN losses are null
     assert [record["loss"] for record in summary["history"]] == [None, None]
+    assert [(r["steps_in_loss"], r["nonfinite_steps_in_window"]) for r in summary["history"]] == [(0, 1), (0, 1)]
     initial = load_file(tiny_model_dir / "model.safetensors")
     trained = load_file(out / "model.safetensors")
     assert all(torch.equal(initial[k], trained[k]) for k in trained if k in initial)

@@ -146,9 +146,11 @@ def _gaps(point: np.ndarray, low: np.ndarray, high: np.ndarray, draws: np.ndarra
 
 
 def format_p_value(p_value: float, n_resamples: int) -> str:
-    """'p=0.110', or 'p<0.002' when no resample fell on the other side of 0: 2/n is the smallest non-zero two-sided p
-    that n resamples can give, so a stored 0 means below it, not zero."""
-    return f"p<{2 / n_resamples:.3f}" if p_value == 0 else f"p={p_value:.3f}"
+    """'p=0.110', or 'p<0.002' when no resample fell at or across 0: 2/n is the smallest non-zero two-sided p that n
+    resamples can give, so a stored 0 means below it, not zero (rounded up, so the bound stays true)."""
+    if p_value != 0:
+        return f"p={p_value:.3f}"
+    return f"p<{math.ceil(2 / n_resamples * 1e4) / 1e4:g}"
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -292,12 +292,15 @@ def articles_of(benchmark: str) -> dict[str, str]:
 
 def add_holm(tests: list[dict]) -> None:
     """Holm-adjusted p-values (`p_holm`) beside the raw ones: the family is every comparison of the report, per
-    metric and per kind of interval."""
+    metric and per kind of interval. A raw p of 0 (no resample at or across 0) enters as the bootstrap's resolution,
+    2/n, so the adjusted values are upper bounds, never an adjusted 0."""
     from hbt_accel.evaluation.statistics import holm_adjusted
 
+    resolution = 2 / REPORT_RESAMPLES
     for key in (m.key for m in HEADLINE):
         for entries in ([t for t in tests], [t["hierarchical"] for t in tests if "hierarchical" in t]):
-            for entry, adjusted in zip(entries, holm_adjusted([e[key]["p_value"] for e in entries])):
+            raw = [e[key]["p_value"] for e in entries]
+            for entry, adjusted in zip(entries, holm_adjusted([resolution if p == 0 else p for p in raw])):
                 entry[key]["p_holm"] = adjusted
 
 
@@ -514,12 +517,13 @@ def _data_size_lines(fits: list[dict]) -> list[str]:
 def _hierarchical_caption(articles: int | None, comparisons: int) -> str:
     clusters = f"whole articles ({articles} among the scored questions)" if articles else "question ids"
     return (
-        "Gaps, a minus b, with the hierarchical bootstrap (the default interval): 1,000 resamples, each drawing "
-        f"seeds with replacement (by seed index, the same draw for both sides), then {clusters} with replacement; 95% "
-        "percentile interval, two-sided p (p<0.002: no resample on the other side of 0, the smallest p 1,000 "
-        f"resamples can show). {comparisons} comparisons x {len(HEADLINE)} metrics are reported: p (Holm) is "
-        "adjusted for the comparisons of this report, per metric; the raw p alone overstates how sure a single gap "
-        "is when many are read."
+        "Gaps, a minus b, with the hierarchical bootstrap (the default interval): "
+        f"{REPORT_RESAMPLES:,} resamples, each drawing seeds with replacement (by seed index, the same draw for both "
+        f"sides), then {clusters} with replacement; 95% percentile interval, two-sided p "
+        f"(p<{2 / REPORT_RESAMPLES:g}: no resample at or across 0, below the smallest p {REPORT_RESAMPLES:,} "
+        f"resamples can show; its Holm p is then an upper bound, ≤). {comparisons} comparisons x {len(HEADLINE)} "
+        "metrics are reported: p (Holm) is adjusted for the comparisons of this report, per metric; the raw p alone "
+        "overstates how sure a single gap is when many are read."
     )
 
 
@@ -533,7 +537,8 @@ def _tests_table(tests: list[dict], sized: bool, size_header: list[str], interva
         for m in HEADLINE:
             stats = interval(test)[m.key]
             p_value = format_p_value(stats["p_value"], REPORT_RESAMPLES)
-            holm = f" (Holm {format_p_value(stats['p_holm'], REPORT_RESAMPLES)})" if "p_holm" in stats else ""
+            bound = "≤" if stats["p_value"] == 0 else "="  # a raw 0 entered Holm as 2/n: its adjusted p is a bound
+            holm = f" (Holm p{bound}{stats['p_holm']:.3f})" if "p_holm" in stats else ""
             cells.append(f"{m.format_difference(stats)} {p_value}{holm}")
         at = ", ".join(f"{k} {setting_text(v)}" for k, v in test["at"].items()) or "-"
         lines.append(f"| {test['comparison']} | {at} | " + " | ".join(cells) + " |")
@@ -675,36 +680,45 @@ def _pareto(spec: SweepSpec, rows: list[dict]) -> Path:
 
 
 def _by_step(spec: SweepSpec, summaries: list[dict]) -> Path:
-    """Per setting, mean ± std over seeds by step: the periodic multi mAP (left) and the logged training loss (right;
-    points run before the loss curve was kept have none)."""
+    """Per setting, mean ± std over seeds by step: the periodic multi mAP (left) and the logged training loss, the
+    mean over each logging window (right; points run before the loss was windowed logged single steps: left out)."""
     import matplotlib.pyplot as plt
 
     runs_by_setting: dict[str, list[dict]] = defaultdict(list)
-    for summary in summaries:
-        label = ", ".join(f"{k}={v}" for k, v in summary["settings"].items() if k != "seed")
+    for summary in sorted(summaries, key=_setting_order):
+        label = ", ".join(f"{k}={setting_text(v)}" for k, v in summary["settings"].items() if k != "seed")
         runs_by_setting[label].append(summary)
     figure, (score_panel, loss_panel) = plt.subplots(1, 2, figsize=(11, 4))
-    for label, runs in sorted(runs_by_setting.items()):
+    for label, runs in runs_by_setting.items():
         _mean_curve(score_panel, [[(e["step"], e[MULTI_MAP.key]) for e in r["evaluations"]] for r in runs], label)
-        _mean_curve(loss_panel, [[(e["step"], e["loss"]) for e in r.get("loss_curve", [])] for r in runs], label)
+        windowed = [[(e["step"], e["loss"]) for e in r.get("loss_curve", []) if "steps_in_loss" in e] for r in runs]
+        _mean_curve(loss_panel, windowed, label)
     score_panel.set_ylabel(f"{MULTI_MAP.label} (periodic subset)")
-    loss_panel.set_ylabel("training loss (mean since the last log)")
-    for panel in (score_panel, loss_panel):
+    loss_panel.set_ylabel("training loss (mean over each logging window)")
+    for panel, missing in ((score_panel, "no periodic evaluation"), (loss_panel, "no windowed loss curve kept")):
         panel.set_xlabel("step")
         panel.grid(alpha=0.3)
         if panel.lines:
             panel.legend(fontsize=6)
-    if not loss_panel.lines:
-        loss_panel.text(0.5, 0.5, "these points ran before the loss curve was kept", ha="center", fontsize=8)
+        else:
+            panel.text(0.5, 0.5, f"{missing} for these points", ha="center", fontsize=8)
     return _save(figure, spec.results_root / "multi_map_by_step.png")
+
+
+def _setting_order(summary: dict) -> list[tuple]:
+    """Numbers in numeric order (2 before 10), anything else by its JSON text after them."""
+    return [
+        (k, (0, v, "") if isinstance(v, (int, float)) else (1, 0, json.dumps(v)))
+        for k, v in summary["settings"].items()
+    ]
 
 
 def _mean_curve(panel, curves: list[list[tuple]], label: str) -> None:
     """One line at the steps every non-empty curve has, with a ±1 std band over the curves."""
     curves = [dict(curve) for curve in curves if curve]
-    if not curves:
+    steps = sorted(set.intersection(*(set(curve) for curve in curves))) if curves else []
+    if not steps:
         return
-    steps = sorted(set.intersection(*(set(curve) for curve in curves)))
     values = np.array([[curve[step] for step in steps] for curve in curves], dtype=float)
     mean = values.mean(axis=0)
     std = values.std(axis=0, ddof=1) if len(curves) > 1 else np.zeros(len(steps))

@@ -549,6 +549,12 @@ def collect_point(spec: SweepSpec, point: SweepPoint) -> Path:
     return summary
 
 
+def _loss_point(history_entry: dict) -> dict:
+    """A logged step's loss, with the number of steps it averages (runs before the windowed loss logged one step)."""
+    kept = ("step", "loss", "steps_in_loss")
+    return {key: history_entry[key] for key in kept if key in history_entry}
+
+
 def point_summary(spec: SweepSpec, point: SweepPoint, train_summary: dict, results: dict) -> dict:
     """A point's committed summary from its train_summary.json and eval_results.json contents."""
     return {
@@ -560,7 +566,7 @@ def point_summary(spec: SweepSpec, point: SweepPoint, train_summary: dict, resul
         "rank_distance_per_language": results["rank_distance_per_language"],
         "grid": results["grid"],
         "evaluations": train_summary["evaluations"],
-        "loss_curve": [{"step": entry["step"], "loss": entry["loss"]} for entry in train_summary.get("history", [])],
+        "loss_curve": [_loss_point(entry) for entry in train_summary.get("history", [])],
         "steps": train_summary["steps"],
         "train_seconds": train_summary["train_seconds"],
         "device": train_summary["device"],
