@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import errno
 import json
+import math
 import os
 import shutil
 from pathlib import Path
@@ -142,6 +143,21 @@ class TrainingProgress:
     batch_counts: dict = dataclasses.field(default_factory=lambda: {"X-X": 0, "X-Y": 0})  # micro-batches by kind
     train_seconds: float = 0.0  # training time so far, evaluation excluded
     eval_seconds: float = 0.0  # periodic evaluation time so far
+
+    def add_step_loss(self, loss: float) -> None:
+        """One step's loss into the logging window; a NaN/inf is kept as None (JSON would write it as null, which a
+        resumed run could not add up)."""
+        self.loss_window.append(loss if math.isfinite(loss) else None)
+
+    def take_window_loss(self) -> dict:
+        """The window's mean finite loss (as the HF Trainer logs it), how many steps it averages and, where any, how
+        many were NaN/inf and left out; the window starts again empty."""
+        finite = [loss for loss in self.loss_window if loss is not None]
+        logged = {"loss": math.fsum(finite) / len(finite) if finite else math.nan, "steps_in_loss": len(finite)}
+        if len(finite) < len(self.loss_window):
+            logged["nonfinite_steps_in_window"] = len(self.loss_window) - len(finite)
+        self.loss_window.clear()
+        return logged
 
     def add_point(self, results: dict) -> None:
         """The metric-by-step curve's point at the current step."""

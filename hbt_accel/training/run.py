@@ -533,29 +533,25 @@ def run_loop(session: Session) -> None:
 
 def log_step(session: Session, clock: LoopClock, bar: TrainingProgressBar, losses: list[torch.Tensor]) -> None:
     """The step's loss (mean over micro-batches and ranks), lr and samples/s to the bar; at a logging step the mean
-    finite loss of the steps since the last one (as the HF Trainer logs it: a skipped NaN/inf step is left out and
-    counted) to the bar's line, the history and trackers."""
+    finite loss of the steps since the last one (`TrainingProgress.take_window_loss`) to the bar's line, the history
+    and trackers."""
     progress, accelerator = session.progress, session.accelerator
     step, counts = progress.global_step, progress.batch_counts
     step_loss = accelerator.reduce(torch.stack(losses).mean(), "mean").item()
     losses.clear()
-    # a NaN would poison the window's mean and is written to JSON as null, which a resumed run could not add up
-    progress.loss_window.append(step_loss if math.isfinite(step_loss) else None)
+    progress.add_step_loss(step_loss)
     lr = session.scheduler.get_last_lr()[0]
     throughput = clock.throughput()
     log_now = step % session.cfg.logging_steps == 0 or step == session.plan.max_steps
-    finite = [loss for loss in progress.loss_window if loss is not None]
-    loss = (math.fsum(finite) / len(finite) if finite else math.nan) if log_now else step_loss
-    bar.update(step, loss=loss, lr=lr, throughput=throughput, counts=counts, log_line=log_now)
+    logged = progress.take_window_loss() if log_now else {"loss": step_loss}
+    bar.update(step, loss=logged["loss"], lr=lr, throughput=throughput, counts=counts, log_line=log_now)
     if log_now:
-        entry = {"step": step, "loss": loss, "steps_in_loss": len(finite), "lr": lr}
-        if len(finite) < len(progress.loss_window):
-            entry["nonfinite_steps_in_window"] = len(progress.loss_window) - len(finite)
-        entry |= {"samples_per_second": throughput, **counts}
+        entry = {"step": step, **logged, "lr": lr, "samples_per_second": throughput, **counts}
         entry["rss_mb"] = round(process_memory_mb().get("rss", 0.0))  # memory must stay flat over the steps
         progress.history.append(entry)
-        progress.loss_window.clear()
-        accelerator.log({"train/loss": loss, "train/lr": lr, "train/samples_per_second": throughput}, step=step)
+        accelerator.log(
+            {"train/loss": logged["loss"], "train/lr": lr, "train/samples_per_second": throughput}, step=step
+        )
         clock.new_window()
 
 
