@@ -75,6 +75,7 @@ def summary_table(results: dict):
     if intervals:
         summary.add_column("95% CI", justify="right")
     paired = results.get("paired_difference") or {}
+    resamples = results.get("bootstrap_resamples")
     if paired:
         summary.add_column("minus baseline [95% CI], p", justify="right")
     for metric in METRICS:
@@ -84,8 +85,7 @@ def summary_table(results: dict):
             cells.append(f"[{metric.format(ci['low'])}, {metric.format(ci['high'])}]" if ci else "")
         if paired:
             d = paired.get(metric.key)
-            p_value = format_p_value(d["p_value"], results["bootstrap_resamples"]) if d else ""
-            cells.append(f"{metric.format_difference(d)}, {p_value}" if d else "")
+            cells.append(f"{metric.format_difference(d)}, {format_p_value(d['p_value'], resamples)}" if d else "")
         summary.add_row(*cells)
     summary.add_row("queries / candidates", f"{results.get('n_queries', 0):,} / {results.get('n_candidates', 0):,}")
     summary.add_row("seconds (encode + score)", f"{results.get('seconds', math.nan):.1f}")

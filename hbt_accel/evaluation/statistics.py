@@ -145,12 +145,17 @@ def _gaps(point: np.ndarray, low: np.ndarray, high: np.ndarray, draws: np.ndarra
     }
 
 
+def smallest_p_value(n_resamples: int) -> float:
+    """The smallest non-zero two-sided p that `_gaps` can give from n resamples (one of n at or across 0, doubled):
+    a stored 0 means below it, not zero."""
+    return 2 / n_resamples
+
+
 def format_p_value(p_value: float, n_resamples: int) -> str:
-    """'p=0.110', or 'p<0.002' when no resample fell at or across 0: 2/n is the smallest non-zero two-sided p that n
-    resamples can give, so a stored 0 means below it, not zero (rounded up, so the bound stays true)."""
+    """'p=0.110', or 'p<0.002' when no resample fell at or across 0 (the bound rounded up, so it stays true)."""
     if p_value != 0:
         return f"p={p_value:.3f}"
-    return f"p<{math.ceil(2 / n_resamples * 1e4) / 1e4:g}"
+    return f"p<{math.ceil(smallest_p_value(n_resamples) * 1e4) / 1e4:g}"
 
 
 # ----------------------------------------------------------------------------------------------------------------

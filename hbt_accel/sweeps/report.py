@@ -294,9 +294,9 @@ def add_holm(tests: list[dict]) -> None:
     """Holm-adjusted p-values (`p_holm`) beside the raw ones: the family is every comparison of the report, per
     metric and per kind of interval. A raw p of 0 (no resample at or across 0) enters as the bootstrap's resolution,
     2/n, so the adjusted values are upper bounds, never an adjusted 0."""
-    from hbt_accel.evaluation.statistics import holm_adjusted
+    from hbt_accel.evaluation.statistics import holm_adjusted, smallest_p_value
 
-    resolution = 2 / REPORT_RESAMPLES
+    resolution = smallest_p_value(REPORT_RESAMPLES)
     for key in (m.key for m in HEADLINE):
         for entries in ([t for t in tests], [t["hierarchical"] for t in tests if "hierarchical" in t]):
             raw = [e[key]["p_value"] for e in entries]
@@ -515,15 +515,17 @@ def _data_size_lines(fits: list[dict]) -> list[str]:
 
 
 def _hierarchical_caption(articles: int | None, comparisons: int) -> str:
+    from hbt_accel.evaluation.statistics import format_p_value
+
     clusters = f"whole articles ({articles} among the scored questions)" if articles else "question ids"
     return (
         "Gaps, a minus b, with the hierarchical bootstrap (the default interval): "
         f"{REPORT_RESAMPLES:,} resamples, each drawing seeds with replacement (by seed index, the same draw for both "
         f"sides), then {clusters} with replacement; 95% percentile interval, two-sided p "
-        f"(p<{2 / REPORT_RESAMPLES:g}: no resample at or across 0, below the smallest p {REPORT_RESAMPLES:,} "
-        f"resamples can show; its Holm p is then an upper bound, ≤). {comparisons} comparisons x {len(HEADLINE)} "
-        "metrics are reported: p (Holm) is adjusted for the comparisons of this report, per metric; the raw p alone "
-        "overstates how sure a single gap is when many are read."
+        f"({format_p_value(0, REPORT_RESAMPLES)}: no resample at or across 0, below the smallest p "
+        f"{REPORT_RESAMPLES:,} resamples can show; its Holm p is then an upper bound, ≤). {comparisons} comparisons "
+        f"x {len(HEADLINE)} metrics are reported: p (Holm) is adjusted for the comparisons of this report, per "
+        "metric; the raw p alone overstates how sure a single gap is when many are read."
     )
 
 
