@@ -142,7 +142,7 @@ def test_bases_are_the_first_setting_and_bring_their_own_launch_settings(tmp_pat
         "base-e5-small__sampling-hybrid__seed-4",
     ]
     assert points[0].as_dict() == {"base": "xlm-roberta-base", "sampling": "xx", "seed": 4}
-    xlmr, e5 = point_command(spec, points[0], resume=False), point_command(spec, points[3], resume=False)
+    xlmr, e5 = point_command(spec, points[0]), point_command(spec, points[3])
     assert xlmr[:4] == ["accelerate", "launch", "--config_file", str(REPO / "accelerate_configs" / "single_gpu.yaml")]
     assert xlmr[xlmr.index("--config") + 1] == str(REPO / XLMR) and "--max_steps" not in xlmr
     # the base without its own accelerate config gets the sweep's, its process count, its overrides
@@ -226,7 +226,7 @@ def test_points_are_the_product_of_the_axes_times_the_seeds(tmp_path):
     names = [p.name for p in sweep_points(spec)]
     assert len(names) == 2 * 2 * 2
     assert names[:2] == ["sampling-xx__alpha-0.25__seed-7", "sampling-xx__alpha-0.5__seed-7"]  # seed-major
-    command = point_command(spec, sweep_points(spec)[0], resume=True)
+    command = point_command(spec, sweep_points(spec)[0], ["--resume_from_checkpoint", "latest"])
     assert command[:2] == ["accelerate", "launch"]
     assert command[-2:] == ["--resume_from_checkpoint", "latest"]
     assert ["--seed", "7"] == command[command.index("--seed") : command.index("--seed") + 2]
@@ -640,21 +640,48 @@ def test_a_damaged_point_summary_is_one_line_naming_it_before_anything_runs(tmp_
         load_summaries(spec)
 
 
-def test_a_preempted_submitit_point_is_resubmitted_resuming_from_its_checkpoint():
+def test_a_preempted_submitit_point_is_resubmitted_resuming_from_its_checkpoint(tmp_path):
     """What submitit calls when Slurm signals the job: the same command, resuming (`auto`: a point preempted before
-    its first checkpoint starts again)."""
+    its first checkpoint starts again); one killed in its final evaluation, with no checkpoint left, starts over."""
     import submitit
 
     from hbt_accel.sweeps.run import RequeueablePoint
 
-    fresh = RequeueablePoint(["accelerate", "launch", "train.py", "--seed", "1"], "/repo", {"A": "1"})
+    own = ["accelerate", "launch", "train.py", "--seed", "1", "--output_dir", str(tmp_path)]
+    fresh = RequeueablePoint(own, "/repo", {"A": "1"})
     delayed = fresh.checkpoint()
     assert isinstance(delayed, submitit.helpers.DelayedSubmission)
     again = delayed.function
-    assert again.command == ["accelerate", "launch", "train.py", "--seed", "1", "--resume_from_checkpoint", "auto"]
+    assert again.command == [*own, "--resume_from_checkpoint", "auto"]
     assert (again.cwd, again.env) == ("/repo", {"A": "1"})
-    resumed = RequeueablePoint([*fresh.command, "--resume_from_checkpoint", "latest"], "/repo", {})
+    resumed = RequeueablePoint([*own, "--resume_from_checkpoint", "latest"], "/repo", {})
     assert resumed.checkpoint().function.command == again.command  # one resume flag, never two
+    (tmp_path / "model.safetensors").write_bytes(b"final model, then killed while scoring it")
+    assert again.checkpoint().function.command == [*own, "--overwrite_output_dir", "true"]
+
+
+def test_a_point_goes_on_from_its_checkpoint_or_starts_over_when_it_has_none(tmp_path):
+    """Killed in training: resume from the newest complete checkpoint. Killed in the final evaluation (final model
+    saved, no checkpoint: the last step keeps none) or with only a half-written checkpoint: train again over it,
+    which training refuses without the flag. Finished, or never started: nothing to add."""
+    from hbt_accel.sweeps.run import unfinished_run_flags
+    from tests.test_reliability import _fake_checkpoint
+
+    assert unfinished_run_flags(tmp_path / "never-started") == []
+    killed_in_training = tmp_path / "a"
+    _fake_checkpoint(killed_in_training, 30)
+    (killed_in_training / "model.safetensors").write_bytes(b"an older final model")
+    assert unfinished_run_flags(killed_in_training) == ["--resume_from_checkpoint", "latest"]
+    half_written = tmp_path / "b"
+    _fake_checkpoint(half_written, 30, manifest=False)
+    (half_written / "checkpoint-30" / "checkpoint_manifest.json").write_text('{"files": {"optimizer.bin": 7}}')
+    killed_in_evaluation = tmp_path / "c"
+    killed_in_evaluation.mkdir()
+    (killed_in_evaluation / "model.safetensors").write_bytes(b"final model")
+    for run in (half_written, killed_in_evaluation):
+        assert unfinished_run_flags(run) == ["--overwrite_output_dir", "true"], run.name
+    (killed_in_evaluation / "train_summary.json").write_text("{}")
+    assert unfinished_run_flags(killed_in_evaluation) == []
 
 
 def run_until_started(point, log: Path):
@@ -685,7 +712,12 @@ def test_a_preempted_point_is_asked_to_stop_and_given_time_to_save(tmp_path):
         f"signal.signal(signal.SIGTERM, lambda *a: (pathlib.Path({str(saved)!r}).write_text('ok'), sys.exit(75)))\n"
         "print('started', flush=True)\ntime.sleep(60)\n"
     )
-    point = RequeueablePoint([sys.executable, "-c", script], str(tmp_path), dict(os.environ), str(tmp_path / "log"))
+    point = RequeueablePoint(
+        [sys.executable, "-c", script, "--output_dir", str(tmp_path / "run")],
+        str(tmp_path),
+        dict(os.environ),
+        str(tmp_path / "log"),
+    )
     job = run_until_started(point, tmp_path / "log")
     resubmitted = point.checkpoint()
     job.join(timeout=30)
@@ -739,7 +771,12 @@ def test_a_preempted_launcher_is_left_alone_and_its_training_process_saves(tmp_p
         "signal.signal(signal.SIGTERM, lambda *a: (p.kill(), sys.exit(1)))\n"
         "sys.exit(p.wait())\n"
     )
-    point = RequeueablePoint([sys.executable, "-c", launcher], str(tmp_path), dict(os.environ), str(tmp_path / "log"))
+    point = RequeueablePoint(
+        [sys.executable, "-c", launcher, "--output_dir", str(tmp_path / "run")],
+        str(tmp_path),
+        dict(os.environ),
+        str(tmp_path / "log"),
+    )
     job = run_until_started(point, tmp_path / "log")
     point.checkpoint()
     job.join(timeout=30)

@@ -37,7 +37,7 @@ from hbt_accel.config import CHECKOUT, RECIPES_DIR, HbtConfig, load_yaml, parse_
 from hbt_accel.errors import ConfigError, DataError
 from hbt_accel.evaluation.grid import PER_QUERY_FILE, RESULTS_FILE
 from hbt_accel.evaluation.schema import summary_of
-from hbt_accel.run_record import SUMMARY_FILE, find_checkpoints, read_summary
+from hbt_accel.run_record import SUMMARY_FILE, WEIGHTS_FILE, find_checkpoints, read_summary
 from hbt_accel.training.checkpoints import latest_checkpoint
 
 TRAIN_SCRIPT = RECIPES_DIR / "train_hybrid.py"
@@ -318,16 +318,28 @@ def point_config(spec: SweepSpec, point: SweepPoint) -> HbtConfig:
     return cfg
 
 
-def point_command(spec: SweepSpec, point: SweepPoint, resume: bool) -> list[str]:
-    """`accelerate launch [--config_file C] [--num_processes N] recipes/train_hybrid.py --config RECIPE ...`."""
+def point_command(spec: SweepSpec, point: SweepPoint, going_on: list[str] | tuple = ()) -> list[str]:
+    """`accelerate launch [--config_file C] [--num_processes N] recipes/train_hybrid.py --config RECIPE ...`, then
+    `going_on` (`unfinished_run_flags`) for a point that started before."""
     base = spec.base_of(point)
     launcher = ["accelerate", "launch"]
     if base.accelerate_config or spec.accelerate_config:
         launcher += ["--config_file", base.accelerate_config or spec.accelerate_config]
     if base.num_processes:
         launcher += ["--num_processes", str(base.num_processes)]
-    flags = point_flags(spec, point) + (["--resume_from_checkpoint", "latest"] if resume else [])
-    return [*launcher, str(TRAIN_SCRIPT), *flags]
+    return [*launcher, str(TRAIN_SCRIPT), *point_flags(spec, point), *going_on]
+
+
+def unfinished_run_flags(run_dir: Path, resume: str = "latest") -> list[str]:
+    """How a point that started and did not finish goes on: from its newest complete checkpoint; or, with none to
+    resume from, trained again over what it left, which training would otherwise refuse to touch (a point killed in
+    its final evaluation has saved its final model, and the last step keeps no checkpoint)."""
+    if latest_checkpoint(run_dir) is not None:
+        return ["--resume_from_checkpoint", resume]
+    leftovers = (run_dir / WEIGHTS_FILE).is_file() or find_checkpoints(run_dir)
+    if leftovers and not (run_dir / SUMMARY_FILE).is_file():
+        return ["--overwrite_output_dir", "true"]
+    return ["--resume_from_checkpoint", resume] if resume == "auto" else []
 
 
 def point_resources(spec: SweepSpec, point: SweepPoint) -> dict:
@@ -387,11 +399,10 @@ def run_sweep(spec: SweepSpec, dry_run: bool = False, echo=print) -> SweepStatus
                 collect_point(spec, point)
             status.finished.append(point.name)
         else:
-            resume = latest_checkpoint(spec.run_root / point.name) is not None
-            todo.append((point, point_command(spec, point, resume)))
+            todo.append((point, point_command(spec, point, unfinished_run_flags(spec.run_root / point.name))))
             plan.append((False, _point_line(spec, point, todo[-1][1], "")))
             continue
-        plan.append((True, _point_line(spec, point, point_command(spec, point, False), " (finished, skipped)")))
+        plan.append((True, _point_line(spec, point, point_command(spec, point), " (finished, skipped)")))
     echo(f"sweep {spec.name}: {len(status.finished)} finished, {len(todo)} to run")
     if todo and spec.executor == "submitit":
         cluster = spec.cluster or "slurm where srun exists, else local"
@@ -495,12 +506,18 @@ class RequeueablePoint(submitit.helpers.Checkpointable):
                 self._process.wait(timeout=self.GRACE_SECONDS)
             except subprocess.TimeoutExpired:
                 pass  # Slurm's kill comes next; the newest complete checkpoint is what resumes
-        command = list(self.command)
-        if "--resume_from_checkpoint" in command:
-            command[command.index("--resume_from_checkpoint") + 1] = "auto"
-        else:
-            command += ["--resume_from_checkpoint", "auto"]
+        command = _without_going_on(self.command)
+        command += unfinished_run_flags(Path(command[command.index("--output_dir") + 1]), resume="auto")
         return submitit.helpers.DelayedSubmission(RequeueablePoint(command, self.cwd, self.env, self.log))
+
+
+def _without_going_on(command: list[str]) -> list[str]:
+    """The point's own command, without the flags an earlier attempt added to go on from where it stopped."""
+    kept = list(command)
+    for flag in ("--resume_from_checkpoint", "--overwrite_output_dir"):
+        if flag in kept:
+            del kept[kept.index(flag) : kept.index(flag) + 2]
+    return kept
 
 
 def _training_processes(pid: int) -> list:
