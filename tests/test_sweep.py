@@ -8,6 +8,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -63,11 +64,11 @@ def test_every_committed_sweep_recipe_parses_and_lists_its_points():
         ({"axes": {"alpha": [0.5]}, "keep_checkpoints": "no"}, "keep_checkpoints: got 'no', expected true or false"),
         (
             {"axes": {"alpha": [0.5, 1.0]}, "compare": [{"field": "alpha", "a": 0.5, "b": 0.3}]},
-            "compare[0]: b: no point of the sweep has alpha: 0.3",
+            "compare[0]: b: no point of the sweep sweep has alpha: 0.3",
         ),
         (
             {"points": [{"alpha": 0.5}], "compare": [{"a": {"alpha": 0.5}, "b": {"alpah": 0.5}}]},
-            "compare[0]: b: no point of the sweep has {'alpah': 0.5}",
+            "compare[0]: b: no point of the sweep sweep has {'alpah': 0.5}",
         ),
     ],
 )
@@ -562,6 +563,48 @@ def test_two_listed_points_are_compared_question_by_question(tmp_path):
     assert test["seeds"] == [2, 2] and test["at"] == {}
     gap = test["multi_map"]
     assert (gap["difference"], gap["low"], gap["high"]) == pytest.approx((0.1, 0.1, 0.1), abs=1e-6)
+
+
+def test_a_comparison_takes_its_b_side_from_another_sweep_at_the_same_settings_and_seeds(tmp_path):
+    """data_size_scaled_steps against data_size: the same settings, another sweep's overrides (its steps). Multi AP
+    .6 here and .5 there on every question, seeds 1-2 of 3 shared: a gap of .1 over the shared seeds; a b that the
+    other sweep lacks, or a missing recipe, fails in one line."""
+    from hbt_accel.atomic import write_json
+    from hbt_accel.evaluation.grid import summarize
+    from hbt_accel.sweeps.report import write_report
+    from hbt_accel.sweeps.run import point_summary, summary_path
+
+    setting = {"sampling": "hybrid"}
+    (tmp_path / "there").mkdir()
+    there = write_sweep(tmp_path / "there", points=[setting], seeds=[1, 2, 3], results_dir=str(tmp_path / "b"))
+    here = write_sweep(
+        tmp_path,
+        points=[setting],
+        seeds=[1, 2],
+        overrides={"max_steps": 30},
+        results_dir=str(tmp_path / "a"),
+        compare=[{"a": setting, "b": setting, "b_sweep": str(there)}],
+    )
+    for path, multi_ap in ((there, 0.5), (here, 0.6)):
+        spec = load_sweep(path)
+        spec.results_root.mkdir()
+        for point in sweep_points(spec):
+            scores = synthetic_scores([multi_ap] * 4)
+            train_summary = {"evaluations": [], "steps": 30, "train_seconds": 60.0, "device": "cpu"}
+            write_json(summary_path(spec, point), point_summary(spec, point, train_summary, summarize(scores)))
+            scores.save(spec.results_root / f"{point.name}.per_query.npz")
+    write_report(spec)
+    (test,) = json.loads((spec.results_root / "report.json").read_text())["paired_tests"]
+    assert test["comparison"] == "sampling hybrid minus the same in sweep sweep" and test["seeds"] == [2, 2]
+    for gap in (test["multi_map"], test["hierarchical"]["multi_map"]):
+        assert (gap["difference"], gap["low"], gap["high"]) == pytest.approx((0.1, 0.1, 0.1), abs=1e-6)
+    for b_sweep, message in (
+        (str(there), "compare[0]: b: no point of the sweep sweep has {'sampling': 'xy'}"),
+        (str(tmp_path / "gone.yaml"), "compare[0]: b_sweep: file not found:"),
+    ):
+        wrong = {"a": setting, "b": {"sampling": "xy"}, "b_sweep": b_sweep}
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            load_sweep(write_sweep(tmp_path, points=[setting], compare=[wrong]))
 
 
 def test_a_comparison_pairs_two_points_within_each_base_and_compares_values_as_json():

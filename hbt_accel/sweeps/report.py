@@ -27,6 +27,7 @@ from hbt_accel.sweeps.run import (
     BASE,
     SweepSpec,
     compared_side,
+    compared_sweep,
     point_config,
     read_point_summary,
     setting_text,
@@ -161,12 +162,13 @@ def paired_tests(spec: SweepSpec, summaries: list[dict], n_resamples: int = REPO
 
     tests, articles = [], {}
     for comparison in spec.compare:
-        label, groups = compared_runs(comparison, summaries)
+        label, groups = compared_runs(comparison, summaries, spec)
+        roots = {side: compared_sweep(comparison, side, spec).results_root for side in ("a", "b")}
         for rest, runs in groups.items():
             runs = common_seeds(runs)
             if runs["a"] and runs["b"]:
                 scores = {
-                    side: [PerQueryScores.load(spec.results_root / f"{r['point']}.per_query.npz") for r in runs[side]]
+                    side: [PerQueryScores.load(roots[side] / f"{r['point']}.per_query.npz") for r in runs[side]]
                     for side in ("a", "b")
                 }
                 tests.append(
@@ -313,17 +315,23 @@ def common_seeds(runs: dict[str, list[dict]]) -> dict[str, list[dict]]:
     return {side: [r for r in runs[side] if r["settings"].get("seed") in shared] for side in ("a", "b")}
 
 
-def compared_runs(comparison: dict, summaries: list[dict]) -> tuple[str, dict[tuple, dict]]:
-    """(the comparison's label, other settings -> {"a": [summaries], "b": [summaries]})."""
+def compared_runs(comparison: dict, summaries: list[dict], spec: SweepSpec) -> tuple[str, dict[tuple, dict]]:
+    """(the comparison's label, other settings -> {"a": [summaries], "b": [summaries]}); with `b_sweep`, b's
+    summaries are that sweep's."""
     groups: dict[tuple, dict] = defaultdict(lambda: {"a": [], "b": []})
-    for summary in summaries:
-        side, at = compared_side(comparison, summary["settings"])
-        if side:
-            groups[at][side].append(summary)
+    elsewhere = compared_sweep(comparison, "b", spec)
+    for sides, pool in ((("a", "b"), summaries),) if elsewhere is spec else ((("a",), summaries), (("b",), None)):
+        for summary in load_summaries(elsewhere) if pool is None else pool:
+            side, at = compared_side(comparison, summary["settings"], sides)
+            if side:
+                groups[at][side].append(summary)
     if "field" in comparison:
         a, b = setting_text(comparison["a"]), setting_text(comparison["b"])
         return f"{comparison['field']}: {a} minus {b}", groups
-    return f"{_setting_label(comparison['a'])} minus {_setting_label(comparison['b'])}", groups
+    a, b = _setting_label(comparison["a"]), _setting_label(comparison["b"])
+    if elsewhere is not spec:
+        b = f"{'the same' if b == a else b} in sweep {elsewhere.name}"
+    return f"{a} minus {b}", groups
 
 
 def _setting_label(settings: dict) -> str:

@@ -78,7 +78,9 @@ class SweepSpec:
     max_parallel: int = 1  # submitit: points queued or running at once (side by side on Slurm); 1 = one at a time
     save_steps: int = 30  # checkpoints a killed point resumes from
     keep_checkpoints: bool = False  # a finished point's checkpoints (~1 GB each here) are deleted; its model stays
-    compare: list = field(default_factory=list)  # paired tests: [{field: sampling, a: hybrid, b: xy}, ...]
+    # paired tests: [{field: sampling, a: hybrid, b: xy}, ...]; {a: {..}, b: {..}, b_sweep: recipes/sweeps/X.yaml}
+    # takes b from another sweep's committed points (what its overrides change, at the same settings and seeds)
+    compare: list = field(default_factory=list)
     language_groups: dict = field(default_factory=dict)  # report: group name -> languages, e.g. by resource level
 
     @property
@@ -168,30 +170,50 @@ def load_sweep(path: str | os.PathLike) -> SweepSpec:
 
 
 def _check_compare(path, spec: SweepSpec) -> None:
-    """Every comparison names settings the sweep has: a typo would otherwise compare nothing, silently."""
-    settings = [{k: v for k, v in point.settings if k != "seed"} for point in sweep_points(spec)]
+    """Every comparison names settings the sweep has (b: the other sweep's, with `b_sweep`): a typo would otherwise
+    compare nothing, silently."""
     for index, entry in enumerate(spec.compare):
         where = f"{path}: compare[{index}]"
         two_values = isinstance(entry, dict) and set(entry) == {"field", "a", "b"}
         two_points = (
-            isinstance(entry, dict) and set(entry) == {"a", "b"} and all(isinstance(v, dict) for v in entry.values())
+            isinstance(entry, dict)
+            and set(entry) - {"b_sweep"} == {"a", "b"}
+            and all(isinstance(entry[side], dict) for side in ("a", "b"))
         )
         if not (two_values or two_points):
             raise ConfigError(
-                f"{where}: expected {{field, a, b}} (two values of a setting) or {{a: {{..}}, b: {{..}}}} (two points)"
+                f"{where}: expected {{field, a, b}} (two values of a setting) or {{a: {{..}}, b: {{..}}}} (two "
+                "points; b_sweep: optional, another sweep recipe whose points b comes from)"
             )
         for side in ("a", "b"):
-            if not any(compared_side(entry, s)[0] == side for s in settings):
+            holder = compared_sweep(entry, side, spec, where)
+            settings = [{k: v for k, v in point.settings if k != "seed"} for point in sweep_points(holder)]
+            if not any(compared_side(entry, s, _sides(entry, side))[0] == side for s in settings):
                 wanted = (
                     f"{entry[side]} (every setting but seed and base)"
                     if two_points
                     else f"{entry['field']}: {entry[side]}"
                 )
-                raise ConfigError(f"{where}: {side}: no point of the sweep has {wanted}")
+                raise ConfigError(f"{where}: {side}: no point of the sweep {holder.name} has {wanted}")
 
 
-def compared_side(comparison: dict, settings: dict) -> tuple[str | None, tuple]:
-    """(the side of a `compare` entry a point is on: "a", "b" or None; what the two sides are paired at).
+def _sides(comparison: dict, side: str) -> tuple:
+    return (side,) if "b_sweep" in comparison else ("a", "b")
+
+
+def compared_sweep(comparison: dict, side: str, spec: SweepSpec, where: str = "compare") -> SweepSpec:
+    """The sweep whose points are the comparison's `side`: this one, or for b the `b_sweep` recipe."""
+    if side == "a" or "b_sweep" not in comparison:
+        return spec
+    recipe = _repo_path(str(comparison["b_sweep"]))
+    if not Path(recipe).is_file():
+        raise ConfigError(f"{where}: b_sweep: file not found: {comparison['b_sweep']} (expected a sweep recipe)")
+    return load_sweep(recipe)
+
+
+def compared_side(comparison: dict, settings: dict, sides: tuple = ("a", "b")) -> tuple[str | None, tuple]:
+    """(the side of a `compare` entry a point is on: "a", "b" or None; what the two sides are paired at). `sides`:
+    the ones the point can be on (with `b_sweep`, a point of this sweep is never b, nor one of the other a).
 
     {field, a, b}: the point's value of the field; paired at its other settings. {a: {..}, b: {..}}: the point's
     settings but seed and base; paired at the base (a sweep over several bases compares within each). Values compare
@@ -200,10 +222,10 @@ def compared_side(comparison: dict, settings: dict) -> tuple[str | None, tuple]:
     if "field" in comparison:
         key = comparison["field"]
         own, at = settings.get(key), {k: v for k, v in settings.items() if k != key}
-        targets = {side: comparison[side] for side in ("a", "b")} if key in settings else {}
+        targets = {side: comparison[side] for side in sides} if key in settings else {}
     else:
         own, at = {k: v for k, v in settings.items() if k != BASE}, {k: v for k, v in settings.items() if k == BASE}
-        targets = {side: comparison[side] for side in ("a", "b")}
+        targets = {side: comparison[side] for side in sides}
     side = next((s for s, target in targets.items() if _as_json(own) == _as_json(target)), None)
     return side, tuple((k, json.dumps(v)) for k, v in at.items())
 
