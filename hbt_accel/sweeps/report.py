@@ -148,10 +148,11 @@ def _group_languages(summary: dict, group: str) -> list[str]:
     return seen if group == "seen" else [x for x in summary["final"]["languages"] if x not in seen]
 
 
-def paired_tests(spec: SweepSpec, summaries: list[dict], n_resamples: int = REPORT_RESAMPLES) -> list[dict]:
-    """For each `compare` entry, a minus b (seeds averaged) over the same question ids, with its bootstrap interval.
-    Where both sides have a seed in common, only their common seeds count: the interval resamples questions, not
-    seeds, so one side's extra (lucky or unlucky) seed would otherwise read as a difference between the settings.
+def paired_tests(spec: SweepSpec, summaries: list[dict]) -> list[dict]:
+    """For each `compare` entry, a minus b (seeds averaged) over the same question ids, with its two bootstrap
+    intervals (`hierarchical`: seeds, then articles; and over question ids alone), `REPORT_RESAMPLES` each, and Holm
+    p-values. Where both sides have a seed in common, only their common seeds count: the id-level interval resamples
+    questions, not seeds, so one side's extra (lucky or unlucky) seed would otherwise read as a difference.
 
     {field, a, b}: the field's two values, at every value of the other settings (hybrid minus xy at each size).
     {a: {settings}, b: {settings}}: two listed points (seed aside), e.g. a feature switched on against the base
@@ -177,14 +178,14 @@ def paired_tests(spec: SweepSpec, summaries: list[dict], n_resamples: int = REPO
                         "at": {k: json.loads(v) for k, v in rest},
                         "seeds": [len(scores["a"]), len(scores["b"])],
                         "parameters": runs["a"][0].get("parameters") or {},  # of a's model; {} if not recorded
-                        **paired_difference(scores["a"], scores["b"], n_resamples),
+                        **paired_difference(scores["a"], scores["b"], REPORT_RESAMPLES),
                     }
                 )
                 benchmark = scores["a"][0].benchmark
                 if benchmark not in articles:
                     articles[benchmark] = articles_of(benchmark)
                 tests[-1]["hierarchical"] = hierarchical_difference(
-                    scores["a"], scores["b"], articles[benchmark], n_resamples
+                    scores["a"], scores["b"], articles[benchmark], REPORT_RESAMPLES
                 )
                 scored = {articles[benchmark].get(q) for q in scores["a"][0].query_ids} - {None}
                 tests[-1]["articles"] = len(scored) or None
