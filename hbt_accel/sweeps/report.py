@@ -642,7 +642,7 @@ def _lines_along(rows: list[dict], axis: str, position) -> dict[str, list]:
     one line per order, each labelled with its longest list."""
     lines: dict[str, list] = defaultdict(list)
     for row in rows:
-        rest = ", ".join(f"{k}={v}" for k, v in row["settings"].items() if k != axis)
+        rest = plot_label(row["settings"], leave_out=axis)
         lines[rest].append((position(row["settings"][axis]), row))
     if position is len:
         lines = {label: line for rest, points in lines.items() for label, line in _orders(rest, axis, points).items()}
@@ -672,6 +672,11 @@ def _orders(rest: str, axis: str, points: list) -> dict[str, list]:
     return {", ".join(filter(None, [rest, "+".join(listed(chain[-1]))])): chain for chain in chains}
 
 
+def plot_label(settings: dict, leave_out: str = "") -> str:
+    """A figure's label for a setting: `k=v, ...`, a list as `en,de` (as in point names)."""
+    return ", ".join(f"{k}={setting_text(v)}" for k, v in settings.items() if k != leave_out)
+
+
 def _pareto(spec: SweepSpec, rows: list[dict]) -> Path:
     import matplotlib.pyplot as plt
 
@@ -681,9 +686,7 @@ def _pareto(spec: SweepSpec, rows: list[dict]) -> Path:
         axes.errorbar(
             mono["mean"], multi["mean"], xerr=np.nan_to_num(mono["std"]), yerr=np.nan_to_num(multi["std"]), fmt="o"
         )
-        axes.annotate(
-            ", ".join(f"{k}={v}" for k, v in row["settings"].items()), (mono["mean"], multi["mean"]), fontsize=6
-        )
+        axes.annotate(plot_label(row["settings"]), (mono["mean"], multi["mean"]), fontsize=6)
     axes.set_xlabel("monolingual mAP")
     axes.set_ylabel("multilingual mAP")
     axes.grid(alpha=0.3)
@@ -697,8 +700,7 @@ def _by_step(spec: SweepSpec, summaries: list[dict]) -> Path:
 
     runs_by_setting: dict[str, list[dict]] = defaultdict(list)
     for summary in sorted(summaries, key=_setting_order):
-        label = ", ".join(f"{k}={setting_text(v)}" for k, v in summary["settings"].items() if k != "seed")
-        runs_by_setting[label].append(summary)
+        runs_by_setting[plot_label(summary["settings"], leave_out="seed")].append(summary)
     figure, (score_panel, loss_panel) = plt.subplots(1, 2, figsize=(11, 4))
     for label, runs in runs_by_setting.items():
         _mean_curve(score_panel, [[(e["step"], e[MULTI_MAP.key]) for e in r["evaluations"]] for r in runs], label)
@@ -755,7 +757,7 @@ def _gap_by_parameters(spec: SweepSpec, gaps: list[dict]) -> Path:
             errors = np.array([below, above])  # (2, n): matplotlib's asymmetric error bars
             panel.errorbar(xs, ys, yerr=errors, marker="o", capsize=3, label=series["comparison"])
             for x, y, point in zip(xs, ys, points):  # which setting each point is (a depth, a base)
-                panel.annotate(", ".join(f"{k}={v}" for k, v in point["at"].items()), (x, y), fontsize=6)
+                panel.annotate(plot_label(point["at"]), (x, y), fontsize=6)
         panel.axhline(0.0, color="grey", linewidth=0.8)
         panel.set_xlabel(f"{label} (millions)")
         panel.grid(alpha=0.3)
