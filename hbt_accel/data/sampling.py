@@ -163,21 +163,24 @@ class _CorpusIds:
         self.ids = np.flatnonzero(self.language_count > 0).astype(np.int32)  # < 2**31 ids: half the memory
         self.num_xy_ids = int(np.count_nonzero(self.language_count >= 2))
 
-    def _keep_subset(self, id_fraction: float) -> None:
-        """Drop every id outside the first `id_fraction` of a fixed order of the ids with a training language."""
+    def _fixed_order(self) -> np.ndarray:
+        """The ids with a training language, in the one order the data-size and data-matched subsets take them from
+        (`ID_SUBSET_SEED`, whatever the run's seed)."""
         candidates = np.flatnonzero(self.language_count > 0)
-        order = np.random.default_rng(ID_SUBSET_SEED).permutation(len(candidates))
-        keep = max(1, round(id_fraction * len(candidates)))
-        dropped = candidates[order[keep:]]
+        return candidates[np.random.default_rng(ID_SUBSET_SEED).permutation(len(candidates))]
+
+    def _keep_subset(self, id_fraction: float) -> None:
+        """Drop every id outside the first `id_fraction` of the fixed order."""
+        order = self._fixed_order()
+        dropped = order[max(1, round(id_fraction * len(order))) :]
         self.language_mask[dropped] = 0
         self.language_count[dropped] = 0
 
     def _keep_pair_budget(self, corpus_name: str, budget: PairBudget) -> None:
         """Keep `budget.pairs` (id, language) pairs: `budget.xy_ids` ids in two of their languages, then single pairs
-        of other ids. Ids come in a fixed order (`ID_SUBSET_SEED`, whatever the seed), and each pair goes to the
-        language with the fewest pairs kept so far, so the pairs spread as evenly as the data allows."""
-        order = np.random.default_rng(ID_SUBSET_SEED).permutation(len(self.language_mask))
-        order = order[self.language_count[order] > 0]
+        of other ids. Ids come in the fixed order (`_fixed_order`), and each pair goes to the language with the fewest
+        pairs kept so far, so the pairs spread as evenly as the data allows."""
+        order = self._fixed_order()
         kept = np.zeros_like(self.language_mask)
         per_language = np.zeros(len(self.languages), dtype=np.int64)
         two_language_ids = order[self.language_count[order] >= 2][: budget.xy_ids]
