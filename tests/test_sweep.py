@@ -607,6 +607,15 @@ def test_a_comparison_takes_its_b_side_from_another_sweep_at_the_same_settings_a
             load_sweep(write_sweep(tmp_path, points=[setting], compare=[wrong]))
 
 
+def test_labels_show_lists_as_in_point_names_and_an_empty_text_visibly():
+    from hbt_accel.sweeps.report import _setting_label, plot_label
+
+    settings = {"train_languages": ["en", "de"], "query_prefix": "", "seed": 1}
+    assert _setting_label(settings) == 'train_languages en,de, query_prefix "", seed 1'
+    assert plot_label(settings, leave_out="seed") == 'train_languages=en,de, query_prefix=""'
+    assert _setting_label({}) == "the base recipe"
+
+
 def test_a_comparison_pairs_two_points_within_each_base_and_compares_values_as_json():
     from hbt_accel.sweeps.run import compared_side
 

@@ -336,7 +336,12 @@ def compared_runs(comparison: dict, summaries: list[dict], spec: SweepSpec) -> t
 
 
 def _setting_label(settings: dict) -> str:
-    return ", ".join(f"{k} {setting_text(v)}" for k, v in settings.items()) or "the base recipe"
+    return ", ".join(f"{k} {_shown(v)}" for k, v in settings.items()) or "the base recipe"
+
+
+def _shown(value) -> str:
+    """A setting's value in a label: as in point names, but an empty text visible (`query_prefix ""`)."""
+    return '""' if value == "" else setting_text(value)
 
 
 def parameter_gaps(tests: list[dict], metric: str = MULTI_MAP.key) -> list[dict]:
@@ -512,7 +517,7 @@ def _data_size_lines(fits: list[dict]) -> list[str]:
              f"| at | sizes | ceiling a | exponent c | size for multi mAP {DATA_SIZE_TARGET} |",
              "|---|---|---|---|---|"]  # fmt: skip
     for fit in fits:
-        at = ", ".join(f"{k} {setting_text(v)}" for k, v in fit["at"].items()) or "-"
+        at = _setting_label(fit["at"]) if fit["at"] else "-"
         sizes = " / ".join(f"{p['size']:,.0f}" for p in fit["points"]) + f" {fit['size_unit']}"
         low, high = fit["size_for_target_interval"]
         reach = "out of reach (ceiling below)" if fit["size_for_target"] is None else f"{fit['size_for_target']:,.0f}"
@@ -551,7 +556,7 @@ def _tests_table(tests: list[dict], sized: bool, size_header: list[str], interva
             bound = "≤" if stats["p_value"] == 0 else "="  # a raw 0 entered Holm as 2/n: its adjusted p is a bound
             holm = f" (Holm p{bound}{stats['p_holm']:.3f})" if "p_holm" in stats else ""
             cells.append(f"{m.format_difference(stats)} {p_value}{holm}")
-        at = ", ".join(f"{k} {setting_text(v)}" for k, v in test["at"].items()) or "-"
+        at = _setting_label(test["at"]) if test["at"] else "-"
         lines.append(f"| {test['comparison']} | {at} | " + " | ".join(cells) + " |")
     return lines
 
@@ -674,7 +679,7 @@ def _orders(rest: str, axis: str, points: list) -> dict[str, list]:
 
 def plot_label(settings: dict, leave_out: str = "") -> str:
     """A figure's label for a setting: `k=v, ...`, a list as `en,de` (as in point names)."""
-    return ", ".join(f"{k}={setting_text(v)}" for k, v in settings.items() if k != leave_out)
+    return ", ".join(f"{k}={_shown(v)}" for k, v in settings.items() if k != leave_out)
 
 
 def _pareto(spec: SweepSpec, rows: list[dict]) -> Path:
