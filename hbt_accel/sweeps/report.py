@@ -163,8 +163,9 @@ def paired_tests(spec: SweepSpec, summaries: list[dict]) -> list[dict]:
 
     tests, articles = [], {}
     for comparison in spec.compare:
-        label, groups = compared_runs(comparison, summaries, spec)
-        roots = {side: compared_sweep(comparison, side, spec).results_root for side in ("a", "b")}
+        b_sweep = compared_sweep(comparison, "b", spec)
+        label, groups = compared_runs(comparison, summaries, spec, b_sweep)
+        roots = {"a": spec.results_root, "b": b_sweep.results_root}
         for rest, runs in groups.items():
             runs = common_seeds(runs)
             if runs["a"] and runs["b"]:
@@ -316,13 +317,18 @@ def common_seeds(runs: dict[str, list[dict]]) -> dict[str, list[dict]]:
     return {side: [r for r in runs[side] if r["settings"].get("seed") in shared] for side in ("a", "b")}
 
 
-def compared_runs(comparison: dict, summaries: list[dict], spec: SweepSpec) -> tuple[str, dict[tuple, dict]]:
-    """(the comparison's label, other settings -> {"a": [summaries], "b": [summaries]}); with `b_sweep`, b's
-    summaries are that sweep's."""
+def compared_runs(
+    comparison: dict, summaries: list[dict], spec: SweepSpec, b_sweep: SweepSpec
+) -> tuple[str, dict[tuple, dict]]:
+    """(the comparison's label, other settings -> {"a": [summaries], "b": [summaries]}); b's summaries are
+    `b_sweep`'s (`compared_sweep`: this sweep unless the entry names another)."""
     groups: dict[tuple, dict] = defaultdict(lambda: {"a": [], "b": []})
-    elsewhere = compared_sweep(comparison, "b", spec)
-    for sides, pool in ((("a", "b"), summaries),) if elsewhere is spec else ((("a",), summaries), (("b",), None)):
-        for summary in load_summaries(elsewhere) if pool is None else pool:
+    if b_sweep is spec:
+        pools = [(("a", "b"), summaries)]
+    else:
+        pools = [(("a",), summaries), (("b",), load_summaries(b_sweep))]
+    for sides, pool in pools:
+        for summary in pool:
             side, at = compared_side(comparison, summary["settings"], sides)
             if side:
                 groups[at][side].append(summary)
@@ -330,8 +336,8 @@ def compared_runs(comparison: dict, summaries: list[dict], spec: SweepSpec) -> t
         a, b = setting_text(comparison["a"]), setting_text(comparison["b"])
         return f"{comparison['field']}: {a} minus {b}", groups
     a, b = _setting_label(comparison["a"]), _setting_label(comparison["b"])
-    if elsewhere is not spec:
-        b = f"{'the same' if b == a else b} in sweep {elsewhere.name}"
+    if b_sweep is not spec:
+        b = f"{'the same' if b == a else b} in sweep {b_sweep.name}"
     return f"{a} minus {b}", groups
 
 

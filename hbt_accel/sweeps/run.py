@@ -361,6 +361,7 @@ def unfinished_run_flags(run_dir: Path, resume: str = "latest") -> list[str]:
     leftovers = (run_dir / WEIGHTS_FILE).is_file() or find_checkpoints(run_dir)
     if leftovers and not (run_dir / SUMMARY_FILE).is_file():
         return ["--overwrite_output_dir", "true"]
+    # a requeued point keeps `auto`: a checkpoint its stopped run finishes saving before the job starts still counts
     return ["--resume_from_checkpoint", resume] if resume == "auto" else []
 
 
