@@ -159,4 +159,6 @@ class TrainSummary:
             "eval_seconds": self.eval_seconds,
             "parameters": self.parameters,
             "peak_rss_mb": self.peak_rss_mb,
+            # as run: `auto` resolved by the device (accelerate's names: bf16, fp16, no = fp32)
+            "precision": {"training": self.config.mixed_precision, "evaluation": self.config.eval_precision},
         }

@@ -257,6 +257,7 @@ def tiny_sweep(tmp_path, tiny_model_dir, mlqa_slice) -> Path:
         "per_device_train_batch_size": 16,
         "learning_rate": 2e-3,
         "mixed_precision": "no",
+        "eval_precision": "no",
         "freeze_word_embeddings": False,
         "query_max_length": 32,
         "passage_max_length": 48,
@@ -292,6 +293,7 @@ def test_a_sweep_runs_through_submitit_skips_finished_points_and_resumes_a_kille
     summary = json.loads((tmp_path / "results" / "sampling-hybrid__seed-1.json").read_text())
     assert summary["settings"] == {"sampling": "hybrid", "seed": 1} and summary["steps"] == 4
     assert summary["final"]["n_queries"] == 11 * 10 and [e["step"] for e in summary["evaluations"]] == [0, 2, 4]
+    assert summary["precision"] == {"training": "no", "evaluation": "no"}  # as run, so points can be told apart
 
     # a second run trains nothing
     again = run_sweep(spec)

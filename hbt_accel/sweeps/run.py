@@ -610,6 +610,7 @@ def point_summary(spec: SweepSpec, point: SweepPoint, train_summary: dict, resul
         "steps": train_summary["steps"],
         "train_seconds": train_summary["train_seconds"],
         "device": train_summary["device"],
+        "precision": train_summary.get("precision", {}),  # absent from summaries of runs before it was recorded
         "parameters": train_summary.get("parameters", {}),  # absent from summaries of runs before it was recorded
         # what each corpus trained on after train_languages / train_id_fraction / train_pairs (newer runs only)
         "trained_on": [
