@@ -444,6 +444,19 @@ def synthetic_scores(multi_ap_by_id: list[float]):
     )
 
 
+BF16 = {"training": "bf16", "evaluation": "bf16"}
+
+
+def test_report_numbers_keep_12_significant_digits_so_another_cpus_last_bits_do_not_show():
+    from hbt_accel.sweeps.report import rounded
+
+    # two sums of the same numbers in another order differ in the last bit; rounded, they agree
+    assert 0.1 + 0.2 != 0.3 and rounded(0.1 + 0.2) == 0.3
+    nested = {"gap": [-0.004319260641056676, (0.25, 3)], "p": 1e-20, "label": "en,de", "n": 3, "ok": True}
+    assert rounded(nested) == {"gap": [-0.00431926064106, [0.25, 3]], "p": 1e-20, "label": "en,de", "n": 3, "ok": True}
+    assert math.isnan(rounded(math.nan))
+
+
 def test_the_report_of_synthetic_points_gives_hand_computed_statistics_and_the_gap_by_parameter_count(tmp_path):
     """2 depths x {xx, hybrid} x 3 seeds. X-X multi mAP is 0.3 + 0.1 x seed on every question. Hybrid adds 0.1 to
     every question at 1 layer (a gap with no spread: its interval is the point) and 0, .1, .2, .3 to questions
@@ -478,7 +491,9 @@ def test_the_report_of_synthetic_points_gives_hand_computed_statistics_and_the_g
             "layers": layers,
         }
         evaluations = [{"step": s, "multi_map": m} for s, m in ((0, 0.2), (40, 0.5), (80, 0.5))]
-        train_summary = {"evaluations": evaluations, "steps": 80, "train_seconds": 600.0, "device": "cpu"}
+        # seeds 1-2 on one machine with no precision recorded (older summaries), seed 3 on another: 1, 4, 9 minutes
+        machine = {"device": "cpu (A)"} if seed < 3 else {"device": "cpu (B)", "precision": BF16}
+        train_summary = {"evaluations": evaluations, "steps": 80, "train_seconds": 60.0 * seed**2, **machine}
         summary = point_summary(spec, point, {**train_summary, "parameters": parameters}, summarize(scores))
         write_json(summary_path(spec, point), summary)
         scores.save(spec.results_root / f"{point.name}.per_query.npz")
@@ -503,6 +518,12 @@ def test_the_report_of_synthetic_points_gives_hand_computed_statistics_and_the_g
     assert rows[(1, "xx")]["mono_map"] == {"mean": 1.0, "std": 0.0, "low": 1.0, "high": 1.0, "n": 3}
     assert rows[(2, "hybrid")]["convergence"]["step_95"]["mean"] == 40  # the first evaluation at 95% of the last
     assert rows[(2, "xx")]["parameters"]["without_word_embeddings"] == OTHER + 2 * LAYER
+    # wall times: median and range, never a t-interval (three times could give one below 0); the machines counted
+    assert rows[(1, "xx")]["train_seconds"] == {"median": 240.0, "min": 60.0, "max": 540.0, "n": 3}
+    assert report["ran_on"] == [
+        {"device": "cpu (A)", "precision": "not recorded", "points": 8},
+        {"device": "cpu (B)", "precision": "training bf16, evaluation bf16", "points": 4},
+    ]
 
     # paired tests, one per depth: hybrid minus X-X, seeds averaged
     tests = {test["at"]["num_layers"]: test for test in report["paired_tests"]}
@@ -533,6 +554,8 @@ def test_the_report_of_synthetic_points_gives_hand_computed_statistics_and_the_g
     assert [(p["low"], p["high"]) for p in series["points"]] == [(one["low"], one["high"]), (two["low"], two["high"])]
     markdown = (spec.results_root / "report.md").read_text()
     assert "| 1 | xx | 98.0M (2.0M w/o word emb.) | 3 |" in markdown
+    assert markdown.count(" | 4.0 (1.0-9.0) |") == 4  # training minutes of every setting
+    assert "cpu (A), precision not recorded: 8; cpu (B), precision training bf16, evaluation bf16: 4." in markdown
 
 
 def test_two_listed_points_are_compared_question_by_question(tmp_path):

@@ -15,7 +15,7 @@ from __future__ import annotations
 import io
 import json
 import math
-from collections import defaultdict
+from collections import Counter, defaultdict
 from pathlib import Path
 
 import numpy as np
@@ -109,7 +109,31 @@ def describe(values: list[float]) -> dict:
     return {"mean": mean, "std": std, "low": float(low), "high": float(high), "n": len(array)}
 
 
+def spread(values: list[float]) -> dict:
+    """median, min and max: for wall times, which are skewed by whatever shared the machine and cannot go below 0
+    (a t-interval of three such times can)."""
+    array = np.asarray(values, dtype=float)
+    return {"median": float(np.median(array)), "min": float(array.min()), "max": float(array.max()), "n": len(array)}
+
+
+def machines(summaries: list[dict]) -> list[dict]:
+    """How many points ran on each device and precision, as recorded (the precision since it was recorded)."""
+    counts = Counter((s.get("device", ""), _precision_text(s.get("precision"))) for s in summaries)
+    return [
+        {"device": device, "precision": precision, "points": n} for (device, precision), n in sorted(counts.items())
+    ]
+
+
+def _precision_text(precision: dict | None) -> str:
+    if not precision:
+        return "not recorded"
+    return f"training {precision['training']}, evaluation {precision['evaluation']}"
+
+
 RECALLS = (RECALL_AT_1, RECALL_AT_10)
+REPORT_DIGITS = 12  # significant digits kept in report.json (see `rounded`)
+# the power-law fit's optimum is flat: fits on two CPUs (or at tolerances 1e-12 and 1e-15) agree to ~1e-8 only
+FIT_DIGITS = 4
 
 
 def aggregate(summaries: list[dict], language_groups: dict[str, list[str]] | None = None) -> list[dict]:
@@ -131,7 +155,7 @@ def aggregate(summaries: list[dict], language_groups: dict[str, list[str]] | Non
             for name, languages in (language_groups or {}).items()
         }
         row["convergence"] = convergence(runs)
-        row["train_seconds"] = describe([r["train_seconds"] for r in runs])
+        row["train_seconds"] = spread([r["train_seconds"] for r in runs])
         row["parameters"] = runs[0].get("parameters") or {}  # one setting, one model: the seeds agree
         rows.append(row)
     return rows
@@ -268,7 +292,7 @@ def data_size_fits(spec: SweepSpec, summaries: list[dict]) -> list[dict]:
             {"train_id_fraction": f, "size": size, "scores": by_fraction[f]} for f, size in zip(fractions, sizes)
         ]
         fits.append({"at": {k: json.loads(v) for k, v in rest}, "size_unit": "ids" if ids else "fraction",
-                     "points": points, **fit})  # fmt: skip
+                     "points": points, **rounded(fit, FIT_DIGITS)})  # fmt: skip
     return fits
 
 
@@ -377,14 +401,28 @@ def write_report(spec: SweepSpec) -> list[Path]:
     report = {"sweep": spec.name, "points_finished": len(summaries), "points": len(sweep_points(spec))}
     report.update(settings=rows, paired_tests=tests, gap_by_parameters=parameter_gaps(tests))
     report["recall_by_language"] = recall_rows(spec, summaries)
+    report["ran_on"] = machines(summaries)
     if "train_id_fraction" in spec.axes:
         report["data_size_fit"] = data_size_fits(spec, summaries)
+    report = rounded(report)
     paths = [write_json(root / "report.json", report)]
     paths.append(write_atomic(root / "report.md", render_markdown(spec, report)))
     paths += write_figures(spec, rows, summaries)
     if any(len({p["total"] for p in series["points"]}) > 1 for series in report["gap_by_parameters"]):  # a curve
         paths.append(_gap_by_parameters(spec, report["gap_by_parameters"]))
     return paths
+
+
+def rounded(value, digits: int = REPORT_DIGITS):
+    """Every float to `digits` significant digits: sums over the same numbers differ in the last bits from one CPU
+    to another (the SIMD width sets numpy's summation order), and report.json must re-render identically."""
+    if isinstance(value, float):
+        return float(f"{value:.{digits}g}")
+    if isinstance(value, dict):
+        return {key: rounded(item, digits) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [rounded(item, digits) for item in value]
+    return value
 
 
 def _absent(value: float | None) -> bool:
@@ -402,9 +440,13 @@ def _cell(stats: dict | None, digits: int) -> str:
     return text
 
 
-def _minutes(seconds: dict) -> dict:
-    """Over-seed statistics of seconds, in minutes (every field scales alike; n stays)."""
-    return {key: value / 60 if key != "n" and value is not None else value for key, value in seconds.items()}
+def _minutes_cell(seconds: dict) -> str:
+    return f"{seconds['median'] / 60:.1f} ({seconds['min'] / 60:.1f}-{seconds['max'] / 60:.1f})"
+
+
+def _machines_line(ran_on: list[dict]) -> str:
+    where = "; ".join(f"{m['device']}, precision {m['precision']}: {m['points']}" for m in ran_on)
+    return f"Points per machine and precision: {where}. Training minutes: median (min-max) over seeds, wall time."
 
 
 def _millions(count: int) -> str:
@@ -433,6 +475,8 @@ def render_markdown(spec: SweepSpec, report: dict) -> str:
         "[95% t-interval of the mean]. Rendered by `python recipes/sweep.py --config ... --report` from the "
         f"per-point summaries in this folder. Scored on {scoring_subset(spec)}.",
         "",
+        _machines_line(report["ran_on"]),
+        "",
         "| "
         + " | ".join(
             [
@@ -453,7 +497,7 @@ def render_markdown(spec: SweepSpec, report: dict) -> str:
         cells += [_parameters_cell(row["parameters"])] * sized + [str(len(row["seeds"]))]
         cells += [_cell(row[m.key], m.digits) for m in HEADLINE]
         cells += [_cell(row["unseen"]["multi_map"], 3), _cell((row["convergence"] or {}).get("step_95"), 0)]
-        cells.append(_cell(_minutes(row["train_seconds"]), 1))
+        cells.append(_minutes_cell(row["train_seconds"]))
         lines.append("| " + " | ".join(cells) + " |")
     lines += _data_size_lines(report.get("data_size_fit", []))
     lines += _convergence_lines(axes, report["settings"])
