@@ -84,6 +84,10 @@ def test_short_run_lowers_the_loss_and_saves_a_loadable_model(tiny_model_dir, ml
     counts = summary["batch_counts"]
     assert counts["X-X"] + counts["X-Y"] == 40 and counts["X-X"] > 5 and counts["X-Y"] > 5
     assert summary["corpora"][0]["trained_on"] == {"ids": 64, "pairs": 192, "xy_ids": 64}  # en, de, es of 64 ids
+    # `auto` (the default) is recorded as what it resolved to here, the same as the saved config says
+    saved = yaml.safe_load((out / "hbt_config.yaml").read_text())
+    assert summary["precision"] == {"training": saved["mixed_precision"], "evaluation": saved["eval_precision"]}
+    assert summary["precision"]["training"] in ("bf16", "no")
     from transformers import AutoModel
 
     model = AutoModel.from_pretrained(out)

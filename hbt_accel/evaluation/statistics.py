@@ -287,10 +287,11 @@ def _fit_power_law(sizes: np.ndarray, scores: list[np.ndarray]):
             p0=(y.max(), max(y.max() - y.min(), 1e-3), 0.5),
             bounds=([0.0, 0.0, 0.01], [1.0, 10.0, 5.0]),
             maxfev=20000,
+            # tighter than the default 1e-8, which stops early on this flat optimum
             ftol=1e-12,
             xtol=1e-12,
             gtol=1e-12,
-        )  # fmt: skip  (the default 1e-8 stops early)
+        )
     except (RuntimeError, ValueError):  # no convergence on a degenerate resample
         return None
     return np.array([a, b * scale**c, c])  # b in units of size, not size / scale

@@ -415,7 +415,8 @@ def write_report(spec: SweepSpec) -> list[Path]:
 
 def rounded(value, digits: int = REPORT_DIGITS):
     """Every float to `digits` significant digits: sums over the same numbers differ in the last bits from one CPU
-    to another (the SIMD width sets numpy's summation order), and report.json must re-render identically."""
+    to another (the SIMD width sets numpy's summation order), and report.json should re-render identically on any
+    CPU. Almost always it then does: two values a bit apart still round apart when they straddle a rounding step."""
     if isinstance(value, float):
         return float(f"{value:.{digits}g}")
     if isinstance(value, dict):
@@ -441,10 +442,13 @@ def _cell(stats: dict | None, digits: int) -> str:
 
 
 def _minutes_cell(seconds: dict) -> str:
-    return f"{seconds['median'] / 60:.1f} ({seconds['min'] / 60:.1f}-{seconds['max'] / 60:.1f})"
+    median = f"{seconds['median'] / 60:.1f}"
+    return median if seconds["n"] < 2 else f"{median} ({seconds['min'] / 60:.1f}-{seconds['max'] / 60:.1f})"
 
 
 def _machines_line(ran_on: list[dict]) -> str:
+    if not ran_on:
+        return "No point has finished yet."
     where = "; ".join(f"{m['device']}, precision {m['precision']}: {m['points']}" for m in ran_on)
     return f"Points per machine and precision: {where}. Training minutes: median (min-max) over seeds, wall time."
 
@@ -573,8 +577,9 @@ def _data_size_lines(fits: list[dict]) -> list[str]:
         reach = "out of reach (ceiling below)" if fit["size_for_target"] is None else f"{fit['size_for_target']:,.0f}"
         reach += f" [{'-' if low is None else f'{low:,.0f}'}, {'out of reach' if high is None else f'{high:,.0f}'}]"
         a, c = fit["a_interval"], fit["c_interval"]
-        lines.append(f"| {at} | {sizes} | {fit['a']:.3f} [{a[0]:.3f}, {a[1]:.3f}] | {fit['c']:.2f} [{c[0]:.2f}, "
-                     f"{c[1]:.2f}] | {reach} |")  # fmt: skip
+        # the FIT_DIGITS kept in report.json, no fewer: rounding them again could move the last digit shown
+        lines.append(f"| {at} | {sizes} | {fit['a']:.4g} [{a[0]:.4g}, {a[1]:.4g}] | {fit['c']:.4g} [{c[0]:.4g}, "
+                     f"{c[1]:.4g}] | {reach} |")  # fmt: skip
     return lines
 
 
