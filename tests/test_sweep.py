@@ -608,7 +608,7 @@ def test_a_comparison_takes_its_b_side_from_another_sweep_at_the_same_settings_a
         seeds=[1, 2],
         overrides={"max_steps": 30},
         results_dir=str(tmp_path / "a"),
-        compare=[{"a": setting, "b": setting, "b_sweep": str(there)}],
+        compare=[{"a": setting, "b_sweep": str(there)}],  # without b: a's settings in the other sweep
     )
     for path, multi_ap in ((there, 0.5), (here, 0.6)):
         spec = load_sweep(path)

@@ -79,7 +79,8 @@ class SweepSpec:
     save_steps: int = 30  # checkpoints a killed point resumes from
     keep_checkpoints: bool = False  # a finished point's checkpoints (~1 GB each here) are deleted; its model stays
     # paired tests: [{field: sampling, a: hybrid, b: xy}, ...]; {a: {..}, b: {..}, b_sweep: recipes/sweeps/X.yaml}
-    # takes b from another sweep's committed points (what its overrides change, at the same settings and seeds)
+    # takes b from another sweep's committed points (what its overrides change, at the same settings and seeds);
+    # without b, b is the same settings as a
     compare: list = field(default_factory=list)
     language_groups: dict = field(default_factory=dict)  # report: group name -> languages, e.g. by resource level
 
@@ -160,6 +161,7 @@ def load_sweep(path: str | os.PathLike) -> SweepSpec:
             _check_submitit_parameters(path, point_resources(spec, point))
     for point in sweep_points(spec):
         point_config(spec, point)  # every point's config must parse before anything runs
+    spec.compare = [_b_defaults_to_a(entry) for entry in spec.compare]
     _check_compare(path, spec)
     if not isinstance(spec.language_groups, dict):
         raise ConfigError(f"{path}: language_groups: expected a mapping of group name -> list of language codes")
@@ -183,7 +185,8 @@ def _check_compare(path, spec: SweepSpec) -> None:
         if not (two_values or two_points):
             raise ConfigError(
                 f"{where}: expected {{field, a, b}} (two values of a setting) or {{a: {{..}}, b: {{..}}}} (two "
-                "points; b_sweep: optional, another sweep recipe whose points b comes from)"
+                "points; b_sweep: optional, another sweep recipe whose points b comes from, at a's settings if b "
+                "is left out)"
             )
         for side in ("a", "b"):
             holder = compared_sweep(entry, side, spec, where)
@@ -195,6 +198,13 @@ def _check_compare(path, spec: SweepSpec) -> None:
                     else f"{entry['field']}: {entry[side]}"
                 )
                 raise ConfigError(f"{where}: {side}: no point of the sweep {holder.name} has {wanted}")
+
+
+def _b_defaults_to_a(entry):
+    """{a: {..}, b_sweep: X}: the same settings in sweep X."""
+    if isinstance(entry, dict) and "b_sweep" in entry and "b" not in entry:
+        return {**entry, "b": entry.get("a")}
+    return entry
 
 
 def _sides(comparison: dict, side: str) -> tuple:
