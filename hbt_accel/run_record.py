@@ -16,10 +16,12 @@ from __future__ import annotations
 import json
 import os
 import re
+import subprocess
 from dataclasses import dataclass, field
+from importlib import metadata
 from pathlib import Path
 
-from hbt_accel.config import HbtConfig
+from hbt_accel.config import CHECKOUT, HbtConfig
 from hbt_accel.errors import DataError
 
 SUMMARY_FILE = "train_summary.json"
@@ -126,6 +128,32 @@ class BatchArithmetic:
         )
 
 
+def code_version() -> str:
+    """hbt-accel's version and, run from a git checkout, its commit: a run's numbers depend on the code as well as on
+    its config and seed (on 2026-12-03 the packed rows' filler sequences changed the CPU dropout draws, so the same
+    seed trains differently before and after)."""
+    try:
+        version = metadata.version("hbt-accel")
+    except metadata.PackageNotFoundError:
+        version = "unknown version"
+    git = ["git", "-C", str(CHECKOUT)]
+    try:
+        top = subprocess.run([*git, "rev-parse", "--show-toplevel"], capture_output=True, text=True, timeout=30)
+        if top.returncode or Path(top.stdout.strip()).resolve() != CHECKOUT.resolve():
+            return version  # an installed package, not a checkout (or one inside another repository)
+        commit = subprocess.run([*git, "rev-parse", "--short=12", "HEAD"], capture_output=True, text=True, timeout=30)
+        changed = subprocess.run(
+            [*git, "status", "--porcelain", "--untracked-files=no", "--", "hbt_accel", "recipes"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+    except (OSError, subprocess.TimeoutExpired):  # no git here
+        return version
+    edits = " with uncommitted changes to hbt_accel/ or recipes/" if changed.stdout.strip() else ""
+    return f"{version}, git {commit.stdout.strip()}{edits}"
+
+
 @dataclass
 class TrainSummary:
     config: HbtConfig
@@ -141,6 +169,7 @@ class TrainSummary:
     evaluations: list = field(default_factory=list)  # periodic scores by step
     parameters: dict = field(default_factory=dict)  # DualEncoder.parameter_counts() of the model as trained
     peak_rss_mb: float | None = None  # the main process's peak resident memory, evaluation included
+    code: str = ""  # `code_version()`
 
     def to_json(self) -> dict:
         """The train_summary.json content (the config itself is saved beside it as hbt_config.yaml)."""
@@ -161,4 +190,5 @@ class TrainSummary:
             "peak_rss_mb": self.peak_rss_mb,
             # as run: `auto` resolved by the device (accelerate's names: bf16, fp16, no = fp32)
             "precision": {"training": self.config.mixed_precision, "evaluation": self.config.eval_precision},
+            "code": self.code,
         }

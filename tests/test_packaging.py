@@ -72,3 +72,28 @@ def test_the_wheel_trains_one_step_from_its_packaged_default_recipe(
         tmp_path,
     )
     assert int(sweeps.stdout) >= 7
+
+
+def test_code_version_names_the_commit_in_a_checkout_and_the_version_alone_elsewhere(monkeypatch, tmp_path):
+    """Run summaries record it: the same config and seed trained differently before and after some commits."""
+    from importlib import metadata
+
+    from hbt_accel import run_record
+
+    version = metadata.version("hbt-accel")
+    checkout = tmp_path / "checkout"
+    (checkout / "hbt_accel").mkdir(parents=True)
+    (checkout / "hbt_accel" / "code.py").write_text("A = 1\n")
+    (checkout / "notes.md").write_text("a\n")
+    git = ["git", "-C", str(checkout), "-c", "user.name=t", "-c", "user.email=t@t"]
+    for command in (["init", "-q"], ["add", "."], ["commit", "-qm", "first"]):
+        subprocess.run([*git, *command], check=True)
+    head = subprocess.run([*git, "rev-parse", "--short=12", "HEAD"], capture_output=True, text=True).stdout.strip()
+    monkeypatch.setattr(run_record, "CHECKOUT", checkout)
+    assert run_record.code_version() == f"{version}, git {head}"
+    (checkout / "notes.md").write_text("b\n")  # not code: still the commit's
+    assert run_record.code_version() == f"{version}, git {head}"
+    (checkout / "hbt_accel" / "code.py").write_text("A = 2\n")
+    assert run_record.code_version() == f"{version}, git {head} with uncommitted changes to hbt_accel/ or recipes/"
+    monkeypatch.setattr(run_record, "CHECKOUT", tmp_path / "elsewhere")  # an installed package: no checkout
+    assert run_record.code_version() == version

@@ -19,7 +19,7 @@ import pytest
 import yaml
 
 from hbt_accel.config import ConfigError
-from hbt_accel.run_record import find_checkpoints
+from hbt_accel.run_record import code_version, find_checkpoints
 from hbt_accel.sweeps.run import collect_point, load_sweep, point_command, point_resources, run_sweep, sweep_points
 
 REPO = Path(__file__).resolve().parents[1]
@@ -294,6 +294,7 @@ def test_a_sweep_runs_through_submitit_skips_finished_points_and_resumes_a_kille
     assert summary["settings"] == {"sampling": "hybrid", "seed": 1} and summary["steps"] == 4
     assert summary["final"]["n_queries"] == 11 * 10 and [e["step"] for e in summary["evaluations"]] == [0, 2, 4]
     assert summary["precision"] == {"training": "no", "evaluation": "no"}  # as run, so points can be told apart
+    assert summary["code"] == code_version()  # and the code that trained it: a seed's draws can change with it
 
     # a second run trains nothing
     again = run_sweep(spec)

@@ -622,6 +622,7 @@ def point_summary(spec: SweepSpec, point: SweepPoint, train_summary: dict, resul
         "device": train_summary["device"],
         "precision": train_summary.get("precision", {}),  # absent from summaries of runs before it was recorded
         "parameters": train_summary.get("parameters", {}),  # absent from summaries of runs before it was recorded
+        "code": train_summary.get("code", ""),  # version and commit (runs since 2026-12-04; older: git log the file)
         # what each corpus trained on after train_languages / train_id_fraction / train_pairs (newer runs only)
         "trained_on": [
             {"name": c["name"], **c["trained_on"]} for c in train_summary.get("corpora", []) if "trained_on" in c

@@ -75,6 +75,7 @@ from hbt_accel.run_record import (
     BatchArithmetic,
     TrainSummary,
     checkpoint_name,
+    code_version,
     find_checkpoints,
 )
 from hbt_accel.training.checkpoints import (
@@ -701,4 +702,5 @@ def build_summary(session: Session) -> TrainSummary:
         evaluations=progress.evaluations,
         parameters=session.parameters,
         peak_rss_mb=process_memory_mb().get("peak"),
+        code=code_version(),
     )
