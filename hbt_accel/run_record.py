@@ -136,22 +136,21 @@ def code_version() -> str:
         version = metadata.version("hbt-accel")
     except metadata.PackageNotFoundError:
         version = "unknown version"
-    git = ["git", "-C", str(CHECKOUT)]
+    place = _git("rev-parse", "--show-toplevel", "--short=12", "HEAD")
+    if place is None or len(place.split()) != 2 or Path(place.split()[0]).resolve() != CHECKOUT.resolve():
+        return version  # an installed package, not a checkout (or one inside another repository)
+    changed = _git("status", "--porcelain", "--untracked-files=no", "--", "hbt_accel", "recipes")
+    edits = " with uncommitted changes to hbt_accel/ or recipes/" if changed else ""
+    return f"{version}, git {place.split()[1]}{edits}"
+
+
+def _git(*args: str) -> str | None:
+    """`git -C CHECKOUT args...`'s output, or None where git is missing or fails (not a repository)."""
     try:
-        top = subprocess.run([*git, "rev-parse", "--show-toplevel"], capture_output=True, text=True, timeout=30)
-        if top.returncode or Path(top.stdout.strip()).resolve() != CHECKOUT.resolve():
-            return version  # an installed package, not a checkout (or one inside another repository)
-        commit = subprocess.run([*git, "rev-parse", "--short=12", "HEAD"], capture_output=True, text=True, timeout=30)
-        changed = subprocess.run(
-            [*git, "status", "--porcelain", "--untracked-files=no", "--", "hbt_accel", "recipes"],
-            capture_output=True,
-            text=True,
-            timeout=30,
-        )
-    except (OSError, subprocess.TimeoutExpired):  # no git here
-        return version
-    edits = " with uncommitted changes to hbt_accel/ or recipes/" if changed.stdout.strip() else ""
-    return f"{version}, git {commit.stdout.strip()}{edits}"
+        done = subprocess.run(["git", "-C", str(CHECKOUT), *args], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return done.stdout.strip() if done.returncode == 0 else None
 
 
 @dataclass
@@ -169,7 +168,7 @@ class TrainSummary:
     evaluations: list = field(default_factory=list)  # periodic scores by step
     parameters: dict = field(default_factory=dict)  # DualEncoder.parameter_counts() of the model as trained
     peak_rss_mb: float | None = None  # the main process's peak resident memory, evaluation included
-    code: str = ""  # `code_version()`
+    code: str = ""  # `code_version()` when the run started: the code that trained it
 
     def to_json(self) -> dict:
         """The train_summary.json content (the config itself is saved beside it as hbt_config.yaml)."""

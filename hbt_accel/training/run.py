@@ -163,7 +163,8 @@ def setup(cfg: HbtConfig) -> Session:
     # ---- 4. ONE prepare
     model, optimizer, scheduler = prepare(accelerator, model, optimizer, cfg, plan.max_steps)
     session = Session(cfg, accelerator, console, corpora, sampler, loader, model, optimizer, scheduler, loss_fn, plan,
-                      parameters, embedding_gradient=embedding_gradient, evaluator=evaluator)  # fmt: skip
+                      parameters, code_version(), embedding_gradient=embedding_gradient,
+                      evaluator=evaluator)  # fmt: skip
     # ---- 5. The run folder, and resume
     open_run_folder(session, resume)
     # ---- 6. Hard negatives mined with the model (docs/beyond_paper.md)
@@ -702,5 +703,5 @@ def build_summary(session: Session) -> TrainSummary:
         evaluations=progress.evaluations,
         parameters=session.parameters,
         peak_rss_mb=process_memory_mb().get("peak"),
-        code=code_version(),
+        code=session.code,
     )

@@ -65,6 +65,7 @@ class Session:
     loss_fn: TrainingStep
     plan: StepPlan
     parameters: dict = dataclasses.field(default_factory=dict)  # DualEncoder.parameter_counts(), before prepare
+    code: str = ""  # run_record.code_version() at start: the checkout may move while the run trains
     progress: TrainingProgress = dataclasses.field(default_factory=TrainingProgress)
     embedding_gradient: SparseEmbeddingGradient | None = None  # sparse_embedding_gradient, where it applies
     nonfinite_steps: int = 0  # steps skipped for a NaN/inf loss or gradient (skip_nonfinite_steps)
