@@ -165,6 +165,35 @@ def test_hierarchical_interval_over_seeds_by_hand():
     assert result["p_value"] == pytest.approx(0.5, abs=0.04)  # twice the 1/4 of draws at 0
 
 
+def test_seed_t_interval_by_hand_and_wider_than_the_bootstraps_seed_draw():
+    """a's seeds score .6 / .7 / .8 on every question, b's .5: gaps .1, .2, .3, mean .2, standard error .1 / sqrt(3).
+    With 2 degrees of freedom the t distribution has closed forms: the 97.5% quantile is .95 / sqrt(2 x .975 x .025)
+    = 4.303, and t = .2 / (.1 / sqrt(3)) = sqrt(12) has two-sided p = 1 - sqrt(12) / sqrt(14) = .0742. The bootstrap
+    over the same seeds stays within the lowest and highest gap, [.1, .3]."""
+    from hbt_accel.evaluation.statistics import hierarchical_difference, seed_t_difference
+
+    ids = [f"q{i}" for i in range(20)]
+    a = [_scores(np.full(20, value), ids) for value in (0.6, 0.7, 0.8)]
+    b = [_scores(np.full(20, 0.5), ids)] * 3
+    result = seed_t_difference(a, b)["multi_map"]
+    half_width = 0.95 / np.sqrt(2 * 0.975 * 0.025) * 0.1 / np.sqrt(3)
+    assert result["difference"] == pytest.approx(0.2)
+    assert (result["low"], result["high"]) == pytest.approx((0.2 - half_width, 0.2 + half_width))
+    assert result["p_value"] == pytest.approx(1 - np.sqrt(12 / 14))
+    bootstrap = hierarchical_difference(a, b, {}, n_resamples=2000)["multi_map"]
+    assert (
+        0.1 - 1e-9 <= bootstrap["low"] < bootstrap["high"] <= 0.3 + 1e-9 and result["low"] < 0 < 0.4 < result["high"]
+    )
+    # paired by position: the same three gaps with b's seeds shuffled would not be the same test
+    assert seed_t_difference(a, [_scores(np.full(20, v), ids) for v in (0.5, 0.6, 0.7)])["multi_map"]["low"] == (
+        pytest.approx(0.1)
+    )  # every gap .1: no spread
+    # unequal seed counts: Welch's test; fewer than 2 runs a side: none
+    welch = seed_t_difference(a, [_scores(np.full(20, 0.5), ids), _scores(np.full(20, 0.6), ids)])["multi_map"]
+    assert welch["difference"] == pytest.approx(0.15) and welch["low"] < 0 < welch["high"]
+    assert seed_t_difference(a, b[:1]) is None
+
+
 def test_clustering_by_article_widens_the_interval():
     """10 articles of 10 questions; a beats b by +d on every question of half the articles and loses by d on the
     other half. Resampling 100 questions as if independent gives an interval ~sqrt(10) narrower than resampling the

@@ -538,6 +538,10 @@ def test_the_report_of_synthetic_points_gives_hand_computed_statistics_and_the_g
     # the default interval also resamples seeds: at depth 1 every seed and question gives .1, so still no spread
     deep = tests[1]["hierarchical"]["multi_map"]
     assert (deep["difference"], deep["low"], deep["high"]) == pytest.approx((0.1, 0.1, 0.1), abs=1e-6)
+    # the t-interval over seeds pairs seed k with seed k: at depth 2 every seed's gap is .15, so no spread (unpaired,
+    # the seeds' own spread of .1 would make it about +-.23)
+    seed_t = tests[2]["seed_t"]["multi_map"]
+    assert (seed_t["difference"], seed_t["low"], seed_t["high"]) == pytest.approx((0.15, 0.15, 0.15), abs=1e-6)
     # Holm over the two comparisons: the larger raw p is kept, the smaller doubled (capped at 1); a raw 0 enters as
     # the resolution of 1,000 resamples, 2/1,000, so no adjusted p is 0
     raw = sorted(max(t["hierarchical"]["multi_map"]["p_value"], 0.002) for t in tests.values())
@@ -557,6 +561,7 @@ def test_the_report_of_synthetic_points_gives_hand_computed_statistics_and_the_g
     assert "| 1 | xx | 98.0M (2.0M w/o word emb.) | 3 |" in markdown
     assert markdown.count(" | 4.0 (1.0-9.0) |") == 4  # training minutes of every setting
     assert "cpu (A), precision not recorded: 8; cpu (B), precision training bf16, evaluation bf16: 4." in markdown
+    assert "t-interval over seeds" in markdown and markdown.count("| sampling: hybrid minus xx |") == 6  # 3 tables
 
 
 def test_two_listed_points_are_compared_question_by_question(tmp_path):
@@ -622,7 +627,7 @@ def test_a_comparison_takes_its_b_side_from_another_sweep_at_the_same_settings_a
     write_report(spec)
     (test,) = json.loads((spec.results_root / "report.json").read_text())["paired_tests"]
     assert test["comparison"] == "sampling hybrid minus the same in sweep sweep" and test["seeds"] == [2, 2]
-    for gap in (test["multi_map"], test["hierarchical"]["multi_map"]):
+    for gap in (test["multi_map"], test["hierarchical"]["multi_map"], test["seed_t"]["multi_map"]):
         assert (gap["difference"], gap["low"], gap["high"]) == pytest.approx((0.1, 0.1, 0.1), abs=1e-6)
     for b_sweep, message in (
         (str(there), "compare[0]: b: no point of the sweep sweep has {'sampling': 'xy'}"),

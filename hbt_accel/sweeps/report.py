@@ -174,8 +174,9 @@ def _group_languages(summary: dict, group: str) -> list[str]:
 
 def paired_tests(spec: SweepSpec, summaries: list[dict]) -> list[dict]:
     """For each `compare` entry, a minus b (seeds averaged) over the same question ids, with its two bootstrap
-    intervals (`hierarchical`: seeds, then articles; and over question ids alone), `REPORT_RESAMPLES` each, and Holm
-    p-values. Where both sides have a seed in common, only their common seeds count: the id-level interval resamples
+    intervals (`hierarchical`: seeds, then articles; and over question ids alone), `REPORT_RESAMPLES` each, a
+    t-interval over seeds (`seed_t`, with 2+ seeds a side) and Holm p-values. Where both sides have a seed in
+    common, only their common seeds count: the id-level interval resamples
     questions, not seeds, so one side's extra (lucky or unlucky) seed would otherwise read as a difference.
 
     {field, a, b}: the field's two values, at every value of the other settings (hybrid minus xy at each size).
@@ -183,7 +184,7 @@ def paired_tests(spec: SweepSpec, summaries: list[dict]) -> list[dict]:
     recipe `{}`.
     """
     from hbt_accel.evaluation.grid import PerQueryScores
-    from hbt_accel.evaluation.statistics import hierarchical_difference, paired_difference
+    from hbt_accel.evaluation.statistics import hierarchical_difference, paired_difference, seed_t_difference
 
     tests, articles = [], {}
     for comparison in spec.compare:
@@ -214,6 +215,9 @@ def paired_tests(spec: SweepSpec, summaries: list[dict]) -> list[dict]:
                 )
                 scored = {articles[benchmark].get(q) for q in scores["a"][0].query_ids} - {None}
                 tests[-1]["articles"] = len(scored) or None
+                seed_t = seed_t_difference(*(_in_seed_order(runs[side], scores[side]) for side in ("a", "b")))
+                if seed_t:
+                    tests[-1]["seed_t"] = seed_t
     add_holm(tests)
     return tests
 
@@ -320,16 +324,24 @@ def articles_of(benchmark: str) -> dict[str, str]:
 
 def add_holm(tests: list[dict]) -> None:
     """Holm-adjusted p-values (`p_holm`) beside the raw ones: the family is every comparison of the report, per
-    metric and per kind of interval. A raw p of 0 (no resample at or across 0) enters as the bootstrap's resolution,
-    2/n, so the adjusted values are upper bounds, never an adjusted 0."""
+    metric and per kind of interval. A bootstrap's raw p of 0 (no resample at or across 0) enters as its
+    resolution, 2/n, so the adjusted values are upper bounds, never an adjusted 0."""
     from hbt_accel.evaluation.statistics import holm_adjusted, smallest_p_value
 
     resolution = smallest_p_value(REPORT_RESAMPLES)
     for key in (m.key for m in HEADLINE):
-        for entries in ([t for t in tests], [t["hierarchical"] for t in tests if "hierarchical" in t]):
+        for kind in ("ids", "hierarchical", "seed_t"):
+            entries = tests if kind == "ids" else [t[kind] for t in tests if kind in t]
             raw = [e[key]["p_value"] for e in entries]
-            for entry, adjusted in zip(entries, holm_adjusted([resolution if p == 0 else p for p in raw])):
+            if kind != "seed_t":
+                raw = [resolution if p == 0 else p for p in raw]
+            for entry, adjusted in zip(entries, holm_adjusted(raw)):
                 entry[key]["p_holm"] = adjusted
+
+
+def _in_seed_order(runs: list[dict], scores: list) -> list:
+    """The per-query scores of `runs` sorted by seed: the t-test pairs a's k-th run with b's."""
+    return [score for _, score in sorted(zip(runs, scores), key=lambda pair: pair[0]["settings"].get("seed", 0))]
 
 
 def common_seeds(runs: dict[str, list[dict]]) -> dict[str, list[dict]]:
@@ -511,6 +523,10 @@ def render_markdown(spec: SweepSpec, report: dict) -> str:
         articles = next((t["articles"] for t in tests if t.get("articles")), None)
         lines += ["", _hierarchical_caption(articles, len(tests)), ""]
         lines += _tests_table(tests, sized, size_header, lambda test: test["hierarchical"])
+    seed_tests = [test for test in tests if "seed_t" in test]
+    if seed_tests:
+        lines += ["", SEED_T_CAPTION, ""]
+        lines += _tests_table(seed_tests, sized, size_header, lambda test: test["seed_t"], _t_test_p_value)
     if tests:
         lines += ["", "For comparison, the narrower interval of earlier reports: paired bootstrap over question ids "
                   "only (1,000 resamples; the seeds both sides have, averaged; retraining noise and the clustering of "
@@ -598,18 +614,39 @@ def _hierarchical_caption(articles: int | None, comparisons: int) -> str:
     )
 
 
-def _tests_table(tests: list[dict], sized: bool, size_header: list[str], interval) -> list[str]:
+SEED_T_CAPTION = (
+    "The same gaps with a t-interval over seeds, where both sides have 2 or more: each seed's headline number on the "
+    "scored questions, paired by seed when both sides have the same seeds (Welch's t-test otherwise); 95% interval, "
+    "two-sided p, Holm over this table. It leaves question sampling out, but it widens with few seeds where the "
+    "bootstrap's seed draw cannot: drawing 3 seeds with replacement draws the lowest one three times 1 time in 27, "
+    "more than the 2.5% tail, so that draw's 95% interval never reaches past the lowest and highest seed. Where "
+    "this interval crosses 0 and the hierarchical one does not, retraining noise has not been ruled out."
+)
+
+
+def _t_test_p_value(p_value: float) -> str:
+    return "p<0.001" if p_value < 0.001 else f"p={p_value:.3f}"
+
+
+def _bootstrap_p_value(p_value: float) -> str:
     from hbt_accel.evaluation.statistics import format_p_value
 
+    return format_p_value(p_value, REPORT_RESAMPLES)
+
+
+def _tests_table(
+    tests: list[dict], sized: bool, size_header: list[str], interval, p_text=_bootstrap_p_value
+) -> list[str]:
     lines = ["| comparison | at | " + " | ".join([*size_header, *(m.label for m in HEADLINE)]) + " |"]
     lines += ["|---|---|" + "---|" * (len(size_header) + len(HEADLINE))]
     for test in tests:
         cells = [_parameters_cell(test.get("parameters") or {})] * sized
         for m in HEADLINE:
             stats = interval(test)[m.key]
-            p_value = format_p_value(stats["p_value"], REPORT_RESAMPLES)
+            p_value = p_text(stats["p_value"])
             bound = "≤" if stats["p_value"] == 0 else "="  # a raw 0 entered Holm as 2/n: its adjusted p is a bound
-            holm = f" (Holm p{bound}{stats['p_holm']:.3f})" if "p_holm" in stats else ""
+            holm_p = stats.get("p_holm")
+            holm = "" if holm_p is None else " (Holm p<0.001)" if holm_p < 0.001 else f" (Holm p{bound}{holm_p:.3f})"
             cells.append(f"{m.format_difference(stats)} {p_value}{holm}")
         at = _setting_label(test["at"]) if test["at"] else "-"
         lines.append(f"| {test['comparison']} | {at} | " + " | ".join(cells) + " |")
