@@ -31,6 +31,7 @@ from pathlib import Path
 
 from hbt_accel.config import ConfigError, run_cli
 from hbt_accel.data import DataError
+from hbt_accel.evaluation.evaluator import is_published
 from hbt_accel.models.bundled_e5 import check_model_name
 from hbt_accel.run_record import PREFIX, checkpoint_step, find_checkpoints, model_folder
 
@@ -112,6 +113,11 @@ class EvaluateArguments:
             raise ConfigError(f"--chunk_rows: got {self.chunk_rows}, expected a positive number of passages")
         if self.bootstrap < 0:
             raise ConfigError(f"--bootstrap: got {self.bootstrap}, expected 0 (off) or a number of resamples (1000)")
+        if self.bootstrap and is_published(self.benchmark):
+            raise ConfigError(
+                f"--bootstrap: per-question intervals are for the LAReQA grid (xquad-r, mlqa-r); {self.benchmark} is "
+                "scored by its official metric, without them"
+            )
         if self.baseline and self.bootstrap == 0:
             raise ConfigError("--baseline needs --bootstrap N (e.g. 1000): the difference comes with its interval")
         if self.baseline and not Path(self.baseline).is_file():
@@ -179,6 +185,7 @@ def main(args: EvaluateArguments) -> None:
 def evaluate_model(args: EvaluateArguments, model: str, output_dir: Path | None, accelerator, is_main: bool) -> dict:
     """Load one model, score it on args.benchmark, print the report and write it to output_dir (main process).
     The benchmark's files are read first: a bad file or language fails before the model is loaded."""
+    from hbt_accel.data import article_of_question
     from hbt_accel.evaluation import print_report, write_reports
     from hbt_accel.evaluation.evaluator import open_evaluator
     from hbt_accel.evaluation.grid import PER_QUERY_FILE, save_encoded
@@ -192,7 +199,7 @@ def evaluate_model(args: EvaluateArguments, model: str, output_dir: Path | None,
     )
     results = {"model": model, **results}
     if args.bootstrap and is_main:
-        add_statistics(results, per_query[0], args)
+        add_statistics(results, per_query[0], args, article_of_question(evaluator.full))
     if not is_main:
         return results
     print_report(results)
@@ -238,16 +245,23 @@ def evaluation_spec(args: EvaluateArguments):
     )
 
 
-def add_statistics(results: dict, scores, args: EvaluateArguments) -> None:
-    """95% bootstrap intervals over question ids; with --baseline, the paired difference to that model."""
+def add_statistics(results: dict, scores, args: EvaluateArguments, article_of: dict[str, str]) -> None:
+    """95% bootstrap intervals resampling whole articles (questions on one passage are not independent; question
+    ids where the benchmark names no articles); with --baseline, the paired difference to that model."""
     from hbt_accel.evaluation.grid import PerQueryScores
     from hbt_accel.evaluation.statistics import confidence_intervals, paired_difference
 
-    results["confidence_intervals"] = confidence_intervals(scores, args.bootstrap)
+    articles = len({article_of[q] for q in scores.query_ids if q in article_of})
+    resampled = f"{articles} articles"
+    if articles < 2:  # one article cannot be resampled: its questions are the only units left
+        article_of, resampled = {}, f"{len(set(scores.query_ids))} question ids ({articles} article(s) scored)"
+    results["confidence_intervals"] = confidence_intervals(scores, args.bootstrap, article_of=article_of)
     results["bootstrap_resamples"] = args.bootstrap
+    results["bootstrap_resampled"] = resampled
     if args.baseline:
         try:
-            difference = paired_difference(scores, PerQueryScores.load(args.baseline), args.bootstrap)
+            baseline = PerQueryScores.load(args.baseline)
+            difference = paired_difference(scores, baseline, args.bootstrap, article_of=article_of)
         except ValueError as error:  # another benchmark, language set or question subset than this evaluation
             raise DataError(f"--baseline {args.baseline}: {error}") from None
         results["paired_difference"] = {"baseline": args.baseline, **difference}

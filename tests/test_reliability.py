@@ -200,16 +200,52 @@ def test_bad_evaluation_input_is_one_line(tiny_model_dir, tmp_path):
     weights.write_bytes(weights.read_bytes()[:1000])
     a_file = tmp_path / "a_file"
     a_file.write_text("")
+    beir = tmp_path / "beir_layout"  # recognised by its two files; --bootstrap is refused before they are read
+    beir.mkdir()
+    for name in ("queries.jsonl", "corpus.jsonl"):
+        (beir / name).write_text("")
     cases = [
         (["--model", "./runs/typo"], "--model: ./runs/typo not found (a local model folder"),
         (["--model", str(damaged)], f"{damaged}: the model weights cannot be read (Error while deserializing header"),
         (["--model", str(tiny_model_dir), "--output_dir", str(a_file)], f"--output_dir: {a_file} is a file"),
         (["--model", str(tiny_model_dir), "--benchmark", "xquad-rr"], "did you mean 'xquad-r'?"),
+        (
+            ["--model", str(tiny_model_dir), "--bootstrap", "100", "--benchmark", str(beir)],
+            "--bootstrap: per-question intervals are for the LAReQA grid (xquad-r, mlqa-r)",
+        ),
     ]
     for args, message in cases:
         command = [sys.executable, str(REPO / "recipes" / "evaluate.py"), "--languages", "en", *args]
         result = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path)
         assert message in _one_line_error(result), args
+
+
+def test_evaluate_bootstrap_resamples_whole_articles_and_a_model_minus_itself_is_zero(tiny_model_dir, tmp_path):
+    """`evaluate.py --bootstrap --baseline`: the intervals are the library's article-level ones for the scored ids
+    (questions on one passage are not independent), and the baseline, the same model scored here, differs by 0."""
+    from hbt_accel.data import article_of_question, load_lareqa_benchmark
+    from hbt_accel.evaluation import evaluate_grid
+    from hbt_accel.evaluation.statistics import confidence_intervals
+    from hbt_accel.models.dual_encoder import DualEncoder
+
+    benchmark = load_lareqa_benchmark("xquad-r", languages=["en", "de"])
+    per_query: list = []
+    evaluate_grid(DualEncoder.from_pretrained(tiny_model_dir), benchmark, max_queries=80, per_query=per_query)
+    baseline = per_query[0].save(tmp_path / "baseline.npz")
+    out = tmp_path / "eval"
+    command = [sys.executable, str(REPO / "recipes" / "evaluate.py"), "--model", str(tiny_model_dir)]
+    command += ["--languages", "en,de", "--max_queries", "80", "--precision", "no", "--bootstrap", "200"]
+    result = subprocess.run([*command, "--baseline", str(baseline), "--output_dir", str(out)], capture_output=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+    results = json.loads((out / "eval_results.json").read_text())
+    article_of = article_of_question(benchmark)
+    articles = {article_of[q] for q in per_query[0].query_ids}
+    assert results["bootstrap_resampled"] == f"{len(articles)} articles" and 1 < len(articles) < 80
+    expected = confidence_intervals(per_query[0], 200, article_of=article_of)
+    assert results["confidence_intervals"]["multi_map"] == pytest.approx(expected["multi_map"])
+    assert expected["multi_map"] != confidence_intervals(per_query[0], 200)["multi_map"]  # not the id-level one
+    gap = results["paired_difference"]["multi_map"]
+    assert (gap["difference"], gap["low"], gap["high"]) == pytest.approx((0.0, 0.0, 0.0), abs=1e-6)
 
 
 def test_a_huge_learning_rate_stops_within_three_steps_and_saves_nothing(tiny_model_dir, mlqa_slice, tmp_path):

@@ -63,16 +63,21 @@ def weighted_headline(scores: PerQueryScores, weights: np.ndarray) -> np.ndarray
         )
 
 
-def _question_index(scores: PerQueryScores) -> tuple[np.ndarray, int]:
-    """(for each query row the index of its question id, the number of distinct ids)."""
-    ids, index = np.unique(np.asarray(scores.query_ids), return_inverse=True)
-    return index, len(ids)
+def _cluster_index(scores: PerQueryScores, article_of: dict[str, str] | None) -> tuple[np.ndarray, int]:
+    """(for each query row the index of its cluster, the number of clusters): the question's article where
+    `article_of` names one (questions on one passage are not independent), else the question id itself."""
+    article_of = article_of or {}
+    clusters = [f"article:{article_of[q]}" if q in article_of else f"id:{q}" for q in scores.query_ids]
+    names, index = np.unique(np.asarray(clusters), return_inverse=True)
+    return index, len(names)
 
 
-def _bootstrap(statistic: Callable, scores: PerQueryScores, n_resamples: int, confidence: float, seed: int):
+def _bootstrap(
+    statistic: Callable, scores: PerQueryScores, n_resamples: int, confidence: float, seed: int, article_of=None
+):
     from scipy.stats import bootstrap
 
-    index, num_ids = _question_index(scores)
+    index, num_ids = _cluster_index(scores, article_of)
 
     def resampled(drawn: np.ndarray, axis: int = -1) -> np.ndarray:
         drawn = np.moveaxis(np.atleast_2d(drawn), axis, -1).astype(np.int64)  # (B, num_ids) drawn id indices
@@ -92,12 +97,16 @@ def _bootstrap(statistic: Callable, scores: PerQueryScores, n_resamples: int, co
 
 
 def confidence_intervals(
-    scores: PerQueryScores, n_resamples: int = 1000, confidence: float = 0.95, seed: int = 0
+    scores: PerQueryScores,
+    n_resamples: int = 1000,
+    confidence: float = 0.95,
+    seed: int = 0,
+    article_of: dict[str, str] | None = None,
 ) -> dict[str, dict]:
     """{metric: {value, low, high}} for mono / cross / multi mAP, rank distance, R@1, R@10 (percentile bootstrap
-    over question ids)."""
+    over question ids, or over whole articles with `article_of`: question id -> article)."""
     point = weighted_headline(scores, np.ones(len(scores.query_ids)))[:, 0]
-    result = _bootstrap(lambda w: weighted_headline(scores, w), scores, n_resamples, confidence, seed)
+    result = _bootstrap(lambda w: weighted_headline(scores, w), scores, n_resamples, confidence, seed, article_of)
     low, high = result.confidence_interval
     return {
         key: {"value": float(point[k]), "low": float(low[k]), "high": float(high[k])} for k, key in enumerate(CI_KEYS)
@@ -110,12 +119,14 @@ def paired_difference(
     n_resamples: int = 1000,
     confidence: float = 0.95,
     seed: int = 0,
+    article_of: dict[str, str] | None = None,
 ) -> dict[str, dict]:
     """{metric: {difference, low, high, p_value}} of model a minus model b on the same questions.
 
     a and b may each be several runs (seeds): the difference is then mean over a's runs minus mean over b's runs.
-    Every run is resampled with the same question ids (paired). p_value: two-sided, from the bootstrap distribution
-    of the difference (twice the smaller share of resamples on either side of 0).
+    Every run is resampled with the same question ids (paired); with `article_of` (question id -> article), whole
+    articles are resampled instead (`hierarchical_difference` also resamples the seeds). p_value: two-sided, from
+    the bootstrap distribution of the difference (twice the smaller share of resamples on either side of 0).
     """
     a_runs = [a] if isinstance(a, PerQueryScores) else list(a)
     b_runs = [b] if isinstance(b, PerQueryScores) else list(b)
@@ -130,7 +141,7 @@ def paired_difference(
         return mean_a - mean_b  # (K, B)
 
     point = difference(np.ones((1, len(reference.query_ids))))[:, 0]
-    result = _bootstrap(difference, reference, n_resamples, confidence, seed)
+    result = _bootstrap(difference, reference, n_resamples, confidence, seed, article_of)
     return _gaps(point, *result.confidence_interval, result.bootstrap_distribution)
 
 
@@ -181,15 +192,13 @@ def hierarchical_difference(
     for run in [*a, *b]:
         if run.query_ids != reference.query_ids or run.languages != reference.languages:
             raise ValueError("hierarchical_difference: the evaluations must cover the same questions and languages")
-    articles, query_article = np.unique(
-        [article_of.get(q, f"id:{q}") for q in reference.query_ids], return_inverse=True
-    )
+    query_article, num_articles = _cluster_index(reference, article_of)
     rng = np.random.default_rng(seed)
     point = _seed_means(a, b, np.ones((1, len(reference.query_ids))), None, None)[:, 0]
     draws = []
     for start in range(0, n_resamples, 100):
         size = min(100, n_resamples - start)
-        article_counts = rng.multinomial(len(articles), np.full(len(articles), 1 / len(articles)), size=size)
+        article_counts = rng.multinomial(num_articles, np.full(num_articles, 1 / num_articles), size=size)
         seeds_a = rng.integers(0, len(a), size=(size, len(a)))
         seeds_b = seeds_a if len(a) == len(b) else rng.integers(0, len(b), size=(size, len(b)))
         draws.append(_seed_means(a, b, article_counts[:, query_article].astype(np.float64), seeds_a, seeds_b))
