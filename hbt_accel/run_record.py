@@ -136,12 +136,12 @@ def code_version() -> str:
         version = metadata.version("hbt-accel")
     except metadata.PackageNotFoundError:
         version = "unknown version"
-    place = _git("rev-parse", "--show-toplevel", "--short=12", "HEAD")
-    if place is None or len(place.split()) != 2 or Path(place.split()[0]).resolve() != CHECKOUT.resolve():
+    top_and_commit = (_git("rev-parse", "--show-toplevel", "--short=12", "HEAD") or "").splitlines()  # one a line
+    if len(top_and_commit) != 2 or Path(top_and_commit[0]).resolve() != CHECKOUT.resolve():
         return version  # an installed package, not a checkout (or one inside another repository)
     changed = _git("status", "--porcelain", "--untracked-files=no", "--", "hbt_accel", "recipes")
     edits = " with uncommitted changes to hbt_accel/ or recipes/" if changed else ""
-    return f"{version}, git {place.split()[1]}{edits}"
+    return f"{version}, git {top_and_commit[1]}{edits}"
 
 
 def _git(*args: str) -> str | None:
