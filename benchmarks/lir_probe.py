@@ -95,10 +95,10 @@ def estimation_passages(name: str, count: int) -> dict[str, list[str]]:
 
 
 def main(argv=None) -> None:
-    from hbt_accel.data import load_lareqa_benchmark
+    from hbt_accel.data import article_of_question, load_lareqa_benchmark
     from hbt_accel.evaluation import encode_benchmark, score_encoded
     from hbt_accel.evaluation.schema import HEADLINE_KEYS
-    from hbt_accel.evaluation.statistics import paired_difference
+    from hbt_accel.evaluation.statistics import paired_difference, resampling_units
     from hbt_accel.models.dual_encoder import DualEncoder
 
     args = parse_args(argv)
@@ -129,18 +129,19 @@ def main(argv=None) -> None:
         per_query = []
         scored[name] = (score_encoded(variant, per_query=per_query), per_query[0])
     baseline = scored["as encoded"][1]
+    article_of, resampled = resampling_units(baseline, article_of_question(benchmark))
     rows = []
     for name, (results, scores) in scored.items():
-        gap = paired_difference(scores, baseline) if name != "as encoded" else None
+        gap = paired_difference(scores, baseline, article_of=article_of) if name != "as encoded" else None
         cells = [f"{results[key]:.3f}" if key != "rank_distance" else f"{results[key]:.0f}" for key in HEADLINE_KEYS]
         multi = gap["multi_map"] if gap else None
         cells.append(f"{multi['difference']:+.3f} [{multi['low']:+.3f}, {multi['high']:+.3f}]" if multi else "")
         rows.append("| " + " | ".join([name, *cells]) + " |")
         print(rows[-1], flush=True)
-    write(args, encoded, rows, time.perf_counter() - started)
+    write(args, encoded, rows, resampled, time.perf_counter() - started)
 
 
-def write(args, encoded, rows: list[str], seconds: float) -> None:
+def write(args, encoded, rows: list[str], resampled: str, seconds: float) -> None:
     command = invocation()
     body = [
         "## Language-information removal probe (issue 14)",
@@ -149,7 +150,7 @@ def write(args, encoded, rows: list[str], seconds: float) -> None:
         f"{args.benchmark} queries ({len(set(encoded.query_ids)):,} question ids) in {len(encoded.languages)} "
         "languages; directions from "
         f"{args.passages_per_language} {args.directions_from} passages per language. One model, so the interval "
-        "is over questions only (paired bootstrap, 1000 resamples), not over training seeds.",
+        f"is over questions only (paired bootstrap over {resampled}, 1000 resamples), not over training seeds.",
         "",
         "| embeddings | mono | cross | multi | rank distance | multi minus as encoded [95% CI] |",
         "|---|---|---|---|---|---|",

@@ -78,15 +78,17 @@ def run_labels(folders: list[Path]) -> list[str]:
     return [str(folder.relative_to(common)) if folder != common else folder.name for folder in resolved]
 
 
-def section(args: argparse.Namespace, folders: list[Path], runs: list, average) -> list[str]:
-    from hbt_accel.evaluation.statistics import paired_difference, weighted_headline
+def section(args: argparse.Namespace, folders: list[Path], runs: list, average, article_of: dict) -> list[str]:
+    from hbt_accel.evaluation.statistics import paired_difference, resampling_units, weighted_headline
+
+    article_of, resampled = resampling_units(average, article_of)  # an article's questions are not independent
 
     def headline(scores) -> list[str]:
         values = weighted_headline(scores, np.ones(len(scores.query_ids)))[:, 0]
         return [f"{values[k]:.{m.digits}f}" for k, m in enumerate(HEADLINE)]
 
     def paired(a, b) -> list[str]:
-        test = paired_difference(a, b, n_resamples=args.bootstrap)
+        test = paired_difference(a, b, n_resamples=args.bootstrap, article_of=article_of)
         return [m.format_difference(test[m.key]) for m in HEADLINE]
 
     labels = run_labels(folders)
@@ -104,7 +106,7 @@ def section(args: argparse.Namespace, folders: list[Path], runs: list, average) 
         *(f"| {label} | " + " | ".join(headline(run)) + " |" for label, run in zip(labels, runs)),
         "| **weight average** | " + " | ".join(headline(average)) + " |",
         "",
-        f"Paired bootstrap over question ids ({args.bootstrap:,} resamples), the average minus:",
+        f"Paired bootstrap over {resampled} ({args.bootstrap:,} resamples), the average minus:",
         "",
         header.replace("| model |", "| minus |"),
         rule,
@@ -115,7 +117,7 @@ def section(args: argparse.Namespace, folders: list[Path], runs: list, average) 
 
 
 def main(argv=None) -> None:
-    from hbt_accel.data import load_lareqa_benchmark
+    from hbt_accel.data import article_of_question, load_lareqa_benchmark
     from hbt_accel.training.averaging import average_models, check_runs
 
     args = parse_args(argv)
@@ -126,7 +128,7 @@ def main(argv=None) -> None:
     average_models(folders, args.output_dir)
     runs = [score_model(folder, questions, args.max_queries) for folder in folders]
     average = score_model(args.output_dir, questions, args.max_queries)
-    publish(args.docs_dir, "weight_averaging", section(args, folders, runs, average))
+    publish(args.docs_dir, "weight_averaging", section(args, folders, runs, average, article_of_question(questions)))
 
 
 if __name__ == "__main__":

@@ -249,12 +249,9 @@ def add_statistics(results: dict, scores, args: EvaluateArguments, article_of: d
     """95% bootstrap intervals resampling whole articles (questions on one passage are not independent; question
     ids where the benchmark names no articles); with --baseline, the paired difference to that model."""
     from hbt_accel.evaluation.grid import PerQueryScores
-    from hbt_accel.evaluation.statistics import confidence_intervals, paired_difference
+    from hbt_accel.evaluation.statistics import confidence_intervals, paired_difference, resampling_units
 
-    articles = len({article_of[q] for q in scores.query_ids if q in article_of})
-    resampled = f"{articles} articles"
-    if articles < 2:  # one article cannot be resampled: its questions are the only units left
-        article_of, resampled = {}, f"{len(set(scores.query_ids))} question ids ({articles} article(s) scored)"
+    article_of, resampled = resampling_units(scores, article_of)
     results["confidence_intervals"] = confidence_intervals(scores, args.bootstrap, article_of=article_of)
     results["bootstrap_resamples"] = args.bootstrap
     results["bootstrap_resampled"] = resampled

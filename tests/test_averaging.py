@@ -4,6 +4,7 @@ refusals before anything is written."""
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -154,6 +155,7 @@ def test_the_soup_benchmark_scores_runs_and_average_alike_and_tests_the_average_
         gap = average[k] - (scores[0][k] + scores[1][k]) / 2
         assert mean_row[1 + k].startswith(f"{gap:+.3f} [")
     assert "mlqa-r:validation` (6 question ids" in "\n".join(lines)
+    assert re.search(r"^Paired bootstrap over [2-6] articles \(200 resamples\)", "\n".join(lines), re.MULTILINE)
 
 
 def test_the_soup_benchmark_refuses_an_unknown_benchmark_in_one_line_before_averaging(two_runs, tmp_path):

@@ -212,6 +212,19 @@ def test_clustering_by_article_widens_the_interval():
     assert width_article == pytest.approx(2 * 1.96 * 0.1 / np.sqrt(10), rel=0.2)  # the mean of 10 values of +-.1
 
 
+def test_resampling_units_are_articles_unless_one_article_is_scored():
+    """Two articles (and an id without one) are resampled as articles; questions from one article fall back to the
+    question ids, as one unit cannot be resampled, and say so."""
+    from hbt_accel.evaluation.statistics import resampling_units
+
+    scores = _scores(np.array([0.2, 0.4, 0.6, 0.8]), ["q1", "q2", "q3", "q4"])
+    two = {"q1": "A", "q2": "A", "q3": "B"}
+    assert resampling_units(scores, two) == (two, "2 articles")
+    one = {"q1": "A", "q2": "A", "q3": "A", "q4": "A"}
+    assert resampling_units(scores, one) == ({}, "4 question ids (1 article(s) scored)")
+    assert resampling_units(scores, {}) == ({}, "4 question ids (0 article(s) scored)")
+
+
 def test_holm_adjustment_by_hand():
     from hbt_accel.evaluation.statistics import holm_adjusted
 

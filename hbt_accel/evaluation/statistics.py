@@ -72,6 +72,20 @@ def _cluster_index(scores: PerQueryScores, article_of: dict[str, str] | None) ->
     return index, len(names)
 
 
+def scored_articles(query_ids: Sequence[str], article_of: dict[str, str]) -> int:
+    """How many articles the scored questions come from (an id without one is not counted)."""
+    return len({article_of[q] for q in query_ids if q in article_of})
+
+
+def resampling_units(scores: PerQueryScores, article_of: dict[str, str]) -> tuple[dict[str, str], str]:
+    """(the article map a bootstrap of `scores` resamples with, what it resamples in words): whole articles, or the
+    question ids when the scored questions come from fewer than two articles (one unit cannot be resampled)."""
+    articles = scored_articles(scores.query_ids, article_of)
+    if articles < 2:
+        return {}, f"{len(set(scores.query_ids))} question ids ({articles} article(s) scored)"
+    return article_of, f"{articles} articles"
+
+
 def _bootstrap(
     statistic: Callable, scores: PerQueryScores, n_resamples: int, confidence: float, seed: int, article_of=None
 ):

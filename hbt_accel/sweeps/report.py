@@ -184,7 +184,12 @@ def paired_tests(spec: SweepSpec, summaries: list[dict]) -> list[dict]:
     recipe `{}`.
     """
     from hbt_accel.evaluation.grid import PerQueryScores
-    from hbt_accel.evaluation.statistics import hierarchical_difference, paired_difference, seed_t_difference
+    from hbt_accel.evaluation.statistics import (
+        hierarchical_difference,
+        paired_difference,
+        scored_articles,
+        seed_t_difference,
+    )
 
     tests, articles = [], {}
     for comparison in spec.compare:
@@ -213,8 +218,7 @@ def paired_tests(spec: SweepSpec, summaries: list[dict]) -> list[dict]:
                 tests[-1]["hierarchical"] = hierarchical_difference(
                     scores["a"], scores["b"], articles[benchmark], REPORT_RESAMPLES
                 )
-                scored = {articles[benchmark].get(q) for q in scores["a"][0].query_ids} - {None}
-                tests[-1]["articles"] = len(scored) or None
+                tests[-1]["articles"] = scored_articles(scores["a"][0].query_ids, articles[benchmark]) or None
                 seed_t = seed_t_difference(*(_in_seed_order(runs[side], scores[side]) for side in ("a", "b")))
                 if seed_t:
                     tests[-1]["seed_t"] = seed_t
