@@ -26,6 +26,8 @@ from pathlib import Path
 import numpy as np
 from report import invocation, publish, run_benchmark
 
+from hbt_accel.models.precision import EVAL_PRECISION_HELP, EVAL_PRECISIONS
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -36,6 +38,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--directions_from", default="mlqa-r:train", help="whose passages the directions come from")
     parser.add_argument("--passages_per_language", type=int, default=1000, help="passages per language, spread evenly")
     parser.add_argument("--ranks", default="1,2,4,8", help="directions removed, per language or shared")
+    parser.add_argument("--precision", default="auto", choices=EVAL_PRECISIONS, help=EVAL_PRECISION_HELP)
     parser.add_argument("--docs_dir", default=str(REPO / "docs"), help="write the table here ('' = print only)")
     return parser.parse_args(argv)
 
@@ -100,8 +103,11 @@ def main(argv=None) -> None:
     from hbt_accel.evaluation.schema import HEADLINE_KEYS
     from hbt_accel.evaluation.statistics import paired_difference, resampling_units
     from hbt_accel.models.dual_encoder import DualEncoder
+    from hbt_accel.models.precision import evaluation_precision
 
     args = parse_args(argv)
+    choice = evaluation_precision(args.precision)
+    print(f"precision: {choice.reason}", flush=True)
     started = time.perf_counter()
     encoder = DualEncoder.from_pretrained(args.model)
     benchmark = load_lareqa_benchmark(args.benchmark)
@@ -109,8 +115,8 @@ def main(argv=None) -> None:
     missing = [lang for lang in benchmark.languages if lang not in samples]
     if missing:  # checked before any encoding
         raise SystemExit(f"--directions_from {args.directions_from}: no passages in {', '.join(missing)}")
-    encoded = encode_benchmark(encoder, benchmark, bf16=True)
-    passages = {lang: encoder.encode(samples[lang], kind="passage", bf16=True) for lang in encoded.languages}
+    encoded = encode_benchmark(encoder, benchmark, bf16=choice.bf16)
+    passages = {lang: encoder.encode(samples[lang], kind="passage", bf16=choice.bf16) for lang in encoded.languages}
 
     ranks = [int(r) for r in args.ranks.split(",")]
     # one SVD per language (and one of the means) at the largest rank; a smaller rank is its leading rows
@@ -149,8 +155,9 @@ def write(args, encoded, rows: list[str], resampled: str, seconds: float) -> Non
         f"`{command.strip()}` on {time.strftime('%Y-%m-%d')}, {seconds:.0f} s: {len(encoded.query_ids):,} "
         f"{args.benchmark} queries ({len(set(encoded.query_ids)):,} question ids) in {len(encoded.languages)} "
         "languages; directions from "
-        f"{args.passages_per_language} {args.directions_from} passages per language. One model, so the interval "
-        f"is over questions only (paired bootstrap over {resampled}, 1000 resamples), not over training seeds.",
+        f"{args.passages_per_language} {args.directions_from} passages per language, {encoded.precision} encoding. "
+        f"One model, so the interval covers the questions only (paired bootstrap over {resampled}, 1000 "
+        "resamples), not training seeds.",
         "",
         "| embeddings | mono | cross | multi | rank distance | multi minus as encoded [95% CI] |",
         "|---|---|---|---|---|---|",

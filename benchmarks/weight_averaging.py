@@ -5,7 +5,7 @@
 The runs are seeds of one recipe (e.g. the final_default sweep's hybrid points, trained on `mlqa-r:train`). The script
 averages their weights (`hbt_accel.training.averaging`, the code path of `recipes/average.py`), then scores every run
 and the average here, on the same questions of `--benchmark` (`mlqa-r:validation` by default, never XQuAD-R: this is a
-choice to make) with the same code, and tests the average paired over question ids against the runs' mean (what one
+choice to make) with the same code, and tests the average paired over whole articles against the runs' mean (what one
 would get from a single run, on average) and against each run. The section `weight_averaging` of docs/results.md is
 written from what it measured.
 """
@@ -25,6 +25,7 @@ from report import invocation, publish, run_benchmark  # noqa: E402
 
 from hbt_accel.errors import DataError  # noqa: E402
 from hbt_accel.evaluation.schema import HEADLINE  # noqa: E402
+from hbt_accel.models.precision import EVAL_PRECISION_HELP, EVAL_PRECISIONS  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -34,7 +35,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--benchmark", default="mlqa-r:validation", help="score the runs and their average on this")
     parser.add_argument("--max_queries", type=int, default=0, help="the first N question ids; 0 = all")
     parser.add_argument("--data_dir", default="", help="folder with mlqa-r/ and xquad-r/; empty = default lookup")
-    parser.add_argument("--bootstrap", type=int, default=1000, help="resamples of question ids for the paired tests")
+    parser.add_argument("--bootstrap", type=int, default=1000, help="resamples of articles for the paired tests")
+    parser.add_argument("--precision", default="auto", choices=EVAL_PRECISIONS, help=EVAL_PRECISION_HELP)
     parser.add_argument("--docs_dir", default=str(REPO / "docs"), help="write the section here ('' = print only)")
     return parser.parse_args(argv)
 
@@ -59,14 +61,14 @@ def check_held_out(folders: list[Path], benchmark: str) -> None:
             )
 
 
-def score_model(folder, questions, max_queries: int):
-    """One model's per-query ranks on `questions`, bf16 encoding as in training's final evaluation."""
+def score_model(folder, questions, max_queries: int, bf16: bool):
+    """One model's per-query ranks on `questions`, encoded in bf16 or fp32 (`--precision`)."""
     from hbt_accel.evaluation import evaluate_grid
     from hbt_accel.models.dual_encoder import DualEncoder
 
     per_query: list = []
     evaluate_grid(
-        DualEncoder.from_pretrained(folder), questions, max_queries=max_queries, bf16=True, per_query=per_query
+        DualEncoder.from_pretrained(folder), questions, max_queries=max_queries, bf16=bf16, per_query=per_query
     )
     return per_query[0]
 
@@ -99,7 +101,7 @@ def section(args: argparse.Namespace, folders: list[Path], runs: list, average, 
         "",
         f"`{invocation()}`: the uniform mean of the weights of {len(folders)} runs, scored on `{args.benchmark}` "
         f"({len(set(average.query_ids)):,} question ids, {len(average.query_ids):,} queries in "
-        f"{len(average.languages)} languages, bf16 encoding).",
+        f"{len(average.languages)} languages, {'bf16' if args.precision == 'bf16' else 'fp32'} encoding).",
         "",
         header,
         rule,
@@ -118,6 +120,7 @@ def section(args: argparse.Namespace, folders: list[Path], runs: list, average, 
 
 def main(argv=None) -> None:
     from hbt_accel.data import article_of_question, load_lareqa_benchmark
+    from hbt_accel.models.precision import evaluation_precision
     from hbt_accel.training.averaging import average_models, check_runs
 
     args = parse_args(argv)
@@ -125,9 +128,12 @@ def main(argv=None) -> None:
     check_held_out([Path(run) for run in runs], args.benchmark)  # the sharper diagnosis comes first
     folders = check_runs(runs)
     questions = load_lareqa_benchmark(args.benchmark, data_dir=args.data_dir or None)  # bad name: one line, first
+    choice = evaluation_precision(args.precision)
+    args.precision = choice.precision  # what the section reports
+    print(f"precision: {choice.reason}", flush=True)
     average_models(folders, args.output_dir)
-    runs = [score_model(folder, questions, args.max_queries) for folder in folders]
-    average = score_model(args.output_dir, questions, args.max_queries)
+    runs = [score_model(folder, questions, args.max_queries, choice.bf16) for folder in folders]
+    average = score_model(args.output_dir, questions, args.max_queries, choice.bf16)
     publish(args.docs_dir, "weight_averaging", section(args, folders, runs, average, article_of_question(questions)))
 
 

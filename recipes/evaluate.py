@@ -33,6 +33,7 @@ from hbt_accel.config import ConfigError, run_cli
 from hbt_accel.data import DataError
 from hbt_accel.evaluation.evaluator import is_published
 from hbt_accel.models.bundled_e5 import check_model_name
+from hbt_accel.models.precision import EVAL_PRECISION_HELP, EVAL_PRECISIONS
 from hbt_accel.run_record import PREFIX, checkpoint_step, find_checkpoints, model_folder
 
 
@@ -55,11 +56,7 @@ class EvaluateArguments:
     output_dir: str = field(default="", metadata={"help": "where to write the reports of --model; empty = none"})
     precision: str = field(
         default="auto",
-        metadata={
-            "help": "encode under bf16 autocast (scores stay fp32) or in fp32 ('no'); auto = bf16 where the device "
-            "computes it natively and faster, else fp32",
-            "choices": ("auto", "bf16", "no"),
-        },
+        metadata={"help": EVAL_PRECISION_HELP, "choices": EVAL_PRECISIONS},
     )
     batch_size: int = field(default=64, metadata={"help": "texts per encoder forward"})
     block_size: int = field(default=256, metadata={"help": "queries scored at once against the whole pool"})
@@ -133,7 +130,7 @@ def main(args: EvaluateArguments) -> None:
     from hbt_accel.distributed import bound_onednn_kernel_cache, configure_cpu_threads
     from hbt_accel.evaluation import plot_metrics_by_step, print_metrics_by_step
     from hbt_accel.evaluation.grid import RESULTS_FILE
-    from hbt_accel.models.precision import device_capabilities, eval_choice
+    from hbt_accel.models.precision import evaluation_precision
 
     # ---------------------------------------------------------------- processes (a launch splits the encoding)
     threads = configure_cpu_threads()  # accelerate launch would leave one core per process
@@ -144,7 +141,7 @@ def main(args: EvaluateArguments) -> None:
 
         accelerator = make_accelerator()
     is_main = accelerator is None or accelerator.is_main_process
-    choice = eval_choice(args.precision, device_capabilities(probe=args.precision != "no"))
+    choice = evaluation_precision(args.precision)
     args = dataclasses.replace(args, precision=choice.precision)
     if is_main:
         print(f"{threads}\nprecision: {choice.reason}")

@@ -139,10 +139,19 @@ def test_the_soup_benchmark_scores_runs_and_average_alike_and_tests_the_average_
     def headline(folder):
         per_query: list = []
         questions = load_lareqa_benchmark("mlqa-r:validation")
-        evaluate_grid(DualEncoder.from_pretrained(folder), questions, max_queries=6, bf16=True, per_query=per_query)
+        evaluate_grid(DualEncoder.from_pretrained(folder), questions, max_queries=6, bf16=False, per_query=per_query)
         return weighted_headline(per_query[0], np.ones(len(per_query[0].query_ids)))[:, 0]
 
-    arguments = ["--runs", ",".join(map(str, two_runs)), "--max_queries", "6", "--bootstrap", "200"]
+    arguments = [
+        "--runs",
+        ",".join(map(str, two_runs)),
+        "--max_queries",
+        "6",
+        "--bootstrap",
+        "200",
+        "--precision",
+        "no",
+    ]
     main([*arguments, "--output_dir", str(tmp_path / "soup"), "--docs_dir", str(tmp_path)])
     lines = (tmp_path / "results.md").read_text().splitlines()
     average, scores = headline(tmp_path / "soup"), [headline(run) for run in two_runs]
@@ -154,7 +163,7 @@ def test_the_soup_benchmark_scores_runs_and_average_alike_and_tests_the_average_
     for k in range(3):
         gap = average[k] - (scores[0][k] + scores[1][k]) / 2
         assert mean_row[1 + k].startswith(f"{gap:+.3f} [")
-    assert "mlqa-r:validation` (6 question ids" in "\n".join(lines)
+    assert "mlqa-r:validation` (6 question ids" in "\n".join(lines) and "languages, fp32 encoding)" in "\n".join(lines)
     assert re.search(r"^Paired bootstrap over [2-6] articles \(200 resamples\)", "\n".join(lines), re.MULTILINE)
 
 

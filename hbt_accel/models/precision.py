@@ -113,6 +113,19 @@ def eval_choice(requested: str, caps: DeviceCapabilities) -> PrecisionChoice:
     return choice
 
 
+EVAL_PRECISIONS = ("auto", "bf16", "no")
+EVAL_PRECISION_HELP = (
+    "encode under bf16 autocast (scores stay fp32) or in fp32 ('no'); auto = bf16 where the device computes it "
+    "natively and faster, else fp32"
+)
+
+
+def evaluation_precision(requested: str) -> PrecisionChoice:
+    """`eval_choice` on this device, for a script that only encodes; bf16's speed is probed only when it may be
+    chosen."""
+    return eval_choice(requested, device_capabilities(probe=requested != "no"))
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # The machine at hand
 # ----------------------------------------------------------------------------------------------------------------
