@@ -28,7 +28,7 @@ from hbt_accel.distributed import (
     check_signal_names,
 )
 from hbt_accel.errors import ConfigError, DataError, PushFailed, TrainingDiverged, did_you_mean
-from hbt_accel.models.precision import PRECISIONS
+from hbt_accel.models.precision import EVAL_PRECISIONS, PRECISIONS
 
 # The checkout's recipes/ folder ships inside the package as hbt_accel.recipes (pyproject.toml), so a wheel has them.
 RECIPES_DIR = Path(str(resources.files("hbt_accel.recipes")))
@@ -239,7 +239,7 @@ class HbtConfig:
         "auto",
         "precision of evaluation and hard-negative mining encodes; auto = bf16 where mixed_precision's auto would "
         "choose it, else fp32 (bf16 mAPs within .0005 of fp32)",
-        choices=("auto", "bf16", "no"),
+        choices=EVAL_PRECISIONS,
     )
     metric_for_best_model: str = _field(
         "mean_map",

@@ -29,6 +29,7 @@ from hbt_accel.atomic import write_atomic
 from hbt_accel.errors import ConfigError
 
 PRECISIONS = ("auto", "bf16", "fp16", "no")
+EVAL_PRECISIONS = ("auto", "bf16", "no")  # encoding needs no loss scaler: fp16 GPUs encode in fp32
 NATIVE_BF16_FLAGS = ("avx512_bf16", "amx_bf16", "bf16")  # /proc/cpuinfo: x86 "flags", Arm "Features"
 PROBE_MARGIN = 1.3  # bf16 matrix products must be this much faster than fp32 for bf16 to win a whole step
 CPUINFO = Path("/proc/cpuinfo")
@@ -113,7 +114,6 @@ def eval_choice(requested: str, caps: DeviceCapabilities) -> PrecisionChoice:
     return choice
 
 
-EVAL_PRECISIONS = ("auto", "bf16", "no")
 EVAL_PRECISION_HELP = (
     "encode under bf16 autocast (scores stay fp32) or in fp32 ('no'); auto = bf16 where the device computes it "
     "natively and faster, else fp32"
