@@ -24,6 +24,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
+from hbt_accel.models.precision import EVAL_PRECISION_HELP, EVAL_PRECISIONS  # noqa: E402
+
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -31,7 +33,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--data_dir", default="", help="folder with mlqa-r/; empty = $HBT_DATA_DIR or ../shared")
     parser.add_argument("--languages", default="", help="comma-separated languages; empty = all of MLQA-R")
     parser.add_argument("--max_ids", type=int, default=0, help="first N ids (file order); 0 = all")
-    parser.add_argument("--bf16", action="store_true", help="encode under bf16 autocast")
+    parser.add_argument("--precision", default="auto", choices=EVAL_PRECISIONS, help=EVAL_PRECISION_HELP)
     parser.add_argument("--output", default="", help="also write the table as JSON here")
     parser.add_argument("--docs_dir", default=str(REPO / "docs"), help="write the table here ('' = print only)")
     return parser.parse_args(argv)
@@ -72,14 +74,14 @@ def pair_row(first: dict[str, str], second: dict[str, str], vectors: dict[str, n
     }
 
 
-def section(args: argparse.Namespace, rows: dict[str, dict]) -> list[str]:
+def section(args: argparse.Namespace, precision: str, rows: dict[str, dict]) -> list[str]:
     """The pairs as a markdown table, then the share of same-id answers found as each other's nearest neighbour."""
     from report import invocation
 
     lines = [
         "## Are an MLQA-R id's answers in two languages translations? (issue 14, passage alignment)",
         "",
-        f"`{invocation()}`, model `{args.model}`{' (bf16)' if args.bf16 else ''}: for each language pair, over "
+        f"`{invocation()}`, model `{args.model}`, {precision} encoding: for each language pair, over "
         "the ids with an answer in both, the answer in one language retrieves the other among all of that "
         "language's answers of those ids.",
         "",
@@ -106,6 +108,7 @@ def main(argv=None) -> None:
 
     from hbt_accel.evaluation.encoding import encode_texts
     from hbt_accel.models.dual_encoder import DualEncoder
+    from hbt_accel.models.precision import evaluation_precision
 
     args = parse_args(argv)
     languages = [lang.strip() for lang in args.languages.split(",") if lang.strip()]
@@ -120,15 +123,17 @@ def main(argv=None) -> None:
 
         raise DataError("--languages / --max_ids: no language pair shares two or more ids; nothing to compare")
     texts = sorted({text for by_id in answers.values() for text in by_id.values()})
+    choice = evaluation_precision(args.precision)
+    print(f"precision: {choice.reason}", flush=True)
     encoder = DualEncoder.from_pretrained(args.model)
-    vectors = dict(zip(texts, encode_texts(encoder, texts, "passage", bf16=args.bf16)))  # text -> (d,)
+    vectors = dict(zip(texts, encode_texts(encoder, texts, "passage", bf16=choice.bf16)))  # text -> (d,)
 
     rows = {f"{first}-{second}": pair_row(answers[first], answers[second], vectors) for first, second in pairs}
-    publish(args.docs_dir, "translation_check", section(args, rows))
+    publish(args.docs_dir, "translation_check", section(args, choice.label, rows))
     if args.output:
         from hbt_accel.atomic import write_json
 
-        write_json(args.output, {"model": args.model, "bf16": args.bf16, "pairs": rows})
+        write_json(args.output, {"model": args.model, "precision": choice.label, "pairs": rows})
 
 
 if __name__ == "__main__":

@@ -80,7 +80,9 @@ def run_labels(folders: list[Path]) -> list[str]:
     return [str(folder.relative_to(common)) if folder != common else folder.name for folder in resolved]
 
 
-def section(args: argparse.Namespace, folders: list[Path], runs: list, average, article_of: dict) -> list[str]:
+def section(
+    args: argparse.Namespace, precision: str, folders: list[Path], runs: list, average, article_of: dict
+) -> list[str]:
     from hbt_accel.evaluation.statistics import paired_difference, resampling_units, weighted_headline
 
     article_of, resampled = resampling_units(average, article_of)  # an article's questions are not independent
@@ -101,7 +103,7 @@ def section(args: argparse.Namespace, folders: list[Path], runs: list, average, 
         "",
         f"`{invocation()}`: the uniform mean of the weights of {len(folders)} runs, scored on `{args.benchmark}` "
         f"({len(set(average.query_ids)):,} question ids, {len(average.query_ids):,} queries in "
-        f"{len(average.languages)} languages, {'bf16' if args.precision == 'bf16' else 'fp32'} encoding).",
+        f"{len(average.languages)} languages, {precision} encoding).",
         "",
         header,
         rule,
@@ -129,12 +131,15 @@ def main(argv=None) -> None:
     folders = check_runs(runs)
     questions = load_lareqa_benchmark(args.benchmark, data_dir=args.data_dir or None)  # bad name: one line, first
     choice = evaluation_precision(args.precision)
-    args.precision = choice.precision  # what the section reports
     print(f"precision: {choice.reason}", flush=True)
     average_models(folders, args.output_dir)
     runs = [score_model(folder, questions, args.max_queries, choice.bf16) for folder in folders]
     average = score_model(args.output_dir, questions, args.max_queries, choice.bf16)
-    publish(args.docs_dir, "weight_averaging", section(args, folders, runs, average, article_of_question(questions)))
+    publish(
+        args.docs_dir,
+        "weight_averaging",
+        section(args, choice.label, folders, runs, average, article_of_question(questions)),
+    )
 
 
 if __name__ == "__main__":

@@ -63,6 +63,9 @@ def test_evaluation_encodes_in_bf16_or_fp32_only():
     assert eval_choice("auto", H200).precision == "bf16"
     assert eval_choice("auto", XEON_NO_BF16).precision == "no"
     assert eval_choice("auto", XEON_AMX).precision == "bf16"
+    # what the encode-only benchmarks print beside their numbers
+    assert [eval_choice("auto", caps).label for caps in (V100, XEON_AMX)] == ["fp32", "bf16"]
+    assert choose_precision("fp16", V100).label == "fp16"
     with pytest.raises(ConfigError, match="eval_precision: bf16 is not supported"):
         eval_choice("bf16", V100)
 

@@ -1,5 +1,6 @@
 """benchmarks/translation_check.py: bitext retrieval between two languages' answers of their shared ids."""
 
+import json
 import sys
 from pathlib import Path
 
@@ -36,3 +37,23 @@ def test_pair_row_needs_two_shared_ids():
 def test_a_selection_without_a_shared_pair_is_refused_in_one_line_before_encoding():
     with pytest.raises(DataError, match=r"^--languages / --max_ids: no language pair shares two or more ids"):
         main(["--languages", "en", "--model", "/nonexistent", "--docs_dir", ""])  # the model is never loaded
+
+
+def test_the_table_holds_each_pair_of_the_encoded_answers_and_names_the_precision(tiny_model_dir, tmp_path):
+    from translation_check import answers_by_language
+
+    from hbt_accel.evaluation.encoding import encode_texts
+    from hbt_accel.models.dual_encoder import DualEncoder
+
+    arguments = ["--model", str(tiny_model_dir), "--languages", "en,de", "--max_ids", "80", "--precision", "no"]
+    main([*arguments, "--docs_dir", str(tmp_path), "--output", str(tmp_path / "pairs.json")])
+    written = json.loads((tmp_path / "pairs.json").read_text())
+    assert written["precision"] == "fp32" and list(written["pairs"]) == ["de-en"]
+
+    answers = answers_by_language("", ["en", "de"], 80)
+    texts = sorted({text for by_id in answers.values() for text in by_id.values()})
+    encoded = encode_texts(DualEncoder.from_pretrained(str(tiny_model_dir)), texts, "passage", bf16=False)
+    expected = pair_row(answers["de"], answers["en"], dict(zip(texts, encoded)))
+    assert 2 <= expected["ids"] <= 80 and written["pairs"]["de-en"] == pytest.approx(expected)
+    section = (tmp_path / "results.md").read_text()
+    assert "fp32 encoding: for each language pair" in section and f"| de-en | {expected['ids']} |" in section

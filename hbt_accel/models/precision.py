@@ -60,6 +60,11 @@ class PrecisionChoice:
     def bf16(self) -> bool:
         return self.precision == "bf16"
 
+    @property
+    def label(self) -> str:
+        """The name a report prints: "bf16", "fp16" or "fp32"."""
+        return "fp32" if self.precision == "no" else self.precision
+
 
 def choose_precision(requested: str, caps: DeviceCapabilities, flag: str = "mixed_precision") -> PrecisionChoice:
     """The precision to run in. Raises ConfigError for a choice the device cannot run."""
