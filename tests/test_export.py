@@ -52,25 +52,31 @@ def save_with_st_files(encoder: DualEncoder, path) -> None:
     write_sentence_transformers_files(path, encoder.settings)  # idempotent if save_pretrained already wrote them
 
 
-def by_hand(path, texts: list[str], prefix: str, pooling: str, normalize: bool, max_length: int) -> np.ndarray:
-    """AutoModel + pooling + L2 norm, the prefix typed by hand: what a user without this package would do."""
+def by_hand(path, queries: list[str], passages: list[str], settings: EncoderSettings) -> tuple[np.ndarray, np.ndarray]:
+    """AutoModel + pooling + L2 norm, the prefixes typed by hand: what a user without this package would do."""
     from transformers import AutoModel, AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    model = AutoModel.from_pretrained(path).eval()
+    tokenizer, model = AutoTokenizer.from_pretrained(path), AutoModel.from_pretrained(path).eval()  # loaded once
+    return (
+        encode_by_hand(tokenizer, model, settings, queries, settings.query_prefix, settings.query_max_length),
+        encode_by_hand(tokenizer, model, settings, passages, settings.passage_prefix, settings.passage_max_length),
+    )
+
+
+def encode_by_hand(tokenizer, model, settings: EncoderSettings, texts: list[str], prefix: str, max_length: int):
     batch = tokenizer(
         [prefix + t for t in texts], padding=True, truncation=True, max_length=max_length, return_tensors="pt"
     )
     with torch.no_grad():
         hidden = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
     mask = batch["attention_mask"].unsqueeze(-1).float()
-    if pooling == "mean":
+    if settings.pooling == "mean":
         pooled = (hidden * mask).sum(1) / mask.sum(1)
-    elif pooling == "cls":
+    elif settings.pooling == "cls":
         pooled = hidden[:, 0]
     else:
-        raise ValueError(pooling)
-    if normalize:
+        raise ValueError(settings.pooling)
+    if settings.normalize:
         pooled = torch.nn.functional.normalize(pooled, dim=-1)
     return pooled.numpy()
 
@@ -82,6 +88,8 @@ def sentence_transformer(path):
 
 
 def check_three_ways(path, reference_queries: np.ndarray, reference_passages: np.ndarray, settings: EncoderSettings):
+    """The saved folder encodes like the reference through DualEncoder, SentenceTransformer and AutoModel by hand;
+    returns the first two loaded models for further checks."""
     loaded = DualEncoder.from_pretrained(path)
     assert loaded.settings == settings
     assert_same_vectors(loaded.encode(QUERIES, "query"), reference_queries, "DualEncoder.from_pretrained, queries")
@@ -98,11 +106,10 @@ def check_three_ways(path, reference_queries: np.ndarray, reference_passages: np
     if settings.normalize:  # the Normalize module is there: unit vectors, not merely parallel ones
         np.testing.assert_allclose(np.linalg.norm(st.encode(QUERIES, prompt_name="query"), axis=1), 1.0, atol=1e-5)
 
-    args = (settings.pooling, settings.normalize)
-    manual_q = by_hand(path, QUERIES, settings.query_prefix, *args, settings.query_max_length)
-    manual_p = by_hand(path, PASSAGES, settings.passage_prefix, *args, settings.passage_max_length)
+    manual_q, manual_p = by_hand(path, QUERIES, PASSAGES, settings)
     assert_same_vectors(manual_q, reference_queries, "AutoModel by hand, queries")
     assert_same_vectors(manual_p, reference_passages, "AutoModel by hand, passages")
+    return loaded, st
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -198,9 +205,9 @@ def test_a_model_cut_to_two_layers_saves_and_loads_three_ways_with_two_layers(
         layers = {int(key.split(".")[2]) for key in weights.keys() if key.startswith("encoder.layer.")}
     assert layers == {0, 1}
     assert len(AutoModel.from_pretrained(folder).encoder.layer) == 2
-    assert sentence_transformer(folder)[0].auto_model.config.num_hidden_layers == 2
-    assert DualEncoder.from_pretrained(folder).parameter_counts() == encoder.parameter_counts()
-    check_three_ways(folder, reference_q, reference_p, encoder.settings)
+    loaded, st = check_three_ways(folder, reference_q, reference_p, encoder.settings)
+    assert st[0].auto_model.config.num_hidden_layers == 2
+    assert loaded.parameter_counts() == encoder.parameter_counts()
 
 
 @pytest.mark.slow

@@ -264,6 +264,7 @@ def tiny_sweep(tmp_path, tiny_model_dir, mlqa_slice) -> Path:
         "eval_steps": 2,
         "eval_languages": ["en", "de"],
         "eval_max_queries": 10,
+        "eval_corpus_passages": 40,  # the periodic pool: the 10 gold sentences per language and a sample of the rest
         "final_eval_max_queries": 10,
         "logging_steps": 1,
     }
@@ -283,8 +284,13 @@ def tiny_sweep(tmp_path, tiny_model_dir, mlqa_slice) -> Path:
     )
 
 
-def test_a_sweep_runs_through_submitit_skips_finished_points_and_resumes_a_killed_one(tiny_sweep, tmp_path):
+def test_a_sweep_runs_through_submitit_skips_finished_points_and_resumes_a_killed_one(
+    tiny_sweep, tmp_path, monkeypatch
+):
+    from hbt_accel.sweeps import run as sweep
     from hbt_accel.sweeps.report import write_report
+
+    monkeypatch.setattr(sweep, "POLL_SECONDS", 0.2)  # the jobs take seconds; waiting 2 s per poll is most of the rest
 
     spec = load_sweep(tiny_sweep)
     status = run_sweep(spec)
@@ -408,6 +414,8 @@ def test_a_failing_point_is_reported_and_the_others_still_run(tmp_path, tiny_mod
             "per_device_train_batch_size": 16,
             "mixed_precision": "no",
             "freeze_word_embeddings": False,
+            "query_max_length": 32,
+            "passage_max_length": 48,  # the final evaluation encodes every XQuAD-R passage
             "final_eval_max_queries": 5,
         },
         output_dir=str(tmp_path / "runs"),

@@ -32,7 +32,6 @@ from pathlib import Path
 
 import torch
 from accelerate.utils import DistributedType, set_seed
-from transformers import get_scheduler
 
 from hbt_accel.atomic import write_json
 from hbt_accel.config import HbtConfig, check_resume_config, save_config
@@ -400,6 +399,8 @@ def prepare(accelerator, model, optimizer, cfg: HbtConfig, max_steps: int):
     # original groups fails on its first step. accelerate's prepared scheduler advances num_processes times per
     # optimizer step (it assumes per-process dataloader lengths); max_steps counts global optimizer steps, so the
     # schedule is laid out in those ticks, giving every world size the same learning rate at the same step.
+    from transformers import get_scheduler  # here, not at the top: it imports peft (~2 s before a config error)
+
     ticks = 1 if accelerator.split_batches else accelerator.num_processes
     schedule = get_scheduler(
         cfg.lr_scheduler_type if cfg.lr_scheduler_type != "constant" else "constant_with_warmup",
