@@ -144,6 +144,16 @@ def _flag(name: str) -> bool:
     return os.environ.get(name, "").strip().lower() in {"1", "true", "yes", "y", "on"}
 
 
+def forget_accelerator_state() -> None:
+    """Clear accelerate's process-wide settings (precision, DeepSpeed plugin, gradient accumulation), which refuse to
+    change once set, so that the next Accelerator in this process may choose others. The process group stays. (The
+    reset is accelerate's private one, the one its own test cases call between tests; it has no public equivalent.)"""
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state()
+    GradientState._reset_state()
+
+
 def make_accelerator(**kwargs):
     """Build an `accelerate.Accelerator` with the CPU launch rules applied, then check the world size.
 

@@ -21,7 +21,7 @@ from hbt_accel.training.checkpoints import (
     resolve_resume,
     write_manifest,
 )
-from tests.test_train import REPO, train
+from tests.test_train import REPO, train, train_here
 
 
 def _fake_checkpoint(run: Path, step: int, manifest: bool = True) -> Path:
@@ -98,7 +98,7 @@ def four_step_run(tiny_model_dir, mlqa_slice, tmp_path):
     args = ["--model_name_or_path", str(tiny_model_dir), "--train_data", str(mlqa_slice), "--output_dir", str(out)]
     args += ["--per_device_train_batch_size", "16", "--save_steps", "1", "--save_total_limit", "5"]
     args += ["--mixed_precision", "no", "--learning_rate", "1e-3", "--max_steps", "4"]
-    train(*args)
+    train_here(*args)
     return out, load_file(out / "model.safetensors"), args
 
 
@@ -119,10 +119,10 @@ def test_a_killed_run_resumes_from_the_newest_complete_checkpoint_and_cleans_up(
     _as_if_killed_after(out, 3)
     (out / "checkpoint-3" / "optimizer.bin").write_bytes(b"truncated")  # the disk filled up, say
     (out.parent / f".{out.name}.tmp-k2j3").mkdir()  # a final save's staging folder
-    log = train(*args, "--resume_from_checkpoint", "latest")
-    assert "skipped incomplete checkpoint(s): checkpoint-3 (optimizer.bin has 9 bytes" in log.stdout
-    assert f"resumed from {out / 'checkpoint-2'} at step 2" in log.stdout
-    assert "removed what an earlier run left: .tmp-checkpoint-4, .run.tmp-k2j3" in log.stdout
+    log = train_here(*args, "--resume_from_checkpoint", "latest")
+    assert "skipped incomplete checkpoint(s): checkpoint-3 (optimizer.bin has 9 bytes" in log
+    assert f"resumed from {out / 'checkpoint-2'} at step 2" in log
+    assert "removed what an earlier run left: .tmp-checkpoint-4, .run.tmp-k2j3" in log
     assert not list(out.glob(".tmp-*")) and not list(out.parent.glob(".run.tmp-*"))
     resumed = load_file(out / "model.safetensors")
     assert all(torch.equal(straight[name], resumed[name]) for name in straight)

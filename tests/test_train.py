@@ -30,11 +30,32 @@ FAST = [
 
 
 def train(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+    """The training command in an interpreter of its own: for exit codes, stderr and anything process-wide."""
     command = [sys.executable, str(REPO / "recipes" / "train_hybrid.py"), *FAST, *args]
     result = subprocess.run(command, capture_output=True, text=True, cwd=REPO, env=_env())
     if check and result.returncode != 0:
         raise AssertionError(result.stdout[-3000:] + result.stderr[-3000:])
     return result
+
+
+def train_here(*args: str) -> str:
+    """The same command in this process, through the recipe's own entry (`run_cli`), for runs whose point is not the
+    command line itself: no interpreter start and imports (~6 s a run). Returns what the run printed."""
+    import contextlib
+    import io
+    import os
+
+    from hbt_accel.config import DEFAULT_RECIPE, HbtConfig, run_cli
+    from hbt_accel.training.run import main
+
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # as in `_env`: no fork warning from the tokenizer
+    printed = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(printed):
+            run_cli(main, HbtConfig, [*FAST, *args], default_yaml=DEFAULT_RECIPE)
+    except SystemExit as exit_:  # the error line went to stderr, which pytest shows
+        raise AssertionError(f"exit {exit_.code}\n{printed.getvalue()[-3000:]}") from None
+    return printed.getvalue()
 
 
 def _env() -> dict:
@@ -60,7 +81,7 @@ def dropout_model_dir(tmp_path_factory, xlmr_tokenizer) -> Path:
 def test_short_run_lowers_the_loss_and_saves_a_loadable_model(tiny_model_dir, mlqa_slice, tmp_path):
     out = tmp_path / "run"
     # 64 ids / 16 per batch = 4 batches per epoch: 40 steps are 10 epochs, enough for a tiny model to fit them
-    train(
+    train_here(
         "--model_name_or_path",
         str(tiny_model_dir),
         "--output_dir",
@@ -101,8 +122,8 @@ def test_short_run_lowers_the_loss_and_saves_a_loadable_model(tiny_model_dir, ml
 def test_a_pair_budget_reaches_the_sampler_and_the_summary(tiny_model_dir, mlqa_slice, tmp_path):
     out = tmp_path / "matched"
     budget = ("--train_pairs", "64", "--train_xy_ids", "16", "--per_device_train_batch_size", "8")
-    train("--model_name_or_path", str(tiny_model_dir), "--output_dir", str(out), "--max_steps", "2", *budget,
-          "--train_data", str(mlqa_slice))  # fmt: skip
+    train_here("--model_name_or_path", str(tiny_model_dir), "--output_dir", str(out), "--max_steps", "2", *budget,
+               "--train_data", str(mlqa_slice))  # fmt: skip
     summary = json.loads((out / "train_summary.json").read_text())
     assert summary["corpora"][0]["trained_on"] == {"ids": 48, "pairs": 64, "xy_ids": 16}
 
@@ -160,11 +181,22 @@ def test_train_in_process_returns_its_summary_evaluations_and_paths(tiny_model_d
     assert cfg.data_dir == "" and saved_config["data_dir"] == str(resolve_data_dir())
 
 
+def test_train_in_process_twice_with_other_precisions(tiny_model_dir, mlqa_slice, tmp_path):
+    """accelerate's process-wide state refuses a second precision; `train(cfg)` clears it when it ends, so a notebook
+    can train in bf16, then in fp32."""
+    args = ["--model_name_or_path", str(tiny_model_dir), "--train_data", str(mlqa_slice), "--max_steps", "1"]
+    args += ["--per_device_train_batch_size", "8"]
+    for precision in ("bf16", "no"):
+        train_here(*args, "--mixed_precision", precision, "--output_dir", str(tmp_path / precision))
+        summary = json.loads((tmp_path / precision / "train_summary.json").read_text())
+        assert summary["precision"]["training"] == precision
+
+
 def test_periodic_evaluation_records_scores_by_step_and_keeps_the_best_checkpoint(
     tiny_model_dir, mlqa_slice, tmp_path
 ):
     out = tmp_path / "run"
-    train(
+    train_here(
         *("--model_name_or_path", str(tiny_model_dir), "--output_dir", str(out), "--train_data", str(mlqa_slice)),
         *("--max_steps", "15", "--learning_rate", "2e-3", "--per_device_train_batch_size", "16"),
         *("--eval_benchmark", "xquad-r", "--eval_steps", "5", "--eval_languages", "en,de", "--eval_max_queries", "20"),
@@ -238,8 +270,10 @@ def test_gradient_accumulation_steps_once_per_window_of_micro_batches(tiny_model
     loss is their mean, the schedule runs in optimizer steps, and the sampler is consumed twice as fast."""
     common = ["--model_name_or_path", str(tiny_model_dir), "--train_data", str(mlqa_slice), "--warmup_ratio", "0"]
     common += ["--per_device_train_batch_size", "8", "--learning_rate", "1e-12"]  # weights ~fixed: losses comparable
-    train(*common, "--output_dir", str(tmp_path / "plain"), "--max_steps", "4")
-    train(*common, "--output_dir", str(tmp_path / "accum"), "--max_steps", "2", "--gradient_accumulation_steps", "2")
+    train_here(*common, "--output_dir", str(tmp_path / "plain"), "--max_steps", "4")
+    train_here(
+        *common, "--output_dir", str(tmp_path / "accum"), "--max_steps", "2", "--gradient_accumulation_steps", "2"
+    )
     plain = json.loads((tmp_path / "plain" / "train_summary.json").read_text())
     accum = json.loads((tmp_path / "accum" / "train_summary.json").read_text())
     assert accum["steps"] == 2 and sum(accum["batch_counts"].values()) == 4
@@ -273,11 +307,11 @@ def test_resume_gives_the_weights_of_an_uninterrupted_run(dropout_model_dir, tmp
         "2",  # checkpoint-3 falls inside a logging window: the resumed run must carry step 3's loss over
     ]
     straight = tmp_path / "straight"
-    train(*common, "--output_dir", str(straight))
+    train_here(*common, "--output_dir", str(straight))
     assert (straight / "checkpoint-3" / "training_progress.json").is_file()
     resumed = tmp_path / "resumed"
-    log = train(*common, "--output_dir", str(resumed), "--resume_from_checkpoint", str(straight / "checkpoint-3"))
-    assert "resumed from" in log.stdout and "at step 3" in log.stdout
+    log = train_here(*common, "--output_dir", str(resumed), "--resume_from_checkpoint", str(straight / "checkpoint-3"))
+    assert "resumed from" in log and "at step 3" in log
     a, b = load_file(straight / "model.safetensors"), load_file(resumed / "model.safetensors")
     assert a.keys() == b.keys()
     for name in a:
@@ -362,7 +396,7 @@ def test_a_diverging_run_stops_in_one_line_naming_the_last_good_checkpoint(tiny_
     out = tmp_path / "run"
     common = ["--model_name_or_path", str(tiny_model_dir), "--train_data", str(mlqa_slice), "--output_dir", str(out)]
     common += ["--per_device_train_batch_size", "16", "--save_steps", "1", "--mixed_precision", "no"]
-    train(*common, "--max_steps", "4", "--save_total_limit", "5", "--learning_rate", "1e-12")
+    train_here(*common, "--max_steps", "4", "--save_total_limit", "5", "--learning_rate", "1e-12")
     for name in ("model.safetensors", "train_summary.json"):
         (out / name).unlink()  # as if the run had stopped after its step-2 checkpoint
     shutil.rmtree(out / "checkpoint-3")
@@ -386,7 +420,7 @@ def test_a_diverging_run_stops_in_one_line_naming_the_last_good_checkpoint(tiny_
 
 def test_skipped_nonfinite_steps_leave_the_weights_untouched(tiny_model_dir, mlqa_slice, tmp_path):
     out = tmp_path / "run"
-    train(
+    train_here(
         *("--model_name_or_path", str(tiny_model_dir), "--train_data", str(mlqa_slice), "--output_dir", str(out)),
         *("--per_device_train_batch_size", "16", "--max_steps", "2", "--mixed_precision", "no"),
         *("--temperature", "1e-40", "--skip_nonfinite_steps", "5"),
@@ -434,16 +468,16 @@ def test_resume_with_mined_negatives_gives_the_weights_of_an_uninterrupted_run(
         *("--learning_rate", "1e-3", "--save_total_limit", "5", "--mining_margin", "0"),
     ]
     straight = tmp_path / "straight"
-    log = train(*common, "--output_dir", str(straight))
+    log = train_here(*common, "--output_dir", str(straight))
     assert sorted(p.name for p in (straight / "mined_negatives").iterdir()) == [
         "step-0.json",
         "step-2.json",
         "step-4.json",
     ]
-    assert log.stdout.count("mined 2 hard negatives for 192 queries") == 3
+    assert log.count("mined 2 hard negatives for 192 queries") == 3
     resumed = tmp_path / "resumed"
-    log = train(*common, "--output_dir", str(resumed), "--resume_from_checkpoint", str(straight / "checkpoint-3"))
-    assert f"(loaded from {straight / 'mined_negatives' / 'step-2.json'})" in log.stdout
+    log = train_here(*common, "--output_dir", str(resumed), "--resume_from_checkpoint", str(straight / "checkpoint-3"))
+    assert f"(loaded from {straight / 'mined_negatives' / 'step-2.json'})" in log
     a, b = load_file(straight / "model.safetensors"), load_file(resumed / "model.safetensors")
     for name in a:
         torch.testing.assert_close(a[name], b[name], atol=1e-6, rtol=0, msg=name)
@@ -469,9 +503,11 @@ def test_multilingual_multi_positive_alignment_and_mining_cached_equals_plain(ti
         *("--learning_rate", "1e-3", "--mining_margin", "0"),
     ]
     plain = tmp_path / "plain"
-    log = train(*common, "--output_dir", str(plain))
-    assert "each query's answer in up to 3 languages" in " ".join(log.stdout.split())
-    train(*common, "--output_dir", str(tmp_path / "cached"), "--cached_loss", "true", "--cache_mini_batch_size", "5")
+    log = train_here(*common, "--output_dir", str(plain))
+    assert "each query's answer in up to 3 languages" in " ".join(log.split())
+    train_here(
+        *common, "--output_dir", str(tmp_path / "cached"), "--cached_loss", "true", "--cache_mini_batch_size", "5"
+    )
     losses = {
         run: [r["loss"] for r in json.loads((tmp_path / run / "train_summary.json").read_text())["history"]]
         for run in ("plain", "cached")
@@ -484,7 +520,7 @@ def test_a_run_trains_on_the_train_split_and_scores_the_held_out_ids(tiny_model_
     from hbt_accel.data import is_validation_id
 
     out = tmp_path / "run"
-    train(
+    train_here(
         *("--model_name_or_path", str(tiny_model_dir), "--output_dir", str(out), "--train_data", "mlqa-r:train"),
         *("--max_steps", "2", "--per_device_train_batch_size", "8", "--eval_benchmark", "mlqa-r:validation"),
         *("--eval_languages", "en,de", "--final_eval", "true"),

@@ -49,6 +49,7 @@ from hbt_accel.distributed import (
     all_ranks_agree,
     bound_onednn_kernel_cache,
     configure_cpu_threads,
+    forget_accelerator_state,
     make_accelerator,
     process_memory_mb,
 )
@@ -98,8 +99,9 @@ def train(cfg: HbtConfig) -> TrainResult:
 
     A stop signal (`preemption_signals`, Ctrl-C) is agreed on by every rank at the next step boundary or encoder
     batch; they save checkpoint-<step> together and `StopRequested` ends the run (the CLI exits 75, or 130)."""
-    session = setup(cfg)
+    session = None
     try:
+        session = setup(cfg)
         with StopRequests(cfg.preemption_signals, session.accelerator.device) as stops, between_batches(stops.check):
             session.stops = stops
             try:
@@ -109,8 +111,9 @@ def train(cfg: HbtConfig) -> TrainResult:
                 save_for_resume(session, stop)
                 raise
     finally:
-        if session.run_lock is not None:  # now, not when a traceback that holds the session is collected
+        if session is not None and session.run_lock is not None:  # now, not when a traceback holding it is collected
             session.run_lock.release()
+        forget_accelerator_state()  # a second train(cfg) in this process may choose another precision
 
 
 def save_for_resume(session: Session, stop: StopRequested) -> None:
