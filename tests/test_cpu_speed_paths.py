@@ -23,7 +23,7 @@ from hbt_accel.models.cpu_attention import (
 )
 from hbt_accel.models.dual_encoder import DualEncoder
 from hbt_accel.training.embedding_gradient import SparseEmbeddingGradient
-from tests.test_train import train
+from tests.test_train import train_here
 
 TEXTS = ["a short one", "a much longer sentence with many more words in it than the first", "mid length text"]
 
@@ -229,7 +229,7 @@ def assert_same_weights(a: dict, b: dict, tolerance: float, steps: int, learning
 @pytest.mark.parametrize("precision, steps", [("no", 3), ("bf16", 1)])  # bf16: rounding compounds over steps
 def test_speed_paths_train_the_same_weights(tiny_model_dir, mlqa_slice, tmp_path, precision, steps):
     """A full fine-tuning run (word embeddings trained) with both CPU speed paths on gives the weights of runs with
-    each off, through the training script (dropout 0: the paths differ only in the order of float operations)."""
+    each off, through the recipe's entry (dropout 0: the paths differ only in the order of float operations)."""
     common = ["--model_name_or_path", str(tiny_model_dir), "--train_data", str(mlqa_slice), "--max_steps", str(steps)]
     common += ["--per_device_train_batch_size", "8", "--learning_rate", "1e-3", "--mixed_precision", precision]
     common += ["--freeze_word_embeddings", "false"]
@@ -240,7 +240,7 @@ def test_speed_paths_train_the_same_weights(tiny_model_dir, mlqa_slice, tmp_path
     }
     weights = {}
     for name, flags in runs.items():
-        train(*common, *flags, "--output_dir", str(tmp_path / name))
+        train_here(*common, *flags, "--output_dir", str(tmp_path / name))
         weights[name] = load_file(tmp_path / name / "model.safetensors")
     initial = load_file(tiny_model_dir / "model.safetensors")
     word = "embeddings.word_embeddings.weight"
