@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from tests.conftest import free_port
+from tests.test_train import train_here
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "accelerate_configs"
@@ -68,9 +69,10 @@ LORA = ["--lora", "true", "--lora_r", "8", "--lora_dropout", "0", "--learning_ra
 
 
 def single_process_run(model_dir: Path, data: Path, out: Path, extra: list[str] = ()) -> list[dict]:
-    """The same run in ONE process with the whole global batch of 16: the reference trajectory (per-step records)."""
-    args = training_args(model_dir, data, out) + ["--per_device_train_batch_size", "16", *extra]
-    subprocess.run([sys.executable, *args], check=True, capture_output=True, cwd=REPO)
+    """The same run in ONE process with the whole global batch of 16: the reference trajectory (per-step records),
+    trained in this process (no launch is under test here)."""
+    args = training_args(model_dir, data, out)[1:]  # [0] is the script
+    train_here(*args, "--per_device_train_batch_size", "16", *extra)
     return json.loads((out / "train_summary.json").read_text())["history"]
 
 

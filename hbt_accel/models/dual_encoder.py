@@ -186,12 +186,14 @@ class DualEncoder(nn.Module):
         torch_dtype: torch.dtype | None = None,
         num_layers: int = 0,
         attn_implementation: str | None = None,
+        tokenizer=None,
     ) -> DualEncoder:
         """Load backbone + tokenizer from a hub id, a folder, or "embedded" (the bundled multilingual-e5-small).
 
         Settings: `settings` if given, else the folder's `hbt_encoder.json` if present, else the defaults.
         `num_layers` > 0 keeps the first that many transformer layers (`keep_first_layers`); checked against the
         model's config before the weights are read. `attn_implementation`: transformers' name (None = its default).
+        `tokenizer`: one already loaded to use instead of the folder's (a 250k-entry tokenizer takes seconds to load).
         """
         from transformers import AutoConfig, AutoModel, AutoTokenizer
 
@@ -214,7 +216,7 @@ class DualEncoder(nn.Module):
         except SafetensorError as error:  # a truncated or overwritten weights file: name it, no traceback
             raise DataError(f"{path}: the model weights cannot be read ({error}); the file is damaged") from None
         keep_first_layers(backbone, num_layers)  # before LoRA and checkpointing wrap the layers
-        tokenizer = AutoTokenizer.from_pretrained(path)
+        tokenizer = tokenizer if tokenizer is not None else AutoTokenizer.from_pretrained(path)
         backbone = _ready_for_training(backbone, gradient_checkpointing, lora)
         return cls(backbone, tokenizer, settings)
 

@@ -81,7 +81,7 @@ def average_models(runs: list[str | os.PathLike], output_dir: str | os.PathLike)
     reference = model.state_dict()
     total = {name: tensor.detach().to(torch.float64, copy=True) for name, tensor in reference.items()}
     for folder in folders[1:]:
-        state = DualEncoder.from_pretrained(folder).state_dict()
+        state = DualEncoder.from_pretrained(folder, tokenizer=model.tokenizer).state_dict()  # only its weights count
         check_same_tensors(reference, state, folders[0], folder)
         for name, tensor in total.items():
             tensor += state[name].double()
