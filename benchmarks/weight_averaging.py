@@ -61,16 +61,17 @@ def check_held_out(folders: list[Path], benchmark: str) -> None:
             )
 
 
-def score_models(folders: list, questions, max_queries: int, bf16: bool) -> list:
-    """Each model's per-query ranks on `questions`, encoded in bf16 or fp32 (`--precision`). The folders hold one
-    model (checked by `check_runs`): the first one's tokenizer serves all."""
+def score_models(folders: list[Path], questions, max_queries: int, bf16: bool) -> list:
+    """Each model's per-query ranks on `questions`, encoded in bf16 or fp32 (`--precision`). The folders are the runs
+    (one model, checked by `check_runs`) and their average: the first one's tokenizer serves all."""
     from hbt_accel.evaluation import evaluate_grid
     from hbt_accel.models.dual_encoder import DualEncoder
 
     tokenizer, scores = None, []
     for folder in folders:
         encoder = DualEncoder.from_pretrained(folder, tokenizer=tokenizer)
-        tokenizer, per_query = encoder.tokenizer, []
+        tokenizer = encoder.tokenizer
+        per_query: list = []
         evaluate_grid(encoder, questions, max_queries=max_queries, bf16=bf16, per_query=per_query)
         scores.append(per_query[0])
     return scores
@@ -136,7 +137,7 @@ def main(argv=None) -> None:
     choice = evaluation_precision(args.precision)
     print(f"precision: {choice.reason}", flush=True)
     average_models(folders, args.output_dir)
-    *runs, average = score_models([*folders, args.output_dir], questions, args.max_queries, choice.bf16)
+    *runs, average = score_models([*folders, Path(args.output_dir)], questions, args.max_queries, choice.bf16)
     publish(
         args.docs_dir,
         "weight_averaging",

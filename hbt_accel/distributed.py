@@ -144,10 +144,18 @@ def _flag(name: str) -> bool:
     return os.environ.get(name, "").strip().lower() in {"1", "true", "yes", "y", "on"}
 
 
+def accelerator_state_is_set() -> bool:
+    """Whether an Accelerator in this process has fixed accelerate's process-wide settings."""
+    from accelerate.state import AcceleratorState
+
+    return bool(AcceleratorState._shared_state)
+
+
 def forget_accelerator_state() -> None:
     """Clear accelerate's process-wide settings (precision, DeepSpeed plugin, gradient accumulation), which refuse to
-    change once set, so that the next Accelerator in this process may choose others. The process group stays. (The
-    reset is accelerate's private one, the one its own test cases call between tests; it has no public equivalent.)"""
+    change once set, so that the next Accelerator in this process may choose others; every Accelerator made before
+    becomes unusable. The device and process group (`PartialState`) stay. (The reset is accelerate's private one, the
+    one its own test cases call between tests; it has no public equivalent.)"""
     from accelerate.state import AcceleratorState, GradientState
 
     AcceleratorState._reset_state()

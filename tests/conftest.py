@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 import socket
+import sys
 import tempfile
 from pathlib import Path
 
@@ -20,6 +21,22 @@ XLMR_TOKENIZER_FILE = reference_tokenizer_file()
 SESSION_CORPUS_CACHE = None if "HBT_CORPUS_CACHE" in os.environ else tempfile.mkdtemp(prefix="hbt_test_corpus_cache_")
 if SESSION_CORPUS_CACHE:
     os.environ["HBT_CORPUS_CACHE"] = SESSION_CORPUS_CACHE
+
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # runs trained in this process: no fork warning
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerate_state():
+    """After each test, clear what an Accelerator or `setup()` left: accelerate's process-wide settings refuse to
+    change once set, and runs trained in this process (`tests/test_train.py::train_here`) would inherit another
+    test's precision or device. accelerate's own test cases do the same."""
+    yield
+    if "accelerate.state" in sys.modules:
+        from accelerate.state import AcceleratorState, GradientState
+
+        AcceleratorState._reset_state(reset_partial_state=True)
+        GradientState._reset_state()
 
 
 def pytest_sessionfinish(session, exitstatus):

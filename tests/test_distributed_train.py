@@ -21,7 +21,7 @@ CONFIGS = REPO / "accelerate_configs"
 pytestmark = pytest.mark.distributed
 
 
-def training_args(model_dir: Path, data: Path, output_dir: Path, steps: int = 24) -> list[str]:
+def training_args(model_dir: Path, data: Path, output_dir: Path) -> list[str]:
     # 64 ids, global batch 16: 4 batches an epoch, so 24 steps fit the slice well enough to see the loss fall
     return [
         str(REPO / "recipes" / "train_hybrid.py"),
@@ -32,7 +32,7 @@ def training_args(model_dir: Path, data: Path, output_dir: Path, steps: int = 24
         "--output_dir",
         str(output_dir),
         "--max_steps",
-        str(steps),
+        "24",
         "--per_device_train_batch_size",
         "8",
         "--learning_rate",

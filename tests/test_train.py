@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import shutil
 import subprocess
@@ -40,20 +42,19 @@ def train(*args: str, check: bool = True) -> subprocess.CompletedProcess:
 
 def train_here(*args: str) -> str:
     """The same command in this process, through the recipe's own entry (`run_cli`), for runs whose point is not the
-    command line itself: no interpreter start and imports (~6 s a run). Returns what the run printed."""
-    import contextlib
-    import io
-    import os
-
+    command line itself: no interpreter start and imports (~6 s a run). Returns what the run printed. (Its torch
+    threads are this process's, not `_env`'s.)"""
     from hbt_accel.config import DEFAULT_RECIPE, HbtConfig, run_cli
+    from hbt_accel.distributed import INTERRUPT_EXIT_CODE
     from hbt_accel.training.run import main
 
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # as in `_env`: no fork warning from the tokenizer
     printed = io.StringIO()
     try:
         with contextlib.redirect_stdout(printed):
             run_cli(main, HbtConfig, [*FAST, *args], default_yaml=DEFAULT_RECIPE)
     except SystemExit as exit_:  # the error line went to stderr, which pytest shows
+        if exit_.code == INTERRUPT_EXIT_CODE:
+            raise KeyboardInterrupt from None  # Ctrl-C during the run stops the test session, as it would without it
         raise AssertionError(f"exit {exit_.code}\n{printed.getvalue()[-3000:]}") from None
     return printed.getvalue()
 
@@ -181,6 +182,7 @@ def test_train_in_process_returns_its_summary_evaluations_and_paths(tiny_model_d
     assert cfg.data_dir == "" and saved_config["data_dir"] == str(resolve_data_dir())
 
 
+@pytest.mark.skipif(torch.cuda.is_available() and not torch.cuda.is_bf16_supported(), reason="a GPU without bf16")
 def test_train_in_process_twice_with_other_precisions(tiny_model_dir, mlqa_slice, tmp_path):
     """accelerate's process-wide state refuses a second precision; `train(cfg)` clears it when it ends, so a notebook
     can train in bf16, then in fp32."""
@@ -190,6 +192,16 @@ def test_train_in_process_twice_with_other_precisions(tiny_model_dir, mlqa_slice
         train_here(*args, "--mixed_precision", precision, "--output_dir", str(tmp_path / precision))
         summary = json.loads((tmp_path / precision / "train_summary.json").read_text())
         assert summary["precision"]["training"] == precision
+
+
+def test_train_in_process_leaves_the_callers_accelerator_alone(tiny_model_dir, mlqa_slice, tmp_path):
+    """The state `train(cfg)` clears is only the state it set: an Accelerator made before it still works after."""
+    from hbt_accel.distributed import make_accelerator
+
+    accelerator = make_accelerator(mixed_precision="no")
+    args = ["--model_name_or_path", str(tiny_model_dir), "--train_data", str(mlqa_slice), "--max_steps", "1"]
+    train_here(*args, "--per_device_train_batch_size", "8", "--mixed_precision", "no", "--output_dir", str(tmp_path))
+    assert accelerator.mixed_precision == "no" and accelerator.device.type in ("cpu", "cuda")
 
 
 def test_periodic_evaluation_records_scores_by_step_and_keeps_the_best_checkpoint(
@@ -431,6 +443,27 @@ def test_skipped_nonfinite_steps_leave_the_weights_untouched(tiny_model_dir, mlq
     initial = load_file(tiny_model_dir / "model.safetensors")
     trained = load_file(out / "model.safetensors")
     assert all(torch.equal(initial[k], trained[k]) for k in trained if k in initial)
+
+
+def test_a_run_that_fails_while_setting_up_frees_its_folder(tiny_model_dir, mlqa_slice, tmp_path, monkeypatch):
+    """A failure after the run folder is taken (here: mining the first negatives) gives the folder up at once, though
+    the traceback, which holds the half-built session, is still alive: the next try is not refused as in use."""
+    from hbt_accel.config import parse_config
+    from hbt_accel.training import run
+
+    def failing_mining(session):
+        raise RuntimeError("mining failed")
+
+    monkeypatch.setattr(run, "start_negatives", failing_mining)
+    out = tmp_path / "run"
+    args = ["--model_name_or_path", str(tiny_model_dir), "--train_data", str(mlqa_slice), "--output_dir", str(out)]
+    with pytest.raises(RuntimeError, match="mining failed") as failure:
+        run.train(parse_config([*FAST, *args, "--max_steps", "1", "--mixed_precision", "no"]))
+    probe = "import sys; from pathlib import Path; from hbt_accel.training.run_lock import folder_in_use; "
+    probe += "print(folder_in_use(Path(sys.argv[1])))"
+    another_process = subprocess.run([sys.executable, "-c", probe, str(out)], capture_output=True, text=True)
+    assert another_process.stdout.strip() == "None", another_process.stdout + another_process.stderr
+    assert failure.value.__traceback__ is not None
 
 
 def test_a_new_run_never_lands_on_another_run(tiny_model_dir, tmp_path):

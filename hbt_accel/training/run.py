@@ -46,6 +46,7 @@ from hbt_accel.data.sampling import HybridBatchSampler, PairBudget
 from hbt_accel.distributed import (
     StopRequested,
     StopRequests,
+    accelerator_state_is_set,
     all_ranks_agree,
     bound_onednn_kernel_cache,
     configure_cpu_threads,
@@ -98,7 +99,10 @@ def train(cfg: HbtConfig) -> TrainResult:
     """Train, save, evaluate; returns the summary, the final evaluation results and the output paths.
 
     A stop signal (`preemption_signals`, Ctrl-C) is agreed on by every rank at the next step boundary or encoder
-    batch; they save checkpoint-<step> together and `StopRequested` ends the run (the CLI exits 75, or 130)."""
+    batch; they save checkpoint-<step> together and `StopRequested` ends the run (the CLI exits 75, or 130).
+    accelerate's process-wide settings, when this call fixed them, are cleared at the end, so a next call in the same
+    process may use another precision."""
+    owns_accelerator_state = not accelerator_state_is_set()  # a caller's own Accelerator keeps its state
     session = None
     try:
         session = setup(cfg)
@@ -111,9 +115,10 @@ def train(cfg: HbtConfig) -> TrainResult:
                 save_for_resume(session, stop)
                 raise
     finally:
-        if session is not None and session.run_lock is not None:  # now, not when a traceback holding it is collected
-            session.run_lock.release()
-        forget_accelerator_state()  # a second train(cfg) in this process may choose another precision
+        if session is not None:
+            release_run_folder(session)
+        if owns_accelerator_state:
+            forget_accelerator_state()  # a second train(cfg) in this process may choose another precision
 
 
 def save_for_resume(session: Session, stop: StopRequested) -> None:
@@ -167,12 +172,22 @@ def setup(cfg: HbtConfig) -> Session:
     session = Session(cfg, accelerator, console, corpora, sampler, loader, model, optimizer, scheduler, loss_fn, plan,
                       parameters, code_version(), embedding_gradient=embedding_gradient,
                       evaluator=evaluator)  # fmt: skip
-    # ---- 5. The run folder, and resume
-    open_run_folder(session, resume)
-    # ---- 6. Hard negatives mined with the model (docs/beyond_paper.md)
-    start_negatives(session)
+    try:
+        # ---- 5. The run folder, and resume
+        open_run_folder(session, resume)
+        # ---- 6. Hard negatives mined with the model (docs/beyond_paper.md)
+        start_negatives(session)
+    except BaseException:
+        release_run_folder(session)  # `train` never gets the session: free the folder for the next try here
+        raise
     session.model.train()
     return session
+
+
+def release_run_folder(session: Session) -> None:
+    """Give up the run folder's lock now, not when a traceback that holds the session is collected."""
+    if session.run_lock is not None:
+        session.run_lock.release()
 
 
 # ==================================================================================================================
@@ -516,24 +531,26 @@ def run_loop(session: Session) -> None:
         add_curve_point(session)  # step 0
     bar = TrainingProgressBar(session.accelerator, session.plan.max_steps, progress.global_step)
     clock, losses = LoopClock(progress), []
-    while progress.global_step < session.plan.max_steps:
-        for batch in session.loader:
-            progress.batch_counts["X-X" if batch["monolingual"] else "X-Y"] += 1
-            losses.append(train_step(session, batch))
-            clock.window_samples += session.plan.batch.global_batch
-            if not session.accelerator.sync_gradients:
-                continue
-            progress.global_step += 1
-            log_step(session, clock, bar, losses)
-            clock.update_train_seconds()
-            if session.stops is not None:
-                session.stops.check()
-            checkpoint_and_evaluate(session)
-            refresh_negatives(session)
-            if progress.global_step >= session.plan.max_steps:
-                break
-        session.sampler.set_epoch(session.sampler.epoch + 1)
-    bar.close()
+    try:  # a stopped or failed run closes its bar too: the stop's message, not a live bar, ends the terminal
+        while progress.global_step < session.plan.max_steps:
+            for batch in session.loader:
+                progress.batch_counts["X-X" if batch["monolingual"] else "X-Y"] += 1
+                losses.append(train_step(session, batch))
+                clock.window_samples += session.plan.batch.global_batch
+                if not session.accelerator.sync_gradients:
+                    continue
+                progress.global_step += 1
+                log_step(session, clock, bar, losses)
+                clock.update_train_seconds()
+                if session.stops is not None:
+                    session.stops.check()
+                checkpoint_and_evaluate(session)
+                refresh_negatives(session)
+                if progress.global_step >= session.plan.max_steps:
+                    break
+            session.sampler.set_epoch(session.sampler.epoch + 1)
+    finally:
+        bar.close()
     clock.update_train_seconds()
 
 
