@@ -33,10 +33,12 @@ def fresh_accelerate_state():
     test's precision or device. accelerate's own test cases do the same."""
     yield
     if "accelerate.state" in sys.modules:
-        from accelerate.state import AcceleratorState, GradientState
+        from accelerate.state import PartialState
 
-        AcceleratorState._reset_state(reset_partial_state=True)
-        GradientState._reset_state()
+        from hbt_accel.distributed import forget_accelerator_state
+
+        forget_accelerator_state()
+        PartialState._reset_state()  # the device too: the next test may run on another
 
 
 def pytest_sessionfinish(session, exitstatus):
