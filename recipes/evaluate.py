@@ -128,8 +128,6 @@ class EvaluateArguments:
 
 def main(args: EvaluateArguments) -> None:
     from hbt_accel.distributed import bound_onednn_kernel_cache, configure_cpu_threads
-    from hbt_accel.evaluation import plot_metrics_by_step, print_metrics_by_step
-    from hbt_accel.evaluation.grid import RESULTS_FILE
     from hbt_accel.models.precision import evaluation_precision
 
     # ---------------------------------------------------------------- processes (a launch splits the encoding)
@@ -146,12 +144,19 @@ def main(args: EvaluateArguments) -> None:
     if is_main:
         print(f"{threads}\nprecision: {choice.reason}")
 
-    # ---------------------------------------------------------------- one model
     if args.model:
         evaluate_model(args, args.model, Path(args.output_dir) if args.output_dir else None, accelerator, is_main)
-        return
+    else:
+        evaluate_checkpoints(args, accelerator, is_main)
+    if accelerator is not None:
+        accelerator.end_training()  # destroys the process group: left to interpreter exit, a gloo rank may abort
 
-    # ---------------------------------------------------------------- every new checkpoint of a run
+
+def evaluate_checkpoints(args: EvaluateArguments, accelerator, is_main: bool) -> None:
+    """Score every checkpoint of args.run_dir not scored yet, then print and plot the metrics by step."""
+    from hbt_accel.evaluation import plot_metrics_by_step, print_metrics_by_step
+    from hbt_accel.evaluation.grid import RESULTS_FILE
+
     run_dir = Path(args.run_dir)
     if not run_dir.is_dir():
         raise DataError(f"{run_dir}: run folder not found")
