@@ -248,6 +248,48 @@ def test_evaluate_bootstrap_resamples_whole_articles_and_a_model_minus_itself_is
     assert (gap["difference"], gap["low"], gap["high"]) == pytest.approx((0.0, 0.0, 0.0), abs=1e-6)
 
 
+def test_evaluate_run_dir_scores_each_checkpoint_once_with_its_own_model(tiny_model_dir, xlmr_tokenizer, tmp_path):
+    """`evaluate.py --run_dir RUN`: each checkpoint is scored with the model saved in it (as `--model` would), one
+    with no saved model is skipped with a line, the metrics by step are plotted, and a second call scores nothing."""
+    from transformers import BertModel
+
+    from hbt_accel.data import load_lareqa_benchmark
+    from hbt_accel.evaluation import evaluate_grid
+    from hbt_accel.evaluation.grid import RESULTS_FILE
+    from hbt_accel.models.dual_encoder import DualEncoder
+    from tests.conftest import tiny_bert_config
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_model_dir, run / "checkpoint-10" / "model")
+    torch.manual_seed(1)  # another model at step 20: a mixed-up folder would show
+    BertModel(tiny_bert_config(len(xlmr_tokenizer))).save_pretrained(run / "checkpoint-20" / "model")
+    xlmr_tokenizer.save_pretrained(run / "checkpoint-20" / "model")
+    (run / "checkpoint-30").mkdir()
+    command = [sys.executable, str(REPO / "recipes" / "evaluate.py"), "--run_dir", str(run), "--languages", "en,de"]
+    command += ["--max_queries", "40", "--precision", "no"]
+
+    first = subprocess.run(command, capture_output=True, text=True)
+    assert first.returncode == 0, first.stderr[-2000:]
+    assert f"skipping {run / 'checkpoint-30'}: no saved model" in first.stdout
+    benchmark = load_lareqa_benchmark("xquad-r", languages=["en", "de"])
+    scores = {}
+    for step in (10, 20):
+        expected = evaluate_grid(
+            DualEncoder.from_pretrained(run / f"checkpoint-{step}" / "model", tokenizer=xlmr_tokenizer),
+            benchmark,
+            max_queries=40,
+        )
+        scores[step] = json.loads((run / f"checkpoint-{step}" / RESULTS_FILE).read_text())["multi_map"]
+        assert scores[step] == pytest.approx(expected["multi_map"], abs=1e-6), step
+    assert scores[10] != pytest.approx(scores[20], abs=1e-3)
+    assert (run / "metrics_by_step.png").stat().st_size > 0
+    written = (run / "checkpoint-10" / RESULTS_FILE).stat().st_mtime_ns
+
+    second = subprocess.run(command, capture_output=True, text=True)
+    assert second.returncode == 0, second.stderr[-2000:]
+    assert (run / "checkpoint-10" / RESULTS_FILE).stat().st_mtime_ns == written
+
+
 def test_a_huge_learning_rate_stops_within_three_steps_and_saves_nothing(tiny_model_dir, mlqa_slice, tmp_path):
     out = tmp_path / "run"
     result = train(
