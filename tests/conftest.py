@@ -16,11 +16,14 @@ import torch
 from hbt_accel.models.bundled_e5 import reference_tokenizer_file
 
 XLMR_TOKENIZER_FILE = reference_tokenizer_file()
-# Converted corpora go to a folder of this test session, not the user's Hugging Face cache (subprocesses inherit it);
-# the folder is removed when the session ends.
-SESSION_CORPUS_CACHE = None if "HBT_CORPUS_CACHE" in os.environ else tempfile.mkdtemp(prefix="hbt_test_corpus_cache_")
-if SESSION_CORPUS_CACHE:
-    os.environ["HBT_CORPUS_CACHE"] = SESSION_CORPUS_CACHE
+# What this test session writes outside tmp_path goes to one folder, removed when the session ends: converted corpora
+# (not the user's Hugging Face cache) and the temp files of the processes it launches (torch's elastic agent leaves a
+# torchelastic_* folder behind per multi-process launch). mkdtemp fixes this process's own temp folder before TMPDIR
+# changes, so pytest's tmp_path stays where it was.
+SESSION_FOLDER = Path(tempfile.mkdtemp(prefix="hbt_test_session_"))
+os.environ.setdefault("HBT_CORPUS_CACHE", str(SESSION_FOLDER / "corpus_cache"))
+(SESSION_FOLDER / "tmp").mkdir()
+os.environ["TMPDIR"] = str(SESSION_FOLDER / "tmp")
 
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # runs trained in this process: no fork warning
@@ -42,8 +45,7 @@ def fresh_accelerate_state():
 
 
 def pytest_sessionfinish(session, exitstatus):
-    if SESSION_CORPUS_CACHE:
-        shutil.rmtree(SESSION_CORPUS_CACHE, ignore_errors=True)
+    shutil.rmtree(SESSION_FOLDER, ignore_errors=True)
 
 
 def tiny_bert_config(vocab_size: int, dropout: float = 0.0):
