@@ -168,7 +168,7 @@ class HbtConfig:
     # ---- training ----
     output_dir: str = _field("runs/default", "where checkpoints, the final model and reports go")
     overwrite_output_dir: bool = _field(
-        False, "train into an output_dir that holds another run (its checkpoints are deleted first)"
+        False, "train into an output_dir holding another run (its checkpoints and train_summary.json go first)"
     )
     max_steps: int = _field(-1, "optimizer steps; -1 = num_train_epochs epochs")
     num_train_epochs: float = _field(1.0, "epochs when max_steps is -1 (one epoch = each id once, in expectation)")

@@ -85,6 +85,19 @@ def test_a_signal_during_a_periodic_evaluation_ends_it_and_saves(base_args, stra
     assert_same_weights(straight, out)
 
 
+def test_a_run_overwriting_a_finished_one_and_stopped_early_resumes_to_the_uninterrupted_weights(
+    base_args, straight, tmp_path
+):
+    """--overwrite_output_dir over a finished run: stopped at step 3, the new run resumes (it is not taken for the
+    old run, which had finished) and ends on the weights of a run never stopped."""
+    out = tmp_path / "run"
+    finished = run(*base_args, "--output_dir", str(out), "--seed", "7")
+    assert finished.returncode == 0, finished.stderr[-3000:]
+    overwrite = ("--overwrite_output_dir", "true")
+    stopped_then_resumed(base_args, out, "train_step:3:SIGTERM", REQUEUE_EXIT_CODE, overwrite)
+    assert_same_weights(straight, out)
+
+
 def test_ctrl_c_saves_and_says_how_to_resume(base_args, straight, tmp_path):
     out = tmp_path / "run"
     line = stopped_then_resumed(base_args, out, "train_step:4:SIGINT", INTERRUPT_EXIT_CODE)

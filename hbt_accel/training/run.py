@@ -446,8 +446,13 @@ def open_run_folder(session: Session, resume: tuple[Path | None, list[str]]) -> 
         stale = stale_staging_folders(output_dir) + stale_save_folders(output_dir)
         if cfg.overwrite_output_dir and resume is None:
             stale += find_checkpoints(output_dir)  # the user asked: a new run must not resume these later
-        for folder in stale:
-            shutil.rmtree(folder)
+            # nor may the old run's "finished" mark stay: the new run, stopped early, would count as finished
+            stale += [output_dir / SUMMARY_FILE] if (output_dir / SUMMARY_FILE).is_file() else []
+        for path in stale:
+            if path.is_dir():
+                shutil.rmtree(path)
+            else:
+                path.unlink()
         if stale:
             session.console.print(f"removed what an earlier run left: {', '.join(p.name for p in stale)}")
         if skipped:
