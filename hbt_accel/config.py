@@ -7,6 +7,7 @@ the YAML or on the command line, is an error that names the key and suggests the
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
 import sys
 import typing
@@ -283,6 +284,12 @@ class HbtConfig:
             (self.language_temperature >= 0, "language_temperature", "0 (off) or a positive exponent"),
             (not self.push_to_hub or bool(self.hub_model_id), "hub_model_id", "a repo id when push_to_hub is true"),
             (
+                self.report_to != "tensorboard" or _tensorboard_installed(),
+                "report_to",
+                "none, or tensorboard once its package is installed (pip install 'hbt-accel[tensorboard]'): "
+                "without it accelerate would log nothing and say nothing",
+            ),
+            (
                 not self.train_data_weights or len(self.train_data_weights) == len(self.train_data),
                 "train_data_weights",
                 f"{len(self.train_data)} weights, one per train_data entry",
@@ -387,6 +394,11 @@ def check_resume_config(cfg: HbtConfig, saved_config: Path) -> None:
             f"resume_from_checkpoint: this run differs from the checkpoint's ({saved_config}): {'; '.join(changed)}; "
             "resume with the same settings, or pass --allow_config_change true to continue anyway"
         )
+
+
+def _tensorboard_installed() -> bool:
+    """What accelerate's TensorBoard tracker imports: tensorboard's SummaryWriter via torch, or tensorboardX."""
+    return any(importlib.util.find_spec(name) is not None for name in ("tensorboard", "tensorboardX"))
 
 
 def _signal_names_valid(names: list) -> bool:

@@ -1,7 +1,9 @@
 from __future__ import annotations
 
+import importlib.machinery
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -197,3 +199,16 @@ def test_an_empty_output_dir_is_refused():
 
     with pytest.raises(ConfigError, match="output_dir: got '', expected a folder"):
         parse_config(["--output_dir", "", "--eval_benchmark", ""])
+
+
+def test_tensorboard_without_its_package_is_refused_instead_of_logging_nothing(monkeypatch):
+    """accelerate drops a tracker whose package is missing with a debug line only: the run would log nothing."""
+    assert parse_config(["--report_to", "none"]).report_to == "none"
+    for module in ("tensorboard", "tensorboardX"):
+        monkeypatch.setitem(sys.modules, module, None)  # importlib finds no module named so
+    with pytest.raises(ConfigError, match=r"^report_to: got 'tensorboard', expected none, or tensorboard once its"):
+        parse_config(["--report_to", "tensorboard"])
+    tensorboard_x = types.ModuleType("tensorboardX")  # either package serves accelerate's tracker
+    tensorboard_x.__spec__ = importlib.machinery.ModuleSpec("tensorboardX", None)
+    monkeypatch.setitem(sys.modules, "tensorboardX", tensorboard_x)
+    assert parse_config(["--report_to", "tensorboard"]).report_to == "tensorboard"
