@@ -237,6 +237,7 @@ def test_speed_paths_train_the_same_weights(tiny_model_dir, mlqa_slice, tmp_path
         "fast": [],
         "dense": ["--sparse_embedding_gradient", "false"],
         "sdpa": ["--cpu_training_attention", "false"],
+        "checkpointed": ["--gradient_checkpointing", "true"],  # recomputes the packed, fast-attention forward
     }
     weights = {}
     for name, flags in runs.items():
@@ -249,3 +250,4 @@ def test_speed_paths_train_the_same_weights(tiny_model_dir, mlqa_slice, tmp_path
     # bf16 autocast: sdpa and the math path round differently, and Adam turns that into ~learning_rate moves
     tolerance, share = (1e-5, 1e-5) if precision == "no" else (1e-3, 0.05)  # seen: 1 of a 32-vector flipped
     assert_same_weights(weights["fast"], weights["sdpa"], tolerance, steps=steps, learning_rate=1e-3, share=share)
+    assert_same_weights(weights["fast"], weights["checkpointed"], 1e-5, steps=steps, learning_rate=1e-3, share=1e-5)
