@@ -98,6 +98,19 @@ def test_a_run_overwriting_a_finished_one_and_stopped_early_resumes_to_the_unint
     assert_same_weights(straight, out)
 
 
+def test_one_command_with_resume_auto_starts_fresh_then_resumes_after_a_stop(base_args, straight, tmp_path):
+    """What a requeued Slurm job runs (README): the same command, `--resume_from_checkpoint auto`, for the first
+    start (no checkpoint yet) and every restart, which ends on the weights of a run never stopped."""
+    out = tmp_path / "run"
+    command = (*base_args, "--output_dir", str(out), "--resume_from_checkpoint", "auto")
+    stopped = run(*command, fault="train_step:3:SIGTERM")
+    assert stopped.returncode == REQUEUE_EXIT_CODE, stopped.stderr[-3000:]
+    restarted = run(*command)
+    assert restarted.returncode == 0, restarted.stderr[-3000:]
+    assert f"resumed from {out / 'checkpoint-3'} at step 3" in restarted.stdout
+    assert_same_weights(straight, out)
+
+
 def test_ctrl_c_saves_and_says_how_to_resume(base_args, straight, tmp_path):
     out = tmp_path / "run"
     line = stopped_then_resumed(base_args, out, "train_step:4:SIGINT", INTERRUPT_EXIT_CODE)
