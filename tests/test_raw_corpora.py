@@ -167,6 +167,39 @@ def test_mmarco_default_languages_and_cache_reopen(tmp_path, corpus_cache):
     assert other.folder != store.folder
 
 
+def test_a_run_trains_on_mmarco_beside_a_jsonl_file_as_its_weights_say(
+    tiny_model_dir, mlqa_slice, xlmr_tokenizer, tmp_path
+):
+    """`--train_data mmarco:ROOT,FILE --train_data_weights 1,0`: every batch comes from mMARCO's store. Word embeddings
+    train sparsely, so the rows that move are the tokens of the texts trained on: mMARCO's move, and no token found
+    only in the JSONL file moves beyond weight decay (a bound of a tenth of the learning rate)."""
+    from safetensors.torch import load_file
+
+    from tests.test_train import train_here
+
+    root = write_mmarco(tmp_path / "mMARCO")
+    learning_rate, out = 1e-3, tmp_path / "run"
+    train_here(
+        *("--model_name_or_path", str(tiny_model_dir), "--output_dir", str(out), "--eval_benchmark", ""),
+        *("--train_data", f"mmarco:{root}?languages=en+de,{mlqa_slice}", "--train_data_weights", "1,0"),
+        *("--per_device_train_batch_size", "4", "--max_steps", "6", "--mixed_precision", "no"),
+        *("--learning_rate", str(learning_rate)),
+    )
+    word = "embeddings.word_embeddings.weight"
+    moved = (load_file(out / "model.safetensors")[word] - load_file(tiny_model_dir / "model.safetensors")[word]).abs()
+    moved_rows = set((moved.amax(dim=1) > learning_rate / 10).nonzero().flatten().tolist())
+
+    def tokens(texts) -> set[int]:
+        return {token for text in texts for token in xlmr_tokenizer(text)["input_ids"]}
+
+    mmarco = tokens([passage(code, pid) for code in ("en", "de") for pid in PIDS])
+    mmarco |= tokens([query(code, qid) for code in ("en", "de") for qid in QIDS] + ["query: ", "passage: "])
+    rows = [json.loads(line) for line in mlqa_slice.read_text().splitlines()]
+    jsonl = tokens([value for row in rows for value in row.values() if isinstance(value, str)])
+    assert moved_rows & (mmarco - jsonl)  # the texts of mMARCO's store trained
+    assert moved_rows <= mmarco  # and nothing else: no batch came from the JSONL file
+
+
 def test_mmarco_missing_ids_name_the_file_and_id(tmp_path):
     root = write_mmarco(tmp_path / "a", skip=("german_collection.tsv", 7))
     with pytest.raises(DataError) as error:
