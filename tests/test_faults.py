@@ -91,8 +91,7 @@ def test_a_run_overwriting_a_finished_one_and_stopped_early_resumes_to_the_unint
     """--overwrite_output_dir over a finished run: stopped at step 3, the new run resumes (it is not taken for the
     old run, which had finished) and ends on the weights of a run never stopped."""
     out = tmp_path / "run"
-    finished = run(*base_args, "--output_dir", str(out), "--seed", "7")
-    assert finished.returncode == 0, finished.stderr[-3000:]
+    train_here(*base_args, "--output_dir", str(out), "--seed", "7")  # a finished run, other weights
     overwrite = ("--overwrite_output_dir", "true")
     stopped_then_resumed(base_args, out, "train_step:3:SIGTERM", REQUEUE_EXIT_CODE, overwrite)
     assert_same_weights(straight, out)
