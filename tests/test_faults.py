@@ -110,6 +110,21 @@ def test_one_command_with_resume_auto_starts_fresh_then_resumes_after_a_stop(bas
     assert_same_weights(straight, out)
 
 
+def test_a_signal_during_the_final_evaluation_saves_the_last_step_and_the_resume_finishes_it(
+    base_args, straight, tmp_path
+):
+    """A job preempted while scoring its final model (minutes of a default run): the last step is saved, and the
+    resume trains nothing, scores the model and writes the summary a finished run has."""
+    out = tmp_path / "run"
+    final = ("--final_eval", "true", "--final_eval_max_queries", "20")
+    line = stopped_then_resumed(base_args, out, "evaluation_encode:2:SIGTERM", REQUEUE_EXIT_CODE, final)
+    assert line.startswith(f"stopped by SIGTERM at step {STEPS} of {STEPS}: saved {out / f'checkpoint-{STEPS}'}")
+    assert_same_weights(straight, out)
+    summary = json.loads((out / "train_summary.json").read_text())
+    assert [entry["step"] for entry in summary["history"]] == list(range(1, STEPS + 1))
+    assert json.loads((out / "eval_results.json").read_text())["n_queries"] == 20 * 11  # ids x XQuAD-R languages
+
+
 def test_ctrl_c_saves_and_says_how_to_resume(base_args, straight, tmp_path):
     out = tmp_path / "run"
     line = stopped_then_resumed(base_args, out, "train_step:4:SIGINT", INTERRUPT_EXIT_CODE)
