@@ -52,22 +52,28 @@ def assert_same_weights(a: dict, out: Path) -> None:
     assert all(torch.equal(a[name], b[name]) for name in a)
 
 
-def stopped_then_resumed(base_args, out: Path, fault: str, code: int, extra=()) -> str:
-    """Run with the fault: the exit code, and the run's last word on stderr (loading bars come before it); then resume
-    to the end. Returns that line."""
+def stopped_then_resumed(
+    base_args, out: Path, fault: str, code: int, extra=(), resume=("--resume_from_checkpoint", "latest")
+) -> str:
+    """Run with the fault: the exit code, and the run's last word on stderr (loading bars come before it); then the
+    same command plus `resume`, which must resume, to the end. Returns that line."""
     result = run(*base_args, *extra, "--output_dir", str(out), fault=fault)
     assert result.returncode == code, result.stdout[-2000:] + result.stderr[-3000:]
     lines = result.stderr.strip().splitlines()
     assert "Traceback" not in result.stderr, result.stderr[-3000:]
-    resumed = run(*base_args, *extra, "--output_dir", str(out), "--resume_from_checkpoint", "latest")
+    resumed = run(*base_args, *extra, "--output_dir", str(out), *resume)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resumed from {out / 'checkpoint-'}" in resumed.stdout
     return lines[-1]
 
 
-@pytest.mark.parametrize("signal_name", ["SIGTERM", "SIGUSR2"])
-def test_a_signal_mid_step_saves_that_step_and_the_resume_is_exact(base_args, straight, tmp_path, signal_name):
+# SIGTERM's run is started as the README's requeued Slurm job is: one command with `--resume_from_checkpoint auto` for
+# the first start (no checkpoint yet) and every restart
+@pytest.mark.parametrize("signal_name, auto", [("SIGTERM", True), ("SIGUSR2", False)])
+def test_a_signal_mid_step_saves_that_step_and_the_resume_is_exact(base_args, straight, tmp_path, signal_name, auto):
     out = tmp_path / "run"
-    line = stopped_then_resumed(base_args, out, f"train_step:3:{signal_name}", REQUEUE_EXIT_CODE)
+    how = {"extra": ("--resume_from_checkpoint", "auto"), "resume": ()} if auto else {}
+    line = stopped_then_resumed(base_args, out, f"train_step:3:{signal_name}", REQUEUE_EXIT_CODE, **how)
     assert line.startswith(f"stopped by {signal_name} at step 3 of {STEPS}: saved {out / 'checkpoint-3'}")
     assert "--resume_from_checkpoint latest" in line
     assert_same_weights(straight, out)
@@ -94,19 +100,6 @@ def test_a_run_overwriting_a_finished_one_and_stopped_early_resumes_to_the_unint
     train_here(*base_args, "--output_dir", str(out), "--seed", "7")  # a finished run, other weights
     overwrite = ("--overwrite_output_dir", "true")
     stopped_then_resumed(base_args, out, "train_step:3:SIGTERM", REQUEUE_EXIT_CODE, overwrite)
-    assert_same_weights(straight, out)
-
-
-def test_one_command_with_resume_auto_starts_fresh_then_resumes_after_a_stop(base_args, straight, tmp_path):
-    """What a requeued Slurm job runs (README): the same command, `--resume_from_checkpoint auto`, for the first
-    start (no checkpoint yet) and every restart, which ends on the weights of a run never stopped."""
-    out = tmp_path / "run"
-    command = (*base_args, "--output_dir", str(out), "--resume_from_checkpoint", "auto")
-    stopped = run(*command, fault="train_step:3:SIGTERM")
-    assert stopped.returncode == REQUEUE_EXIT_CODE, stopped.stderr[-3000:]
-    restarted = run(*command)
-    assert restarted.returncode == 0, restarted.stderr[-3000:]
-    assert f"resumed from {out / 'checkpoint-3'} at step 3" in restarted.stdout
     assert_same_weights(straight, out)
 
 
