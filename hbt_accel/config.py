@@ -7,7 +7,6 @@ the YAML or on the command line, is an error that names the key and suggests the
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import json
 import sys
 import typing
@@ -169,7 +168,7 @@ class HbtConfig:
     # ---- training ----
     output_dir: str = _field("runs/default", "where checkpoints, the final model and reports go")
     overwrite_output_dir: bool = _field(
-        False, "train into an output_dir holding another run (its checkpoints and train_summary.json go first)"
+        False, "train into an output_dir holding another run (see the README: what goes first, what stays)"
     )
     max_steps: int = _field(-1, "optimizer steps; -1 = num_train_epochs epochs")
     num_train_epochs: float = _field(1.0, "epochs when max_steps is -1 (one epoch = each id once, in expectation)")
@@ -268,6 +267,12 @@ class HbtConfig:
                 "0, or a number of ids whose two pairs fit within train_pairs",
             ),
             (_signal_names_valid(self.preemption_signals), "preemption_signals", "signal names such as SIGTERM"),
+            (
+                not (self.overwrite_output_dir and self.resume_from_checkpoint == "auto"),
+                "overwrite_output_dir",
+                "false with resume_from_checkpoint auto (a first start would resume the old run's checkpoints, "
+                "a restart would lose its own): clear the folder once, or choose another output_dir",
+            ),
             (self.temperature > 0, "temperature", "a positive number"),
             (self.per_device_train_batch_size >= 1, "per_device_train_batch_size", "a positive integer"),
             (self.gradient_accumulation_steps >= 1, "gradient_accumulation_steps", "a positive integer"),
@@ -286,8 +291,8 @@ class HbtConfig:
             (
                 self.report_to != "tensorboard" or _tensorboard_installed(),
                 "report_to",
-                "none, or tensorboard once its package is installed (pip install 'hbt-accel[tensorboard]'): "
-                "without it accelerate would log nothing and say nothing",
+                "none, or tensorboard once its package is installed (pip install tensorboard): without it "
+                "accelerate would log nothing and say nothing",
             ),
             (
                 not self.train_data_weights or len(self.train_data_weights) == len(self.train_data),
@@ -397,8 +402,10 @@ def check_resume_config(cfg: HbtConfig, saved_config: Path) -> None:
 
 
 def _tensorboard_installed() -> bool:
-    """What accelerate's TensorBoard tracker imports: tensorboard's SummaryWriter via torch, or tensorboardX."""
-    return any(importlib.util.find_spec(name) is not None for name in ("tensorboard", "tensorboardX"))
+    """accelerate's own test (tensorboard or tensorboardX, installed with its metadata): imported only when asked."""
+    from accelerate.utils import is_tensorboard_available
+
+    return bool(is_tensorboard_available())
 
 
 def _signal_names_valid(names: list) -> bool:

@@ -144,12 +144,14 @@ def main(args: EvaluateArguments) -> None:
     if is_main:
         print(f"{threads}\nprecision: {choice.reason}")
 
-    if args.model:
-        evaluate_model(args, args.model, Path(args.output_dir) if args.output_dir else None, accelerator, is_main)
-    else:
-        evaluate_checkpoints(args, accelerator, is_main)
-    if accelerator is not None:
-        accelerator.end_training()  # destroys the process group: left to interpreter exit, a gloo rank may abort
+    try:
+        if args.model:
+            evaluate_model(args, args.model, Path(args.output_dir) if args.output_dir else None, accelerator, is_main)
+        else:
+            evaluate_checkpoints(args, accelerator, is_main)
+    finally:
+        if accelerator is not None:
+            accelerator.end_training()  # destroys the process group: left to interpreter exit, a gloo rank may abort
 
 
 def evaluate_checkpoints(args: EvaluateArguments, accelerator, is_main: bool) -> None:

@@ -68,6 +68,7 @@ def main() -> None:
         results["encoded_per_rank"] = calls
         results["num_processes"] = accelerator.num_processes
         Path(output).write_text(json.dumps(results), encoding="utf-8")
+    accelerator.wait_for_everyone()
     # destroys the process group: left to interpreter exit, gloo's threads sometimes abort a rank (SIGABRT)
     accelerator.end_training()
 

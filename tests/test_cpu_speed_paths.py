@@ -226,10 +226,28 @@ def assert_same_weights(a: dict, b: dict, tolerance: float, steps: int, learning
         assert difference.max() <= 2 * steps * learning_rate, key
 
 
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_gradient_checkpointing_recomputes_the_packed_fast_attention_layers_in_backward(tiny_model_dir, checkpointing):
+    """The model a run builds on CPU (packed rows, the training attention) with `gradient_checkpointing`: each layer's
+    forward runs again in backward, and only then."""
+    from hbt_accel.config import parse_config
+    from hbt_accel.training.run import build_model
+
+    flags = ["--model_name_or_path", str(tiny_model_dir), "--gradient_checkpointing", str(checkpointing).lower()]
+    model = build_model(parse_config(flags), on_cpu=True).train()
+    assert model.pack_sequences
+    feed_forward = next(module for name, module in model.named_modules() if name.endswith("layer.0.intermediate"))
+    calls = []
+    feed_forward.register_forward_hook(lambda *_: calls.append(1))  # inside the checkpointed part of the layer
+    model(**model.tokenize(TEXTS, "passage")).sum().backward()
+    assert len(calls) == (2 if checkpointing else 1)
+
+
 @pytest.mark.parametrize("precision, steps", [("no", 3), ("bf16", 1)])  # bf16: rounding compounds over steps
 def test_speed_paths_train_the_same_weights(tiny_model_dir, mlqa_slice, tmp_path, precision, steps):
     """A full fine-tuning run (word embeddings trained) with both CPU speed paths on gives the weights of runs with
-    each off, through the recipe's entry (dropout 0: the paths differ only in the order of float operations)."""
+    each off, and of one with gradient checkpointing, through the recipe's entry (dropout 0: the paths differ only in
+    the order of float operations)."""
     common = ["--model_name_or_path", str(tiny_model_dir), "--train_data", str(mlqa_slice), "--max_steps", str(steps)]
     common += ["--per_device_train_batch_size", "8", "--learning_rate", "1e-3", "--mixed_precision", precision]
     common += ["--freeze_word_embeddings", "false"]

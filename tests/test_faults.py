@@ -69,7 +69,10 @@ def stopped_then_resumed(
 
 # SIGTERM's run is started as the README's requeued Slurm job is: one command with `--resume_from_checkpoint auto` for
 # the first start (no checkpoint yet) and every restart
-@pytest.mark.parametrize("signal_name, auto", [("SIGTERM", True), ("SIGUSR2", False)])
+@pytest.mark.parametrize(
+    "signal_name, auto",
+    [pytest.param("SIGTERM", True, id="SIGTERM-requeue-auto"), pytest.param("SIGUSR2", False, id="SIGUSR2-latest")],
+)
 def test_a_signal_mid_step_saves_that_step_and_the_resume_is_exact(base_args, straight, tmp_path, signal_name, auto):
     out = tmp_path / "run"
     how = {"extra": ("--resume_from_checkpoint", "auto"), "resume": ()} if auto else {}
@@ -98,6 +101,8 @@ def test_a_run_overwriting_a_finished_one_and_stopped_early_resumes_to_the_unint
     old run, which had finished) and ends on the weights of a run never stopped."""
     out = tmp_path / "run"
     train_here(*base_args, "--output_dir", str(out), "--seed", "7")  # a finished run, other weights
+    finished = load_file(out / "model.safetensors")
+    assert not all(torch.equal(straight[name], finished[name]) for name in straight)
     overwrite = ("--overwrite_output_dir", "true")
     stopped_then_resumed(base_args, out, "train_step:3:SIGTERM", REQUEUE_EXIT_CODE, overwrite)
     assert_same_weights(straight, out)

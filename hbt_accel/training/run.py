@@ -446,8 +446,8 @@ def open_run_folder(session: Session, resume: tuple[Path | None, list[str]]) -> 
         stale = stale_staging_folders(output_dir) + stale_save_folders(output_dir)
         if cfg.overwrite_output_dir and resume is None:
             stale += find_checkpoints(output_dir)  # the user asked: a new run must not resume these later
-            # nor may the old run's "finished" mark stay: the new run, stopped early, would count as finished
-            stale += [output_dir / SUMMARY_FILE] if (output_dir / SUMMARY_FILE).is_file() else []
+            if (output_dir / SUMMARY_FILE).exists():  # its "finished" mark: a stopped new run would pass for it
+                stale.append(output_dir / SUMMARY_FILE)
         for path in stale:
             if path.is_dir():
                 shutil.rmtree(path)
