@@ -16,10 +16,10 @@ import torch
 from hbt_accel.models.bundled_e5 import reference_tokenizer_file
 
 XLMR_TOKENIZER_FILE = reference_tokenizer_file()
-# What this test session writes outside tmp_path goes to one folder, removed when the session ends: converted corpora
-# (not the user's Hugging Face cache) and the temp files of the processes it launches (torch's elastic agent leaves a
-# torchelastic_* folder behind per multi-process launch). mkdtemp fixes this process's own temp folder before TMPDIR
-# changes, so pytest's tmp_path stays where it was.
+# One folder, removed when the session ends, holds the converted corpora (not the user's Hugging Face cache) and the
+# temp files of the processes the tests launch (torch's elastic agent leaves a torchelastic_* folder behind per
+# multi-process launch). mkdtemp fixes this process's own temp folder before TMPDIR changes, so pytest's tmp_path and
+# this process's temp files stay where they were.
 SESSION_FOLDER = Path(tempfile.mkdtemp(prefix="hbt_test_session_"))
 os.environ.setdefault("HBT_CORPUS_CACHE", str(SESSION_FOLDER / "corpus_cache"))
 (SESSION_FOLDER / "tmp").mkdir()
