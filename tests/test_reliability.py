@@ -272,23 +272,21 @@ def test_evaluate_run_dir_scores_each_checkpoint_once_with_its_own_model(tiny_mo
     assert first.returncode == 0, first.stderr[-2000:]
     assert f"skipping {run / 'checkpoint-30'}: no saved model" in first.stdout
     benchmark = load_lareqa_benchmark("xquad-r", languages=["en", "de"])
+    results = {step: run / f"checkpoint-{step}" / RESULTS_FILE for step in (10, 20)}
     scores = {}
-    for step in (10, 20):
+    for step, path in results.items():
         expected = evaluate_grid(
-            DualEncoder.from_pretrained(run / f"checkpoint-{step}" / "model", tokenizer=xlmr_tokenizer),
-            benchmark,
-            max_queries=40,
+            DualEncoder.from_pretrained(path.parent / "model", tokenizer=xlmr_tokenizer), benchmark, max_queries=40
         )
-        scores[step] = json.loads((run / f"checkpoint-{step}" / RESULTS_FILE).read_text())["multi_map"]
+        scores[step] = json.loads(path.read_text())["multi_map"]
         assert scores[step] == pytest.approx(expected["multi_map"], abs=1e-6), step
     assert scores[10] != pytest.approx(scores[20], abs=1e-3)
     assert (run / "metrics_by_step.png").stat().st_size > 0
-    results = [run / f"checkpoint-{step}" / RESULTS_FILE for step in (10, 20)]
-    written = [path.stat().st_mtime_ns for path in results]
+    written = [path.stat().st_mtime_ns for path in results.values()]
 
     second = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert second.returncode == 0, second.stderr[-2000:]
-    assert [path.stat().st_mtime_ns for path in results] == written
+    assert [path.stat().st_mtime_ns for path in results.values()] == written
 
 
 def test_a_huge_learning_rate_stops_within_three_steps_and_saves_nothing(tiny_model_dir, mlqa_slice, tmp_path):
