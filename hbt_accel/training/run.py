@@ -131,9 +131,14 @@ def save_for_resume(session: Session, stop: StopRequested) -> None:
             session.accelerator, session.model, session.progress, session.output_dir, session.cfg.save_total_limit
         )
     if session.accelerator.is_main_process:
+        resume = (
+            "the same command as it is (--resume_from_checkpoint auto finds this checkpoint)"
+            if session.cfg.resume_from_checkpoint == "auto"
+            else "the same command with --resume_from_checkpoint latest"
+        )
         stop.message = (
             f"{stop.describe()} at step {step} of {session.plan.max_steps}: saved {checkpoint} "
-            f"({time.perf_counter() - started:.1f} s); resume: the same command with --resume_from_checkpoint latest"
+            f"({time.perf_counter() - started:.1f} s); resume: {resume}"
         )
 
 
