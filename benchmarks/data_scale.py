@@ -27,6 +27,7 @@ Results: docs/benchmarks/data_scale.json and a table printed (and pasted into do
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import statistics
@@ -34,9 +35,6 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-
-from hbt_accel.distributed import process_memory_mb
-from hbt_accel.models.precision import machine_description
 
 REPO = Path(__file__).resolve().parents[1]
 IN_MEMORY_COMMIT = "66a1b86"  # the last commit that kept every text as a Python object in every process
@@ -46,6 +44,14 @@ LAUNCH_SEEDS = (42, 1, 2)
 SAMPLER_BATCHES = 300
 COLLATE_BATCHES = 100
 GLOBAL_BATCH = 32
+# The workers (`--measure`) run on the code under measurement, and IN_MEMORY_COMMIT predates the package layout:
+# where a module has moved since, they import it from whichever of its two places that code has.
+MOVED_MODULES = {
+    "hbt_accel.data.sampling": "hbt_accel.sampling",
+    "hbt_accel.data.collate": "hbt_accel.batches",
+    "hbt_accel.models.bundled_e5": "hbt_accel.embedded",
+    "hbt_accel.training.run": "hbt_accel.train",
+}
 
 
 # =====================================================================================================================
@@ -80,15 +86,27 @@ def write_corpus(path: Path, rows: int, seed: int = 0) -> Path:
 # =====================================================================================================================
 # Measurements, each in its own process (`--measure`), API-compatible with the in-memory code
 # =====================================================================================================================
-def memory_now_mb() -> dict:
-    """Resident memory now, split into anonymous (this process's own) and file-backed (mapped files: shared)."""
-    wanted = ("RssAnon", "RssFile", "RssShmem")
+def moved_module(name: str):
+    """The module `name` of the code under measurement, or where IN_MEMORY_COMMIT kept it. Decided by the files of
+    the `hbt_accel` imported (PYTHONPATH's), not by trying the import: an editable install of this checkout would
+    supply a module the old code lacks."""
+    import importlib
+
+    import hbt_accel
+
+    path = Path(hbt_accel.__file__).parent.joinpath(*name.split(".")[1:]).with_suffix(".py")
+    return importlib.import_module(name if path.is_file() else MOVED_MODULES[name])
+
+
+def memory_now_mb(wanted=("RssAnon", "RssFile", "RssShmem")) -> dict:
+    """Resident memory now, split into anonymous (this process's own) and file-backed (mapped files: shared).
+    Read here, not with hbt_accel's helper, which the in-memory code does not have."""
     lines = Path("/proc/self/status").read_text().splitlines()
     return {line.split(":")[0]: int(line.split()[1]) / 1024 for line in lines if line.startswith(wanted)}
 
 
 def peak_rss_mb() -> float:
-    return process_memory_mb()["peak"]
+    return memory_now_mb(("VmHWM",))["VmHWM"]  # not ru_maxrss: Linux carries it across exec from the parent
 
 
 def measure_load(source: str) -> dict:
@@ -113,9 +131,8 @@ class RealTokenizer:
     def __init__(self):
         from transformers import XLMRobertaTokenizerFast
 
-        from hbt_accel.models.bundled_e5 import reference_tokenizer_file
-
-        self.tokenizer = XLMRobertaTokenizerFast(tokenizer_file=str(reference_tokenizer_file()))
+        bundled_e5 = moved_module("hbt_accel.models.bundled_e5")
+        self.tokenizer = XLMRobertaTokenizerFast(tokenizer_file=str(bundled_e5.reference_tokenizer_file()))
 
     def tokenize(self, texts, kind):
         length = 64 if kind == "query" else 96
@@ -125,8 +142,9 @@ class RealTokenizer:
 def measure_loop(source: str) -> dict:
     """Sampler batches/s and collated rows/s on an already converted (or in-memory) corpus."""
     from hbt_accel.data import load_training_corpus
-    from hbt_accel.data.collate import PairCollator
-    from hbt_accel.data.sampling import HybridBatchSampler
+
+    PairCollator = moved_module("hbt_accel.data.collate").PairCollator
+    HybridBatchSampler = moved_module("hbt_accel.data.sampling").HybridBatchSampler
 
     corpus = load_training_corpus(source)
     started = time.perf_counter()
@@ -135,23 +153,25 @@ def measure_loop(source: str) -> dict:
     first = next(batches)  # the epoch's permutation and eligibility lists are built here
     setup = time.perf_counter() - started
     started = time.perf_counter()
-    drawn = [first] + [next(batches) for _ in range(SAMPLER_BATCHES - 1)]
+    drawn = [first, *itertools.islice(batches, SAMPLER_BATCHES - 1)]  # fewer where one epoch is shorter
     sampling = time.perf_counter() - started
-    out = {"sampler_setup_seconds": setup, "sampler_batches_per_s": (SAMPLER_BATCHES - 1) / sampling}
+    out = {"sampler_setup_seconds": setup, "sampler_batches_per_s": (len(drawn) - 1) / sampling}
     for key, encoder in (("collate_rows_per_s", TextsOnly()), ("collate_rows_per_s_tokenized", RealTokenizer())):
         collator = PairCollator([corpus], encoder, 0)
         started = time.perf_counter()
-        for rows in drawn[:COLLATE_BATCHES]:
+        collated = drawn[:COLLATE_BATCHES]
+        for rows in collated:
             collator(rows)
-        out[key] = COLLATE_BATCHES * GLOBAL_BATCH / (time.perf_counter() - started)
+        out[key] = len(collated) * GLOBAL_BATCH / (time.perf_counter() - started)
     out["peak_rss_mb"] = peak_rss_mb()
     return out
 
 
 def launch_worker(source: str, model: str, out_dir: str, seed: int) -> None:
     """One rank of the 2-process launch: 5 training steps; writes its first-step time and peak RSS."""
-    import hbt_accel.training.run as train
     from hbt_accel.config import HbtConfig
+
+    train = moved_module("hbt_accel.training.run")
 
     launched = float(os.environ["DATA_SCALE_LAUNCHED_AT"])
     first_step_end: list[float] = []
@@ -362,6 +382,8 @@ def main(argv=None) -> None:
     work = Path(args.work_dir)
     work.mkdir(parents=True, exist_ok=True)
     model = tiny_model(work / "tiny_model")
+    from hbt_accel.models.precision import machine_description
+
     results: dict = {"machine": machine_description(), "date": time.strftime("%Y-%m-%d"), "arrow": [], "in_memory": []}
     if not args.skip_launch:
         results["mlqa_r_launch"] = {"arrow": run_launch("mlqa-r", REPO, work / "cache_mlqa", work, model)}
