@@ -99,8 +99,8 @@ def moved_module(name: str):
 
 
 def memory_now_mb(wanted=("RssAnon", "RssFile", "RssShmem")) -> dict:
-    """Resident memory now, split into anonymous (this process's own) and file-backed (mapped files: shared).
-    Read here, not with hbt_accel's helper, which the in-memory code does not have."""
+    """Fields of /proc/self/status in MB; by default resident memory now, split into anonymous (this process's own)
+    and file-backed (mapped files: shared). Read here, not with hbt_accel's helper, which the in-memory code lacks."""
     lines = Path("/proc/self/status").read_text().splitlines()
     return {line.split(":")[0]: int(line.split()[1]) / 1024 for line in lines if line.startswith(wanted)}
 
